@@ -1,0 +1,60 @@
+"""deltatune: parameter-efficient fine-tuning (delta tuning) for any PyTorch model.
+
+    import deltatune as dt
+
+    report = dt.attach(model, dt.LoraConfig(target=["query", "value"], rank=8), name="sentiment")
+    ...train...
+    dt.save_adapter(model, "out/sentiment", name="sentiment")
+    dt.merge_and_unload(model)
+"""
+
+from deltatune.config import AdapterConfig
+from deltatune.core.inject import (
+    AttachReport,
+    ParamReport,
+    active_adapters,
+    attach,
+    configs,
+    detach,
+    disabled,
+    mark_trainable,
+    parameter_report,
+    set_active,
+    using,
+)
+from deltatune.core.io import load_adapter, read_adapter_config, save_adapter
+from deltatune.core.layer import Adapter, AdaptedLayer
+from deltatune.core.merge import merge, merge_and_unload, unmerge
+from deltatune.core.targeting import select
+from deltatune.methods import METHODS, config_from_dict
+from deltatune.methods.lora import LoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Adapter",
+    "AdaptedLayer",
+    "AdapterConfig",
+    "AttachReport",
+    "LoraConfig",
+    "ParamReport",
+    "__version__",
+    "active_adapters",
+    "attach",
+    "config_from_dict",
+    "configs",
+    "detach",
+    "disabled",
+    "load_adapter",
+    "mark_trainable",
+    "merge",
+    "merge_and_unload",
+    "parameter_report",
+    "read_adapter_config",
+    "save_adapter",
+    "select",
+    "set_active",
+    "unmerge",
+    "using",
+]

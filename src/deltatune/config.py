@@ -1,0 +1,111 @@
+"""Adapter configuration: what to adapt (targets) and how (the method's own fields).
+
+Every method's config is a frozen dataclass that subclasses :class:`AdapterConfig`. The base class
+holds the targeting fields shared by all methods; the subclass adds the method's hyperparameters
+and implements :meth:`AdapterConfig.build`, which turns the config into one adapter module for one
+base layer. Configs translate, modules compute: modules never see a config.
+
+Configs round-trip through plain dicts (``to_dict`` / ``from_dict``) and reject unknown keys with
+a suggestion, so a typo in a YAML file fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from torch import nn
+
+# A target is a module name, a name suffix ("query" matches "encoder.layer.0.attention.self.query"),
+# a regular expression written "re:<pattern>" (full match), the keyword "all-linear", a list of
+# those, or a callable ``(name, module) -> bool``.
+Target = str | list[str] | tuple[str, ...] | Callable[[str, nn.Module], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Fields shared by every method.
+
+    Attributes:
+        target: which modules to adapt (see :data:`Target`). ``None`` means the method's default.
+        exclude: patterns (same syntax as ``target``) removed from the match.
+        layers: only modules inside these block indices of the model's layer stack (e.g. ``[4, 5]``).
+        modules_to_save: extra modules trained in full and saved with the adapter (e.g. a new
+            classifier head). Matched with the same pattern syntax.
+    """
+
+    method: ClassVar[str] = ""
+
+    target: Target | None = None
+    exclude: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Normalise lists from YAML/JSON into tuples so configs stay hashable and frozen.
+        for name in ("exclude", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        if isinstance(self.target, list):
+            object.__setattr__(self, "target", tuple(self.target))
+        if self.layers is not None:
+            layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+            if not all(isinstance(i, int) and i >= 0 for i in layers):
+                raise ValueError(f"layers must be non-negative integers, got {self.layers!r}")
+            object.__setattr__(self, "layers", layers)
+        self.validate()
+
+    # --- what a method provides ---------------------------------------------------------------
+
+    default_target: ClassVar[Target] = "all-linear"
+
+    def validate(self) -> None:
+        """Check the method's own fields; raise ``ValueError`` naming the fix."""
+
+    def build(self, name: str, base: nn.Module) -> nn.Module | None:
+        """Return the adapter for the module called ``name``, or ``None`` if its type is unsupported."""
+        raise NotImplementedError
+
+    # --- serialisation -------------------------------------------------------------------------
+
+    @property
+    def resolved_target(self) -> Target:
+        return self.default_target if self.target is None else self.target
+
+    def to_dict(self) -> dict[str, Any]:
+        if callable(self.target) and not isinstance(self.target, str):
+            raise ValueError(
+                "a config whose target is a callable cannot be saved; "
+                "give the target as names, suffixes or 're:' patterns instead"
+            )
+        out: dict[str, Any] = {"method": self.method}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[field.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        if cls.method and method != cls.method:
+            raise ValueError(f"config is for method {method!r}, not {cls.method!r}")
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], what=f"{cls.__name__}")
+        return cls(**data)
+
+
+def check_keys(data: Mapping[str, Any], known: list[str], what: str) -> None:
+    """Raise ``ValueError`` for the first unknown key, suggesting the closest known one."""
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise ValueError(f"unknown key {key!r} for {what}{hint}")

@@ -1,0 +1,271 @@
+"""Attach and detach adapters, choose the active ones, and report what is trainable.
+
+Everything here works on any ``nn.Module`` by module replacement: a selected module is wrapped in
+an :class:`AdaptedLayer` in its parent, and ``detach`` puts the original object back, so
+``state_dict()`` keys are exactly as before.
+
+The configs of attached adapters are kept on the model itself (``model.__dict__`` entry
+``_deltatune_configs``) so that ``save_adapter`` can write them; everything else (which layers,
+which adapters are active or merged) is read from the layers, never duplicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from deltatune.config import AdapterConfig
+from deltatune.core.layer import AdaptedLayer, FullCopy, logical_modules
+from deltatune.core.targeting import select
+
+_CONFIGS = "_deltatune_configs"
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """Adapter name -> config for every adapter attached to ``model`` (attach order)."""
+    return model.__dict__.setdefault(_CONFIGS, {})
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+@dataclass
+class AttachReport:
+    """What ``attach`` did: the adapted modules and the resulting parameter counts."""
+
+    name: str
+    method: str
+    targets: list[str]
+    modules_to_save: list[str]
+    adapter_parameters: int
+    trainable_parameters: int
+    total_parameters: int
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable_parameters / max(1, self.total_parameters)
+        lines = [
+            f"adapter {self.name!r} ({self.method}) on {len(self.targets)} modules",
+            f"  trainable: {self.trainable_parameters:,} of {self.total_parameters:,} parameters ({share:.3f}%)",
+        ]
+        lines += [f"  + {t}" for t in self.targets[:8]]
+        if len(self.targets) > 8:
+            lines.append(f"  ... and {len(self.targets) - 8} more")
+        lines += [f"  + {m} (trained in full)" for m in self.modules_to_save]
+        return "\n".join(lines)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+def _wrap(model: nn.Module, name: str) -> AdaptedLayer:
+    current = model.get_submodule(name)
+    if isinstance(current, AdaptedLayer):
+        return current
+    layer = AdaptedLayer(current)
+    _set_module(model, name, layer)
+    return layer
+
+
+def attach(
+    model: nn.Module,
+    config: AdapterConfig,
+    name: str = "default",
+    *,
+    activate: bool = True,
+    module_names: Iterable[str] | None = None,
+    save_names: Iterable[str] | None = None,
+) -> AttachReport:
+    """Attach a new adapter called ``name`` to ``model`` as ``config`` describes.
+
+    The base model is frozen; the new adapter's parameters are trainable. With ``activate`` the
+    new adapter becomes the only active one. ``module_names`` / ``save_names`` bypass target
+    selection with exact module names (used when loading a saved adapter).
+    """
+    if not _NAME_RE.match(name):
+        raise ValueError(f"adapter name {name!r} must be an identifier such as 'default' or 'sentiment'")
+    if name in configs(model):
+        raise ValueError(f"an adapter named {name!r} is already attached; detach it first or choose another name")
+    modules = dict(logical_modules(model))
+    if module_names is None:
+        module_names = select(model, config.resolved_target, config.exclude, config.layers).names
+    if save_names is None:
+        save_names = select(model, list(config.modules_to_save)).names if config.modules_to_save else []
+    module_names, save_names = list(module_names), list(save_names)
+    for missing in [n for n in module_names + save_names if n not in modules]:
+        raise ValueError(f"adapter {name!r} needs module {missing!r}, which this model does not have")
+    overlap = set(module_names) & set(save_names)
+    if overlap:
+        raise ValueError(f"module {sorted(overlap)[0]!r} is both a target and in modules_to_save; keep it in one")
+
+    built: list[tuple[str, nn.Module]] = []
+    skipped: list[str] = []
+    for module_name in module_names:
+        adapter = config.build(module_name, modules[module_name])
+        if adapter is None:
+            skipped.append(f"{module_name} ({type(modules[module_name]).__name__})")
+        else:
+            built.append((module_name, adapter))
+    if not built:
+        raise ValueError(
+            f"{config.method} cannot adapt any of the {len(module_names)} selected modules "
+            f"(e.g. {skipped[0]}); target layers of a supported type instead"
+        )
+    if skipped and not isinstance(config.resolved_target, str):
+        raise ValueError(f"{config.method} cannot adapt {skipped[0]}; remove it from the target")
+
+    for module_name, adapter in built:
+        _wrap(model, module_name).adapters[name] = adapter
+    for module_name in save_names:
+        _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name])
+    configs(model)[name] = config
+    if activate:
+        set_active(model, name)
+    else:
+        mark_trainable(model)
+    adapter_params = sum(
+        p.numel() for _, layer in adapted_layers(model) if name in layer.adapters
+        for p in layer.adapters[name].parameters()
+    )
+    report = parameter_report(model)
+    return AttachReport(
+        name=name,
+        method=config.method,
+        targets=[n for n, _ in built],
+        modules_to_save=save_names,
+        adapter_parameters=adapter_params,
+        trainable_parameters=report.trainable,
+        total_parameters=report.total,
+        skipped=skipped,
+    )
+
+
+def detach(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove adapter ``name`` (all adapters if ``None``), unmerging it first if it is merged.
+
+    Layers left with no adapters are replaced by their original module object. Returns ``model``.
+    """
+    names = list(configs(model)) if name is None else [_known(model, name)]
+    for layer_name, layer in list(adapted_layers(model)):
+        for n in names:
+            if n in layer.merged:
+                layer.adapters[n].unmerge_from(layer.base)
+                layer.merged.remove(n)
+            if n in layer.adapters:
+                del layer.adapters[n]
+        layer.active = tuple(a for a in layer.active if a not in names)
+        if len(layer.adapters) == 0:
+            _set_module(model, layer_name, layer.base)
+    for n in names:
+        del configs(model)[n]
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Replace every AdaptedLayer by its base module *as it is now* (merged or not) and forget the adapters."""
+    for layer_name, layer in list(adapted_layers(model)):
+        _set_module(model, layer_name, layer.base)
+    configs(model).clear()
+    return model
+
+
+def _known(model: nn.Module, name: str) -> str:
+    if name not in configs(model):
+        have = ", ".join(repr(n) for n in configs(model)) or "none"
+        raise ValueError(f"no adapter named {name!r} is attached (attached: {have})")
+    return name
+
+
+def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    """The active adapter names (the union over layers, in attach order)."""
+    seen: dict[str, None] = {}
+    for _, layer in adapted_layers(model):
+        seen.update(dict.fromkeys(layer.active))
+    return tuple(n for n in configs(model) if n in seen)
+
+
+def set_active(model: nn.Module, names: str | Iterable[str], *, trainable: bool = True) -> None:
+    """Make ``names`` the active adapters, applied in that order; with ``trainable``, only they train."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    for n in names:
+        _known(model, n)
+    for _, layer in adapted_layers(model):
+        layer.active = tuple(n for n in names if n in layer.adapters)
+    if trainable:
+        mark_trainable(model, names)
+
+
+@contextlib.contextmanager
+def using(model: nn.Module, names: str | Iterable[str]) -> Iterator[nn.Module]:
+    """Run with ``names`` active, restoring the previous choice afterwards (even on error)."""
+    saved = {id(layer): layer.active for _, layer in adapted_layers(model)}
+    try:
+        set_active(model, names, trainable=False)
+        yield model
+    finally:
+        for _, layer in adapted_layers(model):
+            layer.active = saved.get(id(layer), ())
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the bare base model: no adapter applies inside the block."""
+    merged = [(n, layer.merged) for n, layer in adapted_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(
+            f"adapters {merged[0][1]} are merged into {merged[0][0]!r}; call unmerge(model) before disabling them"
+        )
+    with using(model, ()):
+        yield model
+
+
+def mark_trainable(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Freeze everything, then unfreeze the parameters of adapters ``names`` (default: the active ones)."""
+    keep = set(active_adapters(model) if names is None else names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in adapted_layers(model):
+        for n in keep & set(layer.adapters.keys()):
+            for p in layer.adapters[n].parameters():
+                p.requires_grad_(True)
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    trainable: int
+    total: int
+    trainable_bytes: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / max(1, self.total)
+
+    def __str__(self) -> str:
+        return (f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.3f}%), "
+                f"{self.trainable_bytes / 2**20:.2f} MiB")
+
+
+def parameter_report(model: nn.Module) -> ParamReport:
+    """Trainable and total parameter counts (shared tensors counted once) and trainable bytes."""
+    seen: set[int] = set()
+    trainable = total = nbytes = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            nbytes += p.numel() * p.element_size()
+    return ParamReport(trainable=trainable, total=total, trainable_bytes=nbytes)

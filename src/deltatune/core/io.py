@@ -1,0 +1,168 @@
+"""Save and load adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The tensor file holds only adapter tensors (and ``modules_to_save`` copies), keyed
+``<module name>.<tensor name inside the adapter>``, e.g. ``encoder.layer.0.attention.self.query.A``.
+The JSON file records the method config and the exact module names, so loading re-creates the
+adapter on the same modules and checks every key and shape before copying anything.
+
+Nothing is ever unpickled: tensors come from safetensors, everything else from JSON.
+Saving is atomic: files are written to a sibling temporary directory, which then replaces the
+target with renames, so a crash mid-save leaves the previous save intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deltatune.core.inject import adapted_layers, attach, configs
+from deltatune.core.layer import FullCopy
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT = "deltatune"
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` only if the block completes."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def adapter_state(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The adapter's tensors by saved key, plus its target and modules_to_save module names."""
+    tensors: dict[str, torch.Tensor] = {}
+    targets: list[str] = []
+    saved: list[str] = []
+    for layer_name, layer in adapted_layers(model):
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        (saved if isinstance(adapter, FullCopy) else targets).append(layer_name)
+        for key, t in adapter.state_dict().items():
+            tensors[f"{layer_name}.{key}"] = t.detach().to("cpu").contiguous()
+    return tensors, targets, saved
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = "default",
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write adapter ``name`` to ``directory`` (replaced atomically). Returns the directory."""
+    if name not in configs(model):
+        have = ", ".join(repr(n) for n in configs(model)) or "none"
+        raise ValueError(f"no adapter named {name!r} to save (attached: {have})")
+    for layer_name, layer in adapted_layers(model):
+        if name in layer.merged:
+            raise RuntimeError(f"adapter {name!r} is merged into {layer_name!r}; unmerge(model) before saving it")
+    tensors, targets, saved = adapter_state(model, name)
+    from deltatune import __version__
+
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "deltatune_version": __version__,
+        "adapter_name": name,
+        "config": configs(model)[name].to_dict(),
+        "targets": targets,
+        "modules_to_save": saved,
+        **(extra or {}),
+    }
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / CONFIG_FILE, meta)
+    return Path(directory)
+
+
+def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; expected a directory written by save_adapter")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a deltatune adapter (format {meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer deltatune (format {meta['format_version']}); upgrade deltatune")
+    return meta
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str | None = None, *,
+                 activate: bool = True, trainable: bool = False) -> str:
+    """Attach the adapter saved in ``directory`` to ``model`` and load its tensors.
+
+    Every module, key and shape is checked against the model before anything is copied; the
+    first mismatch raises an error naming it. Returns the adapter name used.
+    """
+    from deltatune.methods import config_from_dict
+
+    meta = read_adapter_config(directory)
+    config = config_from_dict(meta["config"])
+    name = name or meta.get("adapter_name", "default")
+    tensors = load_file(str(Path(directory) / WEIGHTS_FILE), device="cpu")
+    attach(model, config, name, activate=activate, module_names=meta["targets"],
+           save_names=meta.get("modules_to_save", []))
+    try:
+        expected, _, _ = adapter_state(model, name)
+        for key in expected:
+            if key not in tensors:
+                raise ValueError(f"{directory}: tensor {key!r} is missing from {WEIGHTS_FILE}")
+            if tuple(tensors[key].shape) != tuple(expected[key].shape):
+                raise ValueError(
+                    f"{directory}: tensor {key!r} has shape {tuple(tensors[key].shape)} but this model "
+                    f"needs {tuple(expected[key].shape)}; the adapter was trained on a different base model"
+                )
+        for key in tensors:
+            if key not in expected:
+                raise ValueError(f"{directory}: unexpected tensor {key!r} in {WEIGHTS_FILE}")
+        _copy_in(model, name, tensors)
+    except Exception:
+        from deltatune.core.inject import detach
+
+        detach(model, name)
+        raise
+    if trainable:
+        from deltatune.core.inject import mark_trainable
+
+        mark_trainable(model, [name])
+    elif activate:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return name
+
+
+def _copy_in(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for layer_name, layer in adapted_layers(model):
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        own = {key: tensors[f"{layer_name}.{key}"] for key in adapter.state_dict()}
+        adapter.load_state_dict(own, strict=True)

@@ -1,0 +1,194 @@
+"""The adapted layer: a frozen base module plus named adapters, applied in a declared order.
+
+An adapter is an ``nn.Module`` whose forward receives the input and the base and returns the
+output::
+
+    adapter(x, base) -> Tensor          # base(x) runs the frozen layer
+
+With that single contract every method is one expression (LoRA ``base(x) + s * B(A(x))``,
+(IA)³ ``base(x) * l``, a bottleneck ``h + up(act(down(h)))`` with ``h = base(x)``), and several
+adapters on one layer compose like functions: the second adapter's ``base`` runs the first
+adapter around the frozen layer. ``base`` always exposes the frozen module's attributes
+(``base.weight``, ``base.stride``...), so a method can read them whatever sits in between.
+
+:class:`AdaptedLayer` replaces the original module in its parent (module replacement), so it is
+visible in ``print(model)``; ``detach`` puts the original module object back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class Adapter(nn.Module):
+    """Base class for adapter modules.
+
+    Subclasses implement ``forward(x, base)``. Methods whose update can be folded into the base
+    weights also implement ``delta_weight(base)`` (in the base weight's own layout); merging,
+    unmerging and weighted combination are then written once, in ``core/merge.py``. A method whose
+    delta depends on the base weight itself overrides ``merge_into`` / ``unmerge_from``.
+    """
+
+    #: Largest absolute difference between merged and unmerged outputs the method promises (float32).
+    merge_atol: ClassVar[float] = 1e-5
+
+    def forward(self, x: Tensor, base: Any) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    @property
+    def mergeable(self) -> bool:
+        cls = type(self)
+        return cls.delta_weight is not Adapter.delta_weight or cls.merge_into is not Adapter.merge_into
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> None:
+        weight = base.weight
+        weight.add_(self.delta_weight(base).to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge_from(self, base: nn.Module) -> None:
+        weight = base.weight
+        weight.sub_(self.delta_weight(base).to(weight.dtype))
+
+
+class FullCopy(Adapter):
+    """A trainable copy of a whole module (``modules_to_save``): ``forward(x, base) = copy(x)``.
+
+    Used for modules that must train in full, such as a freshly initialised classifier head.
+    Merging swaps the trained values into the base module and keeps the originals here, so
+    unmerging restores the base exactly.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        import copy
+
+        self.module = copy.deepcopy(base)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, x: Tensor, base: Any) -> Tensor:
+        return self.module(x)
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> None:
+        self._swap(base)
+
+    @torch.no_grad()
+    def unmerge_from(self, base: nn.Module) -> None:
+        self._swap(base)
+
+    def _swap(self, base: nn.Module) -> None:
+        mine = dict(self.module.named_parameters())
+        for name, p in base.named_parameters():
+            tmp = p.detach().clone()
+            p.copy_(mine[name])
+            mine[name].copy_(tmp)
+
+
+class _Chain:
+    """``base`` for the second and later adapters on a layer: runs the inner adapters.
+
+    Attribute access falls through to the frozen module, so ``base.weight`` keeps working.
+    """
+
+    __slots__ = ("adapter", "inner", "module")
+
+    def __init__(self, adapter: nn.Module, inner: Any, module: nn.Module) -> None:
+        self.adapter = adapter
+        self.inner = inner
+        self.module = module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.adapter(x, self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
+class _Bound:
+    """``base`` for layers called with extra arguments: binds them to the frozen module."""
+
+    __slots__ = ("module", "args", "kwargs")
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.module = module
+        self.args = args
+        self.kwargs = kwargs
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.module(x, *self.args, **self.kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen base module with named adapters.
+
+    Attributes:
+        base: the original module object, untouched (its parameters are frozen by ``attach``).
+        adapters: adapter modules by adapter name.
+        active: names of the adapters applied in forward, innermost first.
+        merged: names of the adapters currently folded into ``base``'s weights, in merge order.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        # Per-example routing hook (see core/routing.py); None means "use ``active``".
+        self.router: Any = None
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.router is not None:
+            return self.router(self, x, *args, **kwargs)
+        return self.run(x, self.active, *args, **kwargs)
+
+    def run(self, x: Tensor, names: tuple[str, ...], *args: Any, **kwargs: Any) -> Tensor:
+        """Apply the named adapters (skipping merged ones) around the base, innermost first."""
+        base: Any = self.base if not (args or kwargs) else _Bound(self.base, args, kwargs)
+        if self.merged:
+            names = tuple(n for n in names if n not in self.merged)
+        if not names:
+            return base(x)
+        for name in names[:-1]:
+            base = _Chain(self.adapters[name], base, self.base)
+        return self.adapters[names[-1]](x, base)
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code sometimes reads attributes of the layer it owns (``proj.weight.dtype``,
+        # ``embed.num_embeddings``): answer for the base module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name == "base" or "base" not in modules:
+                raise
+            return getattr(modules["base"], name)
+
+    def extra_repr(self) -> str:
+        merged = f", merged={self.merged}" if self.merged else ""
+        return f"active={list(self.active)}{merged}"
+
+
+def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` as if no adapter were attached: an AdaptedLayer shows as its base."""
+    hidden: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(h) for h in hidden):
+            continue
+        if isinstance(module, AdaptedLayer):
+            hidden.append(name + ".")
+            yield name, module.base
+        else:
+            yield name, module

@@ -1,0 +1,25 @@
+"""The method registry: method name -> config class. An explicit dict, no import-time magic.
+
+Adding a method: write ``methods/<name>.py`` (docstring with the reference and equation, a frozen
+config dataclass whose ``build`` returns the adapter module for one layer, and the module), add
+one line here, and add ``tests/methods/test_<name>.py``. The conformance suite picks it up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltatune.config import AdapterConfig
+from deltatune.methods.lora import LoraConfig
+
+METHODS: dict[str, type[AdapterConfig]] = {
+    "lora": LoraConfig,
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Build the config for ``data["method"]``, rejecting unknown methods and keys."""
+    method = data.get("method")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[method].from_dict(data)

@@ -1,0 +1,216 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685).
+
+    h = W x + s · B A x,    A ∈ R^{r×d_in},  B ∈ R^{d_out×r},  s = α / r
+
+with ``s = α / √r`` for rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732). A is initialised with
+Kaiming-uniform and B with zeros, so training starts from the base model. Other initialisations:
+
+- ``gaussian``: A ~ N(0, 1/r), B = 0;
+- ``pissa`` (Meng et al., 2024, arXiv:2404.02948): s·B A = U_r S_r V_rᵀ, the top-r singular part of W;
+- ``olora`` (Büyükakyüz, 2024, arXiv:2406.01775): s·B A = Q_r R_r from the QR decomposition of W.
+
+PiSSA and OLoRA start from a non-zero B A. Hugging Face PEFT subtracts it from the base weight,
+which changes the base and ties the adapter to that modified copy. Here the base stays
+bit-identical: the adapter keeps the initial factors A₀, B₀ as frozen buffers and computes
+``W x + s·(B A − B₀ A₀) x``. Gradients, and so training, are exactly those of PiSSA/OLoRA; the saved
+adapter applies to the original base; merging adds ``s·(B A − B₀ A₀)``.
+
+Supported layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weight stored transposed),
+``nn.Conv1d`` / ``nn.Conv2d`` (A is a convolution with the base kernel, B a 1×1 convolution) and
+``nn.Embedding`` (A is looked up by token id; following PEFT, A starts at zero and B is Gaussian).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deltatune.config import AdapterConfig
+from deltatune.core.layer import Adapter
+from deltatune.core.targeting import name_matches
+from deltatune.methods.lora_kernels import lora_linear
+
+Init = Literal["default", "gaussian", "pissa", "olora"]
+
+
+def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _is_conv1d_transposed(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class LoraLinear(Adapter):
+    """LoRA on a linear layer: ``base(x) + s · B A drop(x)``. ``transposed`` for GPT-2 ``Conv1D``."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 rslora: bool = False, transposed: bool = False) -> None:
+        super().__init__()
+        self.rank, self.scaling, self.transposed = rank, lora_scaling(rank, alpha, rslora), transposed
+        self.A = nn.Parameter(torch.empty(rank, d_in))   # (r, d_in)
+        self.B = nn.Parameter(torch.zeros(d_out, rank))  # (d_out, r)
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def extra_repr(self) -> str:
+        d_out, r = self.B.shape
+        return f"d_in={self.A.shape[1]}, d_out={d_out}, rank={r}, scaling={self.scaling:g}"
+
+    def reference(self, A0: Tensor, B0: Tensor) -> None:
+        """Start from factors A₀, B₀ (PiSSA/OLoRA) while leaving the base output unchanged."""
+        with torch.no_grad():
+            self.A.copy_(A0)
+            self.B.copy_(B0)
+        self.register_buffer("A0", A0.detach().clone())
+        self.register_buffer("B0", B0.detach().clone())
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        # With reference factors the update is [B, -B₀] [A; A₀]: one rank-2r product.
+        if hasattr(self, "A0"):
+            return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
+        return self.A, self.B
+
+    def forward(self, x: Tensor, base: Any) -> Tensor:
+        A, B = self._factors()
+        if isinstance(base, nn.Module) and not base.weight.requires_grad and not torch.is_autocast_enabled(x.device.type):
+            weight = base.weight.t() if self.transposed else base.weight  # (d_out, d_in)
+            xd = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else None
+            return lora_linear(x, weight, base.bias, A, B, self.scaling, xd)
+        h = base(x)
+        return h + F.linear(F.linear(self.dropout(x), A.to(x.dtype)), B.to(x.dtype)) * self.scaling
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        A, B = self._factors()
+        delta = (B @ A) * self.scaling  # (d_out, d_in)
+        return delta.t() if self.transposed else delta
+
+
+class LoraEmbedding(Adapter):
+    """LoRA on an embedding table: ``base(ids) + s · (A[:, ids])ᵀ Bᵀ``."""
+
+    def __init__(self, num_embeddings: int, dim: int, rank: int = 8, alpha: float = 16.0,
+                 rslora: bool = False, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.rank, self.scaling, self.padding_idx = rank, lora_scaling(rank, alpha, rslora), padding_idx
+        self.A = nn.Parameter(torch.zeros(rank, num_embeddings))  # (r, V)
+        self.B = nn.Parameter(torch.empty(dim, rank))             # (d, r)
+        nn.init.normal_(self.B)
+
+    def forward(self, x: Tensor, base: Any) -> Tensor:
+        h = base(x)                                          # (..., d)
+        after_a = F.embedding(x, self.A.t(), padding_idx=self.padding_idx)  # (..., r)
+        return h + (after_a @ self.B.t()) * self.scaling
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        return (self.B @ self.A).t() * self.scaling          # (V, d)
+
+
+class LoraConv(Adapter):
+    """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A convolves like the base, B mixes channels (1×1)."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, rank: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0, rslora: bool = False) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError("LoRA supports convolutions with groups=1 and padding_mode='zeros'")
+        self.rank, self.scaling = rank, lora_scaling(rank, alpha, rslora)
+        self.conv = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        ones = (1,) * len(conv.kernel_size)
+        self.A = nn.Parameter(torch.empty(rank, conv.in_channels, *conv.kernel_size))  # (r, C_in, *k)
+        self.B = nn.Parameter(torch.zeros(conv.out_channels, rank, *ones))             # (C_out, r, *1)
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, base: Any) -> Tensor:
+        z = self.conv(self.dropout(x), self.A, None, self.stride, self.padding, self.dilation)  # (N, r, *L)
+        return base(x) + self.conv(z, self.B) * self.scaling
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        # ΔW[o, i, *k] = s · Σ_r B[o, r] A[r, i, *k]
+        flat = self.B.flatten(1) @ self.A.flatten(1)          # (C_out, C_in · Πk)
+        return flat.view(self.B.shape[0], *self.A.shape[1:]) * self.scaling
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(AdapterConfig):
+    """LoRA hyperparameters.
+
+    Attributes:
+        rank: r, the rank of the update.
+        alpha: α; the update is scaled by α/r (α/√r with ``rslora``).
+        dropout: dropout on the adapter's input (Linear and Conv only).
+        rslora: rank-stabilised scaling α/√r.
+        init: ``default`` | ``gaussian`` | ``pissa`` | ``olora``.
+        rank_pattern / alpha_pattern: per-module overrides, ``{pattern: value}``; the first
+            matching pattern wins (same syntax as ``target``).
+    """
+
+    method: ClassVar[str] = "lora"
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Init = "default"
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __hash__(self) -> int:  # dict fields: hash by identity, configs are compared by value
+        return id(self)
+
+    def validate(self) -> None:
+        if self.rank < 1 or any(r < 1 for r in self.rank_pattern.values()):
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("default", "gaussian", "pissa", "olora"):
+            raise ValueError(f"LoRA init must be one of default, gaussian, pissa, olora; got {self.init!r}")
+
+    def _lookup(self, name: str, pattern: dict[str, Any], default: Any) -> Any:
+        return next((v for p, v in pattern.items() if name_matches(name, p)), default)
+
+    def build(self, name: str, base: nn.Module) -> Adapter | None:
+        rank = self._lookup(name, self.rank_pattern, self.rank)
+        alpha = self._lookup(name, self.alpha_pattern, self.alpha)
+        kw = dict(rank=rank, alpha=alpha, rslora=self.rslora)
+        if self.init in ("pissa", "olora") and not (isinstance(base, nn.Linear) or _is_conv1d_transposed(base)):
+            raise ValueError(f"init {self.init!r} supports Linear layers only; {name!r} is a {type(base).__name__}")
+        if isinstance(base, nn.Linear):
+            adapter: Adapter = LoraLinear(base.in_features, base.out_features, dropout=self.dropout, **kw)
+        elif _is_conv1d_transposed(base):
+            d_in, d_out = base.weight.shape
+            adapter = LoraLinear(d_in, d_out, dropout=self.dropout, transposed=True, **kw)
+        elif isinstance(base, nn.Embedding):
+            adapter = LoraEmbedding(base.num_embeddings, base.embedding_dim, padding_idx=base.padding_idx, **kw)
+        elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            adapter = LoraConv(base, dropout=self.dropout, **kw)
+        else:
+            return None
+        adapter.to(device=base.weight.device)
+        self._initialise(adapter, base)
+        return adapter
+
+    def _initialise(self, adapter: Adapter, base: nn.Module) -> None:
+        if self.init == "gaussian" and not isinstance(adapter, LoraEmbedding):
+            with torch.no_grad():
+                adapter.A.normal_(0.0, 1.0 / adapter.rank)
+        elif self.init in ("pissa", "olora"):
+            assert isinstance(adapter, LoraLinear)
+            weight = base.weight.detach().to(torch.float32)
+            weight = weight.t() if adapter.transposed else weight  # (d_out, d_in)
+            r, s = adapter.rank, adapter.scaling
+            if self.init == "pissa":
+                U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+                root = torch.sqrt(S[:r] / s)
+                A0, B0 = root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+            else:
+                Q, R = torch.linalg.qr(weight)
+                A0, B0 = R[:r] / math.sqrt(s), Q[:, :r] / math.sqrt(s)
+            adapter.reference(A0.to(adapter.A.dtype), B0.to(adapter.B.dtype))
