@@ -62,6 +62,9 @@ class AdapterConfig:
     # --- what a method provides ---------------------------------------------------------------
 
     default_target: ClassVar[Target] = "all-linear"
+    #: Whether a freshly attached adapter leaves the model's outputs unchanged (the conformance
+    #: suite checks it). False for methods such as prompt or prefix tuning.
+    identity_at_init: ClassVar[bool] = True
 
     def validate(self) -> None:
         """Check the method's own fields; raise ``ValueError`` naming the fix."""
@@ -69,6 +72,14 @@ class AdapterConfig:
     def build(self, name: str, base: nn.Module) -> nn.Module | None:
         """Return the adapter for the module called ``name``, or ``None`` if its type is unsupported."""
         raise NotImplementedError
+
+    def on_attach(self, model: nn.Module, name: str) -> list[Any]:
+        """Model-level plumbing after the layers are wrapped (e.g. a forward pre-hook for prompt
+        tuning). Return removable handles; ``detach`` removes them."""
+        return []
+
+    def on_step(self, model: nn.Module, name: str, step: int, total_steps: int) -> None:
+        """Called by training loops after each optimizer step (e.g. AdaLoRA's rank schedule)."""
 
     # --- serialisation -------------------------------------------------------------------------
 

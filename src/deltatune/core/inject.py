@@ -20,9 +20,10 @@ from torch import nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import AdaptedLayer, FullCopy, logical_modules
-from deltatune.core.targeting import select
+from deltatune.core.targeting import NoMatchError, select
 
 _CONFIGS = "_deltatune_configs"
+_HANDLES = "_deltatune_handles"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -118,7 +119,7 @@ def attach(
         else:
             built.append((module_name, adapter))
     if not built:
-        raise ValueError(
+        raise NoMatchError(
             f"{config.method} cannot adapt any of the {len(module_names)} selected modules "
             f"(e.g. {skipped[0]}); target layers of a supported type instead"
         )
@@ -126,10 +127,15 @@ def attach(
         raise ValueError(f"{config.method} cannot adapt {skipped[0]}; remove it from the target")
 
     for module_name, adapter in built:
+        # Adapters live where their base lives, in its precision.
+        ref = next((p for p in modules[module_name].parameters() if p.is_floating_point()), None)
+        if ref is not None:
+            adapter.to(device=ref.device, dtype=ref.dtype)
         _wrap(model, module_name).adapters[name] = adapter
     for module_name in save_names:
         _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name])
     configs(model)[name] = config
+    model.__dict__.setdefault(_HANDLES, {})[name] = config.on_attach(model, name)
     if activate:
         set_active(model, name)
     else:
@@ -168,6 +174,8 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
         if len(layer.adapters) == 0:
             _set_module(model, layer_name, layer.base)
     for n in names:
+        for handle in model.__dict__.get(_HANDLES, {}).pop(n, []):
+            handle.remove()
         del configs(model)[n]
     return model
 
@@ -176,8 +184,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Replace every AdaptedLayer by its base module *as it is now* (merged or not) and forget the adapters."""
     for layer_name, layer in list(adapted_layers(model)):
         _set_module(model, layer_name, layer.base)
+    for handles in model.__dict__.pop(_HANDLES, {}).values():
+        for handle in handles:
+            handle.remove()
     configs(model).clear()
     return model
+
+
+def on_train_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Let every attached adapter react to an optimizer step (call it after ``optimizer.step()``)."""
+    for name, config in list(configs(model).items()):
+        config.on_step(model, name, step, total_steps)
 
 
 def _known(model: nn.Module, name: str) -> str:

@@ -5,8 +5,9 @@ output::
 
     adapter(x, base) -> Tensor          # base(x) runs the frozen layer
 
-With that single contract every method is one expression (LoRA ``base(x) + s * B(A(x))``,
-(IA)³ ``base(x) * l``, a bottleneck ``h + up(act(down(h)))`` with ``h = base(x)``), and several
+With that single contract every method is one expression (a low-rank update
+``base(x) + s * B(A(x))``, a learned scaling ``base(x) * l``, a residual module
+``h + up(act(down(h)))`` with ``h = base(x)``), and several
 adapters on one layer compose like functions: the second adapter's ``base`` runs the first
 adapter around the frozen layer. ``base`` always exposes the frozen module's attributes
 (``base.weight``, ``base.stride``...), so a method can read them whatever sits in between.

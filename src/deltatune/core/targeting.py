@@ -26,6 +26,10 @@ from deltatune.core.layer import AdaptedLayer, logical_modules
 ALL_LINEAR = "all-linear"
 
 
+class NoMatchError(ValueError):
+    """A target selected no module a method can adapt (the message shows real module names)."""
+
+
 def _linear_like(module: nn.Module) -> bool:
     # transformers' GPT-2 ``Conv1D`` is a linear layer with a transposed weight.
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -139,7 +143,7 @@ def select(
             n_blocks = len(set(blocks.values()))
             detail = f" in layers {sorted(layer_set)} (the model has {n_blocks} blocks)"
         examples = ", ".join(repr(e) for e in _examples(model))
-        raise ValueError(
+        raise NoMatchError(
             f"target {shown!r} matched 0 of {len(named)} modules{detail}; names look like {examples}"
         )
     return Selection(names=names, considered=len(named), examples=_examples(model))

@@ -7,7 +7,7 @@ Kaiming-uniform and B with zeros, so training starts from the base model. Other 
 
 - ``gaussian``: A ~ N(0, 1/r), B = 0;
 - ``pissa`` (Meng et al., 2024, arXiv:2404.02948): s·B A = U_r S_r V_rᵀ, the top-r singular part of W;
-- ``olora`` (Büyükakyüz, 2024, arXiv:2406.01775): s·B A = Q_r R_r from the QR decomposition of W.
+- ``olora`` (Büyükakyüz, 2024, arXiv:2406.01775): B = Q_r, A = R_r from the QR decomposition of W.
 
 PiSSA and OLoRA start from a non-zero B A. Hugging Face PEFT subtracts it from the base weight,
 which changes the base and ties the adapter to that modified copy. Here the base stays
@@ -193,7 +193,6 @@ class LoraConfig(AdapterConfig):
             adapter = LoraConv(base, dropout=self.dropout, **kw)
         else:
             return None
-        adapter.to(device=base.weight.device)
         self._initialise(adapter, base)
         return adapter
 
@@ -212,5 +211,5 @@ class LoraConfig(AdapterConfig):
                 A0, B0 = root[:, None] * Vh[:r], U[:, :r] * root[None, :]
             else:
                 Q, R = torch.linalg.qr(weight)
-                A0, B0 = R[:r] / math.sqrt(s), Q[:, :r] / math.sqrt(s)
+                A0, B0 = R[:r], Q[:, :r]  # as in PEFT: the update starts at s·Q_r R_r
             adapter.reference(A0.to(adapter.A.dtype), B0.to(adapter.B.dtype))
