@@ -18,6 +18,7 @@ from deltatune.core.inject import (
     detach,
     disabled,
     mark_trainable,
+    on_train_step,
     parameter_report,
     set_active,
     using,
@@ -25,7 +26,7 @@ from deltatune.core.inject import (
 from deltatune.core.io import load_adapter, read_adapter_config, save_adapter
 from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.merge import merge, merge_and_unload, unmerge
-from deltatune.core.targeting import select
+from deltatune.core.targeting import NoMatchError, select
 from deltatune.methods import METHODS, config_from_dict
 from deltatune.methods.lora import LoraConfig
 
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "NoMatchError",
     "Adapter",
     "AdaptedLayer",
     "AdapterConfig",
@@ -48,6 +50,7 @@ __all__ = [
     "disabled",
     "load_adapter",
     "mark_trainable",
+    "on_train_step",
     "merge",
     "merge_and_unload",
     "parameter_report",
