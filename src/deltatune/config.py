@@ -120,3 +120,52 @@ def check_keys(data: Mapping[str, Any], known: list[str], what: str) -> None:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
             raise ValueError(f"unknown key {key!r} for {what}{hint}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig(AdapterConfig):
+    """Several methods under one adapter name, e.g. low-rank updates on attention, a bottleneck
+    after the feed-forward block and bias deltas everywhere. Each part keeps its own targets;
+    where parts meet on one module they apply in the order given (first innermost). The adapter
+    trains, saves, loads, merges and switches as one. ``modules_to_save`` belongs to the hybrid.
+    """
+
+    method: ClassVar[str] = "hybrid"
+
+    parts: tuple[AdapterConfig, ...] = ()
+
+    def validate(self) -> None:
+        if not self.parts:
+            raise ValueError("a hybrid needs at least one part, e.g. parts=[LoraConfig(...), ...]")
+        for part in self.parts:
+            if not isinstance(part, AdapterConfig) or isinstance(part, HybridConfig):
+                raise ValueError(f"hybrid parts must be method configs (not hybrids), got {type(part).__name__}")
+            if part.modules_to_save:
+                raise ValueError("give modules_to_save on the hybrid, not on one of its parts")
+        if self.target is not None or self.exclude or self.layers is not None:
+            raise ValueError("a hybrid has no target of its own: set target, exclude and layers on its parts")
+        object.__setattr__(self, "parts", tuple(self.parts))
+
+    def on_attach(self, model: nn.Module, name: str) -> list[Any]:
+        return [h for part in self.parts for h in part.on_attach(model, name)]
+
+    def on_step(self, model: nn.Module, name: str, step: int, total_steps: int) -> None:
+        for part in self.parts:
+            part.on_step(model, name, step, total_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "parts": [p.to_dict() for p in self.parts],
+                "modules_to_save": list(self.modules_to_save)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HybridConfig:
+        from deltatune.methods import config_from_dict
+
+        data = dict(data)
+        data.pop("method", None)
+        check_keys(data, ["parts", "modules_to_save"], what="a hybrid config")
+        parts = data.get("parts")
+        if not isinstance(parts, (list, tuple)) or not all(isinstance(p, Mapping) for p in parts):
+            raise ValueError("a hybrid config needs 'parts': a list of method configs, each with a 'method' key")
+        return cls(parts=tuple(config_from_dict(dict(p)) for p in parts),
+                   modules_to_save=tuple(data.get("modules_to_save", ())))

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from deltatune.config import AdapterConfig
-from deltatune.core.layer import AdaptedLayer, FullCopy, logical_modules
+from deltatune.config import AdapterConfig, HybridConfig
+from deltatune.core.layer import AdaptedLayer, Composite, FullCopy, logical_modules
 from deltatune.core.targeting import NoMatchError, select
 
 _CONFIGS = "_deltatune_configs"
 _HANDLES = "_deltatune_handles"
+_PLACEMENT = "_deltatune_placement"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -87,46 +88,48 @@ def attach(
     activate: bool = True,
     module_names: Iterable[str] | None = None,
     save_names: Iterable[str] | None = None,
+    part_names: Sequence[Sequence[str]] | None = None,
 ) -> AttachReport:
     """Attach a new adapter called ``name`` to ``model`` as ``config`` describes.
 
     The base model is frozen; the new adapter's parameters are trainable. With ``activate`` the
-    new adapter becomes the only active one. ``module_names`` / ``save_names`` bypass target
-    selection with exact module names (used when loading a saved adapter).
+    new adapter becomes the only active one. ``module_names`` (or, for a :class:`HybridConfig`,
+    ``part_names``, one list per part) and ``save_names`` bypass target selection with exact
+    module names (used when loading a saved adapter).
     """
     if not _NAME_RE.match(name):
         raise ValueError(f"adapter name {name!r} must be an identifier such as 'default' or 'sentiment'")
     if name in configs(model):
         raise ValueError(f"an adapter named {name!r} is already attached; detach it first or choose another name")
     modules = dict(logical_modules(model))
-    if module_names is None:
-        module_names = select(model, config.resolved_target, config.exclude, config.layers).names
+    parts = config.parts if isinstance(config, HybridConfig) else (config,)
+    if part_names is None:
+        part_names = [module_names] if module_names is not None else [
+            select(model, p.resolved_target, p.exclude, p.layers).names for p in parts
+        ]
     if save_names is None:
         save_names = select(model, list(config.modules_to_save)).names if config.modules_to_save else []
-    module_names, save_names = list(module_names), list(save_names)
-    for missing in [n for n in module_names + save_names if n not in modules]:
+    part_names, save_names = [list(n) for n in part_names], list(save_names)
+    if len(part_names) != len(parts):
+        raise ValueError(f"expected {len(parts)} lists of module names (one per part), got {len(part_names)}")
+    for missing in [n for names in part_names for n in names + save_names if n not in modules]:
         raise ValueError(f"adapter {name!r} needs module {missing!r}, which this model does not have")
-    overlap = set(module_names) & set(save_names)
+    overlap = {n for names in part_names for n in names} & set(save_names)
     if overlap:
         raise ValueError(f"module {sorted(overlap)[0]!r} is both a target and in modules_to_save; keep it in one")
 
-    built: list[tuple[str, nn.Module]] = []
+    # Build every adapter before touching the model, so a failure leaves it unchanged.
+    built: dict[str, list[nn.Module]] = {}
+    placed: list[list[str]] = []  # per part, the modules it was really built on
     skipped: list[str] = []
-    for module_name in module_names:
-        adapter = config.build(module_name, modules[module_name])
-        if adapter is None:
-            skipped.append(f"{module_name} ({type(modules[module_name]).__name__})")
-        else:
-            built.append((module_name, adapter))
-    if not built:
-        raise NoMatchError(
-            f"{config.method} cannot adapt any of the {len(module_names)} selected modules "
-            f"(e.g. {skipped[0]}); target layers of a supported type instead"
-        )
-    if skipped and not isinstance(config.resolved_target, str):
-        raise ValueError(f"{config.method} cannot adapt {skipped[0]}; remove it from the target")
-
-    for module_name, adapter in built:
+    for part, names in zip(parts, part_names):
+        built_part, skipped_part = _build(part, names, modules)
+        for module_name, adapter in built_part:
+            built.setdefault(module_name, []).append(adapter)
+        placed.append([n for n, _ in built_part])
+        skipped += skipped_part
+    for module_name, adapters in built.items():
+        adapter = adapters[0] if len(adapters) == 1 else Composite(adapters)
         # Adapters live where their base lives, in its precision.
         ref = next((p for p in modules[module_name].parameters() if p.is_floating_point()), None)
         if ref is not None:
@@ -135,6 +138,7 @@ def attach(
     for module_name in save_names:
         _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name])
     configs(model)[name] = config
+    model.__dict__.setdefault(_PLACEMENT, {})[name] = placed
     model.__dict__.setdefault(_HANDLES, {})[name] = config.on_attach(model, name)
     if activate:
         set_active(model, name)
@@ -148,13 +152,44 @@ def attach(
     return AttachReport(
         name=name,
         method=config.method,
-        targets=[n for n, _ in built],
+        targets=list(built),
         modules_to_save=save_names,
         adapter_parameters=adapter_params,
         trainable_parameters=report.trainable,
         total_parameters=report.total,
         skipped=skipped,
     )
+
+
+def _explicit(target: object) -> bool:
+    """Whether a target names modules one by one (then an unsupported one is an error)."""
+    if target is None or callable(target):
+        return False
+    patterns = (target,) if isinstance(target, str) else tuple(target)
+    return not any(p == "all-linear" or p.startswith("re:") for p in patterns)
+
+
+def _build(config: AdapterConfig, names: list[str], modules: dict[str, nn.Module]) -> tuple[list, list[str]]:
+    built, skipped = [], []
+    for module_name in names:
+        adapter = config.build(module_name, modules[module_name])
+        if adapter is None:
+            skipped.append(f"{module_name} ({type(modules[module_name]).__name__})")
+        else:
+            built.append((module_name, adapter))
+    if not built:
+        raise NoMatchError(
+            f"{config.method} cannot adapt any of the {len(names)} selected modules "
+            f"(e.g. {skipped[0]}); target layers of a supported type instead"
+        )
+    if skipped and _explicit(config.target):
+        raise ValueError(f"{config.method} cannot adapt {skipped[0]}; remove it from the target")
+    return built, skipped
+
+
+def placement(model: nn.Module, name: str) -> list[list[str]]:
+    """Per part of adapter ``name``, the modules it adapts (one list for a single-method adapter)."""
+    return model.__dict__.get(_PLACEMENT, {})[_known(model, name)]
 
 
 def detach(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -176,6 +211,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     for n in names:
         for handle in model.__dict__.get(_HANDLES, {}).pop(n, []):
             handle.remove()
+        model.__dict__.get(_PLACEMENT, {}).pop(n, None)
         del configs(model)[n]
     return model
 
@@ -184,6 +220,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Replace every AdaptedLayer by its base module *as it is now* (merged or not) and forget the adapters."""
     for layer_name, layer in list(adapted_layers(model)):
         _set_module(model, layer_name, layer.base)
+    model.__dict__.pop(_PLACEMENT, None)
     for handles in model.__dict__.pop(_HANDLES, {}).values():
         for handle in handles:
             handle.remove()

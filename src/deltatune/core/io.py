@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.core.inject import adapted_layers, attach, configs
+from deltatune.config import HybridConfig
+from deltatune.core.inject import adapted_layers, attach, configs, placement
 from deltatune.core.layer import FullCopy
 
 CONFIG_FILE = "adapter_config.json"
@@ -95,6 +96,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
         "config": configs(model)[name].to_dict(),
         "targets": targets,
         "modules_to_save": saved,
+        **({"part_targets": placement(model, name)} if isinstance(configs(model)[name], HybridConfig) else {}),
         **(extra or {}),
     }
     with atomic_directory(directory) as tmp:
@@ -128,7 +130,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     config = config_from_dict(meta["config"])
     name = name or meta.get("adapter_name", "default")
     tensors = load_file(str(Path(directory) / WEIGHTS_FILE), device="cpu")
-    attach(model, config, name, activate=activate, module_names=meta["targets"],
+    attach(model, config, name, activate=activate, part_names=meta.get("part_targets", [meta["targets"]]),
            save_names=meta.get("modules_to_save", []))
     try:
         expected, _, _ = adapter_state(model, name)

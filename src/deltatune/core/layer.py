@@ -94,6 +94,39 @@ class FullCopy(Adapter):
             mine[name].copy_(tmp)
 
 
+class Composite(Adapter):
+    """Several adapters of one adapter name on one layer (a hybrid), applied in declared order.
+
+    ``forward`` chains the parts like stacked adapters; merging merges each part in turn onto
+    the already merged weight (so the chain's semantics are kept) and unmerges in reverse.
+    """
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.merge_atol = max(getattr(p, "merge_atol", Adapter.merge_atol) for p in parts)
+
+    def forward(self, x: Tensor, base: Any) -> Tensor:
+        module = base if isinstance(base, nn.Module) else base.module
+        for part in self.parts[:-1]:
+            base = _Chain(part, base, module)
+        return self.parts[-1](x, base)
+
+    @property
+    def mergeable(self) -> bool:
+        return all(p.mergeable for p in self.parts)
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> None:
+        for part in self.parts:
+            part.merge_into(base)
+
+    @torch.no_grad()
+    def unmerge_from(self, base: nn.Module) -> None:
+        for part in reversed(self.parts):
+            part.unmerge_from(base)
+
+
 class _Chain:
     """``base`` for the second and later adapters on a layer: runs the inner adapters.
 
@@ -139,6 +172,9 @@ class AdaptedLayer(nn.Module):
         adapters: adapter modules by adapter name.
         active: names of the adapters applied in forward, innermost first.
         merged: names of the adapters currently folded into ``base``'s weights, in merge order.
+        composition: how several active adapters combine: ``"stack"`` applies them in order (each
+            wraps the previous), ``"average"`` takes the mean of their outputs, each adapter
+            applied alone around the base.
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -147,6 +183,7 @@ class AdaptedLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
+        self.composition: str = "stack"
         # Per-example routing hook (see core/routing.py); None means "use ``active``".
         self.router: Any = None
 
@@ -159,9 +196,14 @@ class AdaptedLayer(nn.Module):
         """Apply the named adapters (skipping merged ones) around the base, innermost first."""
         base: Any = self.base if not (args or kwargs) else _Bound(self.base, args, kwargs)
         if self.merged:
+            if self.composition == "average" and len(names) > 1:
+                raise RuntimeError("merged adapters cannot be averaged; unmerge(model) first")
             names = tuple(n for n in names if n not in self.merged)
         if not names:
             return base(x)
+        if self.composition == "average" and len(names) > 1:
+            # Each adapter alone around the base, then the mean: (n, *out) -> out
+            return torch.stack([self.adapters[n](x, base) for n in names]).mean(0)
         for name in names[:-1]:
             base = _Chain(self.adapters[name], base, self.base)
         return self.adapters[names[-1]](x, base)
@@ -179,7 +221,8 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         merged = f", merged={self.merged}" if self.merged else ""
-        return f"active={list(self.active)}{merged}"
+        how = f", composition={self.composition!r}" if self.composition != "stack" else ""
+        return f"active={list(self.active)}{merged}{how}"
 
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deltatune.config import AdapterConfig
+from deltatune.config import AdapterConfig, HybridConfig
 from deltatune.methods.lora import LoraConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
@@ -20,6 +20,8 @@ METHODS: dict[str, type[AdapterConfig]] = {
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     """Build the config for ``data["method"]``, rejecting unknown methods and keys."""
     method = data.get("method")
+    if method == HybridConfig.method:
+        return HybridConfig.from_dict(data)
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))} (or hybrid)")
     return METHODS[method].from_dict(data)
