@@ -19,6 +19,7 @@ from deltatune.core.inject import (
     disabled,
     mark_trainable,
     on_train_step,
+    regularization_loss,
     parameter_report,
     set_active,
     using,
@@ -28,7 +29,10 @@ from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.merge import merge, merge_and_unload, unmerge
 from deltatune.core.targeting import NoMatchError, select
 from deltatune.methods import METHODS, config_from_dict
+from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.oft import OftConfig
+from deltatune.methods.vera import VeraConfig
 
 __version__ = "0.1.0"
 
@@ -40,6 +44,9 @@ __all__ = [
     "AdapterConfig",
     "AttachReport",
     "LoraConfig",
+    "AdaLoraConfig",
+    "OftConfig",
+    "VeraConfig",
     "ParamReport",
     "__version__",
     "active_adapters",
@@ -51,6 +58,7 @@ __all__ = [
     "load_adapter",
     "mark_trainable",
     "on_train_step",
+    "regularization_loss",
     "merge",
     "merge_and_unload",
     "parameter_report",

@@ -73,6 +73,16 @@ class AdapterConfig:
         """Return the adapter for the module called ``name``, or ``None`` if its type is unsupported."""
         raise NotImplementedError
 
+    def select_modules(self, model: nn.Module) -> list[str]:
+        """Names of the modules to adapt on ``model`` (``attach`` asks when it is given no names).
+
+        By default ``target`` / ``exclude`` / ``layers`` matched by ``core.targeting.select``; a method
+        overrides this when its choice depends on the whole model (e.g. "the last N blocks").
+        """
+        from deltatune.core.targeting import select
+
+        return select(model, self.resolved_target, self.exclude, self.layers).names
+
     def on_attach(self, model: nn.Module, name: str) -> list[Any]:
         """Model-level plumbing after the layers are wrapped (e.g. a forward pre-hook for prompt
         tuning). Return removable handles; ``detach`` removes them."""
@@ -80,6 +90,11 @@ class AdapterConfig:
 
     def on_step(self, model: nn.Module, name: str, step: int, total_steps: int) -> None:
         """Called by training loops after each optimizer step (e.g. AdaLoRA's rank schedule)."""
+
+    def regularization(self, model: nn.Module, name: str) -> Any:
+        """An extra loss term (a scalar tensor) the training loop adds, or None (e.g. AdaLoRA's
+        orthogonality penalty). Collected for all adapters by ``deltatune.regularization_loss``."""
+        return None
 
     # --- serialisation -------------------------------------------------------------------------
 
@@ -152,6 +167,10 @@ class HybridConfig(AdapterConfig):
     def on_step(self, model: nn.Module, name: str, step: int, total_steps: int) -> None:
         for part in self.parts:
             part.on_step(model, name, step, total_steps)
+
+    def regularization(self, model: nn.Module, name: str) -> Any:
+        terms = [t for part in self.parts if (t := part.regularization(model, name)) is not None]
+        return sum(terms[1:], terms[0]) if terms else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "parts": [p.to_dict() for p in self.parts],

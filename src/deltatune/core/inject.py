@@ -15,6 +15,7 @@ import contextlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -105,7 +106,7 @@ def attach(
     parts = config.parts if isinstance(config, HybridConfig) else (config,)
     if part_names is None:
         part_names = [module_names] if module_names is not None else [
-            select(model, p.resolved_target, p.exclude, p.layers).names for p in parts
+            p.select_modules(model) for p in parts
         ]
     if save_names is None:
         save_names = select(model, list(config.modules_to_save)).names if config.modules_to_save else []
@@ -139,7 +140,11 @@ def attach(
         _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name])
     configs(model)[name] = config
     model.__dict__.setdefault(_PLACEMENT, {})[name] = placed
-    model.__dict__.setdefault(_HANDLES, {})[name] = config.on_attach(model, name)
+    try:  # model-level checks run here; a refusal must leave the model as it was
+        model.__dict__.setdefault(_HANDLES, {})[name] = config.on_attach(model, name)
+    except Exception:
+        detach(model, name)
+        raise
     if activate:
         set_active(model, name)
     else:
@@ -232,6 +237,16 @@ def on_train_step(model: nn.Module, step: int, total_steps: int) -> None:
     """Let every attached adapter react to an optimizer step (call it after ``optimizer.step()``)."""
     for name, config in list(configs(model).items()):
         config.on_step(model, name, step, total_steps)
+
+
+def regularization_loss(model: nn.Module) -> Any:
+    """The sum of the attached adapters' extra loss terms, or None if none has one.
+
+    Training loops add it to the task loss before ``backward()``:
+    ``loss = task_loss + reg if (reg := regularization_loss(model)) is not None else task_loss``.
+    """
+    terms = [t for name, config in configs(model).items() if (t := config.regularization(model, name)) is not None]
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def _known(model: nn.Module, name: str) -> str:

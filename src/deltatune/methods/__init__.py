@@ -10,10 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from deltatune.config import AdapterConfig, HybridConfig
+from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.oft import OftConfig
+from deltatune.methods.vera import VeraConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
     "lora": LoraConfig,
+    "vera": VeraConfig,
+    "oft": OftConfig,
+    "adalora": AdaLoraConfig,
 }
 
 
