@@ -31,6 +31,12 @@ from deltatune.core.targeting import NoMatchError, select
 from deltatune.methods import METHODS, config_from_dict
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.bitfit import BitFitConfig
+from deltatune.methods.bottleneck import BottleneckConfig
+from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.ln import LNTuningConfig
+from deltatune.methods.partial import PartialConfig
+from deltatune.methods.tokens import TokensConfig
 from deltatune.methods.oft import OftConfig
 from deltatune.methods.vera import VeraConfig
 
@@ -44,6 +50,12 @@ __all__ = [
     "AdapterConfig",
     "AttachReport",
     "LoraConfig",
+    "BitFitConfig",
+    "BottleneckConfig",
+    "IA3Config",
+    "LNTuningConfig",
+    "PartialConfig",
+    "TokensConfig",
     "AdaLoraConfig",
     "OftConfig",
     "VeraConfig",

@@ -12,11 +12,23 @@ from typing import Any
 from deltatune.config import AdapterConfig, HybridConfig
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.bitfit import BitFitConfig
+from deltatune.methods.bottleneck import BottleneckConfig
+from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.ln import LNTuningConfig
+from deltatune.methods.partial import PartialConfig
+from deltatune.methods.tokens import TokensConfig
 from deltatune.methods.oft import OftConfig
 from deltatune.methods.vera import VeraConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
     "lora": LoraConfig,
+    "bitfit": BitFitConfig,
+    "bottleneck": BottleneckConfig,
+    "ia3": IA3Config,
+    "ln": LNTuningConfig,
+    "partial": PartialConfig,
+    "tokens": TokensConfig,
     "vera": VeraConfig,
     "oft": OftConfig,
     "adalora": AdaLoraConfig,
