@@ -138,3 +138,16 @@ def test_config_errors_name_the_fix():
         dt.config_from_dict({"method": "lora", "rnak": 4})
     with pytest.raises(ValueError, match="unknown method 'lorax'; available: .*lora"):
         dt.config_from_dict({"method": "lorax"})
+
+
+def test_modules_inside_an_adapted_parent_can_be_adapted():
+    model = ZOO["llama"].build()
+    dt.attach(model, dt.METHODS["bottleneck"](target=["mlp"], variant="parallel"), "outer")
+    dt.attach(model, dt.LoraConfig(target=["down_proj"]), "inner")
+    layer = model.model.layers[0].mlp
+    assert isinstance(layer, AdaptedLayer) and isinstance(layer.base.down_proj, AdaptedLayer)
+    names = [n for n, _ in dt.core.inject.adapted_layers(model)]
+    assert "model.layers.0.mlp" in names and "model.layers.0.mlp.down_proj" in names
+    keys = list(ZOO["llama"].build().state_dict())
+    dt.detach(model)
+    assert list(model.state_dict()) == keys

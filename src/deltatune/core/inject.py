@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from deltatune.config import AdapterConfig, HybridConfig
-from deltatune.core.layer import AdaptedLayer, Composite, FullCopy, logical_modules
+from deltatune.core.layer import AdaptedLayer, Composite, FullCopy, walk, logical_get, logical_modules
 from deltatune.core.targeting import NoMatchError, select
 
 _CONFIGS = "_deltatune_configs"
@@ -35,7 +35,8 @@ def configs(model: nn.Module) -> dict[str, AdapterConfig]:
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    for name, module in model.named_modules():
+    """Every AdaptedLayer with its logical name (the name its base module had)."""
+    for name, module, _ in walk(model):
         if isinstance(module, AdaptedLayer):
             yield name, module
 
@@ -68,15 +69,17 @@ class AttachReport:
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent = logical_get(model, parent_name)
+    parent = parent.base if isinstance(parent, AdaptedLayer) else parent
     setattr(parent, leaf, module)
 
 
 def _wrap(model: nn.Module, name: str) -> AdaptedLayer:
-    current = model.get_submodule(name)
+    current = logical_get(model, name)
     if isinstance(current, AdaptedLayer):
         return current
     layer = AdaptedLayer(current)
+    layer.training = current.training  # an eval model stays in eval (not recursive: base keeps its modes)
     _set_module(model, name, layer)
     return layer
 
@@ -135,9 +138,9 @@ def attach(
         ref = next((p for p in modules[module_name].parameters() if p.is_floating_point()), None)
         if ref is not None:
             adapter.to(device=ref.device, dtype=ref.dtype)
-        _wrap(model, module_name).adapters[name] = adapter
+        _wrap(model, module_name).adapters[name] = adapter.train(modules[module_name].training)
     for module_name in save_names:
-        _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name])
+        _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name]).train(modules[module_name].training)
     configs(model)[name] = config
     model.__dict__.setdefault(_PLACEMENT, {})[name] = placed
     try:  # model-level checks run here; a refusal must leave the model as it was

@@ -225,14 +225,37 @@ class AdaptedLayer(nn.Module):
         return f"active={list(self.active)}{merged}{how}"
 
 
+def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """Yield ``(logical name, module as found, logical module)`` for every module once.
+
+    The logical tree is the model as if no adapter were attached: an AdaptedLayer stands where
+    its base stood (its ``base.`` level and its ``adapters`` are not part of the name), and the
+    base's own children stay visible, so a module inside an adapted parent can be adapted too.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        logical = module.base if isinstance(module, AdaptedLayer) else module
+        yield name, module, logical
+        children = list(logical.named_children())
+        for child_name, child in reversed(children):
+            stack.append((f"{name}.{child_name}" if name else child_name, child))
+
+
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` as if no adapter were attached: an AdaptedLayer shows as its base."""
-    hidden: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(h) for h in hidden):
-            continue
-        if isinstance(module, AdaptedLayer):
-            hidden.append(name + ".")
-            yield name, module.base
-        else:
-            yield name, module
+    for name, _, logical in walk(model):
+        yield name, logical
+
+
+def logical_get(model: nn.Module, name: str) -> nn.Module:
+    """The module at logical ``name`` as found in the tree (an AdaptedLayer where one is attached)."""
+    module = model
+    for part in name.split(".") if name else []:
+        parent = module.base if isinstance(module, AdaptedLayer) else module
+        module = parent._modules[part]
+    return module
