@@ -39,6 +39,9 @@ from deltatune.methods.partial import PartialConfig
 from deltatune.methods.tokens import TokensConfig
 from deltatune.methods.oft import OftConfig
 from deltatune.methods.vera import VeraConfig
+from deltatune.methods.prefix import PrefixConfig
+from deltatune.methods.prompt import PromptConfig, drop_reparameterization
+from deltatune.methods.ptuning import PtuningConfig
 
 __version__ = "0.1.0"
 
@@ -59,6 +62,10 @@ __all__ = [
     "AdaLoraConfig",
     "OftConfig",
     "VeraConfig",
+    "PrefixConfig",
+    "PromptConfig",
+    "PtuningConfig",
+    "drop_reparameterization",
     "ParamReport",
     "__version__",
     "active_adapters",

@@ -20,6 +20,9 @@ from deltatune.methods.partial import PartialConfig
 from deltatune.methods.tokens import TokensConfig
 from deltatune.methods.oft import OftConfig
 from deltatune.methods.vera import VeraConfig
+from deltatune.methods.prefix import PrefixConfig
+from deltatune.methods.prompt import PromptConfig
+from deltatune.methods.ptuning import PtuningConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
     "lora": LoraConfig,
@@ -32,6 +35,9 @@ METHODS: dict[str, type[AdapterConfig]] = {
     "vera": VeraConfig,
     "oft": OftConfig,
     "adalora": AdaLoraConfig,
+    "prompt": PromptConfig,
+    "prefix": PrefixConfig,
+    "ptuning": PtuningConfig,
 }
 
 
