@@ -29,6 +29,9 @@ from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.merge import merge, merge_and_unload, unmerge
 from deltatune.core.targeting import NoMatchError, select
 from deltatune.methods import METHODS, config_from_dict
+from deltatune.methods.dora import DoraConfig
+from deltatune.methods.loha import LohaConfig
+from deltatune.methods.lokr import LokrConfig
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.bitfit import BitFitConfig
@@ -52,6 +55,9 @@ __all__ = [
     "AdaptedLayer",
     "AdapterConfig",
     "AttachReport",
+    "DoraConfig",
+    "LohaConfig",
+    "LokrConfig",
     "LoraConfig",
     "BitFitConfig",
     "BottleneckConfig",

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from deltatune.config import AdapterConfig, HybridConfig
+from deltatune.methods.dora import DoraConfig
+from deltatune.methods.loha import LohaConfig
+from deltatune.methods.lokr import LokrConfig
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.bitfit import BitFitConfig
@@ -32,6 +35,9 @@ METHODS: dict[str, type[AdapterConfig]] = {
     "ln": LNTuningConfig,
     "partial": PartialConfig,
     "tokens": TokensConfig,
+    "dora": DoraConfig,
+    "loha": LohaConfig,
+    "lokr": LokrConfig,
     "vera": VeraConfig,
     "oft": OftConfig,
     "adalora": AdaLoraConfig,

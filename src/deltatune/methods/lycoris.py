@@ -1,0 +1,97 @@
+"""Shared by the LyCORIS-family methods (LoHa, LoKr): an update ΔW built in full, applied like the base.
+
+LoHa and LoKr parameterise ΔW by products (Hadamard, Kronecker) that have no cheap low-rank form
+to apply to x, so, as LyCORIS and Hugging Face PEFT do, the adapter builds ΔW (in the base
+weight's shape) and runs the base layer's own operation with it: ``base(x) + op(x, ΔW)``. Merging
+is then ``W ± ΔW``, written once in ``core/merge.py``.
+
+This file holds what the two methods share: which layers they adapt and in which shape, the
+forward above with PEFT's two regularisers (rank dropout and module dropout), and the CP
+("effective conv", FedPara Proposition 3) rebuild of a convolution kernel from a small core.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deltatune.core.layer import Adapter
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored (d_in, d_out).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def weight_layout(base: nn.Module) -> tuple[int, int, tuple[int, ...]] | None:
+    """``(d_out, d_in, kernel)`` of ΔW for a supported layer (d_in per group), else ``None``."""
+    if isinstance(base, nn.Linear):
+        return base.out_features, base.in_features, ()
+    if is_gpt2_conv1d(base):
+        d_in, d_out = base.weight.shape
+        return d_out, d_in, ()
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        return base.out_channels, base.in_channels // base.groups, tuple(base.kernel_size)
+    return None
+
+
+def kaiming_(*tensors: Tensor) -> None:
+    for t in tensors:
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+def cp_kernel(core: Tensor, w_out: Tensor, w_in: Tensor) -> Tensor:
+    """K[o, i, *k] = Σ_pq core[p, q, *k] w_out[p, o] w_in[q, i].   core (r, r, *k), w_out (r, out), w_in (r, in)."""
+    return torch.einsum("pq...,po,qi->oi...", core, w_out, w_in)
+
+
+class FullDeltaAdapter(Adapter):
+    """``base(x) + op(x, ΔW)`` where ``op`` is the base's linear map or convolution.
+
+    Subclasses implement :meth:`make_delta` (ΔW as (d_out, d_in, *k), scaling included).
+    ``rank_dropout`` zeroes whole output rows of ΔW in training (rescaled by the kept share when
+    ``rescale``); ``module_dropout`` skips the adapter for a whole batch with that probability.
+    """
+
+    def __init__(self, base: nn.Module, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 rescale: bool = True) -> None:
+        super().__init__()
+        layout = weight_layout(base)
+        if layout is None:
+            raise ValueError(f"{type(self).__name__} supports Linear, GPT-2 Conv1D, Conv1d and Conv2d, "
+                             f"not {type(base).__name__}")
+        if isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.padding_mode != "zeros":
+            raise ValueError(f"{type(self).__name__} supports convolutions with padding_mode='zeros' only")
+        self.d_out, self.d_in, self.kernel = layout
+        self.kernel_numel = math.prod(self.kernel)  # 1 for linear layers
+        self.transposed = is_gpt2_conv1d(base)
+        self.rank_dropout, self.module_dropout, self.rescale = rank_dropout, module_dropout, rescale
+        if self.kernel:
+            self.conv = F.conv1d if len(self.kernel) == 1 else F.conv2d
+            self.conv_args = dict(stride=base.stride, padding=base.padding, dilation=base.dilation,
+                                  groups=base.groups)
+
+    def make_delta(self) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, base: Any) -> Tensor:
+        h = base(x)
+        if self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout:
+            return h
+        delta = self.make_delta().to(x.dtype)          # (d_out, d_in, *k)
+        if self.training and self.rank_dropout > 0:
+            keep = (torch.rand(self.d_out, device=delta.device) >= self.rank_dropout).to(delta.dtype)
+            if self.rescale:
+                keep = keep / keep.mean().clamp_min(1e-12)
+            delta = delta * keep.view(-1, *([1] * (delta.dim() - 1)))
+        if self.kernel:
+            return h + self.conv(x, delta, None, **self.conv_args)
+        return h + F.linear(x, delta)
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        delta = self.make_delta()
+        return delta.t() if self.transposed else delta
