@@ -76,9 +76,9 @@ def adapter_state(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor],
     return tensors, targets, saved
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = "default",
-                 extra: dict[str, Any] | None = None) -> Path:
-    """Write adapter ``name`` to ``directory`` (replaced atomically). Returns the directory."""
+def adapter_payload(model: nn.Module, name: str, extra: dict[str, Any] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What ``save_adapter`` writes for adapter ``name``: the JSON meta and the tensors by saved key."""
     if name not in configs(model):
         have = ", ".join(repr(n) for n in configs(model)) or "none"
         raise ValueError(f"no adapter named {name!r} to save (attached: {have})")
@@ -96,9 +96,31 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
         "config": configs(model)[name].to_dict(),
         "targets": targets,
         "modules_to_save": saved,
+        # The base layer types (e.g. Linear, Embedding), so converters to other formats, which name
+        # tensors per layer type, work from the files alone.
+        "module_types": {n: type(layer.base).__name__ for n, layer in adapted_layers(model) if n in targets},
         **({"part_targets": placement(model, name)} if isinstance(configs(model)[name], HybridConfig) else {}),
         **(extra or {}),
     }
+    return meta, tensors
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = "default",
+                 extra: dict[str, Any] | None = None, format: str = "deltatune") -> Path:
+    """Write adapter ``name`` to ``directory`` (replaced atomically). Returns the directory.
+
+    ``format="peft"`` writes Hugging Face PEFT's checkpoint format instead (see
+    :mod:`deltatune.integrations.peft_format`, imported only then).
+    """
+    if format not in (FORMAT, "peft"):
+        raise ValueError(f"format must be {FORMAT!r} or 'peft', got {format!r}")
+    if format == "peft":
+        if extra:
+            raise ValueError("extra metadata has no place in a PEFT config; write it to a file beside the adapter")
+        from deltatune.integrations.peft_format import save_peft_adapter
+
+        return save_peft_adapter(model, directory, name)
+    meta, tensors = adapter_payload(model, name, extra)
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, meta)
@@ -110,6 +132,10 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; expected a directory written by save_adapter")
     meta = json.loads(path.read_text())
+    if _is_peft(meta):  # a Hugging Face PEFT checkpoint: read as ours
+        from deltatune.integrations.peft_format import read_peft_meta
+
+        return read_peft_meta(directory)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a deltatune adapter (format {meta.get('format')!r})")
     if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -126,6 +152,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     """
     from deltatune.methods import config_from_dict
 
+    path = Path(directory) / CONFIG_FILE
+    if path.is_file() and _is_peft(json.loads(path.read_text())):
+        # A Hugging Face PEFT checkpoint: its own loader, which names PEFT's keys in errors.
+        from deltatune.integrations.peft_format import load_peft_adapter
+
+        return load_peft_adapter(model, directory, name, activate=activate, trainable=trainable)
     meta = read_adapter_config(directory)
     config = config_from_dict(meta["config"])
     name = name or meta.get("adapter_name", "default")
@@ -159,6 +191,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
         for p in model.parameters():
             p.requires_grad_(False)
     return name
+
+
+def _is_peft(meta: dict[str, Any]) -> bool:
+    return "peft_type" in meta and "format" not in meta
 
 
 def _copy_in(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
