@@ -1,0 +1,43 @@
+"""``deltatune inspect MODEL [CONFIG] [--target ...]``: the module tree, what a config adapts, and the count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deltatune.cli.common import fail_cleanly
+
+
+def inspect(
+    model: Annotated[str, typer.Argument(help="A built-in model name (e.g. all-minilm-l6-v2) or a local directory.")],
+    config: Annotated[Path | None, typer.Argument(help="A training config whose method and adapter to apply.")] = None,
+    target: Annotated[list[str] | None, typer.Option(
+        "--target", "-t", help="Modules to adapt (name, suffix, 're:' pattern or all-linear); repeatable.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override config keys, e.g. --set method=lora --set adapter.rank=4.")] = None,
+    depth: Annotated[int, typer.Option(help="Tree depth to print; deeper modules are summarised.")] = 8,
+) -> None:
+    """Print the module tree, marking the modules the config would adapt, and the trainable-parameter count."""
+    with fail_cleanly():
+        from deltatune.train import load_config, load_model, prepare
+        from deltatune.train.inspect import render_tree
+
+        overrides = [f"model={model}", *(set_ or [])]
+        if target:
+            overrides.append("adapter.target=[" + ", ".join(repr(t) for t in target) + "]")
+        cfg = load_config(config, overrides)
+        from deltatune.train.tasks import get_task
+
+        task = get_task(cfg.task)
+        loaded = load_model(cfg.model, task, task.fixed_labels() or ["a", "b"])
+        report = prepare(loaded, cfg)
+        typer.echo(render_tree(loaded.model, depth))
+        typer.echo("")
+        if report is None:
+            import deltatune as dt
+
+            typer.echo(f"method full: {dt.parameter_report(loaded.model)}")
+        else:
+            typer.echo(str(report))

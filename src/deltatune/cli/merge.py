@@ -1,0 +1,44 @@
+"""``deltatune merge ADAPTER_DIR --output DIR``: fold the adapter into a plain transformers model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deltatune.cli.common import fail_cleanly, parse_sets
+
+_PROBE = ["deltatune merges the adapter into the base weights.", "What a lovely day!"]
+
+
+def merge(
+    adapter_dir: Annotated[Path, typer.Argument(help="A run directory or its adapter/ folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged model.")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Change the recorded config, e.g. --set model=/path/to/base.")] = None,
+) -> None:
+    """Merge the adapter into its base model and save a full model that plain transformers loads."""
+    with fail_cleanly():
+        import torch
+
+        import deltatune as dt
+        from deltatune.train import load_trained
+        from deltatune.train.models import TRAINING_FILE, training_meta
+
+        trained = load_trained(adapter_dir, parse_sets(set_))
+        if trained.adapter is None:
+            raise ValueError(f"{adapter_dir} already holds a full model; there is nothing to merge")
+        model, tokenizer = trained.model, trained.tokenizer
+        probe = tokenizer(_PROBE, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            before = model(**probe).logits
+            dt.merge_and_unload(model)
+            after = model(**probe).logits
+        gap = (before - after).abs().max().item()
+        model.save_pretrained(output)
+        tokenizer.save_pretrained(output)
+        meta = training_meta(trained.config, trained.labels) | {"merged_from": str(trained.source)}
+        (output / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        typer.echo(f"merged {trained.source} into {output} (largest output change on a probe: {gap:.2e})")

@@ -1,0 +1,71 @@
+"""``deltatune predict ADAPTER_DIR [--adapter NAME=DIR ...] --input FILE --output preds.jsonl``: one line per input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deltatune.cli.common import fail_cleanly, parse_sets
+
+
+def predict(
+    adapter_dir: Annotated[Path, typer.Argument(help="A run directory, its adapter/ folder, or a merged model.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL/CSV with a text column, or .txt with one text per line.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write one JSON line per input.")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Change the recorded config, e.g. --set data.text_column=tweet.")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", help="Another adapter of the same base and task, NAME=DIR (repeatable). An input line "
+        "picks one with its 'adapter' field: a NAME, the first adapter's name (the default), or null for the "
+        "bare base.")] = None,
+) -> None:
+    """Predict a label (with its logits) for every input text."""
+    with fail_cleanly():
+        from deltatune.train import load_trained
+        from deltatune.train.data import read_records
+        from deltatune.train.loop import make_runner, pick_device
+
+        records = read_records(input)  # read first: a bad file fails before the model loads
+        if not records:
+            raise ValueError(f"{input} holds no inputs")
+        trained = load_trained(adapter_dir, parse_sets(set_))
+        device = pick_device(trained.config.device)
+        trained.model.to(device)
+        run = make_runner(device, trained.config.precision)
+
+        def predict_rows(indices: list[int]) -> list[dict]:
+            return trained.task.predict(trained.model, trained.tokenizer, [records[i] for i in indices],
+                                        trained.config, trained.labels, run)
+
+        if adapter or any("adapter" in r for r in records):  # several adapters: each line picks one
+            from deltatune.core.routing import load_adapters, run_grouped
+
+            load_adapters(trained.model, _named_dirs(adapter or []))
+            choices = [r.get("adapter", trained.adapter) for r in records]
+            rows = [row | {"adapter": c} for row, c in zip(run_grouped(trained.model, choices, predict_rows), choices)]
+        else:
+            rows = predict_rows(list(range(len(records))))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with output.open("w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        typer.echo(f"wrote {len(rows)} predictions to {output}")
+
+
+def _named_dirs(values: list[str]) -> dict[str, Path]:
+    """``NAME=DIR`` options -> {name: adapter folder} (a run directory's adapter/ is found too)."""
+    from deltatune.train.models import find_trained
+
+    named: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter takes NAME=DIR, e.g. --adapter news=runs/news; got {value!r}")
+        kind, where = find_trained(path)
+        if kind != "adapter":
+            raise ValueError(f"--adapter {value}: {path} holds a full model, not an adapter")
+        named[name] = where
+    return named

@@ -1,0 +1,44 @@
+"""``deltatune train [CONFIG.yaml] [--set key=value ...] [--output DIR] [--resume]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deltatune.cli.common import fail_cleanly
+
+
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config (see the recipes); defaults if omitted.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a key, e.g. --set epochs=1 --set adapter.rank=16 (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Run directory (default: runs/<task>-<method>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Fine-tune a model; write the adapter, metrics, config and a plot.
+
+    No arguments: LoRA on all-MiniLM-L6-v2 for tweet sentiment (~5 min, 2 cores).
+    Keys: model, task (sentiment | classification | chat), method (full or a
+    deltatune method), adapter.*, optimizer, epochs, batch_size, max_length,
+    lr, seed, ... Commented examples: the recipes/ folder of the package.
+    """
+    with fail_cleanly():
+        from deltatune.train import load_config, run_training
+
+        overrides = list(set_ or [])
+        if output is not None:
+            overrides.append(f"output={output}")
+        if resume and config is None and not set_:  # `--resume` alone continues the run as it was configured
+            saved = load_config(None, overrides).resolved_output() / "config.yaml"
+            config = saved if saved.is_file() else None
+        cfg = load_config(config, overrides)
+        try:
+            run_training(cfg, resume=resume, progress=progress)
+        except KeyboardInterrupt:
+            typer.secho(f"\ninterrupted; continue with: deltatune train --output {cfg.resolved_output()} --resume",
+                        err=True, fg=typer.colors.YELLOW)
+            raise typer.Exit(130) from None

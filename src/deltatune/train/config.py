@@ -1,0 +1,212 @@
+"""The training configuration: one YAML file plus ``--set key=value`` overrides, checked up front.
+
+A run is described by :class:`TrainConfig`. Top-level keys are the ones people change most
+(``model``, ``task``, ``method``, ``epochs``, ``batch_size``, ``max_length``, ``lr``, ``seed``), so
+``--set method=lora --set epochs=1`` reads naturally. The method's own hyperparameters sit under
+``adapter:`` and are validated by the method's config class (``deltatune.config_from_dict``), so a
+new method works here without touching this file.
+
+Every unknown key and every bad value is a ``ValueError`` before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the examples come from (built-in tasks fill in their own files).
+
+    For ``task: classification`` give either one ``path`` (split into train/validation/test with
+    the seed) or explicit ``train`` / ``validation`` / ``test`` files; CSV or JSONL.
+    """
+
+    path: str | None = None
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction + test_fraction must be below 1 to leave training data")
+        return self
+
+
+class TrainConfig(_Strict):
+    """One training run. ``recipes/sentiment-lora.yaml`` explains every key in a comment.
+
+    Defaults here are generic; a task fills the keys a user leaves out with its own tuned values
+    (``Task.defaults``, e.g. one epoch for ``sentiment``), and ``adapter:`` with its
+    ``method_defaults`` for the chosen method.
+    """
+
+    model: str = "all-minilm-l6-v2"
+    task: str = "sentiment"
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: str = "lora"
+    adapter: dict[str, Any] = Field(default_factory=dict)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    max_length: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    output: str | None = None
+    save_format: Literal["deltatune", "peft"] = "deltatune"  # adapter file format; peft: Hugging Face PEFT's
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not value.startswith(("cuda", "mps")):
+            raise ValueError(f"device must be auto, cpu, cuda[:N] or mps, got {value!r}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """Fill keys the user left out with the task's tuned defaults (and its method's adapter keys)."""
+        from deltatune.train.tasks import TASKS
+
+        if not isinstance(data, dict) or data.get("task", "sentiment") not in TASKS:
+            return data
+        task = TASKS[data.get("task", "sentiment")]
+        data = _merge(task.defaults, data)
+        method_defaults = task.method_defaults.get(data.get("method", "lora"))
+        if method_defaults:
+            data = _merge({"adapter": method_defaults}, data)
+        return data
+
+    @model_validator(mode="after")
+    def _method_and_task(self) -> TrainConfig:
+        from deltatune.train.tasks import TASKS
+
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; available: {', '.join(sorted(TASKS))}")
+        if self.method == "full":
+            if self.adapter:
+                raise ValueError("method 'full' trains every weight and takes no adapter settings; remove 'adapter'")
+        else:
+            self.adapter_config()  # raises ValueError with the method's own message
+        TASKS[self.task].check_config(self)
+        return self
+
+    def adapter_config(self) -> Any:
+        """The method's ``AdapterConfig`` (``None`` for full fine-tuning)."""
+        from deltatune import METHODS, config_from_dict
+
+        if self.method == "full":
+            return None
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; available: full, {', '.join(sorted(METHODS))}")
+        return config_from_dict({"method": self.method, **self.adapter})
+
+    def resolved_output(self) -> Path:
+        return Path(self.output) if self.output else Path("runs") / f"{self.task}-{self.method}"
+
+
+def _merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` over ``defaults``, mapping by mapping (``--set data.x=1`` keeps the other data defaults)."""
+    out = dict(defaults)
+    for key, value in given.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.sub=value`` override in place; the value is read as YAML (``1e-3`` is a float)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects key=value (e.g. --set epochs=1), got {assignment!r}")
+    value = parse_yaml(raw) if raw.strip() else None
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {key}: {part!r} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (or the defaults), apply overrides, and validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} not found")
+        loaded = parse_yaml(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of keys (model:, task:, ...), not {type(loaded).__name__}")
+        data = loaded or {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate_config(data, source=str(path) if path else "config")
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """``TrainConfig.model_validate`` with pydantic's errors turned into one clear ``ValueError``."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"{source}: {_explain(err)}") from None
+
+
+def _explain(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        parent = TrainConfig if "." not in where else DataConfig
+        known = list(parent.model_fields)
+        close = difflib.get_close_matches(where.rsplit(".", 1)[-1], known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+        return f"unknown key {where!r}{hint}"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+def to_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML (what the run actually used, defaults included)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

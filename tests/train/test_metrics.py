@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deltatune.train.metrics import accuracy, macro_f1, peak_memory_mb
+
+
+def test_accuracy_and_macro_f1_by_hand() -> None:
+    target = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert accuracy(pred, target) == 4 / 6
+    # class 0: tp 2 fp 0 fn 1 -> 4/5; class 1: tp 1 fp 1 fn 1 -> 2/4; class 2: tp 1 fp 1 fn 0 -> 2/3
+    assert math.isclose(macro_f1(pred, target, 3), (4 / 5 + 2 / 4 + 2 / 3) / 3)
+
+
+def test_macro_f1_of_a_constant_prediction() -> None:
+    target = torch.tensor([0, 1, 2, 0])
+    pred = torch.zeros(4, dtype=torch.long)
+    # only class 0 is predicted: F1 = 2*2/(2*2+2+0) = 2/3; classes 1 and 2 score 0
+    assert math.isclose(macro_f1(pred, target, 3), (2 / 3) / 3)
+    # a class that neither occurs nor is predicted does not count
+    assert math.isclose(macro_f1(pred, target, 5), (2 / 3) / 3)
+
+
+def test_peak_memory_on_cpu_is_the_process_peak_rss() -> None:
+    mib, what = peak_memory_mb(torch.device("cpu"))
+    assert 50 < mib < 1_000_000 and "ru_maxrss" in what
