@@ -124,3 +124,14 @@ def test_other_methods_train_through_the_same_loop(method: str, tiny_bert: Path,
     metrics = run_training(config, progress=False)
     assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"]
     assert load_trained(tmp_path / method).adapter == "default"
+
+
+def test_methods_with_step_hooks_and_penalties_train(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """AdaLoRA reads gradients in its step hook and adds an orthogonality penalty to the loss."""
+    config = load_config(None, [f"model={tiny_bert}", "task=classification", f"data.path={tiny_csv}",
+                                f"output={tmp_path / 'ada'}", "epochs=1", "batch_size=8", "method=adalora",
+                                "adapter.target=[query, value]"])
+    metrics = run_training(config, progress=False)
+    assert metrics["steps"] == 6 and metrics["trainable_parameters"] > 0
+    trained = load_trained(tmp_path / "ada")
+    assert dt.configs(trained.model)["default"].method == "adalora"

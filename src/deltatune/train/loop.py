@@ -141,13 +141,14 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, config.lr)
             loss = run(model, batch).loss  # mean over the batch's targets
-            loss.backward()
+            extra = dt.regularization_loss(model)  # e.g. AdaLoRA's orthogonality penalty
+            (loss if extra is None else loss + extra).backward()
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
-            dt.on_train_step(model, step, total)
+            dt.on_train_step(model, step, total)  # before zero_grad: some methods read the gradients
+            optimizer.zero_grad(set_to_none=True)
 
             elapsed = time.perf_counter() - t0
             history.loss.append(loss.item())
