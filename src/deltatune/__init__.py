@@ -27,6 +27,9 @@ from deltatune.core.inject import (
 from deltatune.core.io import load_adapter, read_adapter_config, save_adapter
 from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.merge import merge, merge_and_unload, unmerge
+from deltatune.core.combine import combine
+from deltatune.core.hotswap import hotswap_adapter
+from deltatune.core.routing import composed, delete_adapter, load_adapters, routing, run_grouped, set_composition
 from deltatune.core.targeting import NoMatchError, select
 from deltatune.methods import METHODS, config_from_dict
 from deltatune.methods.dora import DoraConfig
@@ -93,4 +96,12 @@ __all__ = [
     "set_active",
     "unmerge",
     "using",
+    "combine",
+    "composed",
+    "delete_adapter",
+    "hotswap_adapter",
+    "load_adapters",
+    "routing",
+    "run_grouped",
+    "set_composition",
 ]

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
 from deltatune.core.targeting import name_matches
-from deltatune.methods.lora_kernels import lora_linear
+from deltatune.methods.lora_kernels import dropout_mask, lora_linear
 
 Init = Literal["default", "gaussian", "pissa", "olora"]
 
@@ -78,17 +78,46 @@ class LoraLinear(Adapter):
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
         A, B = self._factors()
-        if isinstance(base, nn.Module) and not base.weight.requires_grad and not torch.is_autocast_enabled(x.device.type):
+        if self._fusable(base):
+            # One fused autograd node (methods/lora_kernels.py); the base layer runs inside it.
             weight = base.weight.t() if self.transposed else base.weight  # (d_out, d_in)
-            xd = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else None
-            return lora_linear(x, weight, base.bias, A, B, self.scaling, xd)
+            p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+            mask = dropout_mask(x, p) if self.training and p > 0 else None
+            return lora_linear(x, weight, base.bias, A, B, self.scaling, mask, 1.0 - p)
         h = base(x)
         return h + F.linear(F.linear(self.dropout(x), A.to(x.dtype)), B.to(x.dtype)) * self.scaling
+
+    def _fusable(self, base: Any) -> bool:
+        """The fused path computes the base layer itself: only for a plain, frozen Linear/Conv1D
+        called directly (stacked adapters and subclasses with their own forward use the formula)."""
+        if not isinstance(base, nn.Module):
+            return False
+        weight = getattr(base, "weight", None)
+        plain = _is_conv1d_transposed(base) if self.transposed else type(base).forward is nn.Linear.forward
+        return plain and isinstance(weight, Tensor) and weight.is_floating_point() and not weight.requires_grad
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         A, B = self._factors()
         delta = (B @ A) * self.scaling  # (d_out, d_in)
         return delta.t() if self.transposed else delta
+
+    # Low-rank capability (core/routing.py): batched mixed-adapter batches, hot swap, combination.
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(A (k, d_in), B (d_out, k), s)`` with ``forward(x, base) = base(x) + s·(drop(x) Aᵀ) Bᵀ``."""
+        A, B = self._factors()
+        return A, B, self.scaling
+
+    @torch.no_grad()
+    def load_low_rank(self, A: Tensor, B: Tensor, scaling: float) -> None:
+        """Make the update ``scaling · B A`` in place; a smaller rank is zero-padded, ``self.scaling`` kept."""
+        k, rank = A.shape[0], self.A.shape[0]
+        if k > rank or self.scaling == 0:
+            raise ValueError(f"cannot load a rank-{k} update into this rank-{rank} LoRA; attach one with rank >= {k}")
+        self.A.zero_()[:k].copy_(A)
+        self.B.zero_()[:, :k].copy_(B * (scaling / self.scaling))
+        if hasattr(self, "A0"):  # the reference factors would otherwise still be subtracted
+            self.A0.zero_()
+            self.B0.zero_()
 
 
 class LoraEmbedding(Adapter):
@@ -164,6 +193,12 @@ class LoraConfig(AdapterConfig):
 
     def __hash__(self) -> int:  # dict fields: hash by identity, configs are compared by value
         return id(self)
+
+    def low_rank_config(self, rank: int) -> LoraConfig:
+        """A plain rank-``rank`` LoRA (scaling 1) on the same kind of layers: the home of a combination."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoraConfig)}  # subclasses -> LoRA
+        return LoraConfig(**{**fields, "rank": rank, "alpha": float(rank), "rslora": False, "init": "default",
+                             "rank_pattern": {}, "alpha_pattern": {}})
 
     def validate(self) -> None:
         if self.rank < 1 or any(r < 1 for r in self.rank_pattern.values()):

@@ -1,0 +1,341 @@
+"""Many adapters on one base: per-example routing in a mixed batch, composition, load / delete.
+
+One frozen base serves many tasks. Adapters are attached (or loaded) side by side under their
+names; switching is ``set_active`` / ``using`` (no module is re-injected), and in a *mixed batch*
+every example names its own adapter, or ``None`` for the bare base::
+
+    with deltatune.routing(model, adapter_names=["sst", None, "news", "sst"]):
+        logits = model(**batch).logits          # row i as if only adapter_names[i] were active
+        out = model.generate(**batch)           # causal LMs: the names follow the rows
+
+How a routed layer computes (chosen per layer, once per ``routing`` block):
+
+- every example names the same adapters there: the ordinary forward (fused kernels and all);
+- each example names at most one adapter and all of them are *low-rank* (see :class:`LowRank`):
+  one batched path. The layer's low-rank adapters are stacked once, ranks zero-padded, scaling
+  folded in, side by side: ``[A | (sB)ᵀ]: (n + 1, r, d_in + d_out)``; slot ``n`` is zero and
+  serves the bare base. Per call: gather one slot per example and add two ``bmm`` products to the
+  base output. No Python loop over adapters. The stack is cached per layer and rebuilt when an
+  adapter tensor is replaced or edited in place (weak references plus version counters); it is
+  a copy, so it costs as much memory again as the layer's low-rank adapters;
+- anything else (other methods, ``modules_to_save`` heads, several adapters per example, a layer
+  in training mode, or gradients wanted for the adapters): the examples are grouped by adapter
+  and each group runs the ordinary forward on its rows. Serve under ``torch.inference_mode()``
+  (or with the adapters frozen, as ``load_adapter`` leaves them) to get the batched path.
+
+Generation: the batch dimension must come first in every adapted layer's input. ``generate``
+keeps the batch size, so the names stay aligned with the rows; when it repeats each row ``k``
+times (beam search, ``num_return_sequences``) the router sees ``k·n`` rows and repeats each name
+``k`` times in place (``repeat_interleave``), which is how transformers expands inputs.
+Model-level adapters that act through forward hooks rather than layers are not routed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from os import PathLike
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.core.inject import _known, adapted_layers, configs, detach, using
+from deltatune.core.layer import AdaptedLayer
+
+Key = tuple[str, ...]  # the adapters one example runs through on one layer, innermost first
+Choice = str | None | Sequence[str]
+T = TypeVar("T")
+
+
+@runtime_checkable
+class LowRank(Protocol):
+    """Capability of adapters whose forward is ``base(x) + s · (x Aᵀ) Bᵀ`` (the plain low-rank methods).
+
+    It unlocks the batched mixed-batch path, hot swapping across ranks and scalings, and
+    weighted combination (``core/combine.py``); the core never asks which method it is.
+    """
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(A (k, d_in), B (d_out, k), s)`` as used in forward (dropout aside)."""
+        ...
+
+    def load_low_rank(self, A: Tensor, B: Tensor, scaling: float) -> None:
+        """Set the update to ``scaling · B A`` in place, keeping tensor shapes (zero-pad the rank);
+        ``ValueError`` if the rank does not fit."""
+        ...
+
+
+# --- the stacked factors of one layer ---------------------------------------------------------
+
+
+class _Stack:
+    """All low-rank adapters of one layer, stacked: ``[A | sBᵀ]: (n+1, r, d_in + d_out)``.
+
+    A and sBᵀ share one tensor so that a single gather fetches both for a batch.
+    """
+
+    def __init__(self, layer: AdaptedLayer, names: list[str], tensors: list[Tensor]) -> None:
+        self.index = {n: i for i, n in enumerate(names)}
+        self.zero = len(names)  # slot of the bare base
+        self._refs = [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors]
+        self.trainable = any(t.requires_grad for t in tensors)
+        with torch.no_grad():
+            factors = [layer.adapters[n].low_rank_factors() for n in names]
+            r = max(A.shape[0] for A, _, _ in factors)
+            A0, B0, _ = factors[0]
+            dtype = torch.promote_types(A0.dtype, B0.dtype)
+            self.d_in = A0.shape[1]
+            self.AB = A0.new_zeros((len(names) + 1, r, self.d_in + B0.shape[0]), dtype=dtype)
+            for i, (A, B, s) in enumerate(factors):
+                k = A.shape[0]
+                self.AB[i, :k, : self.d_in] = A
+                self.AB[i, :k, self.d_in :] = (B * s).t()
+
+    def current(self, tensors: list[Tensor]) -> bool:
+        return len(tensors) == len(self._refs) and all(
+            ref() is t and t._version == version and t.data_ptr() == ptr
+            for (ref, version, ptr), t in zip(self._refs, tensors)
+        )
+
+
+_STACKS: weakref.WeakKeyDictionary[AdaptedLayer, _Stack] = weakref.WeakKeyDictionary()
+_LOW_RANK_TYPES: dict[type, bool] = {}
+
+
+def is_low_rank(adapter: nn.Module) -> bool:
+    """Whether ``adapter`` has the :class:`LowRank` capability (cached per type: this runs per layer)."""
+    cls = type(adapter)
+    if cls not in _LOW_RANK_TYPES:
+        _LOW_RANK_TYPES[cls] = isinstance(adapter, LowRank)
+    return _LOW_RANK_TYPES[cls]
+
+
+def _low_rank_names(layer: AdaptedLayer) -> list[str]:
+    return [n for n, a in layer.adapters.items() if is_low_rank(a)]
+
+
+def _layers(model: nn.Module) -> list[AdaptedLayer]:
+    """The adapted layers, without walking through the adapters themselves (dozens of them)."""
+    found, todo = [], [model]
+    while todo:
+        module = todo.pop()
+        if isinstance(module, AdaptedLayer):
+            found.append(module)
+            todo.append(module.base)  # a block-level adapter may wrap adapted layers
+        else:
+            todo.extend(m for m in module._modules.values() if m is not None)
+    return found
+
+
+def _tensors(module: nn.Module, out: list[Tensor]) -> list[Tensor]:
+    """Parameters and buffers of ``module`` (a plain walk: ``parameters()`` costs more, per layer)."""
+    out.extend(t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None)
+    for child in module._modules.values():
+        if child is not None:
+            _tensors(child, out)
+    return out
+
+
+def _stack(layer: AdaptedLayer) -> _Stack:
+    """The layer's stack, rebuilt only if an adapter was added, removed, replaced or edited."""
+    names = _low_rank_names(layer)
+    tensors: list[Tensor] = []
+    for n in names:
+        _tensors(layer.adapters[n], tensors)
+    entry = _STACKS.get(layer)
+    if entry is None or list(entry.index) != names or not entry.current(tensors):
+        entry = _STACKS[layer] = _Stack(layer, names, tensors)
+    return entry
+
+
+# --- the router of one layer ------------------------------------------------------------------
+
+
+class _Route:
+    """``AdaptedLayer.router`` for one ``routing`` block: the per-example adapters of one layer.
+
+    ``keys[i]`` names the adapters row ``i`` runs through on this layer (``()``: the base); model-
+    level hooks read it to tell whether their adapter applies to all rows, none, or some.
+    """
+
+    def __init__(self, layer: AdaptedLayer, keys: list[Key]) -> None:
+        self.keys = keys
+        distinct = list(dict.fromkeys(keys))
+        self.uniform: Key | None = distinct[0] if len(distinct) == 1 else None
+        self.stack: _Stack | None = None
+        if self.uniform is None and all(
+            len(k) == 0 or (len(k) == 1 and is_low_rank(layer.adapters[k[0]])) for k in distinct
+        ):
+            self.stack = _stack(layer)
+            device = self.stack.AB.device
+            self.slots = torch.tensor([self.stack.index[k[0]] if k else self.stack.zero for k in keys], device=device)
+        self._groups: dict[int, list[tuple[Key, Tensor]]] = {}
+
+    def _repeat(self, rows: int) -> int:
+        n = len(self.keys)
+        if rows % n:
+            raise ValueError(
+                f"a routed layer received {rows} rows for {n} adapter names; per-example routing needs "
+                "the batch first in every adapted layer (and a batch of len(adapter_names) rows, or a multiple "
+                "of it for beam search)"
+            )
+        return rows // n
+
+    def __call__(self, layer: AdaptedLayer, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.uniform is not None:
+            return layer.run(x, self.uniform, *args, **kwargs)
+        repeat = self._repeat(x.shape[0])
+        if self.stack is not None and not layer.training and not (self.stack.trainable and torch.is_grad_enabled()):
+            slots = self.slots if repeat == 1 else self.slots.repeat_interleave(repeat)
+            return _batched(layer.base(x, *args, **kwargs), x, self.stack, slots)
+        return self._grouped(layer, x, repeat, args, kwargs)
+
+    def _grouped(self, layer: AdaptedLayer, x: Tensor, repeat: int, args: tuple, kwargs: dict) -> Tensor:
+        rows = x.shape[0]
+        if rows not in self._groups:
+            by_key: dict[Key, list[int]] = {}
+            for i, key in enumerate(self.keys):
+                by_key.setdefault(key, []).extend(range(i * repeat, (i + 1) * repeat))
+            self._groups[rows] = [(k, torch.tensor(v, device=x.device)) for k, v in by_key.items()]
+        out: Tensor | None = None
+        for key, idx in self._groups[rows]:
+            def pick(v: Any, idx: Tensor = idx) -> Any:  # extra arguments with a batch dimension follow the rows
+                return v.index_select(0, idx) if isinstance(v, Tensor) and v.dim() and v.shape[0] == rows else v
+            y = layer.run(x.index_select(0, idx), key, *map(pick, args), **{k: pick(v) for k, v in kwargs.items()})
+            if out is None:
+                out = y.new_empty((rows, *y.shape[1:]))
+            out.index_copy_(0, idx, y)
+        assert out is not None
+        return out
+
+
+def _batched(out: Tensor, x: Tensor, stack: _Stack, slots: Tensor) -> Tensor:
+    """``out[i] += s_i · (x[i] A_iᵀ) B_iᵀ`` for every row i, with (A_i, B_i, s_i) its slot's factors."""
+    rows, d_out = x.shape[0], out.shape[-1]
+    AB = stack.AB.index_select(0, slots).to(x.dtype)            # (b, r, d_in + d_out)
+    A, Bt = AB[..., : stack.d_in], AB[..., stack.d_in :]        # (b, r, d_in), (b, r, d_out): strided views
+    # A xᵀ rather than x Aᵀ: with r small, this operand order runs about twice as fast on CPU BLAS.
+    ax = torch.bmm(A, x.reshape(rows, -1, x.shape[-1]).transpose(1, 2))  # (b, r, d_in) @ (b, d_in, L) -> (b, r, L)
+    if (not torch.is_grad_enabled() and out.is_contiguous() and out.dtype == ax.dtype == Bt.dtype
+            and out.data_ptr() != x.data_ptr()):
+        out.view(rows, -1, d_out).baddbmm_(ax.transpose(1, 2), Bt)      # in place: no (b, L, d_out) temporary
+        return out
+    return out + torch.bmm(ax.transpose(1, 2), Bt).view(out.shape).to(out.dtype)
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+def _unmerged_layers(model: nn.Module) -> list[AdaptedLayer]:
+    layers = _layers(model)
+    for layer in layers:
+        if layer.merged:  # they would apply to every row
+            raise RuntimeError(f"adapters {layer.merged} are merged into the base weights; unmerge(model) first")
+    return layers
+
+
+def _key(model: nn.Module, choice: Choice) -> Key:
+    if choice is None:
+        return ()
+    names = (choice,) if isinstance(choice, str) else tuple(choice)
+    for n in names:
+        if not isinstance(n, str):
+            raise ValueError(f"adapter choices are names, None or lists of names; got {choice!r}")
+        _known(model, n)
+    return names
+
+
+@contextlib.contextmanager
+def routing(model: nn.Module, adapter_names: Sequence[Choice]) -> Iterator[nn.Module]:
+    """Run a mixed batch: row ``i`` uses ``adapter_names[i]`` (a name, ``None`` for the bare
+    base, or a list of names applied as with ``using``). Restores the layers' routers on exit.
+
+    The active adapters are ignored inside the block. Merged adapters cannot be routed (they are
+    part of the base weights for every row): unmerge first.
+    """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
+        raise ValueError("adapter_names must be a non-empty list with one entry per example, e.g. ['a', None, 'b']")
+    keys = [_key(model, c) for c in adapter_names]
+    layers = _unmerged_layers(model)
+    saved = [(layer, layer.router) for layer in layers]
+    distinct = list(dict.fromkeys(keys))
+    try:
+        for layer in layers:
+            have = layer.adapters._modules  # names absent from a layer run its base there
+            here = {k: tuple(n for n in k if n in have) for k in distinct}
+            layer.router = _Route(layer, [here[k] for k in keys])
+        yield model
+    finally:
+        for layer, router in saved:
+            layer.router = router
+
+
+COMPOSITIONS = ("stack", "average")
+
+
+def set_composition(model: nn.Module, how: str) -> None:
+    """How several active adapters combine on a layer: ``stack`` (in order, the default) or
+    ``average`` (mean of the outputs of each adapter applied alone; adapters absent from a layer
+    take no part in its mean)."""
+    if how not in COMPOSITIONS:
+        raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)}; got {how!r}")
+    for _, layer in adapted_layers(model):
+        layer.composition = how
+
+
+@contextlib.contextmanager
+def composed(model: nn.Module, names: Sequence[str], how: str = "average") -> Iterator[nn.Module]:
+    """Run with ``names`` active and combined as ``how``; restores both afterwards."""
+    if how not in COMPOSITIONS:
+        raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)}; got {how!r}")
+    saved = [(layer, layer.composition) for _, layer in adapted_layers(model)]
+    try:
+        set_composition(model, how)
+        with using(model, names):
+            yield model
+    finally:
+        for layer, how_before in saved:
+            layer.composition = how_before
+
+
+def load_adapters(model: nn.Module, directories: Mapping[str, str | PathLike[str]]) -> list[str]:
+    """Load several saved adapters onto one base, by name, leaving the active choice unchanged."""
+    from deltatune.core.io import load_adapter
+
+    for name in directories:
+        if name in configs(model):
+            raise ValueError(f"an adapter named {name!r} is already attached; delete_adapter it or rename")
+    return [load_adapter(model, path, name, activate=False) for name, path in directories.items()]
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Detach adapter ``name`` and drop everything that refers to it, so its memory is freed."""
+    layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
+    detach(model, name)
+    for layer in layers:
+        _STACKS.pop(layer, None)
+
+
+def run_grouped(model: nn.Module, choices: Sequence[Choice], fn: Callable[[list[int]], Sequence[T]]) -> list[T]:
+    """For callers that batch their own data (``deltatune predict`` with several adapters).
+
+    ``fn(indices)`` returns one result per index; it runs once per distinct choice, with that
+    adapter active (``None``: the bare base), and the results come back in input order. Equal to
+    routing every example on its own, without needing the batches to carry the names.
+    """
+    keys = [_key(model, c) for c in choices]
+    _unmerged_layers(model)
+    groups: dict[Key, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    results: list[Any] = [None] * len(keys)
+    for key, indices in groups.items():
+        with using(model, key):
+            out = list(fn(indices))
+        if len(out) != len(indices):
+            raise RuntimeError(f"fn returned {len(out)} results for {len(indices)} examples")
+        for i, result in zip(indices, out):
+            results[i] = result
+    return results
