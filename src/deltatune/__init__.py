@@ -8,7 +8,7 @@
     dt.merge_and_unload(model)
 """
 
-from deltatune.config import AdapterConfig
+from deltatune.config import AdapterConfig, HybridConfig
 from deltatune.core.inject import (
     AttachReport,
     ParamReport,
@@ -57,6 +57,7 @@ __all__ = [
     "Adapter",
     "AdaptedLayer",
     "AdapterConfig",
+    "HybridConfig",
     "AttachReport",
     "DoraConfig",
     "LohaConfig",

@@ -82,3 +82,39 @@ def test_hybrid_config_validation_and_dicts():
         dt.config_from_dict({"method": "hybrid", "parts": "lora"})
     with pytest.raises(dt.NoMatchError, match="matched 0"):
         dt.attach(BERT.build(), HybridConfig(parts=(dt.LoraConfig(target=["query"]), dt.LoraConfig(target=["nope"]))))
+
+
+def test_the_issue_example_trains_saves_and_loads(tmp_path):
+    """LoRA on attention, a bottleneck after the feed-forward block and BitFit everywhere."""
+    model = BERT.build()
+    config = HybridConfig(parts=(dt.LoraConfig(target=["query", "value"]), dt.BottleneckConfig(variant="pfeiffer"),
+                                 dt.BitFitConfig()), modules_to_save=("classifier",))
+    dt.attach(model, config)
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        BERT.run(model).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if ".adapters." not in k)
+    expected = BERT.run(model)
+    dt.save_adapter(model, tmp_path / "h")
+    fresh = BERT.build()
+    dt.load_adapter(fresh, tmp_path / "h")
+    torch.testing.assert_close(BERT.run(fresh), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot be merged"):  # a bottleneck has no weight form
+        dt.merge(fresh)
+
+
+def test_a_mergeable_hybrid_merges_as_one():
+    model = BERT.build()
+    dt.attach(model, HybridConfig(parts=(dt.LoraConfig(target=["query", "value", "output.dense"]),
+                                         dt.IA3Config(), dt.BitFitConfig())))
+    _randomise(model)
+    expected = BERT.run(model)
+    dt.merge(model)
+    torch.testing.assert_close(BERT.run(model), expected, rtol=0, atol=1e-5)
+    plain = dt.merge_and_unload(model)
+    torch.testing.assert_close(BERT.run(plain), expected, rtol=0, atol=1e-5)
