@@ -45,7 +45,7 @@ def test_full_lora_bitfit_same_budget_three_reports(tiny_bert: Path, tiny_csv: P
     configs = {m: yaml.safe_load((out / m / "config.yaml").read_text()) for m in rows}
     for key in SHARED_KEYS:
         assert configs["full"][key] == configs["lora"][key] == configs["bitfit"][key], key
-    assert configs["full"]["lr"] == 5e-5 and configs["lora"]["lr"] == configs["bitfit"]["lr"] == 1e-3
+    assert configs["full"]["lr"] == 5e-5 and configs["lora"]["lr"] == 1e-3 and configs["bitfit"]["lr"] == 1e-2
     assert {r["metrics"]["steps"] for r in rows.values()} == {6}  # 48 examples / 8 per step, one epoch
     baselines = {r["metrics"]["majority_baseline_accuracy"] for r in rows.values()}
     assert len(baselines) == 1 and saved["majority_baseline"]["accuracy"] == baselines.pop()

@@ -63,6 +63,14 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "prompt": {"lr": 1e-2},                    # soft prompts need large steps (Lester et al. use 0.3 with Adafactor)
     "prefix": {"lr": 1e-2},
     "ptuning": {"lr": 1e-2},
+    # Measured on the sentiment task (4,000 examples, one epoch): at the LoRA rate of 1e-3 these
+    # stayed near the majority class (0.60-0.63); at these rates they reach 0.72-0.76.
+    "bitfit": {"lr": 1e-2},                    # biases only: few, small parameters
+    "ln": {"lr": 1e-2},
+    "bottleneck": {"lr": 5e-3},
+    "loha": {"lr": 5e-3},                      # Hadamard/Kronecker products of small factors
+    "lokr": {"lr": 1e-2},
+    "adalora": {"lr": 5e-3},
 }
 #: Keys every method shares, so that the rows compare: the per-method override may not touch them.
 SHARED_KEYS = ("model", "task", "data", "seed", "epochs", "batch_size", "eval_batch_size", "eval_every",
