@@ -89,8 +89,11 @@ class LoraLinear(Adapter):
 
     def _fusable(self, base: Any) -> bool:
         """The fused path computes the base layer itself: only for a plain, frozen Linear/Conv1D
-        called directly (stacked adapters and subclasses with their own forward use the formula)."""
+        called directly, without hooks (stacked adapters, subclasses with their own forward and
+        layers with hooks, e.g. accelerate's offloading, use the formula and call ``base``)."""
         if not isinstance(base, nn.Module):
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
             return False
         weight = getattr(base, "weight", None)
         plain = _is_conv1d_transposed(base) if self.transposed else type(base).forward is nn.Linear.forward
