@@ -183,14 +183,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
 
         detach(model, name)
         raise
-    if trainable:
-        from deltatune.core.inject import mark_trainable
+    finish_load(model, name, activate=activate, trainable=trainable)
+    return name
 
+
+def finish_load(model: nn.Module, name: str, *, activate: bool, trainable: bool) -> None:
+    """After a load: only ``name`` trains if ``trainable``; an activated inference load freezes all."""
+    from deltatune.core.inject import mark_trainable
+
+    if trainable:
         mark_trainable(model, [name])
     elif activate:
         for p in model.parameters():
             p.requires_grad_(False)
-    return name
 
 
 def _is_peft(meta: dict[str, Any]) -> bool:

@@ -157,7 +157,8 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], name:
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str | None = None, *,
                       activate: bool = True, trainable: bool = False) -> str:
     """Attach the PEFT adapter in ``directory`` to ``model``; every key and shape is checked first."""
-    from deltatune.core.inject import attach, detach, mark_trainable
+    from deltatune.core.inject import attach, detach
+    from deltatune.core.io import finish_load
     from deltatune.core.layer import logical_modules
 
     modules = dict(logical_modules(model))
@@ -178,11 +179,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], name:
     except Exception:
         detach(model, name)
         raise
-    if trainable:
-        mark_trainable(model, [name])
-    elif activate:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    finish_load(model, name, activate=activate, trainable=trainable)
     return name
 
 
