@@ -179,7 +179,7 @@ def test_dropout_saves_a_boolean_mask_not_a_copy():
 @pytest.mark.parametrize("engine", ["aten", "thin", "onednn"])
 def test_cpu_engines_agree_with_the_formula(path, engine, monkeypatch):
     """Both CPU engines give the plain formula's numbers (oneDNN forced on for small shapes)."""
-    monkeypatch.setattr(lora_kernels, "_ONEDNN_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(lora_kernels, "_ONEDNN_MIN_WORK", 0)
     with lora_kernels.cpu_engine(engine):
         check_against_plain(torch.float32, 2e-5, True, (2, 5))
     assert lora_kernels._ENGINE == "thin"  # the default comes back
@@ -218,7 +218,7 @@ def test_default_engine_keeps_the_base_output_bit_identical_at_any_size():
     """The default engine moves only the rank-r products to oneDNN: with B = 0 a batch big enough
     to take that path still gives exactly ``nn.Linear``'s output, and the gradients the formula's."""
     assert lora_kernels._ENGINE == "thin"
-    x = torch.randn(4096, 320, requires_grad=True)          # above _ONEDNN_MIN_ELEMENTS
+    x = torch.randn(4096, 320, requires_grad=True)          # rank-r products above _ONEDNN_MIN_WORK
     weight, A = torch.randn(64, 320), torch.randn(R, 320, requires_grad=True)
     B = torch.zeros(64, R, requires_grad=True)
     out = lora_linear(x, weight, None, A, B, S)

@@ -59,7 +59,7 @@ def merge_pays(rows: int, d_in: int, d_out: int) -> bool:
 
 _ENGINE = "thin"              # matrix-product engine on CPU for float32: "aten", "thin" or "onednn"
 _ONEDNN_WORKS: bool | None = None
-_ONEDNN_MIN_ELEMENTS = 1 << 20  # below this, oneDNN's per-call setup (~0.2 ms) outweighs its speed
+_ONEDNN_MIN_WORK = 1 << 23  # multiply-adds; below, oneDNN's per-call setup (~0.2 ms) outweighs its speed
 
 
 def set_cpu_engine(name: str) -> str:
@@ -74,7 +74,7 @@ def set_cpu_engine(name: str) -> str:
     ``"onednn"`` runs the base product on oneDNN too: on that AMD CPU, where MKL takes slower code
     paths, this makes adapted layers' float32 products about 2x faster, but the outputs now differ
     from ``nn.Linear``'s by float32 rounding. Compiled graphs and other devices and dtypes always
-    use aten; products smaller than ``_ONEDNN_MIN_ELEMENTS`` too.
+    use aten; products of fewer than ``_ONEDNN_MIN_WORK`` multiply-adds too.
     """
     global _ENGINE
     if name not in ("aten", "thin", "onednn"):
@@ -93,13 +93,14 @@ def cpu_engine(name: str) -> Iterator[None]:
         set_cpu_engine(previous)
 
 
-def _use_onednn(a: Tensor, b: Tensor, thin: bool = False) -> bool:
+def _use_onednn(a: Tensor, b: Tensor, out_features: int, thin: bool = False) -> bool:
+    """Whether ``a`` (…, k) times a (k, out_features) matrix ``b`` (either layout) runs on oneDNN."""
     global _ONEDNN_WORKS
     if _ENGINE == "aten" or (_ENGINE == "thin" and not thin):
         return False
     if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
         return False
-    if max(a.numel(), b.numel()) < _ONEDNN_MIN_ELEMENTS or torch.compiler.is_compiling():
+    if a.numel() * out_features < _ONEDNN_MIN_WORK or torch.compiler.is_compiling():
         return False
     if _ONEDNN_WORKS is None:
         try:
@@ -116,22 +117,24 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for the base layer's product, on the chosen engine."""
-    return _onednn_linear(x, weight, bias) if _use_onednn(x, weight) else F.linear(x, weight, bias)
+    if _use_onednn(x, weight, weight.shape[0]):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` (2-D) for the base layer's product, on the chosen engine."""
-    return _onednn_linear(a, b.t()) if _use_onednn(a, b) else a @ b
+    return _onednn_linear(a, b.t()) if _use_onednn(a, b, b.shape[1]) else a @ b
 
 
 def _thin_mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for a rank-r product: a is (r, N), b is (N, d)."""
-    return _onednn_linear(a, b.t()) if _use_onednn(a, b, thin=True) else a @ b
+    return _onednn_linear(a, b.t()) if _use_onednn(a, b, b.shape[1], thin=True) else a @ b
 
 
 def _project_t(x: Tensor, A: Tensor) -> Tensor:
     """``(x Aᵀ)ᵀ``, (r, N), for x (N, d) and A (r, d): MKL is fastest asked for ``A xᵀ``."""
-    return _onednn_linear(x, A).t() if _use_onednn(x, A, thin=True) else A @ x.t()
+    return _onednn_linear(x, A).t() if _use_onednn(x, A, A.shape[0], thin=True) else A @ x.t()
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
