@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
 from deltatune.core.targeting import name_matches
-from deltatune.methods.lycoris import FullDeltaAdapter, cp_kernel, kaiming_, weight_layout
+from deltatune.methods.lycoris import FullDeltaAdapter, cp_kernel, kaiming_, validate_rank_and_dropouts, weight_layout
 
 
 class Loha(FullDeltaAdapter):
@@ -94,11 +94,7 @@ class LohaConfig(AdapterConfig):
         return id(self)
 
     def validate(self) -> None:
-        if self.rank < 1 or any(r < 1 for r in self.rank_pattern.values()):
-            raise ValueError(f"LoHa rank must be >= 1, got {self.rank}")
-        for name in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"LoHa {name} must be in [0, 1), got {getattr(self, name)}")
+        validate_rank_and_dropouts(self, "LoHa")
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
         if weight_layout(base) is None:

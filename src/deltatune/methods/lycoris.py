@@ -95,3 +95,12 @@ class FullDeltaAdapter(Adapter):
     def delta_weight(self, base: nn.Module) -> Tensor:
         delta = self.make_delta()
         return delta.t() if self.transposed else delta
+
+
+def validate_rank_and_dropouts(config: Any, label: str) -> None:
+    """The checks LoHa and LoKr share: rank (and per-module ranks) >= 1, dropouts in [0, 1)."""
+    if config.rank < 1 or any(r < 1 for r in config.rank_pattern.values()):
+        raise ValueError(f"{label} rank must be >= 1, got {config.rank}")
+    for name in ("rank_dropout", "module_dropout"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{label} {name} must be in [0, 1), got {getattr(config, name)}")
