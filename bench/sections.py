@@ -89,7 +89,7 @@ def inference(workload: Workload, base: nn.Module, *, rounds: int, device: str) 
     dt = setups.build("deltatune-lora", workload, base).model
     setups.randomize_adapters(dt)
     models["deltatune-unmerged"] = dt
-    models["deltatune-unmerged-onednn"] = dt
+    models["deltatune-unmerged-thin"] = dt
     models["deltatune-merged"] = deltatune.merge(copy.deepcopy(dt))
     pf = setups.build("peft-lora", workload, base).model
     setups.randomize_adapters(pf)
@@ -110,7 +110,7 @@ def inference(workload: Workload, base: nn.Module, *, rounds: int, device: str) 
     merge_err = float((forward(models["deltatune-merged"]) - ref).abs().max())
     from deltatune.methods.lora_kernels import _ENGINE as default_engine
 
-    engines = {n: "onednn" if n.endswith("-onednn") else default_engine for n in models}
+    engines = {n: "thin" if n.endswith("-thin") else default_engine for n in models}
     times = measure.interleaved({n: (lambda m=m, e=engines[n]: forward(m, e)) for n, m in models.items()},
                                 rounds=rounds, warmup=1, device=device)
     out = {n: {"forward_s": measure.median(ts["wall"]), "forward_cpu_s": measure.median(ts["cpu"]),

@@ -27,7 +27,7 @@ SETUPS: dict[str, tuple[str, str]] = {
     "floor": ("torch", "floor"),
     "deltatune-lora": ("deltatune", "lora"),
     "deltatune-lora-aten": ("deltatune", "lora"),
-    "deltatune-lora-onednn": ("deltatune", "lora"),
+    "deltatune-lora-thin": ("deltatune", "lora"),
     "peft-lora": ("peft", "lora"),
     "deltatune-dora": ("deltatune", "dora"),
     "peft-dora": ("peft", "dora"),
@@ -47,9 +47,9 @@ class Setup:
     trainable: list[nn.Parameter]
 
     def engine(self) -> contextlib.AbstractContextManager:
-        """The fused LoRA kernel's CPU engine: the default, or the one a "-aten"/"-onednn" suffix names."""
+        """The fused LoRA kernel's CPU engine: the default, or the one a "-aten"/"-thin" suffix names."""
         suffix = self.name.rsplit("-", 1)[-1]
-        if suffix not in ("aten", "onednn"):
+        if suffix not in ("aten", "thin"):
             return contextlib.nullcontext()
         from deltatune.methods.lora_kernels import cpu_engine
 

@@ -20,11 +20,11 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "training step" in printed and "Goals" in printed
     train = results["tiny-bert"]["train"]
-    for setup in ("full", "floor", "deltatune-lora", "peft-lora", "deltatune-lora-onednn"):
+    for setup in ("full", "floor", "deltatune-lora", "peft-lora", "deltatune-lora-thin"):
         assert train[setup]["step_s"] > 0 and train[setup]["tensor_peak"] > 0
     assert train["deltatune-lora"]["trainable"] < train["full"]["trainable"]
     assert set(results["tiny-bert"]["inference"]) == {
-        "base", "deltatune-unmerged", "deltatune-unmerged-onednn", "deltatune-merged", "peft-unmerged", "peft-merged"}
+        "base", "deltatune-unmerged", "deltatune-unmerged-thin", "deltatune-merged", "peft-unmerged", "peft-merged"}
     assert results["tiny-bert"]["inference"]["deltatune-merged"]["max_abs_diff_vs_unmerged"] < 1e-4
     assert results["tiny-bert"]["io"]["deltatune"]["weights_bytes"] > 0
     assert {g["goal"] for g in results["goals"]} >= {"LoRA step / full fine-tuning step"}

@@ -134,6 +134,33 @@ def test_linear_matches_float64_formula_and_gradients(shape, bias):
         torch.testing.assert_close(a2, t, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("engine", ["aten", "thin", "onednn"])
+@pytest.mark.parametrize("rows", [3, 40])  # fewer / more rows than inputs: both kernel branches
+def test_float32_on_every_cpu_engine_matches_float64(engine, rows, monkeypatch):
+    """The kernel's products go through the LoRA kernel's engine (oneDNN forced on for small shapes)."""
+    from deltatune.methods import lora_kernels
+
+    monkeypatch.setattr(lora_kernels, "_ONEDNN_MIN_WORK", 0)
+    model, ad = _dora_layer(torch.nn.Linear(24, 20))
+    layer = model.float()[0]
+    with torch.no_grad():
+        ad.lora.B.normal_()
+    x = torch.randn(rows, 24, requires_grad=True)
+    params = [x, ad.lora.A, ad.lora.B, ad.magnitude]
+    with lora_kernels.cpu_engine(engine):
+        out = layer(x)
+        g = torch.randn_like(out)
+        mine = torch.autograd.grad(out, params, g)
+    W, b, s = layer.base.weight.double(), layer.base.bias.double(), ad.lora.scaling
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    x64, A64, B64, m64 = ref_params
+    V = W + s * B64 @ A64
+    ref = x64 @ (m64[:, None] * V / V.norm(dim=1, keepdim=True).detach()).T + b
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, t in zip(mine, torch.autograd.grad(ref, ref_params, g.double())):
+        torch.testing.assert_close(a.double(), t, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_linear_equals_the_composed_path():
     model, ad = _dora_layer(torch.nn.Linear(6, 5))
     layer, x = model[0], torch.randn(9, 6, dtype=torch.float64)

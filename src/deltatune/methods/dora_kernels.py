@@ -6,12 +6,16 @@ same reason: on CPU the cost of a layer beyond its two big matrix products is do
 (N, d_out) temporaries, and autograd's composition of LoRA with the rescale makes three of them
 in backward (``g ⊙ c``, ``g ⊙ u`` and a reduction) besides the output. Here
 
-- the LoRA output u is built in place (as in the LoRA kernel), and the rescaled output is the only
-  other (N, d_out) tensor; u is kept for c's gradient ``Σ_n g ⊙ (u − b)``, which is reduced in
+- for long batches without dropout (``lora_kernels.merge_pays``) u is one product with
+  ``W' = W + s·B A`` and the input gradient one product with ``c ⊙ W'`` (formed again in backward,
+  never stored); otherwise u is built in place as ``x Wᵀ + b`` plus the low-rank update (as in the
+  LoRA kernel). The rescaled output is the only other (N, d_out) tensor; u is kept for c's gradient ``Σ_n g ⊙ (u − b)``, which is reduced in
   row blocks so no (N, d_out) temporary appears;
 - the input gradient ``(g ⊙ c) W`` is computed as ``g (c ⊙ W)`` when there are more rows N than
   input features (scaling the weight is then cheaper than scaling the gradient), likewise for B;
-- nothing saved is modified, so a graph can be backpropagated twice (``retain_graph``).
+- nothing saved is modified, so a graph can be backpropagated twice (``retain_graph``);
+- every product goes through the LoRA kernel's CPU engine (``lora_kernels.set_cpu_engine``), so
+  DoRA gets the same oneDNN speed-up and the same switch back to aten.
 
 The frozen weight gets no gradient; callers fall back to the plain formula when it requires one.
 """
@@ -19,8 +23,9 @@ The frozen weight gets no gradient; callers fall back to the plain formula when 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from deltatune.methods.lora_kernels import _linear, _merged_weight, _mm, _project_t, _thin_mm, merge_pays
 
 _BLOCK = 256  # rows per block when reducing Σ_n g ⊙ u
 
@@ -38,13 +43,19 @@ class _DoraLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, xd: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
                 A: Tensor, B: Tensor, scaling: float, scale: Tensor) -> Tensor:
         # x, xd: (..., d_in); weight: (d_out, d_in); A: (r, d_in); B: (d_out, r); scale: (d_out,)
-        xa = (xd @ A.t()).mul_(scaling)                      # (..., r), already scaled
-        u = F.linear(x, weight, bias)                        # (..., d_out)
-        u.view(-1, u.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), B.t())  # += s·(x Aᵀ) Bᵀ
+        x2 = xd.reshape(-1, xd.shape[-1])
+        merged = xd is x and merge_pays(x2.shape[0], weight.shape[1], weight.shape[0])
+        xa = _project_t(x2, A).t().mul_(scaling)             # (N, r), already scaled
+        if merged:
+            u = _linear(x, _merged_weight(weight, A, B, scaling).to(x.dtype), bias)  # x (W + s·B A)ᵀ + b
+        else:
+            u = _linear(x, weight, bias)                     # (..., d_out)
+            u.view(-1, u.shape[-1]).addmm_(xa, B.t())        # += s·(x Aᵀ) Bᵀ
         out = u * scale if bias is None else torch.addcmul(bias * (1 - scale), u, scale)
         ctx.save_for_backward(xd, xa, weight, bias, A, B, scale, u)
         ctx.scaling = scaling
         ctx.same_input = xd is x
+        ctx.merged = merged
         return out
 
     @staticmethod
@@ -53,29 +64,30 @@ class _DoraLinear(torch.autograd.Function):
         s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])                 # (N, d_out)
         x2 = xd.reshape(-1, xd.shape[-1])                    # (N, d_in)
-        xa2 = xa.reshape(-1, xa.shape[-1])                   # (N, r)
         need_x, need_xd, _, need_bias, need_A, need_B, _, need_scale = ctx.needs_input_grad
-        # The gradient reaching u is g ⊙ c: fold c into the smaller of g and W.
-        if g.shape[0] <= weight.shape[1]:
+        # The gradient reaching u is g ⊙ c: fold c into the smaller of g and W (always W when merged).
+        if g.shape[0] <= weight.shape[1] and not ctx.merged:
             gc, w_c, B_c = g * scale, weight, B
         else:
-            gc, w_c, B_c = g, weight * scale[:, None], B * scale[:, None]
-        gb = (gc @ B_c).mul_(s)                              # (N, r), scaled once
+            gc, w_c, B_c = g, None if ctx.merged else weight * scale[:, None], B * scale[:, None]
+        gb_t = _project_t(gc, B_c.t()).mul_(s)               # (r, N) = s·(g c B)ᵀ, scaled once
         grad_x = grad_xd = grad_bias = grad_A = grad_B = grad_scale = None
-        if need_x or need_xd:
-            base_grad = gc @ w_c                             # (N, d_in)
+        if (need_x or need_xd) and ctx.merged:               # g (c ⊙ (W + s·B A)): nothing to add
+            grad_x = _mm(g, _merged_weight(weight, A, B, s).mul_(scale[:, None]).to(g.dtype)).view(xd.shape)
+        elif need_x or need_xd:
+            base_grad = _mm(gc, w_c)                         # (N, d_in)
             if ctx.same_input:
-                base_grad.addmm_(gb, A)                      # + s·(g c B) A
+                base_grad.addmm_(gb_t.t(), A)                # + s·(g c B) A
                 grad_x = base_grad.view(xd.shape)
             else:
                 grad_x = base_grad.view(grad.shape[:-1] + (weight.shape[1],))
-                grad_xd = (gb @ A).view(xd.shape)
+                grad_xd = (gb_t.t() @ A).view(xd.shape)
         if need_bias:
             grad_bias = g.sum(0)                             # y = c ⊙ (… + b) + (1 − c) ⊙ b
         if need_A:
-            grad_A = gb.t() @ x2                             # (r, N) @ (N, d_in)
+            grad_A = _thin_mm(gb_t, x2)                      # (r, N) @ (N, d_in)
         if need_B:
-            grad_B = (xa2.t() @ gc).t()                      # ((r, N) @ (N, d_out))ᵀ
+            grad_B = _thin_mm(xa.t(), gc).t()                # ((r, N) @ (N, d_out))ᵀ
             if gc is g:
                 grad_B = grad_B * scale[:, None]
         if need_scale:

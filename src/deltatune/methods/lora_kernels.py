@@ -12,10 +12,12 @@ over x, two over g). Here:
 - **low-rank update** for short ones (generation) and with dropout: ``y = x Wᵀ + b``, then
   ``y += s·(x_d Aᵀ) Bᵀ`` in place, and likewise for the input gradient: no (N, d) temporary;
 - the rank-r products contract or produce the long N dimension in the orientation that runs
-  fastest (``(x Aᵀ)ᵀ g`` and ``(g B)ᵀ x`` for the gradients, (r, N) projections), on oneDNN on
-  CPU by default (``set_cpu_engine``: about twice MKL's speed for these thin shapes, while the
-  base layer's own product stays on torch's kernel); ``x Aᵀ`` is taken in forward while x is
-  still in cache, and the products reading g come first in backward for the same reason;
+  fastest (``(x Aᵀ)ᵀ g`` and ``(g B)ᵀ x`` for the gradients, (r, N) projections); ``x Aᵀ`` is
+  taken in forward while x is still in cache, and the products reading g come first in backward
+  for the same reason;
+- on CPU in float32 every large product runs on oneDNN by default (``set_cpu_engine``): it
+  streams these shapes up to twice as fast as the BLAS torch links (MKL takes slow code paths on
+  AMD CPUs), so an adapted layer costs less than the frozen ``nn.Linear`` it wraps;
 - the scaling s is folded into ``W'``, the update's ``alpha`` or the small (r, d) gradients, never
   applied to an (N, d) tensor;
 - backward keeps x itself (usually kept anyway: it is the previous layer's output), the frozen
@@ -57,24 +59,25 @@ def merge_pays(rows: int, d_in: int, d_out: int) -> bool:
     return rows * (d_in + d_out) > 3 * d_in * d_out
 
 
-_ENGINE = "thin"              # matrix-product engine on CPU for float32: "aten", "thin" or "onednn"
+_ENGINE = "onednn"            # matrix-product engine on CPU for float32: "aten", "thin" or "onednn"
 _ONEDNN_WORKS: bool | None = None
 _ONEDNN_MIN_WORK = 1 << 23  # multiply-adds; below, oneDNN's per-call setup (~0.2 ms) outweighs its speed
 
 
 def set_cpu_engine(name: str) -> str:
-    """Choose how the fused kernel multiplies float32 matrices on CPU; returns the previous choice.
+    """Choose how the fused kernels multiply float32 matrices on CPU; returns the previous choice.
 
-    ``"thin"`` (default) runs the adapter's rank-r products on oneDNN's linear (a private torch op,
-    probed before first use, with aten as fallback) and the base layer's own product on aten, so
-    the base output is bit-identical to ``nn.Linear``'s: oneDNN streams the long operand of such
-    thin products 1.4-2x faster than MKL does (on an AMD EPYC, MiniLM LoRA step: the adapters'
-    cost over a frozen base fell from 9 % to 4 %).
+    ``"onednn"`` (default) runs every product of an adapted layer on oneDNN's linear (a private
+    torch op, probed before first use, with aten as fallback). On the AMD EPYC these figures come
+    from, where MKL takes slower code paths, that makes the layer's float32 products 1.4-2x faster
+    (MiniLM LoRA training step 0.80x -> 0.54x of full fine-tuning; see bench/README.md). The
+    price: an adapted layer's output differs from the wrapped ``nn.Linear``'s by float32
+    rounding (about 1e-7 relative), also while the adapter is still the identity.
+    ``"thin"`` moves only the adapter's rank-r products to oneDNN and leaves the base layer's own
+    product on aten, so the base output stays bit-identical to ``nn.Linear``'s.
     ``"aten"`` uses torch's own products (MKL on x86) throughout.
-    ``"onednn"`` runs the base product on oneDNN too: on that AMD CPU, where MKL takes slower code
-    paths, this makes adapted layers' float32 products about 2x faster, but the outputs now differ
-    from ``nn.Linear``'s by float32 rounding. Compiled graphs and other devices and dtypes always
-    use aten; products of fewer than ``_ONEDNN_MIN_WORK`` multiply-adds too.
+    Compiled graphs, other devices and dtypes always use aten; so do products of fewer than
+    ``_ONEDNN_MIN_WORK`` multiply-adds, where oneDNN's per-call setup outweighs its speed.
     """
     global _ENGINE
     if name not in ("aten", "thin", "onednn"):
