@@ -37,6 +37,7 @@ from deltatune.methods.loha import LohaConfig
 from deltatune.methods.lokr import LokrConfig
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.lora_kernels import cpu_engine, set_cpu_engine
 from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
@@ -82,6 +83,7 @@ __all__ = [
     "attach",
     "config_from_dict",
     "configs",
+    "cpu_engine",
     "detach",
     "disabled",
     "load_adapter",
@@ -95,6 +97,7 @@ __all__ = [
     "save_adapter",
     "select",
     "set_active",
+    "set_cpu_engine",
     "unmerge",
     "using",
     "combine",

@@ -130,3 +130,70 @@ def test_bad_config_and_grouped_conv_input_side():
     with pytest.raises(ValueError, match="grouped"):
         dt.attach(model, dt.IA3Config(target=["0"], feedforward=["0"]))
     assert dt.IA3Config(feedforward="down_proj").feedforward == ("down_proj",)
+
+
+def _scaled_linear(feedforward, bias, dtype=torch.float64):
+    model = torch.nn.Sequential(torch.nn.Linear(24, 20, bias=bias)).to(dtype)
+    dt.attach(model, dt.IA3Config(target=["0"], feedforward=["0"] if feedforward else []))
+    with torch.no_grad():
+        model[0].adapters["default"].scale.uniform_(0.5, 2.0)
+    return model
+
+
+def _formula(x, W, b, l, feedforward):
+    out = (x * l) @ W.T if feedforward else (x @ W.T) * l
+    return out if b is None else out + (b if feedforward else b * l)
+
+
+@pytest.mark.parametrize("rows", [3, 50])  # fewer / more rows than inputs: both backward branches
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_fused_linear_matches_the_float64_formula_and_its_gradients(feedforward, bias, rows):
+    model = _scaled_linear(feedforward, bias)
+    base, ad = model[0].base, model[0].adapters["default"]
+    x = torch.randn(2, rows, 24, dtype=torch.float64, requires_grad=True)
+    params = [x, ad.scale] + ([base.bias.requires_grad_()] if bias else [])  # a trained bias (BitFit-like)
+    out = model(x)
+    g = torch.randn_like(out)
+    mine = torch.autograd.grad(out, params, g, retain_graph=True)
+    again = torch.autograd.grad(out, params, g)            # nothing saved was modified
+    ref = _formula(x, base.weight, base.bias, ad.scale, feedforward)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, a2, t in zip(mine, again, torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a2, t, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():                                  # inference: the folded single product
+        torch.testing.assert_close(model(x), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("engine", ["aten", "thin", "onednn"])
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_float32_on_every_cpu_engine(feedforward, engine, monkeypatch):
+    from deltatune.methods import lora_kernels
+
+    monkeypatch.setattr(lora_kernels, "_ONEDNN_MIN_WORK", 0)       # oneDNN even for small shapes
+    model = _scaled_linear(feedforward, True, torch.float32)
+    base, ad = model[0].base, model[0].adapters["default"]
+    x = torch.randn(40, 24, requires_grad=True)
+    with lora_kernels.cpu_engine(engine):
+        out = model(x)
+        g = torch.randn_like(out)
+        mine = torch.autograd.grad(out, [x, ad.scale], g)
+    ref_x, ref_l = x.detach().double().requires_grad_(), ad.scale.detach().double().requires_grad_()
+    ref = _formula(ref_x, base.weight.double(), base.bias.double(), ref_l, feedforward)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, t in zip(mine, torch.autograd.grad(ref, [ref_x, ref_l], g.double())):
+        torch.testing.assert_close(a.double(), t, rtol=1e-4, atol=1e-4)
+
+
+def test_hooked_or_trainable_base_is_called_not_fused():
+    """A forward hook on the base still runs (the formula calls the layer), and a base weight that
+    trains gets its gradient."""
+    model = _scaled_linear(False, True)
+    base = model[0].base
+    base.register_forward_hook(lambda module, args, out: out * 0)
+    assert torch.equal(model(torch.randn(4, 24, dtype=torch.float64)), torch.zeros(4, 20, dtype=torch.float64))
+    model = _scaled_linear(True, True)
+    model[0].base.weight.requires_grad_(True)
+    model(torch.randn(4, 24, dtype=torch.float64)).sum().backward()
+    assert model[0].base.weight.grad is not None

@@ -83,6 +83,7 @@ def _write(path: Path, text: str) -> Path:
     (["data.path=x.csv"], "task: classification"),
     (["device=tpu"], "device must be"),
     (["precision=fp8"], "precision"),
+    (["cpu_engine=mkl"], "cpu_engine"),
     (["epochs"], "key=value"),
     (["data.validation_fraction=0.5", "data.test_fraction=0.5"], "must be below 1"),
 ])
@@ -116,3 +117,15 @@ def test_every_method_takes_its_settings_under_adapter() -> None:
     for method in dt.METHODS:
         config = load_config(None, [f"method={method}"])
         assert config.adapter_config().method == method
+
+
+def test_cpu_engine_applies_for_the_run_only(monkeypatch) -> None:
+    """``cpu_engine`` picks the fused kernels' CPU products while training, then the old one is back."""
+    from deltatune.methods import lora_kernels
+    from deltatune.train import run
+
+    seen = []
+    monkeypatch.setattr(run, "_run_training", lambda *a: seen.append(lora_kernels._ENGINE) or {})
+    before = lora_kernels._ENGINE
+    run.run_training(load_config(None, ["cpu_engine=thin"]))
+    assert seen == ["thin"] and lora_kernels._ENGINE == before

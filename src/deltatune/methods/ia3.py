@@ -33,6 +33,8 @@ from torch.nn.modules.conv import _ConvNd
 from deltatune.config import AdapterConfig, Target
 from deltatune.core.layer import Adapter
 from deltatune.core.targeting import any_matches
+from deltatune.methods.ia3_kernels import ia3_linear
+from deltatune.methods.lora_kernels import runs_like_its_weight
 
 # Output projection of the feed-forward block: BERT/RoBERTa, Llama/Mistral/Qwen, GPT-2.
 FEEDFORWARD_DOWN = (r"re:.*\.layer\.\d+\.output\.dense", "down_proj", "mlp.c_proj")
@@ -59,10 +61,18 @@ class IA3(Adapter):
         return self.scale.to(t.dtype).view(-1, *(1,) * self.spatial)
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
+        if self._fusable(x, base):  # one autograd node, the scaling folded into the weight
+            return ia3_linear(x, base.weight, base.bias, self.scale.to(x.dtype), self.feedforward)
         if self.feedforward:
             return base(x * self._channels(x))        # W (l ⊙ x) + b
         h = base(x)
         return h * self._channels(h)                  # l ⊙ (W x + b)
+
+    def _fusable(self, x: Tensor, base: Any) -> bool:
+        """A plain frozen ``nn.Linear`` in x's dtype, outside autocast (methods/ia3_kernels.py)."""
+        return (self.layout == "linear" and runs_like_its_weight(base) and type(base).forward is nn.Linear.forward
+                and base.weight.dtype == x.dtype and (base.bias is None or base.bias.dtype == x.dtype)
+                and not torch.is_autocast_enabled(x.device.type))
 
     def _weight_factor(self, weight: Tensor) -> Tensor:
         """``scale`` shaped to multiply ``weight`` along the scaled channel axis."""

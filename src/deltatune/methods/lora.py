@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
 from deltatune.core.targeting import name_matches
-from deltatune.methods.lora_kernels import dropout_mask, lora_linear
+from deltatune.methods.lora_kernels import dropout_mask, lora_linear, runs_like_its_weight
 
 Init = Literal["default", "gaussian", "pissa", "olora"]
 
@@ -91,13 +91,9 @@ class LoraLinear(Adapter):
         """The fused path computes the base layer itself: only for a plain, frozen Linear/Conv1D
         called directly, without hooks (stacked adapters, subclasses with their own forward and
         layers with hooks, e.g. accelerate's offloading, use the formula and call ``base``)."""
-        if not isinstance(base, nn.Module):
+        if not runs_like_its_weight(base):
             return False
-        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
-            return False
-        weight = getattr(base, "weight", None)
-        plain = _is_conv1d_transposed(base) if self.transposed else type(base).forward is nn.Linear.forward
-        return plain and isinstance(weight, Tensor) and weight.is_floating_point() and not weight.requires_grad
+        return _is_conv1d_transposed(base) if self.transposed else type(base).forward is nn.Linear.forward
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         A, B = self._factors()

@@ -36,10 +36,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def runs_like_its_weight(base: Any) -> bool:
+    """Whether a kernel may compute ``base`` from its weight instead of calling it: a module with a
+    frozen floating-point weight and no hooks (stacked adapters, accelerate's offloading and other
+    hooked layers are called, so their hooks run). Callers also check the module's type."""
+    if not isinstance(base, torch.nn.Module):
+        return False
+    if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+        return False
+    weight = getattr(base, "weight", None)
+    return isinstance(weight, Tensor) and weight.is_floating_point() and not weight.requires_grad
 
 
 def dropout_mask(x: Tensor, p: float) -> Tensor:

@@ -92,6 +92,8 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, ge=1)
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
+    # CPU float32 products of LoRA/DoRA layers: onednn (fastest), thin (base output bit-identical), aten
+    cpu_engine: Literal["onednn", "thin", "aten"] = "onednn"
     output: str | None = None
     save_format: Literal["deltatune", "peft"] = "deltatune"  # adapter file format; peft: Hugging Face PEFT's
 

@@ -53,6 +53,11 @@ def _dir_bytes(path: Path) -> int:
 
 def run_training(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train as ``config`` says and write the results under its output directory. Returns the metrics."""
+    with dt.cpu_engine(config.cpu_engine):  # the fused kernels' CPU products, restored afterwards
+        return _run_training(config, resume, progress)
+
+
+def _run_training(config: TrainConfig, resume: bool, progress: bool) -> dict[str, Any]:
     out = config.resolved_output()
     if resume:
         _check_resume(out, config)
