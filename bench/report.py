@@ -26,7 +26,7 @@ def _fwd(model: str) -> Field:
     return ("inference", model, "forward_s")
 
 
-LORA, PEFT, THIN = "deltatune-lora", "peft-lora", "deltatune-lora-thin"
+LORA, PEFT = "deltatune-lora", "peft-lora"
 # (workload, goal, numerator, denominator, largest ratio that meets it)
 GOALS: list[tuple[str, str, Field, Field, float]] = [
     ("minilm", "LoRA step / full fine-tuning step", _step(LORA), _step("full"), 0.75),
@@ -41,10 +41,6 @@ GOALS: list[tuple[str, str, Field, Field, float]] = [
     ("smollm2", "unmerged LoRA inference / base", _fwd("deltatune-unmerged"), _fwd("base"), 1.10),
     ("smollm2", "merged LoRA inference / base", _fwd("deltatune-merged"), _fwd("base"), 1.05),
     ("minilm", "DoRA step / LoRA step", _step("deltatune-dora"), _step(LORA), 1.25),
-    # For reference: the fused kernel with the base product on aten ("thin" engine), bit-identical to
-    # nn.Linear at init; the floor pays the same aten products.
-    ("minilm", "thin engine: LoRA step / full fine-tuning", _step(THIN), _step("full"), 0.75),
-    ("smollm2", "thin engine: LoRA step / full fine-tuning", _step(THIN), _step("full"), 0.65),
 ]
 QUICK_ALIASES = {"minilm": "tiny-bert", "smollm2": "tiny-llama"}
 

@@ -136,4 +136,8 @@ def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
 def enable_checkpointing(model: nn.Module) -> None:
     """transformers' gradient checkpointing (non-reentrant: works with a frozen embedding)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

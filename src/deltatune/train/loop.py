@@ -29,6 +29,7 @@ import deltatune as dt
 from deltatune.train.checkpoint import load_checkpoint, save_checkpoint, trainable
 from deltatune.train.config import TrainConfig
 from deltatune.train.data import epoch_batches
+from deltatune.train.ranks import Ranks, step_seed
 from deltatune.train.task import Task
 
 Runner = Callable[[nn.Module, dict[str, torch.Tensor]], Any]
@@ -96,8 +97,12 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
 
 
 def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], config: TrainConfig,
-        run: Runner, out: Path, resume: bool = False, progress: bool = True) -> History:
-    """Train ``model`` on ``items["train"]``, validating on ``items["validation"]`` each epoch."""
+        run: Runner, out: Path, resume: bool = False, progress: bool = True, ranks: Ranks = Ranks()) -> History:
+    """Train ``model`` on ``items["train"]``, validating on ``items["validation"]`` each epoch.
+
+    Under torchrun (``ranks.distributed``) each global batch is split across the ranks and the
+    model runs inside DistributedDataParallel; rank 0 validates and writes checkpoints.
+    """
     train = items["train"]
     params = list(trainable(model).values())
     if not params:
@@ -115,10 +120,23 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
         history = History(**meta["history"])
         print(f"resumed from {ckpt_dir} at step {step} of {total}")
 
+    if ranks.distributed:
+        from deltatune.integrations.distributed import wrap_ddp
+
+        device_ids = [params[0].device.index] if params[0].device.type == "cuda" else None
+        trained: nn.Module = wrap_ddp(model, device_ids=device_ids)
+    else:
+        trained = model
+
     def checkpoint() -> None:
-        save_checkpoint(ckpt_dir, model, optimizer, {"step": step, "history": history.__dict__})
+        if ranks.main:
+            save_checkpoint(ckpt_dir, model, optimizer, {"step": step, "history": history.__dict__})
+        ranks.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
 
     def validate(epoch: float) -> None:
+        if not ranks.main:
+            ranks.barrier()
+            return
         t0 = time.perf_counter()
         model.eval()
         metrics = task.evaluate(model, items["validation"], tokenizer, config.eval_batch_size, run)
@@ -127,8 +145,9 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
         history.validation.append({"epoch": round(epoch, 4), "step": step, **metrics})
         bar.write(f"epoch {epoch:.2f}/{config.epochs} (step {step}): "
                   + ", ".join(f"validation {k} {v:.4f}" for k, v in metrics.items()))
+        ranks.barrier()
 
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not progress,
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not (progress and ranks.main),
                desc=f"{config.method} on {config.task}")
     smooth: float | None = history.loss[-1] if history.loss else None
     rate: float | None = None  # examples per second
@@ -137,10 +156,15 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
         model.train()
         for indices in batches[step - epoch * steps_per_epoch:]:
             t0 = time.perf_counter()
-            batch = task.collate([train[i] for i in indices], tokenizer)
+            mine = ranks.share(indices)
+            batch = task.collate([train[i] for i in mine], tokenizer)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, config.lr)
-            loss = run(model, batch).loss  # mean over the batch's targets
+            if ranks.distributed:  # per-rank dropout, reproducible on resume
+                torch.manual_seed(step_seed(config.seed, step, ranks.rank))
+            # Mean over the batch's targets; on several ranks weighted by this rank's share, so
+            # DDP's average of the gradients is the whole batch's.
+            loss = run(trained, batch).loss * (len(mine) * ranks.world / max(len(indices), ranks.world))
             extra = dt.regularization_loss(model)  # e.g. AdaLoRA's orthogonality penalty
             (loss if extra is None else loss + extra).backward()
             if config.grad_clip is not None:
@@ -151,7 +175,7 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
             optimizer.zero_grad(set_to_none=True)
 
             elapsed = time.perf_counter() - t0
-            history.loss.append(loss.item())
+            history.loss.append(ranks.mean(loss.item()))
             history.seconds += elapsed
             history.examples += len(indices)
             # Moving averages, so the bar shows trends rather than one batch's noise.

@@ -29,6 +29,7 @@ from deltatune.train.config import TrainConfig, to_yaml, validate_config
 from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision
 from deltatune.train.metrics import peak_memory_mb
 from deltatune.train.models import TRAINING_FILE, load_model, prepare, training_meta
+from deltatune.train.ranks import Ranks, finish, start
 from deltatune.train.report import plot_history, write_metrics
 from deltatune.train.tasks import get_task
 
@@ -53,42 +54,62 @@ def _dir_bytes(path: Path) -> int:
 
 def run_training(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train as ``config`` says and write the results under its output directory. Returns the metrics."""
-    with dt.cpu_engine(config.cpu_engine):  # the fused kernels' CPU products, restored afterwards
-        return _run_training(config, resume, progress)
-
-
-def _run_training(config: TrainConfig, resume: bool, progress: bool) -> dict[str, Any]:
-    out = config.resolved_output()
     if resume:
-        _check_resume(out, config)
+        _check_resume(config.resolved_output(), config)
+    ranks = start(config.device)  # under torchrun: join the process group (ranks.py)
+    try:
+        with dt.cpu_engine(config.cpu_engine):  # the fused kernels' CPU products, restored afterwards
+            return _run_training(config, resume, progress, ranks)
+    finally:
+        finish(ranks)
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Ranks = Ranks()) -> dict[str, Any]:
+    """The run itself; on several processes every rank trains, rank 0 alone reports and writes
+    (the others return an empty dict)."""
+    out = config.resolved_output()
+    say = print if ranks.main else _quiet
     if config.threads:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
+    if ranks.distributed and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
     task = get_task(config.task)
     started = time.perf_counter()
 
     splits = task.load_splits(config)
-    print(f"task {config.task}: {splits.sizes()}" + (f", labels {splits.labels}" if splits.labels else ""))
+    say(f"task {config.task}: {splits.sizes()}" + (f", labels {splits.labels}" if splits.labels else ""))
     torch.manual_seed(config.seed)  # the new head and the adapter start from the seed
-    loaded = load_model(config.model, task, splits.labels)
+    with ranks.main_first():  # a first load may write a cache (SmolLM2's conversion)
+        loaded = load_model(config.model, task, splits.labels)
     report = prepare(loaded, config)
     model, tokenizer = loaded.model.to(device), loaded.tokenizer
-    print(report if report is not None else dt.parameter_report(model))
+    say(report if report is not None else dt.parameter_report(model))
     precision = resolve_precision(config.precision, device)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, precision {precision}")
+    processes = f", {ranks.world} processes" if ranks.distributed else ""
+    say(f"device {device}, torch threads {torch.get_num_threads()}, precision {precision}{processes}")
     items = {name: task.encode(tokenizer, getattr(splits, name), config.max_length)
              for name in ("train", "validation", "test")}
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+    if ranks.main and not resume:
         if (out / "checkpoint").exists():  # never let --resume pick up a checkpoint of another run
-            print(f"starting afresh in {out}: removing its old checkpoint (--resume would continue it)")
+            say(f"starting afresh in {out}: removing its old checkpoint (--resume would continue it)")
             shutil.rmtree(out / "checkpoint")
         (out / CONFIG_FILE).write_text(to_yaml(config))
+    ranks.barrier()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = make_runner(device, config.precision)
-    history = fit(model, task, tokenizer, items, config, run, out, resume=resume, progress=progress)
+    history = fit(model, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks)
+    if not ranks.main:
+        ranks.barrier()  # rank 0 scores the test split and writes the results
+        return {}
 
     metrics = task.final_metrics(model, splits, items, tokenizer, config, run)
     params = dt.parameter_report(model)
@@ -120,6 +141,7 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool) -> dict[str
         "device": str(device),
         "precision": precision,
         "torch_threads": torch.get_num_threads(),
+        "processes": ranks.world,
         "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "torch_version": torch.__version__,
@@ -133,4 +155,5 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool) -> dict[str
     print(f"{metrics['trainable_parameters']:,} trainable of {metrics['total_parameters']:,} parameters; "
           f"trained {metrics['train_seconds']:.0f} s ({metrics['steps_per_second']:.2f} steps/s); "
           f"peak memory {peak:.0f} MiB; results in {out}")
+    ranks.barrier()  # the others return once the results are on disk (a failure here: torchrun stops them)
     return metrics

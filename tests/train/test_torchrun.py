@@ -1,0 +1,51 @@
+"""``torchrun --nproc_per_node 2 -m deltatune train``: two gloo ranks on CPU train the adapter a
+single process trains on the same global batches, and only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from deltatune.train import load_config, run_training
+from deltatune.train.ranks import Ranks, step_seed
+from tests.train.tiny import make_csv, make_tiny_bert
+
+
+def test_a_global_batch_is_shared_out_and_never_leaves_a_rank_empty() -> None:
+    assert [Ranks(r, 2).share([0, 1, 2, 3, 4]) for r in range(2)] == [[0, 2, 4], [1, 3]]
+    assert [Ranks(r, 3).share([5]) for r in range(3)] == [[5], [5], [5]]
+    assert Ranks().share([3, 1]) == [3, 1]
+    seeds = {step_seed(0, step, rank) for step in range(50) for rank in range(8)}
+    assert len(seeds) == 400 and step_seed(1, 0, 0) not in seeds
+
+
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    model = make_tiny_bert(tmp_path / "model", dropout=0.0)  # no dropout: the ranks' draws differ
+    data = make_csv(tmp_path / "texts.csv", n=90)
+    settings = [f"model={model}", "task=classification", f"data.path={data}", "epochs=2", "batch_size=8",
+                "lr=1e-2", "checkpoint_every=3", "adapter.dropout=0.0", "threads=1",
+                "precision=fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "deltatune", "train", "--no-progress", "--output", str(tmp_path / "two"),
+               *(arg for s in settings for arg in ("--set", s))]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("trainable of") == 1           # one report, from rank 0
+
+    one = run_training(load_config(None, [*settings, f"output={tmp_path / 'one'}"]), progress=False)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["steps"] == one["steps"]
+    assert two["validation"][-1]["step"] == one["validation"][-1]["step"]
+    a, b = (load_file(next((tmp_path / run / "adapter").glob("*.safetensors"))) for run in ("one", "two"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert (tmp_path / "two" / "checkpoint" / "state.json").is_file()
