@@ -101,14 +101,16 @@ def inference(workload: Workload, base: nn.Module, *, rounds: int, device: str) 
         m.eval().to(device)
 
     def forward(m: nn.Module, engine: str = "aten"):
-        from deltatune.methods.lora_kernels import cpu_engine
+        from deltatune.core.products import cpu_engine
 
         with torch.inference_mode(), cpu_engine(engine):
             return m(**batch).logits
 
     ref = forward(models["deltatune-unmerged"])
     merge_err = float((forward(models["deltatune-merged"]) - ref).abs().max())
-    from deltatune.methods.lora_kernels import _ENGINE as default_engine
+    from deltatune.core.products import current_engine
+
+    default_engine = current_engine()
 
     engines = {n: "thin" if n.endswith("-thin") else default_engine for n in models}
     times = measure.interleaved({n: (lambda m=m, e=engines[n]: forward(m, e)) for n, m in models.items()},

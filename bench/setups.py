@@ -51,7 +51,7 @@ class Setup:
         suffix = self.name.rsplit("-", 1)[-1]
         if suffix not in ("aten", "thin"):
             return contextlib.nullcontext()
-        from deltatune.methods.lora_kernels import cpu_engine
+        from deltatune.core.products import cpu_engine
 
         return cpu_engine(suffix)
 

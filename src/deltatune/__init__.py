@@ -27,6 +27,7 @@ from deltatune.core.inject import (
 from deltatune.core.io import load_adapter, read_adapter_config, save_adapter
 from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.merge import merge, merge_and_unload, unmerge
+from deltatune.core.products import cpu_engine, set_cpu_engine
 from deltatune.core.combine import combine
 from deltatune.core.hotswap import hotswap_adapter
 from deltatune.core.routing import composed, delete_adapter, load_adapters, routing, run_grouped, set_composition
@@ -37,7 +38,6 @@ from deltatune.methods.loha import LohaConfig
 from deltatune.methods.lokr import LokrConfig
 from deltatune.methods.adalora import AdaLoraConfig
 from deltatune.methods.lora import LoraConfig
-from deltatune.methods.lora_kernels import cpu_engine, set_cpu_engine
 from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config

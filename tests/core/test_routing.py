@@ -77,7 +77,14 @@ def batched_calls(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("zoo", ["mlp", "bert", "llama", "gpt2"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_mixed_batch_equals_each_example_with_its_adapter(zoo, grad, batched_calls):
+@pytest.mark.parametrize("engine", ["aten", "onednn"])
+def test_mixed_batch_equals_each_example_with_its_adapter(zoo, grad, engine, batched_calls, monkeypatch):
+    """On either CPU engine (oneDNN forced on for these small shapes): the base product of a
+    mixed batch runs on the same engine as a single adapter's kernel."""
+    from deltatune.core import products
+
+    monkeypatch.setattr(products, "_ONEDNN_MIN_WORK", 0)
+    monkeypatch.setattr(products, "_ENGINE", engine)
     model = _with_adapters(zoo, SPECS)
     inputs = ZOO[zoo].inputs()
     rows = ZOO[zoo].run(model, inputs).shape[0]

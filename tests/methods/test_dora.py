@@ -138,16 +138,16 @@ def test_linear_matches_float64_formula_and_gradients(shape, bias):
 @pytest.mark.parametrize("rows", [3, 40])  # fewer / more rows than inputs: both kernel branches
 def test_float32_on_every_cpu_engine_matches_float64(engine, rows, monkeypatch):
     """The kernel's products go through the LoRA kernel's engine (oneDNN forced on for small shapes)."""
-    from deltatune.methods import lora_kernels
+    from deltatune.core import products
 
-    monkeypatch.setattr(lora_kernels, "_ONEDNN_MIN_WORK", 0)
+    monkeypatch.setattr(products, "_ONEDNN_MIN_WORK", 0)
     model, ad = _dora_layer(torch.nn.Linear(24, 20))
     layer = model.float()[0]
     with torch.no_grad():
         ad.lora.B.normal_()
     x = torch.randn(rows, 24, requires_grad=True)
     params = [x, ad.lora.A, ad.lora.B, ad.magnitude]
-    with lora_kernels.cpu_engine(engine):
+    with products.cpu_engine(engine):
         out = layer(x)
         g = torch.randn_like(out)
         mine = torch.autograd.grad(out, params, g)

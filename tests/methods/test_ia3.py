@@ -169,13 +169,13 @@ def test_fused_linear_matches_the_float64_formula_and_its_gradients(feedforward,
 @pytest.mark.parametrize("engine", ["aten", "thin", "onednn"])
 @pytest.mark.parametrize("feedforward", [False, True])
 def test_float32_on_every_cpu_engine(feedforward, engine, monkeypatch):
-    from deltatune.methods import lora_kernels
+    from deltatune.core import products
 
-    monkeypatch.setattr(lora_kernels, "_ONEDNN_MIN_WORK", 0)       # oneDNN even for small shapes
+    monkeypatch.setattr(products, "_ONEDNN_MIN_WORK", 0)       # oneDNN even for small shapes
     model = _scaled_linear(feedforward, True, torch.float32)
     base, ad = model[0].base, model[0].adapters["default"]
     x = torch.randn(40, 24, requires_grad=True)
-    with lora_kernels.cpu_engine(engine):
+    with products.cpu_engine(engine):
         out = model(x)
         g = torch.randn_like(out)
         mine = torch.autograd.grad(out, [x, ad.scale], g)

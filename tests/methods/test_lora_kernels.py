@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deltatune.core import products
 from deltatune.methods import lora_kernels
 from deltatune.methods.lora_kernels import dropout_mask, lora_linear, merge_pays
 
@@ -179,15 +180,15 @@ def test_dropout_saves_a_boolean_mask_not_a_copy():
 @pytest.mark.parametrize("engine", ["aten", "thin", "onednn"])
 def test_cpu_engines_agree_with_the_formula(path, engine, monkeypatch):
     """Both CPU engines give the plain formula's numbers (oneDNN forced on for small shapes)."""
-    monkeypatch.setattr(lora_kernels, "_ONEDNN_MIN_WORK", 0)
-    with lora_kernels.cpu_engine(engine):
+    monkeypatch.setattr(products, "_ONEDNN_MIN_WORK", 0)
+    with products.cpu_engine(engine):
         check_against_plain(torch.float32, 2e-5, True, (2, 5))
-    assert lora_kernels._ENGINE == "onednn"  # the default comes back
+    assert products.current_engine() == "onednn"  # the default comes back
 
 
 def test_unknown_engine_is_rejected():
     with pytest.raises(ValueError, match="'aten', 'thin' or 'onednn'"):
-        lora_kernels.set_cpu_engine("mkl")
+        products.set_cpu_engine("mkl")
 
 
 def test_adapted_layer_uses_the_kernel_only_where_it_equals_calling_the_base(monkeypatch):
@@ -219,11 +220,11 @@ def test_engines_at_a_size_that_takes_the_onednn_path(engine):
     """With B = 0 and a batch big enough for oneDNN: ``"thin"`` (rank-r products only) still gives
     exactly ``nn.Linear``'s output; the default ``"onednn"`` gives it to float32 rounding. Both
     give the formula's gradients."""
-    assert lora_kernels._ENGINE == "onednn"
+    assert products.current_engine() == "onednn"
     x = torch.randn(4096, 320, requires_grad=True)          # products above _ONEDNN_MIN_WORK
     weight, A = torch.randn(64, 320), torch.randn(R, 320, requires_grad=True)
     B = torch.zeros(64, R, requires_grad=True)
-    with lora_kernels.cpu_engine(engine):
+    with products.cpu_engine(engine):
         out = lora_linear(x, weight, None, A, B, S)
         tolerance = {"rtol": 0, "atol": 0} if engine == "thin" else {"rtol": 1e-5, "atol": 1e-4}
         torch.testing.assert_close(out, F.linear(x, weight), **tolerance)

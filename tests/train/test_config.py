@@ -121,11 +121,11 @@ def test_every_method_takes_its_settings_under_adapter() -> None:
 
 def test_cpu_engine_applies_for_the_run_only(monkeypatch) -> None:
     """``cpu_engine`` picks the fused kernels' CPU products while training, then the old one is back."""
-    from deltatune.methods import lora_kernels
+    from deltatune.core import products
     from deltatune.train import run
 
     seen = []
-    monkeypatch.setattr(run, "_run_training", lambda *a: seen.append(lora_kernels._ENGINE) or {})
-    before = lora_kernels._ENGINE
+    monkeypatch.setattr(run, "_run_training", lambda *a: seen.append(products.current_engine()) or {})
+    before = products.current_engine()
     run.run_training(load_config(None, ["cpu_engine=thin"]))
-    assert seen == ["thin"] and lora_kernels._ENGINE == before
+    assert seen == ["thin"] and products.current_engine() == before

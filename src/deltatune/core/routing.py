@@ -42,7 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core.inject import _known, adapted_layers, configs, detach, using
+from deltatune.core import products
 from deltatune.core.layer import AdaptedLayer
+from deltatune.core.products import plain_linear
 
 Key = tuple[str, ...]  # the adapters one example runs through on one layer, innermost first
 Choice = str | None | Sequence[str]
@@ -189,7 +191,7 @@ class _Route:
         repeat = self._repeat(x.shape[0])
         if self.stack is not None and not layer.training and not (self.stack.trainable and torch.is_grad_enabled()):
             slots = self.slots if repeat == 1 else self.slots.repeat_interleave(repeat)
-            return _batched(layer.base(x, *args, **kwargs), x, self.stack, slots)
+            return _batched(_base_output(layer.base, x, args, kwargs), x, self.stack, slots)
         return self._grouped(layer, x, repeat, args, kwargs)
 
     def _grouped(self, layer: AdaptedLayer, x: Tensor, repeat: int, args: tuple, kwargs: dict) -> Tensor:
@@ -209,6 +211,14 @@ class _Route:
             out.index_copy_(0, idx, y)
         assert out is not None
         return out
+
+
+def _base_output(base: Any, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    """The frozen layer's output; a plain Linear's on the adapter kernels' CPU engine (products.py)
+    when no gradient is needed, so a mixed batch runs its base product as fast as one adapter does."""
+    if not args and not kwargs and plain_linear(base) and not (torch.is_grad_enabled() and x.requires_grad):
+        return products.linear(x, base.weight, base.bias)
+    return base(x, *args, **kwargs)
 
 
 def _batched(out: Tensor, x: Tensor, stack: _Stack, slots: Tensor) -> Tensor:

@@ -14,8 +14,8 @@ in backward (``g ⊙ c``, ``g ⊙ u`` and a reduction) besides the output. Here
 - the input gradient ``(g ⊙ c) W`` is computed as ``g (c ⊙ W)`` when there are more rows N than
   input features (scaling the weight is then cheaper than scaling the gradient), likewise for B;
 - nothing saved is modified, so a graph can be backpropagated twice (``retain_graph``);
-- every product goes through the LoRA kernel's CPU engine (``lora_kernels.set_cpu_engine``), so
-  DoRA gets the same oneDNN speed-up and the same switch back to aten.
+- every product goes through the chosen CPU engine (``deltatune.core.products``), so DoRA gets
+  the same oneDNN speed-up and the same switch back to aten.
 
 The frozen weight gets no gradient; callers fall back to the plain formula when it requires one.
 """
@@ -25,7 +25,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deltatune.methods.lora_kernels import _linear, _merged_weight, _mm, _project_t, _thin_mm, merge_pays
+from deltatune.core.products import linear as _linear
+from deltatune.core.products import mm as _mm
+from deltatune.core.products import project_t as _project_t
+from deltatune.core.products import thin_mm as _thin_mm
+from deltatune.methods.lora_kernels import _merged_weight, merge_pays
 
 _BLOCK = 256  # rows per block when reducing Σ_n g ⊙ u
 

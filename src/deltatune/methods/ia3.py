@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from deltatune.config import AdapterConfig, Target
+from deltatune.core.products import plain_linear
 from deltatune.core.layer import Adapter
 from deltatune.core.targeting import any_matches
 from deltatune.methods.ia3_kernels import ia3_linear
-from deltatune.methods.lora_kernels import runs_like_its_weight
 
 # Output projection of the feed-forward block: BERT/RoBERTa, Llama/Mistral/Qwen, GPT-2.
 FEEDFORWARD_DOWN = (r"re:.*\.layer\.\d+\.output\.dense", "down_proj", "mlp.c_proj")
@@ -70,7 +70,7 @@ class IA3(Adapter):
 
     def _fusable(self, x: Tensor, base: Any) -> bool:
         """A plain frozen ``nn.Linear`` in x's dtype, outside autocast (methods/ia3_kernels.py)."""
-        return (self.layout == "linear" and runs_like_its_weight(base) and type(base).forward is nn.Linear.forward
+        return (self.layout == "linear" and plain_linear(base)
                 and base.weight.dtype == x.dtype and (base.bias is None or base.bias.dtype == x.dtype)
                 and not torch.is_autocast_enabled(x.device.type))
 

@@ -11,7 +11,7 @@ Here the vector is folded into the weight wherever that is the smaller tensor:
   backward is one product with ``diag(l) W`` (or ``(g ⊙ l) W`` for short batches);
 - without gradients (inference) the same arithmetic runs without saving anything, so outputs
   are bit-identical whether or not the adapter trains;
-- the products run on the LoRA kernel's CPU engine (``lora_kernels.set_cpu_engine``).
+- the products run on the chosen CPU engine (``deltatune.core.products.set_cpu_engine``).
 
 It saves what autograd would (x, or h), so memory is unchanged; only float32/bfloat16 linears
 without autocast take this path (the adapter checks), everything else uses the formula.
@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from deltatune.methods.dora_kernels import _column_dot
-from deltatune.methods.lora_kernels import _linear, _mm
+from deltatune.core.products import linear as _linear
+from deltatune.core.products import mm as _mm
 
 
 class _IA3Linear(torch.autograd.Function):

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
 from deltatune.core.targeting import name_matches
-from deltatune.methods.lora_kernels import dropout_mask, lora_linear, runs_like_its_weight
+from deltatune.core.products import runs_like_its_weight
+from deltatune.methods.lora_kernels import dropout_mask, lora_linear
 
 Init = Literal["default", "gaussian", "pissa", "olora"]
 

@@ -15,7 +15,7 @@ over x, two over g). Here:
   fastest (``(x Aᵀ)ᵀ g`` and ``(g B)ᵀ x`` for the gradients, (r, N) projections); ``x Aᵀ`` is
   taken in forward while x is still in cache, and the products reading g come first in backward
   for the same reason;
-- on CPU in float32 every large product runs on oneDNN by default (``set_cpu_engine``): it
+- on CPU in float32 every large product runs on oneDNN by default (``core/products.py``): it
   streams these shapes up to twice as fast as the BLAS torch links (MKL takes slow code paths on
   AMD CPUs), so an adapted layer costs less than the frozen ``nn.Linear`` it wraps;
 - the scaling s is folded into ``W'``, the update's ``alpha`` or the small (r, d) gradients, never
@@ -34,25 +34,13 @@ plain formula when it requires one.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-
-def runs_like_its_weight(base: Any) -> bool:
-    """Whether a kernel may compute ``base`` from its weight instead of calling it: a module with a
-    frozen floating-point weight and no hooks (stacked adapters, accelerate's offloading and other
-    hooked layers are called, so their hooks run). Callers also check the module's type."""
-    if not isinstance(base, torch.nn.Module):
-        return False
-    if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
-        return False
-    weight = getattr(base, "weight", None)
-    return isinstance(weight, Tensor) and weight.is_floating_point() and not weight.requires_grad
+from deltatune.core.products import linear as _linear
+from deltatune.core.products import mm as _mm
+from deltatune.core.products import project_t as _project_t
+from deltatune.core.products import thin_mm as _thin_mm
 
 
 def dropout_mask(x: Tensor, p: float) -> Tensor:
@@ -70,87 +58,6 @@ def merge_pays(rows: int, d_in: int, d_out: int) -> bool:
     projections but not the 576↔1536 MLP ones; generation (N = 1) never does.
     """
     return rows * (d_in + d_out) > 3 * d_in * d_out
-
-
-_ENGINE = "onednn"            # matrix-product engine on CPU for float32: "aten", "thin" or "onednn"
-_ONEDNN_WORKS: bool | None = None
-_ONEDNN_MIN_WORK = 1 << 23  # multiply-adds; below, oneDNN's per-call setup (~0.2 ms) outweighs its speed
-
-
-def set_cpu_engine(name: str) -> str:
-    """Choose how the fused kernels multiply float32 matrices on CPU; returns the previous choice.
-
-    ``"onednn"`` (default) runs every product of an adapted layer on oneDNN's linear (a private
-    torch op, probed before first use, with aten as fallback). On the AMD EPYC these figures come
-    from, where MKL takes slower code paths, that makes the layer's float32 products 1.4-2x faster
-    (MiniLM LoRA training step 0.80x -> 0.54x of full fine-tuning; see bench/README.md). The
-    price: an adapted layer's output differs from the wrapped ``nn.Linear``'s by float32
-    rounding (about 1e-7 relative), also while the adapter is still the identity.
-    ``"thin"`` moves only the adapter's rank-r products to oneDNN and leaves the base layer's own
-    product on aten, so the base output stays bit-identical to ``nn.Linear``'s.
-    ``"aten"`` uses torch's own products (MKL on x86) throughout.
-    Compiled graphs, other devices and dtypes always use aten; so do products of fewer than
-    ``_ONEDNN_MIN_WORK`` multiply-adds, where oneDNN's per-call setup outweighs its speed.
-    """
-    global _ENGINE
-    if name not in ("aten", "thin", "onednn"):
-        raise ValueError(f"cpu engine must be 'aten', 'thin' or 'onednn', got {name!r}")
-    previous, _ENGINE = _ENGINE, name
-    return previous
-
-
-@contextlib.contextmanager
-def cpu_engine(name: str) -> Iterator[None]:
-    """``with cpu_engine("onednn"): ...`` runs the block with that engine, then restores the old one."""
-    previous = set_cpu_engine(name)
-    try:
-        yield
-    finally:
-        set_cpu_engine(previous)
-
-
-def _use_onednn(a: Tensor, b: Tensor, out_features: int, thin: bool = False) -> bool:
-    """Whether ``a`` (…, k) times a (k, out_features) matrix ``b`` (either layout) runs on oneDNN."""
-    global _ONEDNN_WORKS
-    if _ENGINE == "aten" or (_ENGINE == "thin" and not thin):
-        return False
-    if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
-        return False
-    if a.numel() * out_features < _ONEDNN_MIN_WORK or torch.compiler.is_compiling():
-        return False
-    if _ONEDNN_WORKS is None:
-        try:
-            probe = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3), torch.ones(4, 3), None, "none", [], "")
-            _ONEDNN_WORKS = bool(torch.backends.mkldnn.is_available() and torch.equal(probe, torch.full((2, 4), 3.0)))
-        except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-            _ONEDNN_WORKS = False
-    return _ONEDNN_WORKS
-
-
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` for the base layer's product, on the chosen engine."""
-    if _use_onednn(x, weight, weight.shape[0]):
-        return _onednn_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def _mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` (2-D) for the base layer's product, on the chosen engine."""
-    return _onednn_linear(a, b.t()) if _use_onednn(a, b, b.shape[1]) else a @ b
-
-
-def _thin_mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for a rank-r product: a is (r, N), b is (N, d)."""
-    return _onednn_linear(a, b.t()) if _use_onednn(a, b, b.shape[1], thin=True) else a @ b
-
-
-def _project_t(x: Tensor, A: Tensor) -> Tensor:
-    """``(x Aᵀ)ᵀ``, (r, N), for x (N, d) and A (r, d): MKL is fastest asked for ``A xᵀ``."""
-    return _onednn_linear(x, A).t() if _use_onednn(x, A, A.shape[0], thin=True) else A @ x.t()
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
