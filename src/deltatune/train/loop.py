@@ -118,7 +118,8 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
         meta = load_checkpoint(ckpt_dir, model, optimizer)
         step = meta["step"]
         history = History(**meta["history"])
-        print(f"resumed from {ckpt_dir} at step {step} of {total}")
+        if ranks.main:
+            print(f"resumed from {ckpt_dir} at step {step} of {total}")
 
     if ranks.distributed:
         from deltatune.integrations.distributed import wrap_ddp
