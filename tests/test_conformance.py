@@ -196,3 +196,11 @@ def test_every_method_runs_somewhere():
             except dt.NoMatchError:
                 pass
         assert applicable >= 2, f"{method} applies to only {applicable} zoo models with its defaults"
+
+
+@pytest.mark.parametrize("name", sorted(dt.METHODS))
+def test_every_method_declares_its_family_and_learning_rate_advice(name):
+    """The method's config describes itself; ``deltatune compare`` keeps no table of methods."""
+    config = dt.METHODS[name]
+    assert config.family in ("addition", "specification", "reparameterization"), name
+    assert config.suggested_lr is None or 0 < config.suggested_lr < 1, name

@@ -65,6 +65,12 @@ class AdapterConfig:
     #: Whether a freshly attached adapter leaves the model's outputs unchanged (the conformance
     #: suite checks it). False for methods such as prompt or prefix tuning.
     identity_at_init: ClassVar[bool] = True
+    #: Where the method sits in the Delta Tuning taxonomy (Ding et al., 2023): "addition",
+    #: "specification" or "reparameterization" (``deltatune compare`` groups its table by it).
+    family: ClassVar[str] = "other"
+    #: A learning rate to start from when the method needs a different one from LoRA's usual
+    #: 1e-3 (``deltatune compare`` uses it unless told otherwise); None: no advice.
+    suggested_lr: ClassVar[float | None] = None
 
     def validate(self) -> None:
         """Check the method's own fields; raise ``ValueError`` naming the fix."""

@@ -200,6 +200,8 @@ class AdaLoraConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "adalora"
+    family: ClassVar[str] = "reparameterization"
+    suggested_lr: ClassVar[float | None] = 5e-3  # measured on the tweet-sentiment task (4,000 examples, one epoch): at 1e-3 it stayed near the majority class
 
     init_rank: int = 12
     target_rank: int = 8

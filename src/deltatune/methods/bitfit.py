@@ -79,6 +79,8 @@ class BitFitConfig(AdapterConfig):
     """BitFit. ``target=None`` means every layer with a bias except the output head."""
 
     method: ClassVar[str] = "bitfit"
+    family: ClassVar[str] = "specification"
+    suggested_lr: ClassVar[float | None] = 1e-2  # measured on the tweet-sentiment task (4,000 examples, one epoch): at 1e-3 it stayed near the majority class
     default_target: ClassVar[Target] = staticmethod(has_trainable_bias)  # type: ignore[assignment]
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:

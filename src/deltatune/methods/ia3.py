@@ -109,6 +109,8 @@ class IA3Config(AdapterConfig):
     """
 
     method: ClassVar[str] = "ia3"
+    family: ClassVar[str] = "addition"
+    suggested_lr: ClassVar[float | None] = 3e-3  # T-Few (Liu et al. 2022): scaling vectors start at 1 and move slowly
     default_target: ClassVar[Target] = KEYS_VALUES + FEEDFORWARD_DOWN
 
     feedforward: tuple[str, ...] = FEEDFORWARD_DOWN

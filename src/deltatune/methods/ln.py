@@ -39,6 +39,8 @@ class LNTuningConfig(AdapterConfig):
     ``target`` (e.g. ``["input_layernorm", "post_attention_layernorm"]``) to choose some."""
 
     method: ClassVar[str] = "ln"
+    family: ClassVar[str] = "specification"
+    suggested_lr: ClassVar[float | None] = 1e-2  # measured on the tweet-sentiment task (4,000 examples, one epoch): at 1e-3 it stayed near the majority class
     default_target: ClassVar[Target] = staticmethod(is_norm)  # type: ignore[assignment]
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:

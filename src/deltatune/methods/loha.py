@@ -81,6 +81,8 @@ class LohaConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "loha"
+    family: ClassVar[str] = "reparameterization"
+    suggested_lr: ClassVar[float | None] = 5e-3  # Hadamard products of small factors
 
     rank: int = 8
     alpha: float = 8.0

@@ -130,6 +130,8 @@ class LokrConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "lokr"
+    family: ClassVar[str] = "reparameterization"
+    suggested_lr: ClassVar[float | None] = 1e-2  # Kronecker products of small factors
 
     rank: int = 8
     alpha: float = 8.0

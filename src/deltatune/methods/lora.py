@@ -182,6 +182,7 @@ class LoraConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "lora"
+    family: ClassVar[str] = "reparameterization"
 
     rank: int = 8
     alpha: float = 16.0

@@ -219,6 +219,7 @@ class OftConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "oft"
+    family: ClassVar[str] = "reparameterization"
 
     block_size: int = 32
     num_blocks: int = 0

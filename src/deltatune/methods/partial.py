@@ -122,6 +122,7 @@ class PartialConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "partial"
+    family: ClassVar[str] = "specification"
     default_target: ClassVar[Any] = None
 
     last_n: int | None = None

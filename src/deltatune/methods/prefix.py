@@ -111,6 +111,8 @@ class PrefixConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "prefix"
+    family: ClassVar[str] = "addition"
+    suggested_lr: ClassVar[float | None] = 1e-2  # like prompt tuning, learned key/value prefixes need large steps
     default_target: ClassVar[Any] = INPUT_EMBEDDINGS
     identity_at_init: ClassVar[bool] = False
 

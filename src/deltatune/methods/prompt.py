@@ -112,6 +112,8 @@ class PromptConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "prompt"
+    family: ClassVar[str] = "addition"
+    suggested_lr: ClassVar[float | None] = 1e-2  # soft prompts need large steps (Lester et al. use 0.3 with Adafactor)
     default_target: ClassVar[Any] = INPUT_EMBEDDINGS
     identity_at_init: ClassVar[bool] = False
 

@@ -81,6 +81,8 @@ class PtuningConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "ptuning"
+    family: ClassVar[str] = "addition"
+    suggested_lr: ClassVar[float | None] = 1e-2  # like prompt tuning, learned prompt encoders need large steps
     default_target: ClassVar[Any] = INPUT_EMBEDDINGS
     identity_at_init: ClassVar[bool] = False
     reparameterized: ClassVar[bool] = True

@@ -129,6 +129,7 @@ class TokensConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "tokens"
+    family: ClassVar[str] = "specification"
     default_target: ClassVar[Target] = ("word_embeddings", "embed_tokens", "wte", "embed_in")
 
     token_ids: tuple[int, ...] = ()

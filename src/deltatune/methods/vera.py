@@ -123,6 +123,8 @@ class VeraConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "vera"
+    family: ClassVar[str] = "reparameterization"
+    suggested_lr: ClassVar[float | None] = 5e-3  # only scaling vectors train; the VeRA paper uses ~1e-2 on GLUE
 
     rank: int = 256
     projection_seed: int = 0

@@ -8,8 +8,8 @@ each method costs: trainable parameters, bytes to ship, training time and peak m
 
 Only what a method needs to train well differs between rows: its own ``adapter:`` settings (its
 config's defaults plus the task's ``method_defaults``; the new classifier head is trained by
-every method, ``prepare`` adds it to ``modules_to_save``) and the learning rate in
-:data:`METHOD_DEFAULTS`. ``--set`` overrides apply to every run (``adapter.*`` ones to every
+every method, ``prepare`` adds it to ``modules_to_save``) and the learning rate its
+config suggests (``suggested_lr``; :data:`FULL_DEFAULTS` for full fine-tuning). ``--set`` overrides apply to every run (``adapter.*`` ones to every
 adapter method); ``--set-method lora.adapter.rank=16`` to one method. A per-method override of a
 key in :data:`SHARED_KEYS` is refused up front, so the budget stays the same for all.
 
@@ -46,32 +46,10 @@ from deltatune.train.config import TrainConfig, apply_override, validate_config
 
 FULL = "full"
 FAMILY_ORDER = ("full", "addition", "specification", "reparameterization", "hybrid", "other")
-#: Delta Tuning's taxonomy (see DESIGN.md). A method config may declare ``family`` itself; this
-#: table covers the methods that do not, and an unlisted method sorts last as ``other``.
-FAMILIES: dict[str, str] = {
-    FULL: "full",
-    **dict.fromkeys(("bottleneck", "prompt", "prefix", "ptuning", "ia3"), "addition"),
-    **dict.fromkeys(("bitfit", "ln", "partial", "tokens"), "specification"),
-    **dict.fromkeys(("lora", "dora", "loha", "lokr", "vera", "oft", "adalora"), "reparameterization"),
-}
-#: Training settings a method needs that differ from the task's (``lr: 1e-3``, tuned for LoRA).
-#: Starting points from each method's paper, not tuned here; ``--set``/``--set-method`` win.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    FULL: {"lr": 5e-5, "weight_decay": 0.01},  # as recipes/sentiment-full.yaml: every weight moves, so small steps
-    "ia3": {"lr": 3e-3},                       # T-Few (Liu et al. 2022): scaling vectors start at 1, move slowly
-    "vera": {"lr": 5e-3},                      # VeRA trains only scaling vectors; its GLUE runs use ~1e-2
-    "prompt": {"lr": 1e-2},                    # soft prompts need large steps (Lester et al. use 0.3 with Adafactor)
-    "prefix": {"lr": 1e-2},
-    "ptuning": {"lr": 1e-2},
-    # Measured on the sentiment task (4,000 examples, one epoch): at the LoRA rate of 1e-3 these
-    # stayed near the majority class (0.60-0.63); at these rates they reach 0.72-0.76.
-    "bitfit": {"lr": 1e-2},                    # biases only: few, small parameters
-    "ln": {"lr": 1e-2},
-    "bottleneck": {"lr": 5e-3},
-    "loha": {"lr": 5e-3},                      # Hadamard/Kronecker products of small factors
-    "lokr": {"lr": 1e-2},
-    "adalora": {"lr": 5e-3},
-}
+#: Full fine-tuning's settings (as recipes/sentiment-full.yaml: every weight moves, so small steps).
+#: Methods bring their own starting learning rate (``AdapterConfig.suggested_lr``), from their
+#: papers or measured here; ``--set``/``--set-method`` win.
+FULL_DEFAULTS: dict[str, Any] = {"lr": 5e-5, "weight_decay": 0.01}
 #: Keys every method shares, so that the rows compare: the per-method override may not touch them.
 SHARED_KEYS = ("model", "task", "data", "seed", "epochs", "batch_size", "eval_batch_size", "eval_every",
                "max_length", "precision", "device", "threads")
@@ -84,8 +62,19 @@ def available_methods() -> list[str]:
 
 
 def family_of(method: str) -> str:
-    declared = getattr(METHODS.get(method), "family", None)
-    return declared if declared in FAMILY_ORDER else FAMILIES.get(method, "other")
+    """The method's place in the taxonomy, as its config declares it (``full`` for full fine-tuning)."""
+    if method == FULL:
+        return "full"
+    declared = getattr(METHODS.get(method), "family", "other")
+    return declared if declared in FAMILY_ORDER else "other"
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """Training settings the method starts from that differ from the task's (its learning rate)."""
+    if method == FULL:
+        return dict(FULL_DEFAULTS)
+    lr = getattr(METHODS.get(method), "suggested_lr", None)
+    return {} if lr is None else {"lr": lr}
 
 
 def parse_methods(spec: str | Sequence[str]) -> tuple[list[str], bool]:
@@ -150,7 +139,7 @@ def plan_comparison(methods: str | Sequence[str], output: str | Path, overrides:
     per_method = _per_method(method_overrides, names)
     planned = []
     for method in names:
-        data: dict[str, Any] = {"method": method, **METHOD_DEFAULTS.get(method, {})}
+        data: dict[str, Any] = {"method": method, **method_defaults(method)}
         for assignment in overrides:
             if method == FULL and assignment.strip().startswith("adapter."):
                 continue  # full fine-tuning has no adapter settings

@@ -104,7 +104,7 @@ def markdown_report(result: dict[str, Any]) -> str:
               "Adapter size is the saved adapter (for full fine-tuning, the whole model). Train time is the "
               "training steps plus validation, wall clock (× relative to full fine-tuning; timings are noisy on a "
               f"shared machine{load}). Peak memory: {memory}, {where}. Learning rates are per-method defaults "
-              "(`deltatune.train.compare.METHOD_DEFAULTS`) unless overridden; every run's full config is in "
+              "(each method config's `suggested_lr`) unless overridden; every run's full config is in "
               "compare.json.", "", f"Reproduce: `{reproduce(result)}`", ""]
     return "\n".join(lines)
 
