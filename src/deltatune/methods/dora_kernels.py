@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from deltatune.core import saved
 from deltatune.core.products import linear as _linear
 from deltatune.core.products import mm as _mm
 from deltatune.core.products import project_t as _project_t
@@ -56,7 +57,8 @@ class _DoraLinear(torch.autograd.Function):
             u = _linear(x, weight, bias)                     # (..., d_out)
             u.view(-1, u.shape[-1]).addmm_(xa, B.t())        # += s·(x Aᵀ) Bᵀ
         out = u * scale if bias is None else torch.addcmul(bias * (1 - scale), u, scale)
-        ctx.save_for_backward(xd, xa, weight, bias, A, B, scale, u)
+        kept, ctx.rebuild = saved.pack(xd)  # xd, or the inputs its producer keeps (core/saved.py)
+        ctx.save_for_backward(xa, weight, bias, A, B, scale, u, *kept)
         ctx.scaling = scaling
         ctx.same_input = xd is x
         ctx.merged = merged
@@ -64,7 +66,8 @@ class _DoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        xd, xa, weight, bias, A, B, scale, u = ctx.saved_tensors
+        xa, weight, bias, A, B, scale, u, *kept = ctx.saved_tensors
+        xd = saved.unpack(tuple(kept), ctx.rebuild)
         s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])                 # (N, d_out)
         x2 = xd.reshape(-1, xd.shape[-1])                    # (N, d_in)

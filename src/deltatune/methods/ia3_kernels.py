@@ -13,7 +13,8 @@ Here the vector is folded into the weight wherever that is the smaller tensor:
   are bit-identical whether or not the adapter trains;
 - the products run on the chosen CPU engine (``deltatune.core.products.set_cpu_engine``).
 
-It saves what autograd would (x, or h), so memory is unchanged; only float32/bfloat16 linears
+It saves what autograd would (x, or h), except that an x its producer can rebuild (a GELU
+output) is not kept twice (``core/saved.py``); only float32/bfloat16 linears
 without autocast take this path (the adapter checks), everything else uses the formula.
 """
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from deltatune.methods.dora_kernels import _column_dot
+from deltatune.core import saved
 from deltatune.core.products import linear as _linear
 from deltatune.core.products import mm as _mm
 
@@ -34,17 +36,20 @@ class _IA3Linear(torch.autograd.Function):
         # x: (..., d_in); weight: (d_out, d_in), frozen; scale: (d_in,) input side, else (d_out,)
         if input_side:
             out = _linear(x, weight * scale, bias)           # (l ⊙ x) Wᵀ + b = x (W diag l)ᵀ + b
-            ctx.save_for_backward(x, weight, scale)
+            kept, ctx.rebuild = saved.pack(x)                # x, or what its producer keeps (core/saved.py)
+            ctx.save_for_backward(weight, scale, *kept)
         else:
             h = _linear(x, weight, bias)                     # (..., d_out)
             out = h * scale
-            ctx.save_for_backward(h, weight, scale)
+            ctx.save_for_backward(weight, scale, h)
+            ctx.rebuild = None
         ctx.input_side = input_side
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        kept, weight, scale = ctx.saved_tensors
+        weight, scale, *tensors = ctx.saved_tensors
+        kept = saved.unpack(tuple(tensors), ctx.rebuild)     # x (input side) or h (output side)
         need_x, _, need_bias, need_scale, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])                 # (N, d_out)
         grad_x = grad_bias = grad_scale = None

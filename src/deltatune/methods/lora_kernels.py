@@ -20,9 +20,10 @@ over x, two over g). Here:
   AMD CPUs), so an adapted layer costs less than the frozen ``nn.Linear`` it wraps;
 - the scaling s is folded into ``W'``, the update's ``alpha`` or the small (r, d) gradients, never
   applied to an (N, d) tensor;
-- backward keeps x itself (usually kept anyway: it is the previous layer's output), the frozen
-  weight, the factors and the (r, N) projection; with dropout, a boolean mask (1 byte per element)
-  instead of a dropped copy of x (4 bytes), recomputed into x_d in backward;
+- backward keeps x (or, when x is the fresh output of an op that keeps its own inputs, such as
+  a feed-forward block's GELU, those inputs, and re-runs the op: ``core/saved.py``), the frozen
+  weight, the factors and the (r, N) projection; with dropout, a boolean mask (1 byte per
+  element) instead of a dropped copy of x (4 bytes), recomputed into x_d in backward;
 - autocast: the products run in the autocast dtype, the rank-r gradient products read x in its
   own (usually float32) dtype, and every gradient is returned in its input's dtype.
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from deltatune.core import saved
 from deltatune.core.products import linear as _linear
 from deltatune.core.products import mm as _mm
 from deltatune.core.products import project_t as _project_t
@@ -99,13 +101,15 @@ class _LoraLinear(torch.autograd.Function):
         # x: (..., d_in); weight: (d_out, d_in), frozen; A: (r, d_in); B: (d_out, r); mask like x
         with torch.autocast(x.device.type, enabled=False):
             out, xa = _forward(x, weight, bias, A, B, scaling, mask, keep, dtype, merged, B.requires_grad)
-        ctx.save_for_backward(x, weight, A, B, xa, mask)
+        kept, ctx.rebuild = saved.pack(x)  # x, or the inputs its producer keeps anyway (core/saved.py)
+        ctx.save_for_backward(weight, A, B, xa, mask, *kept)
         ctx.scaling, ctx.keep, ctx.dtype, ctx.merged = scaling, keep, dtype, merged
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, weight, A, B, xa, mask = ctx.saved_tensors
+        weight, A, B, xa, mask, *kept = ctx.saved_tensors
+        x = saved.unpack(tuple(kept), ctx.rebuild)
         need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         with torch.autocast(grad.device.type, enabled=False):
             grad_x, grad_A, grad_B = _backward(grad, x, weight, A, B, xa, mask, ctx.scaling, ctx.keep, ctx.dtype,
