@@ -15,7 +15,7 @@ inside the model's largest ``nn.ModuleList`` (its stack of blocks), not from sub
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from torch import nn
