@@ -18,7 +18,7 @@ visible in ``print(model)``; ``detach`` puts the original module object back.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -88,10 +88,17 @@ class FullCopy(Adapter):
 
     def _swap(self, base: nn.Module) -> None:
         mine = dict(self.module.named_parameters())
-        for name, p in base.named_parameters():
-            tmp = p.detach().clone()
-            p.copy_(mine[name])
-            mine[name].copy_(tmp)
+        swap_values((p, mine[name]) for name, p in base.named_parameters())
+
+
+@torch.no_grad()
+def swap_values(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
+    """Exchange the values of each pair in place: how adapters that hold replacement values for
+    base parameters merge (their values go into the base) and unmerge (the originals come back)."""
+    for a, b in pairs:
+        kept = a.detach().clone()
+        a.copy_(b)
+        b.copy_(kept)
 
 
 class Composite(Adapter):

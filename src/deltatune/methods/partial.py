@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from deltatune.config import AdapterConfig
-from deltatune.core.layer import Adapter, logical_modules
+from deltatune.core.layer import Adapter, logical_modules, swap_values
 from deltatune.core.targeting import NoMatchError, any_matches, block_index, select
 
 
@@ -82,10 +82,7 @@ class TunedCopy(Adapter):
         self._swap(base)
 
     def _swap(self, base: nn.Module) -> None:
-        for n, p in base.named_parameters(recurse=False):
-            saved = p.detach().clone()
-            p.copy_(self.tuned[n])
-            self.tuned[n].copy_(saved)
+        swap_values((p, self.tuned[n]) for n, p in base.named_parameters(recurse=False))
 
 
 def owns_parameters(module: nn.Module) -> bool:
