@@ -100,3 +100,18 @@ ZOO: dict[str, ZooModel] = {
     "llama": ZooModel("llama", _llama, _ids, transformers=True),
     "gpt2": ZooModel("gpt2", _gpt2, _ids, transformers=True),
 }
+
+
+def one_layer(base: nn.Module, config: Any) -> tuple[nn.Sequential, nn.Module]:
+    """``base`` in float64 as ``model[0]`` with ``config``'s adapter (target ``"0"``, a config
+    built with that target) and every adapter parameter drawn from N(0, 1), so the update is far
+    from the identity: for checks against a method's float64 formula."""
+    import deltatune as dt
+
+    model = nn.Sequential(base.double())
+    dt.attach(model, config)
+    adapter = model[0].adapters["default"]
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_()
+    return model, adapter

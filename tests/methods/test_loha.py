@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import deltatune as dt
 from deltatune.core.inject import adapted_layers
-from tests.models import ZOO
+from tests.models import ZOO, one_layer
 
 CASES = {
     "linear": ("mlp", ["fc1", "fc2"], False),
@@ -80,13 +80,7 @@ def test_matches_peft_outputs_gradients_and_merge(kind):
 
 
 def _loha_layer(base: torch.nn.Module, **kw):
-    model = torch.nn.Sequential(base.double())
-    dt.attach(model, dt.LohaConfig(target=["0"], **kw))
-    ad = model[0].adapters["default"]
-    with torch.no_grad():
-        for p in ad.parameters():
-            p.normal_()
-    return model, ad
+    return one_layer(base, dt.LohaConfig(target=["0"], **kw))
 
 
 def test_linear_and_gpt2_conv1d_match_float64_formula():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import deltatune as dt
 from deltatune.core.inject import adapted_layers
 from deltatune.methods.lokr import factorize
-from tests.models import ZOO
+from tests.models import ZOO, one_layer
 
 # (zoo model, targets, LokrConfig keywords); the comments say which factors end up full or low-rank.
 CASES = {
@@ -83,13 +83,7 @@ def test_factorize_matches_peft():
 
 
 def _lokr_layer(base: torch.nn.Module, **kw):
-    model = torch.nn.Sequential(base.double())
-    dt.attach(model, dt.LokrConfig(target=["0"], **kw))
-    ad = model[0].adapters["default"]
-    with torch.no_grad():
-        for p in ad.parameters():
-            p.normal_()
-    return model, ad
+    return one_layer(base, dt.LokrConfig(target=["0"], **kw))
 
 
 def test_linear_matches_the_kronecker_formula_in_float64():
