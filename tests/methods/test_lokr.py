@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import deltatune as dt
 from deltatune.core.inject import adapted_layers
 from deltatune.methods.lokr import factorize
+from tests.methods.lycoris_parity import check_against_peft
 from tests.models import ZOO, one_layer
 
 # (zoo model, targets, LokrConfig keywords); the comments say which factors end up full or low-rank.
@@ -32,12 +33,6 @@ def _peft_lokr(model, targets, rank=8, alpha=8.0, effective_conv=False, decompos
     return get_peft_model(copy.deepcopy(model), cfg)  # init_weights=False: every factor random
 
 
-def _grads(model, run):
-    model.zero_grad()
-    run(model).pow(2).mean().backward()
-    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("kind", list(CASES))
 def test_matches_peft_shapes_outputs_gradients_and_merge(kind):
     zoo_name, targets, kw = CASES[kind]
@@ -56,21 +51,7 @@ def test_matches_peft_shapes_outputs_gradients_and_merge(kind):
             with torch.no_grad():
                 p.copy_(theirs)
 
-    expected = zoo.run(peft_model.eval())
-    assert not torch.allclose(expected, zoo.run(zoo.build()), atol=1e-3)  # the adapters do something
-    torch.testing.assert_close(zoo.run(model.eval()), expected, rtol=1e-5, atol=1e-5)
-    theirs, ours = _grads(peft_model.train(), zoo.run), _grads(model.train(), zoo.run)
-    for layer_name, layer in adapted_layers(model):
-        peft_layer = peft_model.base_model.model.get_submodule(layer_name)
-        torch.testing.assert_close(layer.adapters["default"].delta_weight(layer.base),
-                                   peft_layer.get_delta_weight("default"), rtol=1e-5, atol=1e-6)
-        for pname, _ in layer.adapters["default"].named_parameters():
-            torch.testing.assert_close(ours[f"{layer_name}.adapters.default.{pname}"],
-                                       theirs[f"base_model.model.{layer_name}.lokr_{pname}.default"],
-                                       rtol=1e-4, atol=1e-6)
-    dt.merge(model.eval())
-    peft_model.eval().merge_adapter()
-    torch.testing.assert_close(zoo.run(model), zoo.run(peft_model), rtol=1e-5, atol=1e-5)
+    check_against_peft(zoo, model, peft_model, "lokr_")
 
 
 def test_factorize_matches_peft():
