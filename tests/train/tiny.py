@@ -86,3 +86,37 @@ def make_tiny_llama(path: Path, chat_template: bool = True) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+def save_tiny_classifier(model_dir: Path, out: Path, labels: list[str], predict: str | None = None,
+                         data: Path | None = None, format: str = "deltatune", meta: bool = True) -> Path:
+    """Save a LoRA classification adapter for ``model_dir`` with ``labels`` (in head order), without training.
+
+    With ``predict`` the head's weight is zero and its bias picks that label, so the model answers
+    ``predict`` for every text: a model whose right answers are known. ``meta=False`` writes a bare
+    adapter (PEFT's two files only, with ``format="peft"``): nothing records the label names.
+    """
+    import json
+
+    import torch
+
+    import deltatune as dt
+    from deltatune.train.config import load_config
+    from deltatune.train.models import TRAINING_FILE, load_model, prepare, training_meta
+    from deltatune.train.tasks import get_task
+
+    config = load_config(None, [f"model={model_dir}", "task=classification", f"data.path={data or 'unused.csv'}",
+                                "adapter.rank=2", "precision=fp32"])
+    torch.manual_seed(0)
+    loaded = load_model(str(model_dir), get_task("classification"), labels)
+    if predict is not None:  # before prepare: the adapter's trained copy of the head starts from these
+        head = loaded.model.classifier
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([1.0 if name == predict else 0.0 for name in labels]))
+    prepare(loaded, config)
+    extra = {"training": training_meta(config, labels)} if meta and format == "deltatune" else None
+    dt.save_adapter(loaded.model, out, extra=extra, format=format)
+    if meta and format == "peft":
+        (out / TRAINING_FILE).write_text(json.dumps(training_meta(config, labels)))
+    return out

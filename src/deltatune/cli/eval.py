@@ -30,7 +30,7 @@ def eval_(
         config, task = trained.config, trained.task
         device = pick_device(config.device)
         trained.model.to(device)
-        examples = getattr(task.load_splits(config), split)
+        examples = getattr(task.load_splits(config, trained.labels), split)  # labels by name
         items = task.encode(trained.tokenizer, examples, config.max_length)
         metrics = task.evaluate(trained.model, items, trained.tokenizer, config.eval_batch_size,
                                 make_runner(device, config.precision))

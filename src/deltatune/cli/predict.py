@@ -25,13 +25,18 @@ def predict(
     """Predict a label (with its logits) for every input text."""
     with fail_cleanly():
         from deltatune.train import load_trained
-        from deltatune.train.data import read_records
+        from deltatune.train.data import check_text_field, read_numbered_records
         from deltatune.train.loop import make_runner, pick_device
+        from deltatune.train.models import read_trained
 
-        records = read_records(input)  # read first: a bad file fails before the model loads
-        if not records:
+        numbered = read_numbered_records(input)  # read and check first: a bad file fails before the model loads
+        if not numbered:
             raise ValueError(f"{input} holds no inputs")
-        trained = load_trained(adapter_dir, parse_sets(set_))
+        records = [record for _, record in numbered]
+        overrides = parse_sets(set_)
+        recorded = read_trained(adapter_dir, overrides)
+        check_text_field(input, numbered, recorded.task.input_field(records, recorded.config))
+        trained = load_trained(adapter_dir, overrides)
         device = pick_device(trained.config.device)
         trained.model.to(device)
         run = make_runner(device, trained.config.precision)

@@ -105,7 +105,7 @@ class ChatTask(Task):
         if d.path or d.train or d.validation or d.test:
             raise ValueError("task 'chat' reads the built-in chatterbot corpus; remove data.path/train/validation/test")
 
-    def load_splits(self, config: TrainConfig) -> D.Splits:
+    def load_splits(self, config: TrainConfig, labels: list[str] | None = None) -> D.Splits:
         d = config.data
         train, val, test = split_by_prompt(chatterbot_pairs(), config.seed, d.validation_fraction, d.test_fraction)
         return D.Splits(train=D.take(train, d.max_train_examples), validation=D.take(val, d.max_eval_examples),
@@ -185,10 +185,13 @@ class ChatTask(Task):
             replies.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
         return replies
 
+    def input_field(self, records: list[dict[str, Any]], config: TrainConfig) -> str:
+        return "prompt" if all("prompt" in r for r in records) else "text"
+
     def predict(self, model: nn.Module, tokenizer: Any, records: list[dict[str, Any]], config: TrainConfig,
                 labels: list[str] | None, run: Any) -> list[dict[str, Any]]:
-        key = next((k for k in ("prompt", "text") if all(k in r for r in records)), None)
-        if key is None:
-            raise ValueError("every input record needs a 'prompt' (or 'text') field")
+        key = self.input_field(records, config)
+        if not all(isinstance(r.get(key), str) for r in records):
+            raise ValueError("every input record needs a string 'prompt' (or 'text') field")
         prompts = [str(r[key]) for r in records]
         return [{"prompt": p, "reply": out} for p, out in zip(prompts, self.generate(model, tokenizer, prompts, config))]

