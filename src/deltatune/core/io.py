@@ -134,12 +134,27 @@ def remove_leftovers(parent: str | os.PathLike[str]) -> None:
             entry.unlink(missing_ok=True)  # a write_text_atomic file
 
 
-def fsync_tree(root: Path) -> None:
-    """Make the bytes under ``root`` durable before a rename publishes them."""
+def umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def seal_tree(root: Path) -> None:
+    """Before a rename publishes ``root``: give everything under it the umask's ordinary modes (some
+    writers, safetensors among them, create 0600 files) and make its bytes durable."""
+    mask = umask()
     for dirpath, _, files in os.walk(root):
         for f in files:
-            with open(os.path.join(dirpath, f), "rb") as fh:
+            path = os.path.join(dirpath, f)
+            os.chmod(path, 0o666 & ~mask)
+            with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(dirpath, 0o777 & ~mask)
         fsync_dir(Path(dirpath))
 
 
@@ -170,7 +185,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
 
         write_json(tmp / MANIFEST, {"written_by": f"deltatune {__version__}",
                                     "files": sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)})
-        fsync_tree(tmp)
+        seal_tree(tmp)
         check_replaceable(final)  # again: someone may have put a file there meanwhile
         if final.exists():
             old = temp_dir(final, "old")
@@ -190,6 +205,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         tmp.write_text(text)
+        os.chmod(tmp, 0o666 & ~umask())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.core.io import crash_point, fsync_dir, fsync_tree, remove_leftovers, temp_dir
+from deltatune.core.io import crash_point, fsync_dir, remove_leftovers, seal_tree, temp_dir
 
 TENSORS = "state.safetensors"
 SCALARS = "state.json"
@@ -59,7 +59,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         save_file(tensors, str(tmp / TENSORS))
         crash_point("checkpoint-write")
         (tmp / SCALARS).write_text(json.dumps(meta, indent=1) + "\n")
-        fsync_tree(tmp)
+        seal_tree(tmp)
         crash_point("checkpoint-publish")
         if not final.exists():  # it can exist only from this same run at this same step: identical
             tmp.rename(final)
