@@ -103,6 +103,11 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> RunLock:
     try:
         for where in (out, out / "checkpoint"):
             remove_leftovers(where)
+        for artifact in ("adapter", "model"):  # the run ends by replacing these: refuse now, not then
+            foreign_inside = foreign_entries(out / artifact)
+            if foreign_inside:
+                raise ValueError(f"{out / artifact} holds files deltatune did not write (e.g. {foreign_inside[0]!r}), "
+                                 "which the run would replace at its end; move them out first")
         ours, _ = survey(out)
         if ours and not resume and not overwrite:
             state = "finished" if (out / "metrics.json").is_file() else "unfinished"
