@@ -110,8 +110,8 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> RunLock:
                                  "which the run would replace at its end; move them out first")
         ours, _ = survey(out)
         if ours and not resume and not overwrite:
-            state = "finished" if (out / "metrics.json").is_file() else "unfinished"
-            raise ValueError(f"{out} holds an {state} deltatune run; continue it with --resume, or replace it "
+            state = "a finished" if (out / "metrics.json").is_file() else "an unfinished"
+            raise ValueError(f"{out} holds {state} deltatune run; continue it with --resume, or replace it "
                              "with --overwrite (which removes only what deltatune wrote there)")
     except BaseException:
         lock.release()
