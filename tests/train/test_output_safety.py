@@ -99,6 +99,9 @@ def test_a_directory_deltatune_did_not_write_is_refused_even_with_overwrite(tiny
         assert done.returncode == 2
         assert "is not empty and deltatune did not write it (it holds 'config.yaml')" in " ".join(done.stderr.split())
     assert [p.name for p in mine.iterdir()] == ["config.yaml"]  # not even a lock file
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        train_in_process(tiny_bert, tiny_csv, tmp_path / "new", resume=True)
+    assert not (tmp_path / "new").exists()
     assert (mine / "config.yaml").read_text() == "my own config\n"
 
 

@@ -12,7 +12,7 @@ from deltatune.cli.common import check_apart, fail_cleanly
 
 def convert(
     src: Annotated[Path, typer.Argument(help="An adapter directory (deltatune or Hugging Face PEFT format).")],
-    dst: Annotated[Path, typer.Argument(help="Where to write the converted adapter (an earlier deltatune save there is replaced; other files refuse).")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the converted adapter (a deltatune save there is replaced).")],
     to: Annotated[str, typer.Option("--to", help="Target format: 'peft' (Hugging Face PEFT) or 'deltatune'.")],
 ) -> None:
     """Convert an adapter between deltatune's format and Hugging Face PEFT's, without loading a model.

@@ -94,6 +94,8 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> RunLock:
         raise ValueError("--resume continues the run in the output directory and --overwrite replaces it; pass one")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is a file; give a directory")
+    if resume and not out.is_dir():  # refuse before creating anything
+        raise ValueError(f"--resume: {out} holds no checkpoint; run without --resume to start afresh")
     ours, foreign = survey(out)
     if foreign and not ours and not _is_run(out):
         raise ValueError(f"{out} is not empty and deltatune did not write it (it holds {foreign[0]!r}); "
