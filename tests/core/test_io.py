@@ -26,7 +26,8 @@ def _trained(config=None, name="default"):
 def test_saved_directory_holds_only_adapter_tensors(tmp_path):
     model = _trained()
     dt.save_adapter(model, tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".deltatune-files.json", "adapter_config.json",
+                                                                 "adapter_model.safetensors"]
     tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert "bert.encoder.layer.0.attention.self.query.A" in tensors
     assert "classifier.module.weight" in tensors  # modules_to_save travels with the adapter

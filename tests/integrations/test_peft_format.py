@@ -117,7 +117,8 @@ def test_deltatune_adapter_loads_in_peft_with_deltatune_outputs(case, tmp_path):
     dt.attach(model, config)
     expected = zoo.run(_perturb(model))
     dt.save_adapter(model, tmp_path / "out", format="peft")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".deltatune-files.json", "adapter_config.json", "adapter_model.safetensors"]
     theirs = peft.PeftModel.from_pretrained(zoo.build(), tmp_path / "out").eval()
     torch.testing.assert_close(zoo.run(theirs), expected, rtol=0, atol=ATOL)
     # And back: deltatune reads its own PEFT output with the same outputs.

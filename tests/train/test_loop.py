@@ -44,7 +44,10 @@ def test_run_writes_adapter_metrics_config_and_plot(tiny_bert: Path, tiny_csv: P
     assert not any("embeddings" in k for k in saved)
     assert metrics["adapter_bytes"] == sum(f.stat().st_size for f in (out / "adapter").iterdir())
     # Checkpoints are safetensors + JSON only: nothing to unpickle.
-    assert sorted(f.name for f in (out / "checkpoint").iterdir()) == ["state.json", "state.safetensors"]
+    # (one complete checkpoint, versioned by its step: the older ones go once a newer one is in place)
+    assert [f.name for f in (out / "checkpoint").iterdir()] == ["step-000000012"]
+    assert sorted(f.name for f in (out / "checkpoint" / "step-000000012").iterdir()) == [
+        "state.json", "state.safetensors"]
     # Loading the run back gives the test accuracy the run reported.
     trained = load_trained(out)
     assert trained.labels == ["negative", "neutral", "positive"] and trained.adapter == "default"
@@ -67,7 +70,7 @@ def test_resume_after_a_crash_ends_bit_identical(tiny_bert: Path, tiny_csv: Path
     with pytest.raises(KeyboardInterrupt):
         run_training(config, progress=False)
     monkeypatch.setattr(dt, "on_train_step", real_step)
-    assert json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())["step"] == 8
+    assert json.loads((tmp_path / "split" / "checkpoint" / "step-000000008" / "state.json").read_text())["step"] == 8
     resumed = run_training(config, resume=True, progress=False)
 
     a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))

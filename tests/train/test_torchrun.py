@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune.train import load_config, run_training
+from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.ranks import Ranks, step_seed
 from tests.train.tiny import make_csv, make_tiny_bert
 
@@ -64,7 +65,7 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert (tmp_path / "two" / "checkpoint" / "state.json").is_file()
+    assert (tmp_path / "two" / "checkpoint" / f"step-{two['steps']:09d}" / "state.json").is_file()
 
 
 def test_an_interrupted_two_process_run_resumes_bit_identical(tmp_path: Path) -> None:
@@ -76,24 +77,21 @@ def test_an_interrupted_two_process_run_resumes_bit_identical(tmp_path: Path) ->
                 "lr=1e-2", "checkpoint_every=5", "threads=1", "precision=fp32"]
     _run(_torchrun(tmp_path / "whole", settings))
 
-    state = tmp_path / "cut" / "checkpoint" / "state.json"
+    checkpoints = tmp_path / "cut" / "checkpoint"
     job = subprocess.Popen(_torchrun(tmp_path / "cut", settings), env=ENV,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while job.poll() is None and time.monotonic() < deadline:
-        try:
-            if json.loads(state.read_text())["step"] >= 20:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
+        if latest_checkpoint(checkpoints) is not None and latest_checkpoint(checkpoints).name >= "step-000000020":
+            break
         time.sleep(0.05)
     job.send_signal(signal.SIGTERM)
     job.wait(timeout=60)
-    stopped_at = json.loads(state.read_text())["step"]
+    stopped_at = json.loads((latest_checkpoint(checkpoints) / "state.json").read_text())["step"]
     assert not (tmp_path / "cut" / "adapter").exists(), "the run finished before it could be interrupted"
 
     done = _run(_torchrun(tmp_path / "cut", settings, "--resume"))
-    assert done.stdout.count(f"resumed from {state.parent} at step {stopped_at} of") == 1
+    assert done.stdout.count(f"resumed from {checkpoints} at step {stopped_at} of") == 1
     whole, resumed = _adapter(tmp_path / "whole"), _adapter(tmp_path / "cut")
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)

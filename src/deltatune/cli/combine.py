@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deltatune.cli.common import fail_cleanly, parse_sets
+from deltatune.cli.common import check_apart, fail_cleanly, parse_sets
 
 HOWS = "cat, svd, linear, ties, dare_linear, dare_ties, magnitude_prune (or <rule>_svd)"
 
@@ -44,6 +44,7 @@ def combine(
     with fail_cleanly():
         import deltatune as dt
         from deltatune.core.combine import combine as combine_adapters
+        from deltatune.core.io import check_replaceable
         from deltatune.train import load_trained
         from deltatune.train.models import find_trained, training_meta
 
@@ -53,6 +54,8 @@ def combine(
         if heads_from is not None and not 1 <= heads_from <= len(adapters):
             raise ValueError(f"--heads-from is an adapter number from 1 to {len(adapters)}, got {heads_from}")
         sources = [find_trained(a) for a in adapters]
+        check_apart(output, [*adapters, *(where for _, where in sources)])
+        check_replaceable(output)  # before the work: it would replace only an adapter deltatune wrote
         for path, (kind, _) in zip(adapters, sources):
             if kind != "adapter":
                 raise ValueError(f"{path} holds a full model, not an adapter; combine adapters only")

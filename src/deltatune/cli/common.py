@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import typer
 
@@ -31,3 +32,13 @@ def parse_sets(values: list[str] | None) -> dict:
     for assignment in values or []:
         apply_override(data, assignment)
     return data
+
+
+def check_apart(output: Path, inputs: Iterable[Path], flag: str = "--output") -> None:
+    """Refuse an output directory that is, holds or sits inside one of the inputs: writing it would
+    replace what is being read."""
+    out = output.resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise ValueError(f"{flag} {output} overlaps the input {given}; write the result to a separate directory")

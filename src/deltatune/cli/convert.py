@@ -7,12 +7,12 @@ from typing import Annotated, Literal
 
 import typer
 
-from deltatune.cli.common import fail_cleanly
+from deltatune.cli.common import check_apart, fail_cleanly
 
 
 def convert(
     src: Annotated[Path, typer.Argument(help="An adapter directory (deltatune or Hugging Face PEFT format).")],
-    dst: Annotated[Path, typer.Argument(help="Where to write the converted adapter (replaced if it exists).")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the converted adapter (a deltatune save there is replaced).")],
     to: Annotated[str, typer.Option("--to", help="Target format: 'peft' (Hugging Face PEFT) or 'deltatune'.")],
 ) -> None:
     """Convert an adapter between deltatune's format and Hugging Face PEFT's, without loading a model.
@@ -25,6 +25,7 @@ def convert(
 
         if to not in ("peft", "deltatune"):
             raise ValueError(f"--to must be 'peft' or 'deltatune', got {to!r}")
+        check_apart(dst, [src], flag="DST")
         fmt: Literal["peft", "deltatune"] = "peft" if to == "peft" else "deltatune"
         convert_dir(src, dst, to=fmt)
         typer.echo(f"wrote {dst} ({to} format) from {src}")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from deltatune.cli.common import fail_cleanly, parse_sets
+from deltatune.cli.common import check_apart, fail_cleanly, parse_sets
 
 _PROBE = ["deltatune merges the adapter into the base weights.", "What a lovely day!"]
 
@@ -24,9 +24,12 @@ def merge(
         import torch
 
         import deltatune as dt
+        from deltatune.core.io import atomic_directory, check_replaceable
         from deltatune.train import load_trained
-        from deltatune.train.models import TRAINING_FILE, training_meta
+        from deltatune.train.models import TRAINING_FILE, find_trained, training_meta
 
+        check_apart(output, [find_trained(adapter_dir)[1]])  # the adapter itself; beside it in the run is fine
+        check_replaceable(output)  # before the work: it would replace only a model deltatune wrote
         trained = load_trained(adapter_dir, parse_sets(set_))
         if trained.adapter is None:
             raise ValueError(f"{adapter_dir} already holds a full model; there is nothing to merge")
@@ -37,8 +40,9 @@ def merge(
             dt.merge_and_unload(model)
             after = model(**probe).logits
         gap = (before - after).abs().max().item()
-        model.save_pretrained(output)
-        tokenizer.save_pretrained(output)
         meta = training_meta(trained.config, trained.labels) | {"merged_from": str(trained.source)}
-        (output / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        with atomic_directory(output) as tmp:  # all or nothing; never over files deltatune did not write
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         typer.echo(f"merged {trained.source} into {output} (largest output change on a probe: {gap:.2e})")

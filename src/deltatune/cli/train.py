@@ -1,4 +1,4 @@
-"""``deltatune train [CONFIG.yaml] [--set key=value ...] [--output DIR] [--resume]``."""
+"""``deltatune train [CONFIG.yaml] [--set key=value ...] [--output DIR] [--resume | --overwrite]``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ def train(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Run directory (default: runs/<task>-<method>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the run already in the output directory (removes only what deltatune wrote there).")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Fine-tune a model; write the adapter, metrics, config and a plot.
@@ -37,7 +39,7 @@ def train(
             config = saved if saved.is_file() else None
         cfg = load_config(config, overrides)
         try:
-            run_training(cfg, resume=resume, progress=progress)
+            run_training(cfg, resume=resume, progress=progress, overwrite=overwrite)
         except KeyboardInterrupt:
             typer.secho(f"\ninterrupted; continue with: deltatune train --output {cfg.resolved_output()} --resume",
                         err=True, fg=typer.colors.YELLOW)

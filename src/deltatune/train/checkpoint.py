@@ -2,13 +2,21 @@
 
 A checkpoint is a directory with ``state.safetensors`` (every tensor: the trainable parameters,
 the optimizer's moment buffers, torch's RNG state as uint8) and ``state.json`` (every scalar: the
-step, the optimizer's hyperparameters, the loss history). It replaces the previous checkpoint
-atomically, so a crash mid-write leaves the last good one in place.
+step, the optimizer's hyperparameters, the loss history).
+
+Checkpoints are versioned, ``checkpoint/step-000000012/``, so there is never a moment without a
+complete one: a new checkpoint is written to a temporary sibling, made durable, renamed to its
+final name (a name that did not exist, so the rename is atomic everywhere), and only then are the
+older ones removed. Every ``step-*`` directory is therefore complete, and resuming takes the
+newest; a process killed at any instant leaves at most a temporary directory (removed by the next
+checkpoint or start) and one checkpoint too many.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.core.io import atomic_directory
+from deltatune.core.io import crash_point, fsync_dir, remove_leftovers, seal_tree, temp_dir
 
 TENSORS = "state.safetensors"
 SCALARS = "state.json"
+_STEP = re.compile(r"^step-(\d+)$")
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -42,15 +51,57 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda/{i}"] = s
     meta = {"param_groups": state["param_groups"], **scalars}
-    with atomic_directory(directory) as tmp:
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(directory)
+    final = directory / f"step-{scalars['step']:09d}"
+    tmp = temp_dir(final)
+    try:
         save_file(tensors, str(tmp / TENSORS))
+        crash_point("checkpoint-write")
         (tmp / SCALARS).write_text(json.dumps(meta, indent=1) + "\n")
+        seal_tree(tmp)
+        crash_point("checkpoint-publish")
+        if not final.exists():  # it can exist only from this same run at this same step: identical
+            tmp.rename(final)
+            fsync_dir(directory)
+        crash_point("checkpoint-swap")
+        for older in checkpoints(directory):
+            if older != final:
+                remove_checkpoint(older)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints in ``directory``, oldest first (a pre-versioning one counts as step -1)."""
+    if not directory.is_dir():
+        return []
+    found = sorted((int(m[1]), p) for p in directory.iterdir() if (m := _STEP.match(p.name)) and p.is_dir())
+    legacy = [directory] if (directory / SCALARS).is_file() and (directory / TENSORS).is_file() else []
+    return legacy + [p for _, p in found]
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint in ``directory``, or None."""
+    found = checkpoints(directory)
+    return found[-1] if found else None
+
+
+def remove_checkpoint(checkpoint: Path) -> None:
+    if _STEP.match(checkpoint.name):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    else:  # a checkpoint written before versioning: its two files only
+        for name in (SCALARS, TENSORS):
+            (checkpoint / name).unlink(missing_ok=True)
 
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore parameters, optimizer and RNG from ``directory``; return the saved scalars."""
-    if not (directory / SCALARS).is_file():
+    """Restore parameters, optimizer and RNG from the newest checkpoint in ``directory``; return the
+    saved scalars."""
+    newest = latest_checkpoint(directory)
+    if newest is None:
         raise ValueError(f"no checkpoint in {directory}; run without --resume to start afresh")
+    directory = newest
     meta = json.loads((directory / SCALARS).read_text())
     tensors = load_file(str(directory / TENSORS))
     params = trainable(model)

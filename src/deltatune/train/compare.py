@@ -176,7 +176,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     from deltatune.train.run import run_training
 
     try:
-        return {"metrics": run_training(config, progress=False)}
+        return {"metrics": run_training(config, progress=False, overwrite=True)}  # compare has no --resume
     except Exception as err:  # noqa: BLE001 - reported in the table, traceback in the log
         traceback.print_exc()
         return {"error": f"{type(err).__name__}: {err}"}

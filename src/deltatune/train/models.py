@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
+from deltatune.core.io import remove_leftovers, temp_dir
 from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.task import Task
 from deltatune.train.tasks import get_task
@@ -67,10 +69,15 @@ def smollm2_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
+    remove_leftovers(target.parent)  # of a conversion killed midway (deltatune's temporary names only)
+    tmp = temp_dir(target)  # follows the umask: a shared cache stays readable
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not (target / "config.json").is_file():  # another process may have finished first: keep its copy
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -8,7 +8,11 @@ the model, makes it trainable as the method says, trains, scores the test split,
       adapter/           the adapter (``deltatune.save_adapter``), or model/ for method: full
       metrics.json       test metrics, baselines, parameter counts, time, memory
       training.png       training loss and validation metrics
-      checkpoint/        the last checkpoint (for --resume)
+      checkpoint/        the last checkpoint (for --resume): step-<N>/, see checkpoint.py
+      .deltatune.lock    held while a run writes here (see output.py)
+
+The directory must be new, empty or a deltatune run; a run there is continued with ``resume``
+or replaced with ``overwrite`` (only what deltatune wrote goes), see :mod:`deltatune.train.output`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,13 @@ import torch
 import yaml
 
 import deltatune as dt
+from deltatune.core.io import atomic_directory, write_text_atomic
+from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, to_yaml, validate_config
 from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision
 from deltatune.train.metrics import peak_memory_mb
 from deltatune.train.models import TRAINING_FILE, load_model, prepare, training_meta
+from deltatune.train.output import claim_output, remove_run
 from deltatune.train.ranks import Ranks, finish, start
 from deltatune.train.report import plot_history, write_metrics
 from deltatune.train.tasks import get_task
@@ -38,7 +44,7 @@ CONFIG_FILE = "config.yaml"
 
 def _check_resume(out: Path, config: TrainConfig) -> None:
     saved_file = out / CONFIG_FILE
-    if not (out / "checkpoint").is_dir() or not saved_file.is_file():
+    if latest_checkpoint(out / "checkpoint") is None or not saved_file.is_file():
         raise ValueError(f"--resume: {out} holds no checkpoint; run without --resume to start afresh")
     saved = validate_config(yaml.safe_load(saved_file.read_text()), source=str(saved_file)).model_dump(mode="json")
     now = config.model_dump(mode="json")
@@ -52,16 +58,28 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_training(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train as ``config`` says and write the results under its output directory. Returns the metrics."""
-    if resume:
-        _check_resume(config.resolved_output(), config)
-    ranks = start(config.device)  # under torchrun: join the process group (ranks.py)
+def run_training(config: TrainConfig, resume: bool = False, progress: bool = True,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Train as ``config`` says and write the results under its output directory. Returns the metrics.
+
+    ``overwrite`` replaces a run already in the output directory (removing only what deltatune
+    wrote there); without it, or ``resume``, such a directory is refused.
+    """
+    out = config.resolved_output()
+    # Rank 0 alone writes, so it alone claims the directory (before joining: a refusal ends torchrun).
+    lock = claim_output(out, resume, overwrite) if os.environ.get("RANK", "0") == "0" else None
     try:
-        with dt.cpu_engine(config.cpu_engine):  # the fused kernels' CPU products, restored afterwards
-            return _run_training(config, resume, progress, ranks)
+        if resume:
+            _check_resume(out, config)
+        ranks = start(config.device)  # under torchrun: join the process group (ranks.py)
+        try:
+            with dt.cpu_engine(config.cpu_engine):  # the fused kernels' CPU products, restored afterwards
+                return _run_training(config, resume, progress, ranks)
+        finally:
+            finish(ranks)
     finally:
-        finish(ranks)
+        if lock is not None:
+            lock.release()
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
@@ -95,13 +113,11 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
     items = {name: task.encode(tokenizer, getattr(splits, name), config.max_length)
              for name in ("train", "validation", "test")}
 
-    if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
     if ranks.main and not resume:
-        if (out / "checkpoint").exists():  # never let --resume pick up a checkpoint of another run
-            say(f"starting afresh in {out}: removing its old checkpoint (--resume would continue it)")
-            shutil.rmtree(out / "checkpoint")
-        (out / CONFIG_FILE).write_text(to_yaml(config))
+        removed = remove_run(out)  # something only with overwrite: claim_output refused the rest
+        if removed:
+            say(f"starting afresh in {out}: removed what the run there wrote ({', '.join(removed)})")
+        write_text_atomic(out / CONFIG_FILE, to_yaml(config))
     ranks.barrier()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -117,15 +133,17 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
     if report is not None:
         artifact = out / "adapter"
         if config.save_format == "peft":  # PEFT's config has no room for ours: the run's meta goes beside it
-            dt.save_adapter(model, artifact, format="peft")
-            (artifact / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            with atomic_directory(artifact) as tmp:
+                dt.save_adapter(model, tmp, format="peft")
+                (tmp / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         else:
             dt.save_adapter(model, artifact, extra={"training": meta})
     else:
         artifact = out / "model"
-        model.save_pretrained(artifact)
-        tokenizer.save_pretrained(artifact)
-        (artifact / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        with atomic_directory(artifact) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     peak, peak_note = peak_memory_mb(device)
     metrics.update({
         "trainable_parameters": params.trainable,
