@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import describe
 
 
 class SvdAdapter(Adapter):
@@ -126,7 +127,7 @@ class SvdConv(SvdAdapter):
             raise ValueError("AdaLoRA supports convolutions with groups=1 and padding_mode='zeros'")
         super().__init__(conv.weight[0].numel(), conv.out_channels, rank, alpha, dropout)
         self.kernel_shape = tuple(conv.weight.shape)
-        self.conv = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+        self.conv = F.conv1d if len(conv.kernel_size) == 1 else F.conv2d
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
@@ -229,12 +230,10 @@ class AdaLoraConfig(AdapterConfig):
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
         kw = dict(rank=self.init_rank, alpha=self.alpha, dropout=self.dropout)
-        if isinstance(base, nn.Linear):
-            adapter: Adapter = SvdAdapter(base.in_features, base.out_features, **kw)
-        elif type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
-            d_in, d_out = base.weight.shape
-            adapter = SvdAdapter(d_in, d_out, transposed=True, **kw)
-        elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        spec = describe(base)
+        if spec is not None and spec.kind == "linear":
+            adapter: Adapter = SvdAdapter(spec.d_in, spec.d_out, transposed=spec.transposed, **kw)
+        elif spec is not None and spec.kind == "conv" and not spec.transposed and spec.spatial in (1, 2):
             adapter = SvdConv(base, **kw)
         else:
             return None

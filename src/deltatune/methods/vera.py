@@ -33,16 +33,13 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import describe
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
     """``(d_in, d_out, transposed)`` for ``nn.Linear`` and GPT-2's ``Conv1D``; None otherwise."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        d_in, d_out = module.weight.shape
-        return d_in, d_out, True
-    return None
+    spec = describe(module)
+    return (spec.d_in, spec.d_out, spec.transposed) if spec is not None and spec.kind == "linear" else None
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
