@@ -69,7 +69,6 @@ class SvdAdapter(Adapter):
         self.register_buffer("mask", torch.ones(rank, dtype=torch.bool))  # the final allocation
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.importance: dict[str, tuple[Tensor, Tensor]] = {}
-        self.built_by: Any = None
 
     def extra_repr(self) -> str:
         return f"d_in={self.Q.shape[1]}, d_out={self.P.shape[0]}, rank={int(self.mask.sum())}/{self.rank}"
@@ -163,11 +162,9 @@ def allocate(adapters: list[SvdAdapter], budget: int, final: bool = False) -> No
 
 def adalora_layers(model: nn.Module, name: str = "default", config: Any = None) -> dict[str, SvdAdapter]:
     """Module name -> AdaLoRA adapter of adapter ``name`` (only those ``config`` built, if given)."""
-    from deltatune.core.inject import adapted_layers
+    from deltatune.core.parts import adapters_of
 
-    return {n: m for n, layer in adapted_layers(model) if name in layer.adapters
-            for m in layer.adapters[name].modules()
-            if isinstance(m, SvdAdapter) and (config is None or m.built_by == config)}
+    return {n: a for n, a in adapters_of(model, name, config) if isinstance(a, SvdAdapter)}
 
 
 def ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
@@ -237,7 +234,6 @@ class AdaLoraConfig(AdapterConfig):
             adapter = SvdConv(base, **kw)
         else:
             return None
-        adapter.built_by = self  # so on_step finds this config's layers, even inside a hybrid
         return adapter.to(device=base.weight.device)
 
     def regularization(self, model: nn.Module, name: str) -> Tensor | None:
