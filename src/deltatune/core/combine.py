@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from deltatune.core.inject import AttachReport, _known, adapted_layers, attach, configs, detach
 from deltatune.core.layer import FullCopy
-from deltatune.core.routing import is_low_rank
+from deltatune.core.contract import LowRankConfig, is_low_rank
 
 RULES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 HOWS = ("cat", "svd", *RULES, *(f"{r}_svd" for r in RULES if r != "linear"))
@@ -157,7 +157,7 @@ def _check(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], 
         raise ValueError(f"rank must be >= 1, got {o.rank}")
     if o.svd_clamp is not None and not 0 < o.svd_clamp <= 1:
         raise ValueError(f"svd_clamp is a quantile in (0, 1]; got {o.svd_clamp}")
-    if not callable(getattr(configs(model)[adapters[0]], "low_rank_config", None)):
+    if not isinstance(configs(model)[adapters[0]], LowRankConfig):
         raise ValueError(f"adapter {adapters[0]!r} ({configs(model)[adapters[0]].method}) is not a low-rank "
                          "method; combine works on adapters with low-rank factors (low_rank_factors)")
     has_heads = False
@@ -205,7 +205,9 @@ def combine(model: nn.Module, adapters: Sequence[str], weights: Sequence[float],
     svd_rank = o.rank or max(A.shape[0] for sources in gathered.values() for _, A, _, _ in sources)
     plans = {layer_name: _combine_layer(sources, o, svd_rank) for layer_name, sources in gathered.items()}
     new_rank = svd_rank if o.how.endswith("svd") else max(A.shape[0] for A, _ in plans.values())
-    config = configs(model)[adapters[0]].low_rank_config(new_rank)  # type: ignore[attr-defined]
+    home = configs(model)[adapters[0]]
+    assert isinstance(home, LowRankConfig)  # checked in _check
+    config = home.low_rank_config(new_rank)
     config = dataclasses.replace(config, target=tuple(plans), exclude=(), layers=None, modules_to_save=tuple(heads))
     report = attach(model, config, name, activate=False, module_names=list(plans), save_names=list(heads))
     try:

@@ -11,6 +11,8 @@ With that single contract every method is one expression (a low-rank update
 adapters on one layer compose like functions: the second adapter's ``base`` runs the first
 adapter around the frozen layer. ``base`` always exposes the frozen module's attributes
 (``base.weight``, ``base.stride``...), so a method can read them whatever sits in between.
+The contract and the capabilities an adapter may add live in ``core/contract.py``;
+:class:`~deltatune.core.contract.Adapter` is re-exported here.
 
 :class:`AdaptedLayer` replaces the original module in its parent (module replacement), so it is
 visible in ``print(model)``; ``detach`` puts the original module object back.
@@ -19,44 +21,14 @@ visible in ``print(model)``; ``detach`` puts the original module object back.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from deltatune.core.contract import Adapter
 
-class Adapter(nn.Module):
-    """Base class for adapter modules.
-
-    Subclasses implement ``forward(x, base)``. Methods whose update can be folded into the base
-    weights also implement ``delta_weight(base)`` (in the base weight's own layout); merging,
-    unmerging and weighted combination are then written once, in ``core/merge.py``. A method whose
-    delta depends on the base weight itself overrides ``merge_into`` / ``unmerge_from``.
-    """
-
-    #: Largest absolute difference between merged and unmerged outputs the method promises (float32).
-    merge_atol: ClassVar[float] = 1e-5
-
-    def forward(self, x: Tensor, base: Any) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def delta_weight(self, base: nn.Module) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
-
-    @property
-    def mergeable(self) -> bool:
-        cls = type(self)
-        return cls.delta_weight is not Adapter.delta_weight or cls.merge_into is not Adapter.merge_into
-
-    @torch.no_grad()
-    def merge_into(self, base: nn.Module) -> None:
-        weight = base.weight
-        weight.add_(self.delta_weight(base).to(weight.dtype))
-
-    @torch.no_grad()
-    def unmerge_from(self, base: nn.Module) -> None:
-        weight = base.weight
-        weight.sub_(self.delta_weight(base).to(weight.dtype))
+__all__ = ["Adapter", "AdaptedLayer", "Composite", "FullCopy", "logical_get", "logical_modules", "swap_values", "walk"]
 
 
 class FullCopy(Adapter):
@@ -111,7 +83,7 @@ class Composite(Adapter):
     def __init__(self, parts: list[nn.Module]) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
-        self.merge_atol = max(getattr(p, "merge_atol", Adapter.merge_atol) for p in parts)
+        self.merge_atol = max(p.merge_atol if isinstance(p, Adapter) else Adapter.merge_atol for p in parts)
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
         module = base if isinstance(base, nn.Module) else base.module

@@ -11,7 +11,7 @@ every example names its own adapter, or ``None`` for the bare base::
 How a routed layer computes (chosen per layer, once per ``routing`` block):
 
 - every example names the same adapters there: the ordinary forward (fused kernels and all);
-- each example names at most one adapter and all of them are *low-rank* (see :class:`LowRank`):
+- each example names at most one adapter and all of them are *low-rank* (see ``core.contract.LowRank``):
   one batched path. The layer's low-rank adapters are stacked once, ranks zero-padded, scaling
   folded in, side by side: ``[A | (sB)ᵀ]: (n + 1, r, d_in + d_out)``; slot ``n`` is zero and
   serves the bare base. Per call: gather one slot per example and add two ``bmm`` products to the
@@ -36,37 +36,20 @@ import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from os import PathLike
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from deltatune.core.inject import _known, adapted_layers, configs, detach, using
 from deltatune.core import products
+from deltatune.core.contract import LowRank, is_low_rank  # noqa: F401  (LowRank: re-exported)
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.products import plain_linear
 
 Key = tuple[str, ...]  # the adapters one example runs through on one layer, innermost first
 Choice = str | None | Sequence[str]
 T = TypeVar("T")
-
-
-@runtime_checkable
-class LowRank(Protocol):
-    """Capability of adapters whose forward is ``base(x) + s · (x Aᵀ) Bᵀ`` (the plain low-rank methods).
-
-    It unlocks the batched mixed-batch path, hot swapping across ranks and scalings, and
-    weighted combination (``core/combine.py``); the core never asks which method it is.
-    """
-
-    def low_rank_factors(self) -> tuple[Tensor, Tensor, float]:
-        """``(A (k, d_in), B (d_out, k), s)`` as used in forward (dropout aside)."""
-        ...
-
-    def load_low_rank(self, A: Tensor, B: Tensor, scaling: float) -> None:
-        """Set the update to ``scaling · B A`` in place, keeping tensor shapes (zero-pad the rank);
-        ``ValueError`` if the rank does not fit."""
-        ...
 
 
 # --- the stacked factors of one layer ---------------------------------------------------------
@@ -103,15 +86,6 @@ class _Stack:
 
 
 _STACKS: weakref.WeakKeyDictionary[AdaptedLayer, _Stack] = weakref.WeakKeyDictionary()
-_LOW_RANK_TYPES: dict[type, bool] = {}
-
-
-def is_low_rank(adapter: nn.Module) -> bool:
-    """Whether ``adapter`` has the :class:`LowRank` capability (cached per type: this runs per layer)."""
-    cls = type(adapter)
-    if cls not in _LOW_RANK_TYPES:
-        _LOW_RANK_TYPES[cls] = isinstance(adapter, LowRank)
-    return _LOW_RANK_TYPES[cls]
 
 
 def _low_rank_names(layer: AdaptedLayer) -> list[str]:

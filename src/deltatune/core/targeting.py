@@ -15,13 +15,17 @@ inside the model's largest ``nn.ModuleList`` (its stack of blocks), not from sub
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from torch import nn
 
 from deltatune.config import Target
 from deltatune.core.layer import AdaptedLayer, logical_modules
+from deltatune.core.layers import describe
+
+T = TypeVar("T")
 
 ALL_LINEAR = "all-linear"
 
@@ -31,8 +35,9 @@ class NoMatchError(ValueError):
 
 
 def _linear_like(module: nn.Module) -> bool:
-    # transformers' GPT-2 ``Conv1D`` is a linear layer with a transposed weight.
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    # Linear layers, transposed ones (transformers' GPT-2 ``Conv1D``) included.
+    spec = describe(module)
+    return spec is not None and spec.kind == "linear"
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -44,6 +49,12 @@ def name_matches(name: str, pattern: str) -> bool:
 
 def any_matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name_matches(name, p) for p in patterns)
+
+
+def pattern_value(name: str, patterns: Mapping[str, T], default: T) -> T:
+    """The value of the first pattern in ``patterns`` that matches module ``name``, else ``default``
+    (per-module overrides such as ``rank_pattern={"query": 16}``; same syntax as ``target``)."""
+    return next((v for p, v in patterns.items() if name_matches(name, p)), default)
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from deltatune.core.contract import ReparameterizedConfig
 from deltatune.integrations.peft_spec import Field, Meta, PeftMethod, Site, Tensors, cast
 
 INT = (cast(int), cast(int))
@@ -40,7 +41,7 @@ def _materialize(meta: Meta, tensors: Tensors) -> tuple[Meta, Tensors]:
     from deltatune.methods import config_from_dict
 
     config = config_from_dict(dict(meta["config"]))
-    if not getattr(config, "reparameterized", False):
+    if not (isinstance(config, ReparameterizedConfig) and config.reparameterized):
         return meta, tensors
     (module,) = meta["targets"]
     own = {k[len(module) + 1:]: t for k, t in tensors.items() if k.startswith(module + ".")}

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltatune.core.contract import KeyValuePrefix
 from deltatune.integrations.transformers_inputs import (
     bind_inputs,
     extend_mask,
@@ -181,7 +182,7 @@ def prefix_hooks(model: nn.Module, layer: Any, name: str) -> list[Any]:
         if module.training and any(m.gradient_checkpointing for m in checkpointable):
             raise _checkpointing(module)
         kw = bind_inputs(module, args, kwargs)
-        adapter = find_part(layer, name, "key_values")
+        adapter = find_part(layer, name, KeyValuePrefix)
         batch, length = input_length(kw)
         cache = kw.get("past_key_values")
         if name not in tags(cache):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from deltatune.core.inject import configs, placement
 from deltatune.core.layer import AdaptedLayer, Composite
+from deltatune.core.parts import config_parts
 
 _PARAMS: dict[type, list[str]] = {}
 
@@ -141,9 +142,7 @@ def max_positions(model: nn.Module) -> int | None:
 
 def own_part(model: nn.Module, name: str, config: Any) -> int:
     """Index of ``config`` among the parts of adapter ``name`` (0 unless it is part of a hybrid)."""
-    registered = configs(model)[name]
-    parts = getattr(registered, "parts", None) or (registered,)
-    return next(i for i, p in enumerate(parts) if p is config)
+    return next(i for i, p in enumerate(config_parts(configs(model)[name])) if p is config)
 
 
 def input_embedding_layer(model: nn.Module, name: str, config: Any, method: str) -> AdaptedLayer:
@@ -182,13 +181,14 @@ def input_embedding_layer(model: nn.Module, name: str, config: Any, method: str)
     return embedding
 
 
-def find_part(layer: AdaptedLayer, name: str, capability: str) -> Any:
-    """Adapter ``name`` on ``layer``, or its part with method ``capability`` if it is a hybrid's Composite."""
+def find_part(layer: AdaptedLayer, name: str, capability: type) -> Any:
+    """Adapter ``name`` on ``layer``, or its part with ``capability`` (a ``core.contract`` Protocol,
+    e.g. ``VirtualTokens``) if it is a hybrid's Composite."""
     adapter = layer.adapters[name]
     parts = adapter.parts if isinstance(adapter, Composite) else [adapter]
-    found = [p for p in parts if callable(getattr(p, capability, None))]
+    found = [p for p in parts if isinstance(p, capability)]
     if len(found) != 1:
-        raise ValueError(f"adapter {name!r} must hold exactly one virtual-token part ({capability}) "
+        raise ValueError(f"adapter {name!r} must hold exactly one virtual-token part ({capability.__name__}) "
                          f"on {type(layer.base).__name__}")
     return found[0]
 

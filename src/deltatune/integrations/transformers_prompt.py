@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.core.contract import VirtualTokens
 from deltatune.integrations.transformers_cache import check_fresh, tag, tag_output, tags
 from deltatune.integrations.transformers_inputs import (
     bind_inputs,
@@ -42,7 +43,7 @@ def prompt_hooks(model: nn.Module, layer: Any, name: str, method: str) -> list[A
         if not is_active(layer, name, method):
             return None
         kw = bind_inputs(module, args, kwargs)
-        adapter = find_part(layer, name, "virtual_tokens")
+        adapter = find_part(layer, name, VirtualTokens)
         cache = kw.get("past_key_values")
         if name in tags(cache):  # decoding: the virtual tokens are already in the cache
             n = tags(cache)[name][1]
@@ -68,7 +69,7 @@ def prompt_hooks(model: nn.Module, layer: Any, name: str, method: str) -> list[A
 
     def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         if is_active(layer, name, method):
-            tag_output(output, name, "prompt", find_part(layer, name, "virtual_tokens").num_virtual_tokens)
+            tag_output(output, name, "prompt", find_part(layer, name, VirtualTokens).num_virtual_tokens)
 
     return [
         model.register_forward_pre_hook(before, with_kwargs=True),

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import describe
 
 
 class SvdAdapter(Adapter):
@@ -68,7 +69,6 @@ class SvdAdapter(Adapter):
         self.register_buffer("mask", torch.ones(rank, dtype=torch.bool))  # the final allocation
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.importance: dict[str, tuple[Tensor, Tensor]] = {}
-        self.built_by: Any = None
 
     def extra_repr(self) -> str:
         return f"d_in={self.Q.shape[1]}, d_out={self.P.shape[0]}, rank={int(self.mask.sum())}/{self.rank}"
@@ -126,7 +126,7 @@ class SvdConv(SvdAdapter):
             raise ValueError("AdaLoRA supports convolutions with groups=1 and padding_mode='zeros'")
         super().__init__(conv.weight[0].numel(), conv.out_channels, rank, alpha, dropout)
         self.kernel_shape = tuple(conv.weight.shape)
-        self.conv = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+        self.conv = F.conv1d if len(conv.kernel_size) == 1 else F.conv2d
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
@@ -162,11 +162,9 @@ def allocate(adapters: list[SvdAdapter], budget: int, final: bool = False) -> No
 
 def adalora_layers(model: nn.Module, name: str = "default", config: Any = None) -> dict[str, SvdAdapter]:
     """Module name -> AdaLoRA adapter of adapter ``name`` (only those ``config`` built, if given)."""
-    from deltatune.core.inject import adapted_layers
+    from deltatune.core.parts import adapters_of
 
-    return {n: m for n, layer in adapted_layers(model) if name in layer.adapters
-            for m in layer.adapters[name].modules()
-            if isinstance(m, SvdAdapter) and (config is None or m.built_by == config)}
+    return {n: a for n, a in adapters_of(model, name, config) if isinstance(a, SvdAdapter)}
 
 
 def ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
@@ -229,16 +227,13 @@ class AdaLoraConfig(AdapterConfig):
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
         kw = dict(rank=self.init_rank, alpha=self.alpha, dropout=self.dropout)
-        if isinstance(base, nn.Linear):
-            adapter: Adapter = SvdAdapter(base.in_features, base.out_features, **kw)
-        elif type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
-            d_in, d_out = base.weight.shape
-            adapter = SvdAdapter(d_in, d_out, transposed=True, **kw)
-        elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        spec = describe(base)
+        if spec is not None and spec.kind == "linear":
+            adapter: Adapter = SvdAdapter(spec.d_in, spec.d_out, transposed=spec.transposed, **kw)
+        elif spec is not None and spec.kind == "conv" and not spec.transposed and spec.spatial in (1, 2):
             adapter = SvdConv(base, **kw)
         else:
             return None
-        adapter.built_by = self  # so on_step finds this config's layers, even inside a hybrid
         return adapter.to(device=base.weight.device)
 
     def regularization(self, model: nn.Module, name: str) -> Tensor | None:

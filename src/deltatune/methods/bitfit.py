@@ -13,7 +13,7 @@ training the biases themselves ends.
 
 Supported layers (those with a bias): ``nn.Linear``, transformers' GPT-2 ``Conv1D``, convolutions
 (``nn.Conv1d/2d/3d`` and their transposes; the bias broadcasts over the channel axis) and
-LayerNorm layers (the bias has the normalised shape). By default every such layer except the
+normalisation layers (LayerNorm, and RMSNorm where it has a bias: the bias has the normalised shape). By default every such layer except the
 model's output head trains (a new head usually goes in ``modules_to_save``). Models without
 biases (Llama) have nothing to adapt.
 """
@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd
 
 from deltatune.config import AdapterConfig, Target
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import describe
 from deltatune.core.targeting import NoMatchError, output_head_names, select
 
 
@@ -39,13 +39,12 @@ def _has_bias(module: nn.Module) -> bool:
 def _bias_layout(module: nn.Module) -> int | None:
     """How the bias broadcasts: the number of spatial axes after the channel axis (0 for layers
     whose bias lines up with the trailing axes), or ``None`` for an unsupported layer."""
-    if not _has_bias(module):
+    spec = describe(module)
+    if spec is None or not _has_bias(module):
         return None
-    if isinstance(module, _ConvNd):
-        return len(module.kernel_size)
-    linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-    norm = isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")
-    return 0 if linear or norm else None
+    if spec.kind == "conv":
+        return spec.spatial
+    return 0 if spec.kind in ("linear", "norm") else None
 
 
 def has_trainable_bias(name: str, module: nn.Module) -> bool:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig, Target
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import describe
 
 Variant = Literal["houlsby", "pfeiffer", "parallel"]
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -75,22 +76,18 @@ class Bottleneck(Adapter):
 
 
 def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":
-        d_in, d_out = module.weight.shape
-        return int(d_in), int(d_out)
-    return None
+    spec = describe(module)
+    return (spec.d_in, spec.d_out) if spec is not None and spec.kind == "linear" else None
 
 
 def io_dims(module: nn.Module) -> tuple[int | None, int] | None:
     """(input size, output size) of ``module``: for a linear layer its own; for an embedding
     (None, dim); for a container such as an MLP block, those of its first and last linear layers."""
-    dims = _linear_dims(module)
-    if dims is not None:
-        return dims
-    if isinstance(module, nn.Embedding):
-        return None, module.embedding_dim
+    spec = describe(module)
+    if spec is not None and spec.kind == "linear":
+        return spec.d_in, spec.d_out
+    if spec is not None and spec.kind == "embedding":
+        return None, spec.d_out
     inner = [d for m in module.modules() if m is not module and (d := _linear_dims(m)) is not None]
     return (inner[0][0], inner[-1][1]) if inner else None
 

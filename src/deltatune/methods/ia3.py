@@ -28,11 +28,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd
 
 from deltatune.config import AdapterConfig, Target
 from deltatune.core.products import plain_linear
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import describe
 from deltatune.core.targeting import any_matches
 from deltatune.methods.ia3_kernels import ia3_linear
 
@@ -123,14 +123,12 @@ class IA3Config(AdapterConfig):
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
         ff = any_matches(name, self.feedforward)
-        if isinstance(base, nn.Linear):
-            return IA3(base.in_features if ff else base.out_features, ff)
-        if type(base).__name__ == "Conv1D":
-            d_in, d_out = base.weight.shape
-            return IA3(d_in if ff else d_out, ff, layout="conv1d_t")
-        if isinstance(base, _ConvNd) and not base.transposed:
-            if ff and base.groups != 1:
+        spec = describe(base)
+        if spec is not None and spec.kind == "linear":
+            return IA3(spec.d_in if ff else spec.d_out, ff, layout="conv1d_t" if spec.transposed else "linear")
+        if spec is not None and spec.kind == "conv" and not spec.transposed:
+            if ff and spec.groups != 1:
                 raise ValueError(f"ia3 scales the input of {name!r} (a feedforward module) but it is a grouped "
                                  "convolution; remove it from feedforward")
-            return IA3(base.in_channels if ff else base.out_channels, ff, "conv", len(base.kernel_size))
+            return IA3(spec.d_in if ff else spec.d_out, ff, "conv", spec.spatial)
         return None

@@ -10,8 +10,8 @@ Each norm layer gets a :class:`~deltatune.methods.partial.TunedCopy`: a trainabl
 parameters, run through the frozen layer's own forward, so any norm implementation works
 (``nn.LayerNorm``, ``nn.RMSNorm``, transformers' ``LlamaRMSNorm``...). This is PEFT's definition
 (PEFT deep-copies the layer); merging swaps the copy into the base exactly, as PEFT does.
-Norm layers are recognised structurally: instances of ``nn.LayerNorm`` / ``nn.RMSNorm`` or classes
-whose name ends in ``LayerNorm`` / ``RMSNorm``, that own parameters.
+Norm layers are those ``core.layers.describe`` calls ``norm`` (instances of ``nn.LayerNorm`` /
+``nn.RMSNorm`` or classes whose name ends in ``LayerNorm`` / ``RMSNorm``) that own parameters.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from torch import nn
 
 from deltatune.config import AdapterConfig, Target
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import describe
 from deltatune.methods.partial import TunedCopy, owns_parameters
 
 
 def is_norm(name: str, module: nn.Module) -> bool:
     """Whether ``module`` is a LayerNorm or RMSNorm layer with learnable parameters."""
-    norm_type = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(
-        ("LayerNorm", "RMSNorm"))
-    return norm_type and owns_parameters(module)
+    spec = describe(module)
+    return spec is not None and spec.kind == "norm" and owns_parameters(module)
 
 
 @dataclasses.dataclass(frozen=True)

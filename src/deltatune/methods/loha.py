@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
-from deltatune.core.targeting import name_matches
-from deltatune.methods.lycoris import FullDeltaAdapter, cp_kernel, kaiming_, validate_rank_and_dropouts, weight_layout
+from deltatune.core.targeting import pattern_value
+from deltatune.methods.lycoris import FullDeltaAdapter, cp_kernel, kaiming_, supported, validate_rank_and_dropouts
 
 
 class Loha(FullDeltaAdapter):
@@ -99,9 +99,9 @@ class LohaConfig(AdapterConfig):
         validate_rank_and_dropouts(self, "LoHa")
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
-        if weight_layout(base) is None:
+        if supported(base) is None:
             return None
-        rank = next((v for p, v in self.rank_pattern.items() if name_matches(name, p)), self.rank)
-        alpha = next((v for p, v in self.alpha_pattern.items() if name_matches(name, p)), self.alpha)
+        rank = pattern_value(name, self.rank_pattern, self.rank)
+        alpha = pattern_value(name, self.alpha_pattern, self.alpha)
         return Loha(base, rank=rank, alpha=alpha, rank_dropout=self.rank_dropout,
                     module_dropout=self.module_dropout, effective_conv=self.effective_conv)

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
-from deltatune.core.targeting import name_matches
-from deltatune.methods.lycoris import FullDeltaAdapter, cp_kernel, kaiming_, validate_rank_and_dropouts, weight_layout
+from deltatune.core.targeting import pattern_value
+from deltatune.methods.lycoris import FullDeltaAdapter, cp_kernel, kaiming_, supported, validate_rank_and_dropouts
 
 Init = Literal["default", "lycoris"]
 
@@ -157,10 +157,10 @@ class LokrConfig(AdapterConfig):
             raise ValueError(f"LoKr init must be 'default' or 'lycoris', got {self.init!r}")
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
-        if weight_layout(base) is None:
+        if supported(base) is None:
             return None
-        rank = next((v for p, v in self.rank_pattern.items() if name_matches(name, p)), self.rank)
-        alpha = next((v for p, v in self.alpha_pattern.items() if name_matches(name, p)), self.alpha)
+        rank = pattern_value(name, self.rank_pattern, self.rank)
+        alpha = pattern_value(name, self.alpha_pattern, self.alpha)
         return Lokr(base, rank=rank, alpha=alpha, rank_dropout=self.rank_dropout, module_dropout=self.module_dropout,
                     rescale_rank_dropout=self.rescale_rank_dropout, effective_conv=self.effective_conv,
                     decompose_both=self.decompose_both, decompose_factor=self.decompose_factor, init=self.init)

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
-from deltatune.core.targeting import name_matches
+from deltatune.core.layers import describe, is_transposed_linear
+from deltatune.core.targeting import pattern_value
 from deltatune.core.products import runs_like_its_weight
 from deltatune.methods.lora_kernels import dropout_mask, lora_linear
 
@@ -41,10 +42,6 @@ Init = Literal["default", "gaussian", "pissa", "olora"]
 
 def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
-
-
-def _is_conv1d_transposed(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 class LoraLinear(Adapter):
@@ -94,7 +91,7 @@ class LoraLinear(Adapter):
         layers with hooks, e.g. accelerate's offloading, use the formula and call ``base``)."""
         if not runs_like_its_weight(base):
             return False
-        return _is_conv1d_transposed(base) if self.transposed else type(base).forward is nn.Linear.forward
+        return is_transposed_linear(base) if self.transposed else type(base).forward is nn.Linear.forward
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         A, B = self._factors()
@@ -149,7 +146,7 @@ class LoraConv(Adapter):
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError("LoRA supports convolutions with groups=1 and padding_mode='zeros'")
         self.rank, self.scaling = rank, lora_scaling(rank, alpha, rslora)
-        self.conv = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+        self.conv = F.conv1d if len(conv.kernel_size) == 1 else F.conv2d
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         ones = (1,) * len(conv.kernel_size)
         self.A = nn.Parameter(torch.empty(rank, conv.in_channels, *conv.kernel_size))  # (r, C_in, *k)
@@ -209,23 +206,20 @@ class LoraConfig(AdapterConfig):
         if self.init not in ("default", "gaussian", "pissa", "olora"):
             raise ValueError(f"LoRA init must be one of default, gaussian, pissa, olora; got {self.init!r}")
 
-    def _lookup(self, name: str, pattern: dict[str, Any], default: Any) -> Any:
-        return next((v for p, v in pattern.items() if name_matches(name, p)), default)
-
     def build(self, name: str, base: nn.Module) -> Adapter | None:
-        rank = self._lookup(name, self.rank_pattern, self.rank)
-        alpha = self._lookup(name, self.alpha_pattern, self.alpha)
+        rank = pattern_value(name, self.rank_pattern, self.rank)
+        alpha = pattern_value(name, self.alpha_pattern, self.alpha)
         kw = dict(rank=rank, alpha=alpha, rslora=self.rslora)
-        if self.init in ("pissa", "olora") and not (isinstance(base, nn.Linear) or _is_conv1d_transposed(base)):
+        spec = describe(base)
+        if self.init in ("pissa", "olora") and (spec is None or spec.kind != "linear"):
             raise ValueError(f"init {self.init!r} supports Linear layers only; {name!r} is a {type(base).__name__}")
-        if isinstance(base, nn.Linear):
-            adapter: Adapter = LoraLinear(base.in_features, base.out_features, dropout=self.dropout, **kw)
-        elif _is_conv1d_transposed(base):
-            d_in, d_out = base.weight.shape
-            adapter = LoraLinear(d_in, d_out, dropout=self.dropout, transposed=True, **kw)
-        elif isinstance(base, nn.Embedding):
-            adapter = LoraEmbedding(base.num_embeddings, base.embedding_dim, padding_idx=base.padding_idx, **kw)
-        elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        if spec is None:
+            return None
+        if spec.kind == "linear":
+            adapter: Adapter = LoraLinear(spec.d_in, spec.d_out, dropout=self.dropout, transposed=spec.transposed, **kw)
+        elif spec.kind == "embedding":
+            adapter = LoraEmbedding(spec.d_in, spec.d_out, padding_idx=base.padding_idx, **kw)
+        elif spec.kind == "conv" and not spec.transposed and spec.spatial in (1, 2):
             adapter = LoraConv(base, dropout=self.dropout, **kw)
         else:
             return None

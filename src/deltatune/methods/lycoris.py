@@ -20,23 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import LayerSpec, describe
 
 
-def is_gpt2_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored (d_in, d_out).
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def weight_layout(base: nn.Module) -> tuple[int, int, tuple[int, ...]] | None:
-    """``(d_out, d_in, kernel)`` of ΔW for a supported layer (d_in per group), else ``None``."""
-    if isinstance(base, nn.Linear):
-        return base.out_features, base.in_features, ()
-    if is_gpt2_conv1d(base):
-        d_in, d_out = base.weight.shape
-        return d_out, d_in, ()
-    if isinstance(base, (nn.Conv1d, nn.Conv2d)):
-        return base.out_channels, base.in_channels // base.groups, tuple(base.kernel_size)
-    return None
+def supported(base: nn.Module) -> LayerSpec | None:
+    """The description of ``base`` if it is a layer these methods adapt (Linear, GPT-2 ``Conv1D``,
+    Conv1d, Conv2d), else ``None``."""
+    spec = describe(base)
+    if spec is None or not (spec.kind == "linear" or (spec.kind == "conv" and not spec.transposed
+                                                      and spec.spatial in (1, 2))):
+        return None
+    return spec
 
 
 def kaiming_(*tensors: Tensor) -> None:
@@ -60,15 +54,15 @@ class FullDeltaAdapter(Adapter):
     def __init__(self, base: nn.Module, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                  rescale: bool = True) -> None:
         super().__init__()
-        layout = weight_layout(base)
-        if layout is None:
+        spec = supported(base)
+        if spec is None:
             raise ValueError(f"{type(self).__name__} supports Linear, GPT-2 Conv1D, Conv1d and Conv2d, "
                              f"not {type(base).__name__}")
-        if isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.padding_mode != "zeros":
+        if spec.kind == "conv" and base.padding_mode != "zeros":
             raise ValueError(f"{type(self).__name__} supports convolutions with padding_mode='zeros' only")
-        self.d_out, self.d_in, self.kernel = layout
+        self.d_out, self.d_in, self.kernel = spec.d_out, spec.d_in // spec.groups, spec.kernel  # ΔW (d_out, d_in, *k)
         self.kernel_numel = math.prod(self.kernel)  # 1 for linear layers
-        self.transposed = is_gpt2_conv1d(base)
+        self.transposed = spec.transposed
         self.rank_dropout, self.module_dropout, self.rescale = rank_dropout, module_dropout, rescale
         if self.kernel:
             self.conv = F.conv1d if len(self.kernel) == 1 else F.conv2d

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import describe
 
 
 def nearest_divisor(n: int, want: int) -> int:
@@ -194,7 +195,7 @@ class OftConv(OftRotation):
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError("OFT supports convolutions with groups=1 and padding_mode='zeros'")
         super().__init__(conv.weight[0].numel(), block_size, **kw)
-        self.conv = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+        self.conv = F.conv1d if len(conv.kernel_size) == 1 else F.conv2d
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
@@ -257,12 +258,10 @@ class OftConfig(AdapterConfig):
     def build(self, name: str, base: nn.Module) -> Adapter | None:
         kw = dict(block_share=self.block_share, coft=self.coft, eps=self.eps,
                   module_dropout=self.module_dropout, neumann_terms=self.neumann_terms)
-        if isinstance(base, nn.Linear):
-            adapter: Adapter = OftLinear(base.in_features, self._block_size(name, base.in_features), **kw)
-        elif type(base).__name__ == "Conv1D" and hasattr(base, "nf"):
-            d_in = base.weight.shape[0]
-            adapter = OftLinear(d_in, self._block_size(name, d_in), transposed=True, **kw)
-        elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        spec = describe(base)
+        if spec is not None and spec.kind == "linear":
+            adapter: Adapter = OftLinear(spec.d_in, self._block_size(name, spec.d_in), transposed=spec.transposed, **kw)
+        elif spec is not None and spec.kind == "conv" and not spec.transposed and spec.spatial in (1, 2):
             adapter = OftConv(base, self._block_size(name, base.weight[0].numel()), **kw)
         else:
             return None

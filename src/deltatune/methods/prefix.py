@@ -154,6 +154,7 @@ class PrefixConfig(AdapterConfig):
 
     def on_attach(self, model: nn.Module, name: str) -> list[Any]:
         from deltatune.integrations.transformers_cache import kv_layout, prefix_hooks
+        from deltatune.core.contract import KeyValuePrefix
         from deltatune.integrations.transformers_inputs import find_part, input_embedding_layer
         from deltatune.methods.prompt import replace_config
 
@@ -166,7 +167,7 @@ class PrefixConfig(AdapterConfig):
                 f"{self.layout[2]}, but the model has {layout[0]} of {layout[1]} of width {layout[2]}: it belongs "
                 "to another base model (leave num_layers/num_kv_heads/head_dim unset for a new adapter)"
             )
-        adapter = find_part(layer, name, "key_values")
+        adapter = find_part(layer, name, KeyValuePrefix)
         if adapter.layout is None:
             weight = layer.base.weight
             adapter.setup(*layout, device=weight.device, dtype=weight.dtype)

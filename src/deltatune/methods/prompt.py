@@ -148,6 +148,7 @@ class PromptConfig(AdapterConfig):
         return adapter
 
     def on_attach(self, model: nn.Module, name: str) -> list[Any]:
+        from deltatune.core.contract import VirtualTokens
         from deltatune.integrations.transformers_inputs import find_part, input_embedding_layer, load_token_ids
         from deltatune.integrations.transformers_prompt import prompt_hooks
 
@@ -155,7 +156,7 @@ class PromptConfig(AdapterConfig):
         if self.init == "text" and not self.init_token_ids:
             assert self.init_text is not None
             ids = tuple(load_token_ids(self.init_text, self.tokenizer, model))
-            adapter = find_part(layer, name, "virtual_tokens")
+            adapter = find_part(layer, name, VirtualTokens)
             with torch.no_grad():
                 adapter.prompt.copy_(initial_prompt(layer.base.weight, self.num_virtual_tokens, "text", ids))
             replace_config(model, name, self, dataclasses.replace(self, init_token_ids=ids))
@@ -192,13 +193,15 @@ def drop_reparameterization(model: nn.Module, name: str = "default") -> nn.Modul
     prefix tuning's MLP becomes the prefixes it outputs. Outputs are unchanged; the adapter is then
     smaller, faster, and saves (and loads) without the encoder. Call it after training.
     """
+    from deltatune.core.contract import Reparameterized, ReparameterizedConfig
     from deltatune.core.inject import adapted_layers, configs
+    from deltatune.core.parts import config_parts
 
     registered = configs(model).get(name)
     if registered is None:
         raise ValueError(f"no adapter named {name!r} is attached")
-    parts = getattr(registered, "parts", None) or (registered,)
-    if not any(getattr(p, "reparameterized", False) for p in parts):
+    parts = config_parts(registered)
+    if not any(isinstance(p, ReparameterizedConfig) and p.reparameterized for p in parts):
         raise ValueError(f"adapter {name!r} ({registered.method}) has no reparameterisation to drop")
     for _, layer in adapted_layers(model):
         if name not in layer.adapters:
@@ -206,7 +209,7 @@ def drop_reparameterization(model: nn.Module, name: str = "default") -> nn.Modul
         adapter = layer.adapters[name]
         modules = adapter.parts if isinstance(adapter, Composite) else [adapter]
         for i, module in enumerate(modules):
-            if not callable(getattr(module, "materialized", None)):
+            if not isinstance(module, Reparameterized):
                 continue
             trainable = any(p.requires_grad for p in module.parameters())
             new = module.materialized().requires_grad_(trainable)
@@ -215,6 +218,6 @@ def drop_reparameterization(model: nn.Module, name: str = "default") -> nn.Modul
             else:
                 layer.adapters[name] = new
     for part in parts:
-        if getattr(part, "reparameterized", False):
+        if isinstance(part, ReparameterizedConfig) and part.reparameterized:
             replace_config(model, name, part, part.materialized())
     return model

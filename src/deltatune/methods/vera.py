@@ -33,16 +33,13 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import describe
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
     """``(d_in, d_out, transposed)`` for ``nn.Linear`` and GPT-2's ``Conv1D``; None otherwise."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        d_in, d_out = module.weight.shape
-        return d_in, d_out, True
-    return None
+    spec = describe(module)
+    return (spec.d_in, spec.d_out, spec.transposed) if spec is not None and spec.kind == "linear" else None
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -79,7 +76,6 @@ class VeraLinear(Adapter):
         self.b = nn.Parameter(torch.zeros(d_out))                     # (d_out,)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.projection: VeraProjection | None = None
-        self.built_by: Any = None
 
     def share(self, projection: VeraProjection) -> None:
         if projection.A.shape[0] != self.rank or projection.A.shape[1] < self.d_in or projection.B.shape[0] < self.d_out:
@@ -146,16 +142,14 @@ class VeraConfig(AdapterConfig):
         d_in, d_out, transposed = dims
         adapter = VeraLinear(d_in, d_out, rank=self.rank, d_initial=self.d_initial,
                              dropout=self.dropout, transposed=transposed)
-        adapter.built_by = self  # so on_attach finds this config's layers, even inside a hybrid
         return adapter.to(device=base.weight.device)
 
     def on_attach(self, model: nn.Module, name: str) -> list[Any]:
         """Draw the shared pair, sized to the largest adapted layer, and hand it to every layer."""
-        from deltatune.core.inject import adapted_layers
+        from deltatune.core.parts import adapters_of
 
-        adapters = [m for _, layer in adapted_layers(model) if name in layer.adapters
-                    for m in layer.adapters[name].modules()
-                    if isinstance(m, VeraLinear) and m.projection is None and m.built_by == self]
+        # This config's layers (even inside a hybrid), found from the model's structure.
+        adapters = [a for _, a in adapters_of(model, name, self) if isinstance(a, VeraLinear) and a.projection is None]
         if not adapters:  # an equal config earlier in the same hybrid already served these layers
             return []
         max_in = max(a.d_in for a in adapters)

@@ -1,0 +1,45 @@
+"""Which adapter modules a config built: found from the model's structure, never from back-pointers.
+
+An adapter name holds one config, or a :class:`~deltatune.config.HybridConfig` of several parts.
+``attach`` records, per part, the modules it built on (``placement``); where parts meet on one
+module they sit in a :class:`~deltatune.core.layer.Composite` in part order. So a config's hooks
+(``on_attach``, ``on_step``, ``regularization``) find their own adapters with
+:func:`adapters_of`, and no adapter module points back at its config.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from deltatune.config import AdapterConfig, HybridConfig
+from deltatune.core.inject import adapted_layers, configs, placement
+from deltatune.core.layer import Composite
+
+
+def config_parts(config: AdapterConfig) -> tuple[AdapterConfig, ...]:
+    """The method configs of an adapter: a hybrid's parts, or the config itself."""
+    return config.parts if isinstance(config, HybridConfig) else (config,)
+
+
+def adapters_of(model: nn.Module, name: str, part: AdapterConfig | None = None) -> list[tuple[str, nn.Module]]:
+    """``(module name, adapter module)`` for every module adapter ``name`` adapts, in attach order.
+
+    With ``part``, only the modules built by the parts of ``name`` equal to ``part`` (equal configs
+    build equal adapters: a hybrid that repeats a config is served as one); without it, every
+    part's. A module a hybrid adapts with several parts yields each part's own module, not the
+    :class:`Composite`. Modules trained in full (``modules_to_save``) are not parts.
+    """
+    placed = placement(model, name)  # per part, the modules it built on
+    parts = config_parts(configs(model)[name])
+    layers = {n: layer for n, layer in adapted_layers(model) if name in layer.adapters}
+    found = []
+    for i, (config, names) in enumerate(zip(parts, placed)):
+        if part is not None and config != part:
+            continue
+        earlier = [set(n) for n in placed[:i]]
+        for module_name in names:
+            adapter = layers[module_name].adapters[name]
+            if isinstance(adapter, Composite):  # one slot per part placed here, in part order
+                adapter = adapter.parts[sum(module_name in e for e in earlier)]
+            found.append((module_name, adapter))
+    return found
