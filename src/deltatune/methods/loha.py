@@ -98,6 +98,9 @@ class LohaConfig(AdapterConfig):
     def validate(self) -> None:
         validate_rank_and_dropouts(self, "LoHa")
 
+    def update_rank(self, name: str) -> int | None:
+        return next((v for p, v in self.rank_pattern.items() if name_matches(name, p)), self.rank)
+
     def build(self, name: str, base: nn.Module) -> Adapter | None:
         if weight_layout(base) is None:
             return None
