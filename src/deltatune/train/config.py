@@ -31,8 +31,36 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A mapping that refuses a key given twice (PyYAML would silently keep the last one)."""
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden, as YAML says
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key].line + 1}); keep one",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def parse_yaml(text: str, source: str = "YAML") -> Any:
+    """Parse ``text`` safely; a syntax error, a duplicate key or an unsafe tag (``!!python/object``)
+    is one ``ValueError`` naming ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{source}, line {mark.line + 1}" if mark is not None and not source.startswith("--set") else source
+        problem = getattr(err, "problem", None) or str(err)
+        if "could not determine a constructor" in problem:
+            problem = f"{problem.split('tag ', 1)[-1]} is not allowed (only plain YAML: no !!python tags)"
+        raise ValueError(f"{where}: {problem}") from None
 
 
 class _Strict(BaseModel):
@@ -100,8 +128,22 @@ class TrainConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value not in ("auto", "cpu") and not value.startswith(("cuda", "mps")):
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError(f"device must be auto, cpu, cuda[:N] or mps, got {value!r}")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        path = Path(value)
+        try:
+            path.resolve()
+        except (RuntimeError, OSError) as err:  # a symlink loop (RuntimeError before Python 3.13)
+            raise ValueError(f"output {value!r} cannot be used as a run directory: {err}") from None
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"output {value!r} is a file, not a directory; choose another --output")
         return value
 
     @model_validator(mode="before")
@@ -141,7 +183,12 @@ class TrainConfig(_Strict):
             return None
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; available: full, {', '.join(sorted(METHODS))}")
-        return config_from_dict({"method": self.method, **self.adapter})
+        from deltatune.config import ConfigTypeError
+
+        try:
+            return config_from_dict({"method": self.method, **self.adapter})
+        except ConfigTypeError as err:  # name the key as the user writes it: adapter.rank, not rank
+            raise ValueError(f"adapter.{str(err).split(': ', 1)[1]}") from None
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / f"{self.task}-{self.method}"
@@ -161,7 +208,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--set expects key=value (e.g. --set epochs=1), got {assignment!r}")
-    value = parse_yaml(raw) if raw.strip() else None
+    value = parse_yaml(raw, source=f"--set {assignment}") if raw.strip() else None
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
@@ -179,7 +226,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} not found")
-        loaded = parse_yaml(path.read_text())
+        loaded = parse_yaml(path.read_text(), source=str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of keys (model:, task:, ...), not {type(loaded).__name__}")
         data = loaded or {}

@@ -36,9 +36,20 @@ Runner = Callable[[nn.Module, dict[str, torch.Tensor]], Any]
 
 
 def pick_device(name: str) -> torch.device:
+    """``name`` as a device, checked to exist here (a ``ValueError`` naming the fix if not)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: this machine (or this torch build) has no CUDA device; "
+                             "use device=auto or device=cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available here; use device=auto or device=cpu")
+    return device
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -87,6 +87,13 @@ def resolve_model(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise ValueError(f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}) "
                          "nor a directory with a transformers config.json")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err}); re-save the model") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'} must hold a JSON object (a transformers config), "
+                         f"not a {type(config).__name__}")
     return path
 
 
