@@ -47,6 +47,14 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         (tmp / SCALARS).write_text(json.dumps(meta, indent=1) + "\n")
 
 
+def load_checkpoint_step(directory: Path) -> int | None:
+    """The step of the checkpoint in ``directory`` (None if there is none)."""
+    try:
+        return int(json.loads((directory / SCALARS).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore parameters, optimizer and RNG from ``directory``; return the saved scalars."""
     if not (directory / SCALARS).is_file():

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import deltatune as dt
-from deltatune.train.checkpoint import load_checkpoint, save_checkpoint, trainable
+from deltatune.train.checkpoint import load_checkpoint, load_checkpoint_step, save_checkpoint, trainable
 from deltatune.train.config import TrainConfig
 from deltatune.train.data import epoch_batches
 from deltatune.train.ranks import Ranks, step_seed
@@ -141,6 +141,9 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
         trained = model
 
     def checkpoint() -> None:
+        bad = next((n for n, p in zip(trainable(model), params) if not torch.isfinite(p).all()), None)
+        if bad is not None:  # never replace the last good checkpoint with a diverged one
+            diverged(step, f"parameter {bad!r} holds NaN or inf")
         if ranks.main:
             save_checkpoint(ckpt_dir, model, optimizer, {"step": step, "history": history.__dict__})
         ranks.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
@@ -158,6 +161,15 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
         bar.write(f"epoch {epoch:.2f}/{config.epochs} (step {step}): "
                   + ", ".join(f"validation {k} {v:.4f}" for k, v in metrics.items()))
         ranks.barrier()
+
+    def diverged(at: int, what: str) -> None:
+        """Stop on a non-finite loss or weight (a ValueError: one line under the CLI), keeping the checkpoint."""
+        bar.close()
+        saved = load_checkpoint_step(ckpt_dir) if ranks.main else None
+        where = (f"the last good checkpoint (step {saved}) is intact in {ckpt_dir} and loads with --resume "
+                 "(which replays the same steps)" if saved is not None else "no checkpoint was written yet")
+        raise ValueError(f"training stopped at step {at} of {total}: {what} (lr {config.lr:g}); {where}; "
+                         "to get past it, start afresh with a lower lr or a grad_clip")
 
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not (progress and ranks.main),
                desc=f"{config.method} on {config.task}")
@@ -178,7 +190,10 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
             # DDP's average of the gradients is the whole batch's.
             loss = run(trained, batch).loss * (len(mine) * ranks.world / max(len(indices), ranks.world))
             extra = dt.regularization_loss(model)  # e.g. AdaLoRA's orthogonality penalty
-            (loss if extra is None else loss + extra).backward()
+            total_loss = loss if extra is None else loss + extra
+            if not math.isfinite(ranks.mean(total_loss.item())):  # every rank sees it: they stop together
+                diverged(step + 1, f"the loss is {total_loss.item()}")
+            total_loss.backward()
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
