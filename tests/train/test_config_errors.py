@@ -180,3 +180,64 @@ def test_broken_model_config_json_names_the_file(content: str, expected: str, ti
                  "--set", f"data.path={tiny_csv}", "--no-progress")
     assert expected in line and str(model / "config.json") in line
     json.dumps(line)  # one plain line
+
+
+# --- defaults that learn: the learning rate follows the method ---------------------------------------
+
+
+@pytest.mark.parametrize(("method", "lr", "reason"), [
+    ("bitfit", 1e-2, "bitfit's suggested default"),
+    ("full", 5e-5, "full fine-tuning's default"),
+    ("lora", 1e-3, "the default"),
+])
+def test_lr_follows_the_method_unless_given(method: str, lr: float, reason: str, tmp_path: Path) -> None:
+    from deltatune.train.config import lr_note
+
+    config = load_config(None, [f"method={method}"])
+    assert config.lr == lr and lr_note(config) == f"lr {lr:g} ({reason}; set lr= to change)"
+    assert load_config(None, [f"method={method}", "lr=0.2"]).lr == 0.2  # --set wins
+    assert lr_note(load_config(None, [f"method={method}", "lr=0.2"])) is None
+    path = tmp_path / "run.yaml"
+    path.write_text(f"method: {method}\nlr: 3.0e-4\n")
+    assert load_config(path).lr == 3e-4 and lr_note(load_config(path)) is None  # YAML wins
+
+
+def test_compare_and_train_resolve_the_same_lr(tmp_path: Path) -> None:
+    from deltatune.train.compare import plan_comparison
+
+    planned = {p.method: p.config for p in plan_comparison(["full", "bitfit", "lora", "ia3"], tmp_path)}
+    for method, config in planned.items():
+        alone = load_config(None, [f"method={method}"])
+        assert config is not None and (config.lr, config.weight_decay) == (alone.lr, alone.weight_decay), method
+    assert planned["bitfit"].lr == METHODS["bitfit"].suggested_lr and planned["full"].lr == 5e-5
+
+
+def _train(tiny_bert: Path, tiny_csv: Path, out: Path, *extra: str) -> str:
+    result = runner.invoke(app, ["train", "--set", f"model={tiny_bert}", "--set", "task=classification",
+                                 "--set", f"data.path={tiny_csv}", "--set", "epochs=1", "--set", "batch_size=8",
+                                 "--set", "method=bitfit", "--set", "precision=fp32", "--output", str(out),
+                                 "--no-progress", *extra])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_train_says_which_lr_it_chose_and_records_it(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    import yaml
+
+    out = _train(tiny_bert, tiny_csv, tmp_path / "run")
+    assert "lr 0.01 (bitfit's suggested default; set lr= to change)" in out
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 0.01
+    out = _train(tiny_bert, tiny_csv, tmp_path / "explicit", "--set", "lr=0.002")
+    assert "suggested default" not in out
+    assert yaml.safe_load((tmp_path / "explicit" / "config.yaml").read_text())["lr"] == 0.002
+
+
+def test_resuming_a_run_started_with_the_old_default_keeps_its_lr(tiny_bert: Path, tiny_csv: Path,
+                                                                    tmp_path: Path) -> None:
+    import yaml
+
+    run = tmp_path / "run"
+    _train(tiny_bert, tiny_csv, run, "--set", "lr=0.001")  # what bitfit ran at before lr followed the method
+    out = _train(tiny_bert, tiny_csv, run, "--resume")  # the same command, without lr
+    assert "resumed from" in out and "as recorded in" in out and "lr 0.001" in out
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.001

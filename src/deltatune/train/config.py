@@ -17,7 +17,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+#: Full fine-tuning's settings (as recipes/sentiment-full.yaml: every weight moves, so small steps).
+#: Adapter methods bring their own starting learning rate (``AdapterConfig.suggested_lr``), from
+#: their papers or measured here. ``train`` and ``compare`` both start from :func:`method_defaults`.
+FULL_DEFAULTS: dict[str, Any] = {"lr": 5e-5, "weight_decay": 0.01}
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """Training settings a method starts from when the user gives none (its learning rate)."""
+    from deltatune.methods import METHODS
+
+    if method == "full":
+        return dict(FULL_DEFAULTS)
+    lr = getattr(METHODS.get(method), "suggested_lr", None)
+    return {} if lr is None else {"lr": lr}
 
 
 class _Loader(yaml.SafeLoader):
@@ -124,6 +139,8 @@ class TrainConfig(_Strict):
     cpu_engine: Literal["onednn", "thin", "aten"] = "onednn"
     output: str | None = None
     save_format: Literal["deltatune", "peft"] = "deltatune"  # adapter file format; peft: Hugging Face PEFT's
+    # Why ``lr`` has its value when the user gave none (``train`` prints it); None: given explicitly.
+    _lr_reason: str | None = PrivateAttr(default=None)
 
     @field_validator("device")
     @classmethod
@@ -236,11 +253,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
-    """``TrainConfig.model_validate`` with pydantic's errors turned into one clear ``ValueError``."""
+    """``TrainConfig.model_validate`` with pydantic's errors turned into one clear ``ValueError``.
+
+    Keys the user left out that the method has its own defaults for (``method_defaults``: its
+    learning rate) are filled first, so they win over the task's generic ones; explicit keys win
+    over both.
+    """
+    data, reason = _with_method_defaults(data)
     try:
-        return TrainConfig.model_validate(data)
+        config = TrainConfig.model_validate(data)
     except ValidationError as err:
         raise ValueError(f"{source}: {_explain(err)}") from None
+    config._lr_reason = reason
+    return config
+
+
+def _with_method_defaults(data: Any) -> tuple[Any, str | None]:
+    if not isinstance(data, dict) or "lr" in data:
+        return data, None
+    method = data.get("method", TrainConfig.model_fields["method"].default)
+    filled = method_defaults(method) if isinstance(method, str) else {}
+    if "lr" in filled:
+        reason = "full fine-tuning's default" if method == "full" else f"{method}'s suggested default"
+    else:
+        from deltatune.train.tasks import TASKS
+
+        task = data.get("task", TrainConfig.model_fields["task"].default)
+        has_own = isinstance(task, str) and "lr" in getattr(TASKS.get(task), "defaults", {})
+        reason = f"task {task}'s default" if has_own else "the default"
+    return {**{k: v for k, v in filled.items() if k not in data}, **data}, reason
+
+
+def lr_note(config: TrainConfig) -> str | None:
+    """``"lr 0.01 (bitfit's suggested default; set lr= to change)"``, or None if the user gave ``lr``."""
+    reason = config._lr_reason
+    return None if reason is None else f"lr {config.lr:g} ({reason}; set lr= to change)"
 
 
 def _explain(err: ValidationError) -> str:
