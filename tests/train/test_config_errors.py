@@ -241,3 +241,38 @@ def test_resuming_a_run_started_with_the_old_default_keeps_its_lr(tiny_bert: Pat
     out = _train(tiny_bert, tiny_csv, run, "--resume")  # the same command, without lr
     assert "resumed from" in out and "as recorded in" in out and "lr 0.001" in out
     assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.001
+
+
+# --- errors under the CLI name the CLI's flags -------------------------------------------------------
+
+
+def test_combine_errors_name_flags_and_paths_not_library_arguments(tiny_bert: Path, tiny_csv: Path,
+                                                                     tmp_path: Path) -> None:
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"run{seed}"
+        result = runner.invoke(app, ["train", "--set", f"model={tiny_bert}", "--set", "task=classification",
+                                     "--set", f"data.path={tiny_csv}", "--set", "epochs=1", "--set", "batch_size=8",
+                                     "--set", "adapter.rank=2", "--set", f"seed={seed}", "--set", "precision=fp32",
+                                     "--output", str(out), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        runs.append(out)
+    base = ["combine", *runs, "--output", tmp_path / "combined"]
+    line = fails(*base, "--how", "cat")  # both runs train the classifier head in full
+    assert "--heads-from N (1 = the first adapter)" in line and "heads_from" not in line
+    line = fails(*base, "--how", "mean")
+    assert line.startswith("error: --how must be one of") and "how=" not in line
+    line = fails(*base, "--how", "cat", "--rank", "2", "--heads-from", "1")
+    assert "--rank and --svd-clamp apply to the svd combinations only" in line
+    assert "--majority-sign must be" in fails(*base, "--how", "ties", "--majority-sign", "most", "--heads-from", "1")
+    line = fails(*base, "--how", "ties", "--density", "0", "--heads-from", "1")
+    assert "needs a --density in (0, 1]" in line
+
+
+def test_cli_words_leave_other_words_alone() -> None:
+    from deltatune.cli.common import in_cli_words
+
+    words = {"rank must": "--rank must", "heads_from": "--heads-from"}
+    assert in_cli_words("rank must be >= 1; low-rank rank must; heads_from=x", words) == \
+        "--rank must be >= 1; low-rank --rank must; --heads-from=x"
+    assert in_cli_words("my_heads_from stays", words) == "my_heads_from stays"
