@@ -23,8 +23,12 @@ VALUES = 256
 
 
 def _weight(module: nn.Module) -> torch.Tensor | None:
+    """The module's plain floating-point weight; None for none, a quantized one, or a tensor
+    subclass such as FSDP's sharded DTensor (reading it whole would be a collective)."""
     weight = getattr(module, "weight", None)
-    return weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+    if not isinstance(weight, torch.Tensor) or type(weight.detach()) is not torch.Tensor:
+        return None
+    return weight if weight.is_floating_point() else None
 
 
 def _hash(weight: torch.Tensor) -> str:
