@@ -163,7 +163,19 @@ class ConfigTypeError(TypeError, ValueError):
 
 @functools.cache
 def _field_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The fields' annotations, resolved; one that cannot be resolved (a name local to the function
+    that defined the config) is not checked rather than breaking the config."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - any failure to resolve means "do not check"
+        hints: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            for name in getattr(klass, "__annotations__", {}):
+                try:
+                    hints[name] = typing.get_type_hints(klass).get(name, Any)
+                except Exception:  # noqa: BLE001
+                    hints[name] = Any
+        return hints
 
 
 def _checked(cls: type, name: str, hint: Any, value: Any) -> Any:

@@ -76,6 +76,19 @@ def test_every_method_checks_its_int_and_float_fields(method: str) -> None:
             cls.from_dict({name: "1"})
 
 
+def test_a_user_config_with_an_unresolvable_annotation_still_works() -> None:
+    class Local:  # a name get_type_hints cannot see from the module
+        pass
+
+    @dataclasses.dataclass(frozen=True)
+    class MyLora(dt.LoraConfig):
+        extra: Local | None = None
+
+    assert MyLora(extra=None).extra is None
+    with pytest.raises(ConfigTypeError, match="rank must be an integer"):  # the resolvable fields are still checked
+        MyLora(rank="8")
+
+
 # --- values that make the adapter useless ---------------------------------------------------------
 
 
