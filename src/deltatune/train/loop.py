@@ -190,19 +190,21 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
             # DDP's average of the gradients is the whole batch's.
             loss = run(trained, batch).loss * (len(mine) * ranks.world / max(len(indices), ranks.world))
             extra = dt.regularization_loss(model)  # e.g. AdaLoRA's orthogonality penalty
-            total_loss = loss if extra is None else loss + extra
-            if not math.isfinite(ranks.mean(total_loss.item())):  # every rank sees it: they stop together
-                diverged(step + 1, f"the loss is {total_loss.item()}")
-            total_loss.backward()
+            (loss if extra is None else loss + extra).backward()
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
+            # Read where the loop always synchronised (no extra stall); a NaN step's update is never
+            # checkpointed because we stop here, before the next checkpoint. Every rank sees the mean.
+            value = ranks.mean(loss.item())
+            if not math.isfinite(value):
+                diverged(step + 1, f"the loss is {value}")
             step += 1
             dt.on_train_step(model, step, total)  # before zero_grad: some methods read the gradients
             optimizer.zero_grad(set_to_none=True)
 
             elapsed = time.perf_counter() - t0
-            history.loss.append(ranks.mean(loss.item()))
+            history.loss.append(value)
             history.seconds += elapsed
             history.examples += len(indices)
             # Moving averages, so the bar shows trends rather than one batch's noise.
