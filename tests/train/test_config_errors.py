@@ -289,3 +289,17 @@ def test_cli_words_leave_other_words_alone() -> None:
     assert in_cli_words("rank must be >= 1; low-rank rank must; heads_from=x", words) == \
         "--rank must be >= 1; low-rank --rank must; --heads-from=x"
     assert in_cli_words("my_heads_from stays", words) == "my_heads_from stays"
+
+
+def test_the_cli_shows_the_rank_warning_as_one_line(tiny_bert: Path) -> None:
+    import subprocess
+    import sys
+
+    # a real process: pytest captures warnings in-process, the user's terminal does not
+    result = subprocess.run([sys.executable, "-m", "deltatune", "inspect", str(tiny_bert), "--set", "adapter.rank=64",
+                             "--set", "task=classification", "--set", f"data.path={tiny_bert}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if "full rank" in x]
+    assert line.startswith("warning: rank 64 on 'bert.encoder.layer.0.attention.self.query' (32 -> 32)")
+    assert "UserWarning" not in result.stderr
