@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import types
+import typing
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -44,6 +47,12 @@ class AdapterConfig:
     modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # Every field's value must fit its annotation (rank=int, dropout=float, ...), checked once
+        # here for every method, so a wrong-typed value fails on construction, not deep in build().
+        hints = _field_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = _checked(type(self), field.name, hints[field.name], getattr(self, field.name))
+            object.__setattr__(self, field.name, value)
         # Normalise lists from YAML/JSON into tuples so configs stay hashable and frozen.
         for name in ("exclude", "modules_to_save"):
             value = getattr(self, name)
@@ -74,6 +83,15 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Check the method's own fields; raise ``ValueError`` naming the fix."""
+
+    def update_rank(self, name: str) -> int | None:
+        """The rank of the low-rank update this method puts on module ``name``, for methods whose
+        update is factors of ``rank * (d_in + d_out)`` numbers (LoRA-like); ``None`` otherwise.
+
+        ``attach`` warns when it is at or above ``min(d_in, d_out)``: the update is then full rank
+        and the adapter stores more numbers than the weight it adapts.
+        """
+        return None
 
     def build(self, name: str, base: nn.Module) -> nn.Module | None:
         """Return the adapter for the module called ``name``, or ``None`` if its type is unsupported."""
@@ -132,6 +150,101 @@ class AdapterConfig:
             raise ValueError(f"config is for method {method!r}, not {cls.method!r}")
         check_keys(data, [f.name for f in dataclasses.fields(cls)], what=f"{cls.__name__}")
         return cls(**data)
+
+
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type. A ``TypeError`` for library callers, and a ``ValueError``
+    so that the CLI (and pydantic) report it as bad input in one line. ``field`` names the key."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    """The fields' annotations, resolved; one that cannot be resolved (a name local to the function
+    that defined the config) is not checked rather than breaking the config."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - any failure to resolve means "do not check"
+        hints: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            for name in getattr(klass, "__annotations__", {}):
+                try:
+                    hints[name] = typing.get_type_hints(klass).get(name, Any)
+                except Exception:  # noqa: BLE001
+                    hints[name] = Any
+        return hints
+
+
+def _checked(cls: type, name: str, hint: Any, value: Any) -> Any:
+    """``value`` if it fits ``hint`` (a ``tuple[T, ...]`` field also takes a list or one T, returned
+    as a tuple); otherwise a :class:`ConfigTypeError` saying what the field takes."""
+    ok, normalised = _fits(hint, value)
+    if ok:
+        return normalised
+    method = getattr(cls, "method", "") or cls.__name__
+    raise ConfigTypeError(f"{method}: {name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})",
+                          field=name)
+
+
+def _fits(hint: Any, value: Any) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True, value
+    if hint is type(None):
+        return value is None, value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            ok, normalised = _fits(option, value)
+            if ok:
+                return True, normalised
+        return False, value
+    if origin is Literal:
+        return value in args and all(type(value) is type(a) for a in args if a == value), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:  # an int is a fine float (alpha: 16)
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if origin in (tuple, list):
+        elem = args[0] if args else Any
+        if isinstance(value, (list, tuple)):
+            items = [_fits(elem, v) for v in value]
+            return all(ok for ok, _ in items), tuple(v for _, v in items)
+        if args and len(args) == 2 and args[1] is Ellipsis:  # one item stands for a one-item tuple
+            ok, item = _fits(elem, value)
+            return ok, (item,)
+        return False, value
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            return False, value
+        key_t, val_t = args if len(args) == 2 else (Any, Any)
+        return all(_fits(key_t, k)[0] and _fits(val_t, v)[0] for k, v in value.items()), value
+    if origin is Callable or hint is Callable:
+        return callable(value) and not isinstance(value, (str, bytes)), value
+    if isinstance(hint, type):
+        return isinstance(value, hint), value
+    return True, value  # an annotation we do not check
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in args))
+    if origin is Literal:
+        return " or ".join(map(repr, args)) if len(args) <= 2 else "one of " + ", ".join(map(repr, args))
+    if origin in (tuple, list):
+        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], _describe(args[0])) if args else 'values'}"
+    if origin in (dict, Mapping):
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}" if len(args) == 2 else "a mapping"
+    if origin is Callable or hint is Callable:
+        return "a callable"
+    named = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "None"}
+    return named.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def check_keys(data: Mapping[str, Any], known: list[str], what: str) -> None:

@@ -71,7 +71,7 @@ def test_combine_then_predict(runs: dict[str, Path], tmp_path: Path) -> None:
     out = invoke("combine", runs["first"], runs["second"], "--how", "ties", "--density", "0.5", "--weights", "0.6",
                  "--weights", "0.4", "--heads-from", "2", "--output", tmp_path / "ties")
     assert "into" in out and (tmp_path / "ties" / "adapter_model.safetensors").is_file()
-    for bad, message in ((["--how", "ties"], "heads_from"), (["--how", "cat", "--weights", "1"], "one weight per")):
+    for bad, message in ((["--how", "ties"], "--heads-from"), (["--how", "cat", "--weights", "1"], "one weight per")):
         result = runner.invoke(app, ["combine", str(runs["first"]), str(runs["second"]), *bad,
                                      "--output", str(tmp_path / "bad")])
         assert result.exit_code == 2 and message in result.output, result.output

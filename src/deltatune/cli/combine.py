@@ -41,7 +41,12 @@ def combine(
         "--set", help="Change the first adapter's recorded config, e.g. --set model=/path/to/base.")] = None,
 ) -> None:
     """Combine several adapters of one base model into a new adapter (PEFT's add_weighted_adapter rules)."""
-    with fail_cleanly():
+    # The library's argument names and adapter names, as this command's flags and paths.
+    words = {"heads_from=<one of them>": "--heads-from N (1 = the first adapter)", "heads_from": "--heads-from",
+             "how must": "--how must", "majority_sign": "--majority-sign", "svd_clamp": "--svd-clamp",
+             "rank and": "--rank and", "rank must": "--rank must", "a density": "a --density",
+             "unmerge(model)": "unmerge it"}
+    with fail_cleanly(words):
         import deltatune as dt
         from deltatune.core.combine import combine as combine_adapters
         from deltatune.core.io import check_replaceable
@@ -63,6 +68,8 @@ def combine(
         model = trained.model
         names = [trained.adapter] + [dt.load_adapter(model, where, f"source{i}", activate=False)
                                      for i, (_, where) in enumerate(sources[1:], start=2)]
+        words.update({repr(n): repr(str(a)) for n, a in zip(names, adapters)})
+        words[repr(names)] = ", ".join(str(a) for a in adapters)
         combine_adapters(model, names, ws, "combined", how=how, density=density, majority_sign=majority_sign,
                          rank=rank, svd_clamp=svd_clamp,
                          heads_from=None if heads_from is None else names[heads_from - 1])

@@ -4,24 +4,54 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import typer
 
 
 @contextlib.contextmanager
-def fail_cleanly() -> Iterator[None]:
+def fail_cleanly(words: Mapping[str, str] | None = None) -> Iterator[None]:
     """Turn a ``ValueError`` (bad input, with the fix in its message) into one red line and exit code 2.
 
+    ``words`` rewrites the library's argument names in the message into what the user typed
+    (``{"heads_from": "--heads-from"}``), so an error raised by the library names the CLI's flag.
     Other exceptions keep their traceback: they are bugs, not user errors.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    original = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning  # our warnings read as "warning: ..." lines, like errors
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {in_cli_words(str(err), words or {})}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
+    finally:
+        warnings.formatwarning = original
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """deltatune's own warnings as one line; others (from torch, transformers) as Python prints them."""
+    if str(Path(filename).resolve()).startswith(_PACKAGE):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT = warnings.formatwarning
+
+
+def in_cli_words(message: str, words: Mapping[str, str]) -> str:
+    """``message`` with each whole-word key of ``words`` replaced (longest first; not inside
+    ``low-rank`` or ``--rank``)."""
+    for key in sorted(words, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(key)}(?![\w-])", lambda _: words[key], message)
+    return message
 
 
 def parse_sets(values: list[str] | None) -> dict:

@@ -30,6 +30,7 @@ def train(
     """
     with fail_cleanly():
         from deltatune.train import load_config, run_training
+        from deltatune.train.config import lr_note
 
         overrides = list(set_ or [])
         if output is not None:
@@ -38,6 +39,15 @@ def train(
             saved = load_config(None, overrides).resolved_output() / "config.yaml"
             config = saved if saved.is_file() else None
         cfg = load_config(config, overrides)
+        note = lr_note(cfg)
+        if note and resume:  # a run started before lr followed the method keeps the lr it was started with
+            saved = cfg.resolved_output() / "config.yaml"
+            recorded = load_config(saved).lr if saved.is_file() else cfg.lr
+            if recorded != cfg.lr:
+                cfg = load_config(config, [*overrides, f"lr={recorded!r}"])
+                note = f"lr {recorded:g} (as recorded in {saved}, the run being resumed)"
+        if note:
+            typer.echo(note)
         try:
             run_training(cfg, resume=resume, progress=progress, overwrite=overwrite)
         except KeyboardInterrupt:

@@ -25,12 +25,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig, HybridConfig
 from deltatune.core.inject import _known, adapted_layers, configs
-from deltatune.core.io import WEIGHTS_FILE, read_adapter_config
+from deltatune.core.io import WEIGHTS_FILE, read_adapter_config, read_tensors
 from deltatune.core.layer import AdaptedLayer, FullCopy
 from deltatune.core.routing import is_low_rank
 
@@ -104,7 +103,7 @@ def hotswap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: s
         if module_name not in layers:
             raise ValueError(f"{where} adapts {module_name!r}, which adapter {name!r} does not; hot swap "
                              "needs the new targets to be among the slot's (attach a slot covering them)")
-    tensors = load_file(str(Path(directory) / WEIGHTS_FILE), device="cpu")
+    tensors = read_tensors(Path(directory) / WEIGHTS_FILE)
     same = type(new_config) is type(old_config) and _hyperparameters(new_config) == _hyperparameters(old_config)
     staged: dict[str, nn.Module] = {}
     for module_name, layer in layers.items():

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from deltatune.config import AdapterConfig, HybridConfig
@@ -192,7 +194,26 @@ def _build(config: AdapterConfig, names: list[str], modules: dict[str, nn.Module
         )
     if skipped and _explicit(config.target):
         raise ValueError(f"{config.method} cannot adapt {skipped[0]}; remove it from the target")
+    _warn_full_rank(config, [(n, modules[n]) for n, _ in built])
     return built, skipped
+
+
+def _warn_full_rank(config: AdapterConfig, modules: list[tuple[str, nn.Module]]) -> None:
+    """Warn (once per attach) where a config's declared ``update_rank`` reaches a layer's smaller side."""
+    over = []
+    for module_name, base in modules:
+        rank, weight = config.update_rank(module_name), getattr(base, "weight", None)
+        if rank is None or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            continue
+        side = min(weight.shape[0], weight[0].numel())  # (out, in, *k) or Conv1D's (in, out): same min
+        if rank >= side:
+            d_in, d_out = getattr(base, "in_features", None), getattr(base, "out_features", None)
+            shape = f"{d_in} -> {d_out}" if d_in and d_out else f"weight {tuple(weight.shape)}"
+            over.append(f"rank {rank} on {module_name!r} ({shape}) is at or above min(d_in, d_out)={side}")
+    if over:
+        more = f" (and {len(over) - 1} more modules)" if len(over) > 1 else ""
+        warnings.warn(f"{over[0]}{more}: the update is full rank there and the adapter stores more numbers "
+                      "than the weight itself; lower the rank or exclude the module", stacklevel=4)
 
 
 def placement(model: nn.Module, name: str) -> list[list[str]]:

@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune.config import HybridConfig
+from deltatune.core.fingerprint import differences, fingerprint
 from deltatune.core.inject import adapted_layers, attach, configs, placement
 from deltatune.core.layer import FullCopy
 
@@ -255,6 +257,8 @@ def adapter_payload(model: nn.Module, name: str, extra: dict[str, Any] | None = 
         # The base layer types (e.g. Linear, Embedding), so converters to other formats, which name
         # tensors per layer type, work from the files alone.
         "module_types": {n: type(layer.base).__name__ for n, layer in adapted_layers(model) if n in targets},
+        # Shapes and a hash of a few base weights, so loading onto another base can warn (fingerprint.py).
+        "base_fingerprint": fingerprint({n: layer.base for n, layer in adapted_layers(model) if n in targets}),
         **({"part_targets": placement(model, name)} if isinstance(configs(model)[name], HybridConfig) else {}),
         **(extra or {}),
     }
@@ -283,11 +287,63 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     return Path(directory)
 
 
+def read_json_file(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; anything else (bad JSON, a list, unreadable bytes) is one
+    ``ValueError`` naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; expected an adapter directory (adapter_config.json + "
+                                "adapter_model.safetensors)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged: save the adapter again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, each checked to be finite. A missing, truncated or empty
+    file, or a NaN/inf value, is one ``ValueError`` naming the file (and the tensor)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; the adapter directory is incomplete")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes); the save was interrupted: save the adapter again")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors' own error type (truncated header or data)
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); it is probably truncated: "
+                         "save the adapter again") from None
+    check_finite(tensors, path)
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path | str) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t)
+            if bad.any():
+                kind = "NaN" if torch.isnan(t).any() else "inf"
+                raise ValueError(f"{path}: tensor {key!r} holds {int(bad.sum())} {kind} value(s) of {t.numel()}; "
+                                 "the adapter diverged in training or the file is damaged")
+
+
+def config_from_meta(meta: dict[str, Any], path: Path | str) -> Any:
+    """The adapter config recorded in ``meta``; a bad one is a ``ValueError`` naming ``path``."""
+    from deltatune.methods import config_from_dict
+
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: 'config' must be a JSON object with a 'method' key, got {config!r}")
+    try:
+        return config_from_dict(config)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; expected a directory written by save_adapter")
-    meta = json.loads(path.read_text())
+    meta = read_json_file(path)
     if _is_peft(meta):  # a Hugging Face PEFT checkpoint: read as ours
         from deltatune.integrations.peft_format import read_peft_meta
 
@@ -296,6 +352,12 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{path} is not a deltatune adapter (format {meta.get('format')!r})")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer deltatune (format {meta['format_version']}); upgrade deltatune")
+    lists = {"targets": meta.get("targets"), "modules_to_save": meta.get("modules_to_save", []),
+             **{f"part_targets[{i}]": p for i, p in enumerate(meta.get("part_targets") or [])}}
+    for key, names in lists.items():
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{path}: {key!r} must be a list of module names, got {names!r}")
+    config_from_meta(meta, path)  # checked here, so every reader of the meta gets a sound config
     return meta
 
 
@@ -306,18 +368,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     Every module, key and shape is checked against the model before anything is copied; the
     first mismatch raises an error naming it. Returns the adapter name used.
     """
-    from deltatune.methods import config_from_dict
-
     path = Path(directory) / CONFIG_FILE
-    if path.is_file() and _is_peft(json.loads(path.read_text())):
+    if _is_peft(read_json_file(path)):
         # A Hugging Face PEFT checkpoint: its own loader, which names PEFT's keys in errors.
         from deltatune.integrations.peft_format import load_peft_adapter
 
         return load_peft_adapter(model, directory, name, activate=activate, trainable=trainable)
     meta = read_adapter_config(directory)
-    config = config_from_dict(meta["config"])
+    config = config_from_meta(meta, path)
     name = name or meta.get("adapter_name", "default")
-    tensors = load_file(str(Path(directory) / WEIGHTS_FILE), device="cpu")
+    tensors = read_tensors(Path(directory) / WEIGHTS_FILE)
     attach(model, config, name, activate=activate, part_names=meta.get("part_targets", [meta["targets"]]),
            save_names=meta.get("modules_to_save", []))
     try:
@@ -339,6 +399,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
 
         detach(model, name)
         raise
+    changed = differences(meta.get("base_fingerprint"),
+                          {n: layer.base for n, layer in adapted_layers(model) if name in layer.adapters})
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        warnings.warn(f"{directory}: this base model is not the one the adapter was saved with: {changed[0]}{more}; "
+                      "it loads, but its outputs will differ from the trained run's", stacklevel=2)
     finish_load(model, name, activate=activate, trainable=trainable)
     return name
 

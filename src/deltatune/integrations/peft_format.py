@@ -20,7 +20,6 @@ a PEFT feature deltatune lacks is an error naming it. Nothing is ever unpickled.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from deltatune.integrations.peft_spec import Site
@@ -61,10 +60,9 @@ def is_peft_config(meta: Mapping[str, Any]) -> bool:
 
 
 def read_peft_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(directory) / PEFT_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; expected an adapter directory")
-    return json.loads(path.read_text())
+    from deltatune.core.io import read_json_file
+
+    return read_json_file(Path(directory) / PEFT_CONFIG)
 
 
 def _weights(directory: Path) -> Path:
@@ -83,9 +81,22 @@ def read_peft_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """A PEFT directory's adapter as deltatune's meta (reads key names and shapes, not the tensors)."""
     directory = Path(directory)
     peft = read_peft_config(directory)
-    with safe_open(str(_weights(directory)), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    return plan_from_peft(peft, shapes, str(directory)).meta
+    weights = _weights(directory)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # safetensors' own error type: a truncated or empty file
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); it is probably truncated") from None
+    return _plan(peft, shapes, directory).meta
+
+
+def _plan(peft: dict[str, Any], shapes: dict[str, tuple[int, ...]], directory: Path, *args: Any) -> Any:
+    """``plan_from_peft``, with a config of the wrong shape reported as one error naming the file."""
+    try:
+        return plan_from_peft(peft, shapes, str(directory), *args)
+    except (TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"{directory / PEFT_CONFIG}: cannot read this PEFT config ({type(err).__name__}: {err})") \
+            from None
 
 
 def read_peft(directory: str | os.PathLike[str], module_types: Mapping[str, str] | None = None,
@@ -93,8 +104,10 @@ def read_peft(directory: str | os.PathLike[str], module_types: Mapping[str, str]
     """(deltatune meta, tensors by our key, our key -> PEFT key) for a PEFT directory."""
     directory = Path(directory)
     peft = read_peft_config(directory)
-    raw = load_file(str(_weights(directory)), device="cpu")
-    plan = plan_from_peft(peft, {k: tuple(t.shape) for k, t in raw.items()}, str(directory), module_types, locate)
+    from deltatune.core.io import read_tensors
+
+    raw = read_tensors(_weights(directory))
+    plan = _plan(peft, {k: tuple(t.shape) for k, t in raw.items()}, directory, module_types, locate)
     check = entry_for(plan.meta["config"]["method"]).check
     if check is not None:
         try:
@@ -215,7 +228,7 @@ def _check_and_copy(model: nn.Module, name: str, meta: Mapping[str, Any], tensor
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: Literal["peft", "deltatune"]) -> Path:
     """Convert an adapter directory between deltatune's format and PEFT's, without loading a model."""
-    from deltatune.core.io import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, read_adapter_config, write_json
+    from deltatune.core.io import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, read_adapter_config, read_tensors, write_json
 
     src = Path(src)
     if to not in ("peft", "deltatune"):
@@ -224,7 +237,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: Litera
     if source == to:
         raise ValueError(f"{src} is already a {to} adapter; nothing to convert")
     if to == "peft":
-        return write_peft(dst, read_adapter_config(src), load_file(str(src / WEIGHTS_FILE), device="cpu"))
+        return write_peft(dst, read_adapter_config(src), read_tensors(src / WEIGHTS_FILE))
     meta, tensors, _ = read_peft(src)
     with atomic_directory(dst) as tmp:
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -215,6 +215,8 @@ class AdaLoraConfig(AdapterConfig):
     def validate(self) -> None:
         if not 1 <= self.target_rank <= self.init_rank:
             raise ValueError(f"AdaLoRA needs 1 <= target_rank <= init_rank, got {self.target_rank} and {self.init_rank}")
+        if self.alpha == 0:
+            raise ValueError("AdaLoRA alpha must not be 0: the update is scaled by alpha/rank and would always be zero")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdaLoRA dropout must be in [0, 1), got {self.dropout}")
         if self.tinit < 0 or self.tfinal < 0 or self.delta_t < 1:
@@ -224,6 +226,9 @@ class AdaLoraConfig(AdapterConfig):
             raise ValueError(f"AdaLoRA beta1 and beta2 must lie in (0, 1), got {self.beta1} and {self.beta2}")
         if self.orth_reg_weight < 0:
             raise ValueError(f"AdaLoRA orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+
+    def update_rank(self, name: str) -> int | None:
+        return self.init_rank
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
         kw = dict(rank=self.init_rank, alpha=self.alpha, dropout=self.dropout)

@@ -98,6 +98,9 @@ class LohaConfig(AdapterConfig):
     def validate(self) -> None:
         validate_rank_and_dropouts(self, "LoHa")
 
+    def update_rank(self, name: str) -> int | None:
+        return pattern_value(name, self.rank_pattern, self.rank)
+
     def build(self, name: str, base: nn.Module) -> Adapter | None:
         if supported(base) is None:
             return None

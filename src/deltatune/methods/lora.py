@@ -201,10 +201,16 @@ class LoraConfig(AdapterConfig):
     def validate(self) -> None:
         if self.rank < 1 or any(r < 1 for r in self.rank_pattern.values()):
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha == 0 or any(a == 0 for a in self.alpha_pattern.values()):
+            raise ValueError("LoRA alpha must not be 0: the update alpha/rank * B A would always be zero "
+                             "(a common choice is alpha = 2 * rank)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.init not in ("default", "gaussian", "pissa", "olora"):
             raise ValueError(f"LoRA init must be one of default, gaussian, pissa, olora; got {self.init!r}")
+
+    def update_rank(self, name: str) -> int | None:
+        return pattern_value(name, self.rank_pattern, self.rank)
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
         rank = pattern_value(name, self.rank_pattern, self.rank)

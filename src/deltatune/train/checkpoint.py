@@ -95,6 +95,14 @@ def remove_checkpoint(checkpoint: Path) -> None:
             (checkpoint / name).unlink(missing_ok=True)
 
 
+def load_checkpoint_step(directory: Path) -> int | None:
+    """The step of the checkpoint in ``directory`` (None if there is none)."""
+    try:
+        return int(json.loads((directory / SCALARS).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore parameters, optimizer and RNG from the newest checkpoint in ``directory``; return the
     saved scalars."""

@@ -108,6 +108,10 @@ class ClassificationTask(Task):
     def evaluate(self, model: nn.Module, items: list[dict[str, Any]], tokenizer: Any, batch_size: int,
                  run: Any) -> dict[str, float]:
         logits = self.logits(model, items, tokenizer, batch_size, run)       # (N, C)
+        bad = int((~torch.isfinite(logits)).any(-1).sum())
+        if bad:  # argmax of NaN is an arbitrary class: an accuracy from it would be a silent wrong answer
+            raise ValueError(f"the model gave NaN or inf logits for {bad} of {len(items)} examples; no metrics "
+                             "computed (the weights or the adapter hold non-finite values, or the precision overflowed)")
         target = torch.tensor([it["label"] for it in items])                  # (N,)
         pred = logits.argmax(-1)
         return {

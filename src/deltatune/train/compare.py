@@ -9,7 +9,7 @@ each method costs: trainable parameters, bytes to ship, training time and peak m
 Only what a method needs to train well differs between rows: its own ``adapter:`` settings (its
 config's defaults plus the task's ``method_defaults``; the new classifier head is trained by
 every method, ``prepare`` adds it to ``modules_to_save``) and the learning rate its
-config suggests (``suggested_lr``; :data:`FULL_DEFAULTS` for full fine-tuning). ``--set`` overrides apply to every run (``adapter.*`` ones to every
+config suggests (``suggested_lr``; :data:`deltatune.train.config.FULL_DEFAULTS` for full fine-tuning; the same defaults as ``train``). ``--set`` overrides apply to every run (``adapter.*`` ones to every
 adapter method); ``--set-method lora.adapter.rank=16`` to one method. A per-method override of a
 key in :data:`SHARED_KEYS` is refused up front, so the budget stays the same for all.
 
@@ -46,10 +46,6 @@ from deltatune.train.config import TrainConfig, apply_override, validate_config
 
 FULL = "full"
 FAMILY_ORDER = ("full", "addition", "specification", "reparameterization", "hybrid", "other")
-#: Full fine-tuning's settings (as recipes/sentiment-full.yaml: every weight moves, so small steps).
-#: Methods bring their own starting learning rate (``AdapterConfig.suggested_lr``), from their
-#: papers or measured here; ``--set``/``--set-method`` win.
-FULL_DEFAULTS: dict[str, Any] = {"lr": 5e-5, "weight_decay": 0.01}
 #: Keys every method shares, so that the rows compare: the per-method override may not touch them.
 SHARED_KEYS = ("model", "task", "data", "seed", "epochs", "batch_size", "eval_batch_size", "eval_every",
                "max_length", "precision", "device", "threads")
@@ -67,14 +63,6 @@ def family_of(method: str) -> str:
         return "full"
     declared = getattr(METHODS.get(method), "family", "other")
     return declared if declared in FAMILY_ORDER else "other"
-
-
-def method_defaults(method: str) -> dict[str, Any]:
-    """Training settings the method starts from that differ from the task's (its learning rate)."""
-    if method == FULL:
-        return dict(FULL_DEFAULTS)
-    lr = getattr(METHODS.get(method), "suggested_lr", None)
-    return {} if lr is None else {"lr": lr}
 
 
 def parse_methods(spec: str | Sequence[str]) -> tuple[list[str], bool]:
@@ -139,7 +127,7 @@ def plan_comparison(methods: str | Sequence[str], output: str | Path, overrides:
     per_method = _per_method(method_overrides, names)
     planned = []
     for method in names:
-        data: dict[str, Any] = {"method": method, **method_defaults(method)}
+        data: dict[str, Any] = {"method": method}  # validate_config fills method_defaults(method)
         for assignment in overrides:
             if method == FULL and assignment.strip().startswith("adapter."):
                 continue  # full fine-tuning has no adapter settings

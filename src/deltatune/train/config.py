@@ -17,7 +17,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+#: Full fine-tuning's settings (as recipes/sentiment-full.yaml: every weight moves, so small steps).
+#: Adapter methods bring their own starting learning rate (``AdapterConfig.suggested_lr``), from
+#: their papers or measured here. ``train`` and ``compare`` both start from :func:`method_defaults`.
+FULL_DEFAULTS: dict[str, Any] = {"lr": 5e-5, "weight_decay": 0.01}
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """Training settings a method starts from when the user gives none (its learning rate)."""
+    from deltatune.methods import METHODS
+
+    if method == "full":
+        return dict(FULL_DEFAULTS)
+    lr = getattr(METHODS.get(method), "suggested_lr", None)
+    return {} if lr is None else {"lr": lr}
 
 
 class _Loader(yaml.SafeLoader):
@@ -31,8 +46,36 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A mapping that refuses a key given twice (PyYAML would silently keep the last one)."""
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden, as YAML says
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key].line + 1}); keep one",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def parse_yaml(text: str, source: str = "YAML") -> Any:
+    """Parse ``text`` safely; a syntax error, a duplicate key or an unsafe tag (``!!python/object``)
+    is one ``ValueError`` naming ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{source}, line {mark.line + 1}" if mark is not None and not source.startswith("--set") else source
+        problem = getattr(err, "problem", None) or str(err)
+        if "could not determine a constructor" in problem:
+            problem = f"{problem.split('tag ', 1)[-1]} is not allowed (only plain YAML: no !!python tags)"
+        raise ValueError(f"{where}: {problem}") from None
 
 
 class _Strict(BaseModel):
@@ -96,12 +139,28 @@ class TrainConfig(_Strict):
     cpu_engine: Literal["onednn", "thin", "aten"] = "onednn"
     output: str | None = None
     save_format: Literal["deltatune", "peft"] = "deltatune"  # adapter file format; peft: Hugging Face PEFT's
+    # Why ``lr`` has its value when the user gave none (``train`` prints it); None: given explicitly.
+    _lr_reason: str | None = PrivateAttr(default=None)
 
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value not in ("auto", "cpu") and not value.startswith(("cuda", "mps")):
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError(f"device must be auto, cpu, cuda[:N] or mps, got {value!r}")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        path = Path(value)
+        try:
+            path.resolve()
+        except (RuntimeError, OSError) as err:  # a symlink loop (RuntimeError before Python 3.13)
+            raise ValueError(f"output {value!r} cannot be used as a run directory: {err}") from None
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"output {value!r} is a file, not a directory; choose another --output")
         return value
 
     @model_validator(mode="before")
@@ -141,7 +200,12 @@ class TrainConfig(_Strict):
             return None
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; available: full, {', '.join(sorted(METHODS))}")
-        return config_from_dict({"method": self.method, **self.adapter})
+        from deltatune.config import ConfigTypeError
+
+        try:
+            return config_from_dict({"method": self.method, **self.adapter})
+        except ConfigTypeError as err:  # name the key as the user writes it: adapter.rank, not rank
+            raise ValueError(f"adapter.{str(err).split(': ', 1)[1]}") from None
 
     def resolved_output(self) -> Path:
         return Path(self.output) if self.output else Path("runs") / f"{self.task}-{self.method}"
@@ -161,7 +225,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--set expects key=value (e.g. --set epochs=1), got {assignment!r}")
-    value = parse_yaml(raw) if raw.strip() else None
+    value = parse_yaml(raw, source=f"--set {assignment}") if raw.strip() else None
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
@@ -179,7 +243,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} not found")
-        loaded = parse_yaml(path.read_text())
+        loaded = parse_yaml(path.read_text(), source=str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of keys (model:, task:, ...), not {type(loaded).__name__}")
         data = loaded or {}
@@ -189,11 +253,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
-    """``TrainConfig.model_validate`` with pydantic's errors turned into one clear ``ValueError``."""
+    """``TrainConfig.model_validate`` with pydantic's errors turned into one clear ``ValueError``.
+
+    Keys the user left out that the method has its own defaults for (``method_defaults``: its
+    learning rate) are filled first, so they win over the task's generic ones; explicit keys win
+    over both.
+    """
+    data, reason = _with_method_defaults(data)
     try:
-        return TrainConfig.model_validate(data)
+        config = TrainConfig.model_validate(data)
     except ValidationError as err:
         raise ValueError(f"{source}: {_explain(err)}") from None
+    config._lr_reason = reason
+    return config
+
+
+def _with_method_defaults(data: Any) -> tuple[Any, str | None]:
+    if not isinstance(data, dict) or "lr" in data:
+        return data, None
+    method = data.get("method", TrainConfig.model_fields["method"].default)
+    filled = method_defaults(method) if isinstance(method, str) else {}
+    if "lr" in filled:
+        reason = "full fine-tuning's default" if method == "full" else f"{method}'s suggested default"
+    else:
+        from deltatune.train.tasks import TASKS
+
+        task = data.get("task", TrainConfig.model_fields["task"].default)
+        has_own = isinstance(task, str) and "lr" in getattr(TASKS.get(task), "defaults", {})
+        reason = f"task {task}'s default" if has_own else "the default"
+    return {**{k: v for k, v in filled.items() if k not in data}, **data}, reason
+
+
+def lr_note(config: TrainConfig) -> str | None:
+    """``"lr 0.01 (bitfit's suggested default; set lr= to change)"``, or None if the user gave ``lr``."""
+    reason = config._lr_reason
+    return None if reason is None else f"lr {config.lr:g} ({reason}; set lr= to change)"
 
 
 def _explain(err: ValidationError) -> str:

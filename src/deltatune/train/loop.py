@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import deltatune as dt
-from deltatune.train.checkpoint import load_checkpoint, save_checkpoint, trainable
+from deltatune.train.checkpoint import load_checkpoint, load_checkpoint_step, save_checkpoint, trainable
 from deltatune.train.config import TrainConfig
 from deltatune.train.data import epoch_batches
 from deltatune.train.ranks import Ranks, step_seed
@@ -36,9 +36,20 @@ Runner = Callable[[nn.Module, dict[str, torch.Tensor]], Any]
 
 
 def pick_device(name: str) -> torch.device:
+    """``name`` as a device, checked to exist here (a ``ValueError`` naming the fix if not)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: this machine (or this torch build) has no CUDA device; "
+                             "use device=auto or device=cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available here; use device=auto or device=cpu")
+    return device
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -130,6 +141,9 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
         trained = model
 
     def checkpoint() -> None:
+        bad = next((n for n, p in zip(trainable(model), params) if not torch.isfinite(p).all()), None)
+        if bad is not None:  # never replace the last good checkpoint with a diverged one
+            diverged(step, f"parameter {bad!r} holds NaN or inf")
         if ranks.main:
             save_checkpoint(ckpt_dir, model, optimizer, {"step": step, "history": history.__dict__})
         ranks.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
@@ -147,6 +161,15 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
         bar.write(f"epoch {epoch:.2f}/{config.epochs} (step {step}): "
                   + ", ".join(f"validation {k} {v:.4f}" for k, v in metrics.items()))
         ranks.barrier()
+
+    def diverged(at: int, what: str) -> None:
+        """Stop on a non-finite loss or weight (a ValueError: one line under the CLI), keeping the checkpoint."""
+        bar.close()
+        saved = load_checkpoint_step(ckpt_dir) if ranks.main else None
+        where = (f"the last good checkpoint (step {saved}) is intact in {ckpt_dir} and loads with --resume "
+                 "(which replays the same steps)" if saved is not None else "no checkpoint was written yet")
+        raise ValueError(f"training stopped at step {at} of {total}: {what} (lr {config.lr:g}); {where}; "
+                         "to get past it, start afresh with a lower lr or a grad_clip")
 
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not (progress and ranks.main),
                desc=f"{config.method} on {config.task}")
@@ -171,12 +194,17 @@ def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], co
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
+            # Read where the loop always synchronised (no extra stall); a NaN step's update is never
+            # checkpointed because we stop here, before the next checkpoint. Every rank sees the mean.
+            value = ranks.mean(loss.item())
+            if not math.isfinite(value):
+                diverged(step + 1, f"the loss is {value}")
             step += 1
             dt.on_train_step(model, step, total)  # before zero_grad: some methods read the gradients
             optimizer.zero_grad(set_to_none=True)
 
             elapsed = time.perf_counter() - t0
-            history.loss.append(ranks.mean(loss.item()))
+            history.loss.append(value)
             history.seconds += elapsed
             history.examples += len(indices)
             # Moving averages, so the bar shows trends rather than one batch's noise.

@@ -95,6 +95,13 @@ def resolve_model(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise ValueError(f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}) "
                          "nor a directory with a transformers config.json")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err}); re-save the model") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'} must hold a JSON object (a transformers config), "
+                         f"not a {type(config).__name__}")
     return path
 
 
@@ -210,14 +217,16 @@ def read_trained(path: str | Path, overrides: dict[str, Any] | None = None) -> R
     ``overrides`` change the recorded config (e.g. ``{"model": "/other/base"}`` for an adapter
     saved by another tool, or a different ``data``).
     """
+    from deltatune.core.io import read_json_file
+
     kind, where = find_trained(path)
     meta_file = where / (ADAPTER_CONFIG if kind == "adapter" else TRAINING_FILE)
-    meta = json.loads(meta_file.read_text())
+    meta = read_json_file(meta_file)  # bad JSON: one error naming the file
     # An adapter saved by `deltatune train` carries how it was trained; one saved by plain
     # `save_adapter` (or another tool) does not: then the defaults and ``overrides`` decide.
     training = (meta.get("training") or {}) if kind == "adapter" else meta
     if kind == "adapter" and (where / TRAINING_FILE).is_file():  # beside a PEFT-format adapter
-        training = json.loads((where / TRAINING_FILE).read_text())
+        training = read_json_file(where / TRAINING_FILE)
     recorded = dict(training.get("config") or {})
     if not recorded and meta.get("base_model_name_or_path"):
         recorded["model"] = meta["base_model_name_or_path"]
