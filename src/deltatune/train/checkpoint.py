@@ -96,9 +96,12 @@ def remove_checkpoint(checkpoint: Path) -> None:
 
 
 def load_checkpoint_step(directory: Path) -> int | None:
-    """The step of the checkpoint in ``directory`` (None if there is none)."""
+    """The step of the newest checkpoint in ``directory`` (None if there is none)."""
+    newest = latest_checkpoint(directory)
+    if newest is None:
+        return None
     try:
-        return int(json.loads((directory / SCALARS).read_text())["step"])
+        return int(json.loads((newest / SCALARS).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -279,8 +279,11 @@ def _check_head_size(where: Path, loaded: Loaded, labels: list[str] | None, conf
     if len(files) != 1:
         return  # load_adapter names what is missing
     modules = dict(loaded.model.named_modules())
-    with safe_open(str(files[0]), framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception:  # a damaged file: load_adapter's reader names it and the fix
+        return
     for module in loaded.new_modules:
         weight = getattr(modules.get(module), "weight", None)
         if weight is None or weight.shape[0] != len(labels):
