@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.integrations.transformers_cache import check_fresh, tag, tag_output, tags
+from deltatune.integrations.transformers_cache import check_fresh, put_cache, tag, tag_output, tags, take_cache
 from deltatune.integrations.transformers_inputs import (
     bind_inputs,
     extend_mask,
@@ -43,7 +43,8 @@ def prompt_hooks(model: nn.Module, layer: Any, name: str, method: str) -> list[A
             return None
         kw = bind_inputs(module, args, kwargs)
         adapter = find_part(layer, name, "virtual_tokens")
-        cache = kw.get("past_key_values")
+        cache = take_cache(module, kw)
+        put_cache(module, kw, cache)  # under the name this model takes (cache= or past_key_values=)
         if name in tags(cache):  # decoding: the virtual tokens are already in the cache
             n = tags(cache)[name][1]
             extend_mask(kw, n)
