@@ -48,6 +48,16 @@ test-newest:
 	$(NEWEST)/bin/pip install --quiet --no-deps -r requirements/assets.txt
 	@$(NEWEST)/bin/python -c "import transformers, peft, accelerate, torch; print('newest: transformers', \
 		transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'torch', torch.__version__)"
+	@# pip quietly falls back to an older release when the newest one cannot install (e.g. transformers
+	@# 5.25.0 needs kernels 0.19.x, not yet on PyPI): say so, with pip's reason, rather than test it unnoticed.
+	@for pkg in transformers peft; do \
+		latest=$$($(NEWEST)/bin/pip index versions $$pkg 2>/dev/null | sed -n '1s/.*(\(.*\)).*/\1/p'); \
+		have=$$($(NEWEST)/bin/python -c "import importlib.metadata as m; print(m.version('$$pkg'))"); \
+		if [ -n "$$latest" ] && [ "$$latest" != "$$have" ]; then \
+			echo "WARNING: testing $$pkg $$have: the newest release, $$latest, does not install here:"; \
+			$(NEWEST)/bin/pip install --dry-run --quiet "$$pkg==$$latest" 2>&1 | grep '^ERROR' | head -2; \
+		fi; \
+	done
 	$(NEWEST)/bin/python -m pytest -n 2 -q $(NEWEST_TESTS); $(PYTEST_NO_EMPTY)
 	# the PEFT parity tests of the other methods (the files above already ran whole)
 	$(NEWEST)/bin/python -m pytest -n 2 -q tests/methods -k peft $(addprefix --ignore=,$(NEWEST_TESTS)); $(PYTEST_NO_EMPTY)
