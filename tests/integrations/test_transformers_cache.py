@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 import deltatune as dt
+from deltatune.integrations.transformers_cache import cache_keyword, output_cache
 from tests.models import ZOO
+
+CALLER_KEYWORDS = ["cache", "past_key_values"]  # users and PEFT pass either; the hooks hand on the model's own
 
 X = torch.tensor([[11, 12, 13, 14, 15]])  # the real tokens whose activations become the prefix
 N = X.shape[1]
@@ -25,7 +28,7 @@ def _activations_as_prefix(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     cache = DynamicCache(config=base.config)
     with torch.no_grad():
-        base(input_ids=x, past_key_values=cache, use_cache=True)
+        base(input_ids=x, use_cache=True, **{cache_keyword(base): cache})
     kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])  # (L, 2, H, N, D)
     return kv.permute(3, 0, 1, 2, 4).reshape(x.shape[1], -1)
 
@@ -94,7 +97,7 @@ def test_prefix_of_real_activations_in_a_one_layer_encoder():
 
 def test_checkpointing_enabled_after_attach_fails_loudly():
     model = _with_prefix(ZOO["llama"].build(), torch.randn(N, 64))
-    model.activation_checkpointing_enable()  # transformers drops past_key_values while training
+    model.activation_checkpointing_enable()  # transformers drops the KV cache while training
     model.train()
     with pytest.raises(ValueError, match="activation_checkpointing_disable"):
         model(input_ids=torch.ones(1, 3, dtype=torch.long))
@@ -106,7 +109,7 @@ def test_a_model_dropping_the_prefix_fails_loudly():
     from transformers import LlamaForCausalLM
 
     class Forgetful(LlamaForCausalLM):
-        def forward(self, *args, past_key_values=None, **kwargs):  # drops the cache it is given
+        def forward(self, *args, past_key_values=None, cache=None, **kwargs):  # drops the cache it is given
             return super().forward(*args, **kwargs)
 
     torch.manual_seed(0)
@@ -119,7 +122,7 @@ def test_a_model_dropping_the_prefix_fails_loudly():
 
 
 class _NoCache(nn.Module):
-    """A transformers-looking model whose forward swallows past_key_values."""
+    """A transformers-looking model whose forward swallows the KV cache."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -136,33 +139,69 @@ class _NoCache(nn.Module):
 
 
 def test_models_without_a_usable_cache_are_refused_on_attach():
-    with pytest.raises(ValueError, match="does not keep keys and values in past_key_values"):
+    with pytest.raises(ValueError, match=r"does not keep keys and values in the KV cache \(past_key_values=\)"):
         dt.attach(_NoCache(), dt.PrefixConfig(num_virtual_tokens=2))
 
 
-def test_foreign_caches_are_refused():
+@pytest.mark.parametrize("keyword", CALLER_KEYWORDS)
+def test_foreign_caches_are_refused(keyword):
     from transformers import StaticCache
 
     model = _with_prefix(ZOO["llama"].build(), torch.randn(N, 64))
     ids = torch.ones(1, 3, dtype=torch.long)
     with torch.no_grad(), dt.disabled(model):
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, use_cache=True))
     with pytest.raises(ValueError, match="holds 3 tokens computed without adapter 'default'"):
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **{keyword: cache})
     static = StaticCache(config=model.config, max_cache_len=16)
     with pytest.raises(ValueError, match="fills a DynamicCache"):
-        model(input_ids=ids, past_key_values=static)
+        model(input_ids=ids, **{keyword: static})
+    with pytest.raises(ValueError, match="pass the KV cache once"):
+        model(input_ids=ids, cache=cache, past_key_values=cache)
 
 
-def test_decoding_steps_reuse_the_prefix_from_the_cache():
+@pytest.mark.parametrize("keyword", CALLER_KEYWORDS)
+def test_decoding_steps_reuse_the_prefix_from_the_cache(keyword):
     zoo = ZOO["llama"]
     model = _with_prefix(zoo.build(), torch.randn(N, 64))
     ids = torch.randint(5, 100, (1, 7))
     with torch.no_grad():
         whole = model(input_ids=ids).logits
         first = model(input_ids=ids[:, :4], use_cache=True)
-        cache = first.past_key_values
+        cache = output_cache(first)
         assert cache.get_seq_length() == N + 4
-        step = model(input_ids=ids[:, 4:], past_key_values=cache, attention_mask=torch.ones(1, 7, dtype=torch.long))
+        step = model(input_ids=ids[:, 4:], attention_mask=torch.ones(1, 7, dtype=torch.long), **{keyword: cache})
     assert cache.get_seq_length() == N + 7  # the prefix was not added twice
     torch.testing.assert_close(step.logits, whole[:, 4:], rtol=0, atol=1e-5)
+
+
+def test_the_cache_keyword_is_read_from_the_forward_signature():
+    """Both APIs, whichever transformers is installed: ``cache=`` (>= 5.24) and ``past_key_values=`` (<= 5.23)."""
+    import functools
+
+    class New(nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Old(nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class Wrapped(nn.Module):  # a decorator (like transformers' deprecate_kwarg) keeps the real signature
+        @staticmethod
+        def _deprecate(f):
+            @functools.wraps(f)
+            def inner(*args, **kwargs):
+                return f(*args, **kwargs)
+            return inner
+
+        forward = _deprecate(New.forward)
+
+    class KwargsOnly(nn.Module):  # remote-code style: the old name is what such models read
+        def forward(self, **kwargs): ...
+
+    assert cache_keyword(New()) == "cache" and cache_keyword(Wrapped()) == "cache"
+    assert cache_keyword(Old()) == "past_key_values" and cache_keyword(KwargsOnly()) == "past_key_values"
+    import transformers
+
+    llama = ZOO["llama"].build()
+    assert cache_keyword(llama) in CALLER_KEYWORDS
+    print(f"transformers {transformers.__version__}: models take {cache_keyword(llama)}=")

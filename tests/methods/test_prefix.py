@@ -12,6 +12,14 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.integrations.transformers_cache import output_cache
+from tests.methods.prompt_learning_parity import (
+    check_bert_prefix_attention_float64,
+    check_generate,
+    greedy_without_cache,
+    peft_refusal,
+    skip_peft_refusal,
+)
 from tests.models import ZOO
 
 N = 5
@@ -48,18 +56,24 @@ def test_peft_parity(model_name, task, projection):
                                     modules_to_save=save))
     _copy_from_peft(ours, peft_model, projection)
     inputs = zoo.inputs()  # one right-padded row
-    theirs, mine = peft_model(**inputs).logits, ours(**inputs).logits
+    if model_name == "bert":  # checked without PEFT, whatever PEFT does
+        check_bert_prefix_attention_float64(ours, inputs)
+    mine = ours(**inputs).logits
+    mine.sum().backward()
+    grad = _prefix(ours).embedding.grad if projection else _prefix(ours).prefix.grad
+    assert grad is not None and grad.abs().sum() > 0  # the prefix is trained through the cache
+    outputs: list = []
+    refused = peft_refusal(lambda: outputs.append(peft_model(**inputs).logits))
+    if refused:
+        skip_peft_refusal(base, refused)
+    (theirs,) = outputs
     # measured: 0.0 without the MLP; <= 1e-7 with it (PEFT runs the MLP once per row)
     torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
-    mine.sum().backward()
     theirs.sum().backward()
-    grad = _prefix(ours).embedding.grad if projection else _prefix(ours).prefix.grad
     torch.testing.assert_close(grad, peft_model.prompt_encoder["default"].embedding.weight.grad, rtol=0, atol=1e-6)
     if task == "CAUSAL_LM":
         ids = inputs["input_ids"]
-        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
-        with torch.no_grad():
-            assert torch.equal(ours.generate(input_ids=ids, **kw), peft_model.generate(input_ids=ids, **kw))
+        check_generate(ours, peft_model, ids, torch.ones_like(ids), steps=5)
 
 
 def test_layout_is_read_from_the_model():
@@ -106,7 +120,9 @@ def test_two_active_prefixes_equal_one_concatenated_prefix():
     torch.testing.assert_close(zoo.run(model), zoo.run(single), rtol=0, atol=1e-6)
     ids = zoo.inputs()["input_ids"][:1]
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(input_ids=ids, **kw), single.generate(input_ids=ids, **kw))
+    out = model.generate(input_ids=ids, **kw)
+    assert torch.equal(out, single.generate(input_ids=ids, **kw))
+    assert torch.equal(out, greedy_without_cache(model, ids, torch.ones_like(ids), steps=4))
 
 
 def test_unsupported_layouts_fail_on_attach_naming_the_fix():
@@ -178,9 +194,14 @@ def test_minilm_parity_with_peft():
     peft_model = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=10))
     with torch.no_grad():
         _prefix(ours).prefix.copy_(peft_model.prompt_encoder["default"].embedding.weight)
-    batch = tok(["what a lovely day", "this is awful, I hate it"], padding=True, return_tensors="pt")
+    batch = dict(tok(["what a lovely day", "this is awful, I hate it"], padding=True, return_tensors="pt"))
+    check_bert_prefix_attention_float64(ours, batch)  # all 6 layers of the real model, without PEFT
+    outputs: list = []
     with torch.no_grad():
-        torch.testing.assert_close(ours(**batch).logits, peft_model(**batch).logits, rtol=0, atol=1e-5)
+        refused = peft_refusal(lambda: outputs.append(peft_model(**batch).logits))
+        if refused:
+            skip_peft_refusal(base, refused)
+        torch.testing.assert_close(ours(**batch).logits, outputs[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("order", ["prefix first", "prompt first"])
@@ -197,4 +218,5 @@ def test_prefix_and_prompt_together(order):
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         step = model(input_ids=ids, use_cache=True)  # the cache holds prefix, prompt and tokens
-    assert out.shape == (1, ids.shape[1] + 3) and step.past_key_values.get_seq_length() == 3 + 2 + ids.shape[1]
+    assert out.shape == (1, ids.shape[1] + 3) and output_cache(step).get_seq_length() == 3 + 2 + ids.shape[1]
+    assert torch.equal(out, greedy_without_cache(model, ids, torch.ones_like(ids), steps=3))

@@ -18,6 +18,7 @@ import torch
 
 import deltatune as dt
 from deltatune.core.routing import routing
+from tests.methods.prompt_learning_parity import check_generate
 from tests.models import ZOO
 
 N = 4
@@ -144,11 +145,7 @@ def test_peft_parity_causal_lm_and_generate():
     inputs = ZOO["llama"].inputs()  # one right-padded row
     torch.testing.assert_close(ours(**inputs).logits, peft_model(**inputs).logits, rtol=0, atol=1e-6)  # measured: 0.0
     ids, mask = _inputs(rows=3)
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with warnings.catch_warnings():  # PEFT warns that it ignores position_ids
-        warnings.simplefilter("ignore")
-        theirs = peft_model.generate(input_ids=ids, attention_mask=mask, **kw)
-    assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, **kw), theirs)
+    check_generate(ours, peft_model, ids, mask, steps=6)
 
 
 # --- initialisation ------------------------------------------------------------------------------

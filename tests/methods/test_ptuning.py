@@ -12,6 +12,7 @@ import torch
 
 import deltatune as dt
 from deltatune.methods.ptuning import PromptEncoder
+from tests.methods.prompt_learning_parity import check_generate
 from tests.models import ZOO
 
 
@@ -77,11 +78,7 @@ def test_peft_parity(model_name, task, encoder):
     torch.testing.assert_close(ours(**inputs).logits, peft_model(**inputs).logits, rtol=0, atol=1e-6)  # measured: 0.0
     if task == "CAUSAL_LM":
         ids = inputs["input_ids"]
-        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            theirs = peft_model.generate(input_ids=ids, **kw)
-        assert torch.equal(ours.generate(input_ids=ids, **kw), theirs)
+        check_generate(ours, peft_model, ids, torch.ones_like(ids), steps=5)
 
 
 @pytest.mark.parametrize("encoder", ["mlp", "lstm"])

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from deltatune.core.contract import VirtualTokens
-from deltatune.integrations.transformers_cache import check_fresh, tag, tag_output, tags
+from deltatune.integrations.transformers_cache import check_fresh, put_cache, tag, tag_output, tags, take_cache
 from deltatune.integrations.transformers_inputs import (
     bind_inputs,
     extend_mask,
@@ -44,7 +44,8 @@ def prompt_hooks(model: nn.Module, layer: Any, name: str, method: str) -> list[A
             return None
         kw = bind_inputs(module, args, kwargs)
         adapter = find_part(layer, name, VirtualTokens)
-        cache = kw.get("past_key_values")
+        cache = take_cache(module, kw)
+        put_cache(module, kw, cache)  # under the name this model takes (cache= or past_key_values=)
         if name in tags(cache):  # decoding: the virtual tokens are already in the cache
             n = tags(cache)[name][1]
             extend_mask(kw, n)
