@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from deltatune.core.inject import configs, placement
 from deltatune.core.layer import AdaptedLayer, Composite
-from deltatune.core.parts import config_parts
 
 _PARAMS: dict[type, list[str]] = {}
 
@@ -142,7 +141,7 @@ def max_positions(model: nn.Module) -> int | None:
 
 def own_part(model: nn.Module, name: str, config: Any) -> int:
     """Index of ``config`` among the parts of adapter ``name`` (0 unless it is part of a hybrid)."""
-    return next(i for i, p in enumerate(config_parts(configs(model)[name])) if p is config)
+    return next(i for i, p in enumerate(configs(model)[name].parts) if p is config)
 
 
 def input_embedding_layer(model: nn.Module, name: str, config: Any, method: str) -> AdaptedLayer:

@@ -156,7 +156,7 @@ class PrefixConfig(AdapterConfig):
         from deltatune.integrations.transformers_cache import kv_layout, prefix_hooks
         from deltatune.core.contract import KeyValuePrefix
         from deltatune.integrations.transformers_inputs import find_part, input_embedding_layer
-        from deltatune.methods.prompt import replace_config
+        from deltatune.core.parts import replace_part
 
         layer = input_embedding_layer(model, name, self, "prefix tuning")
         found = kv_layout(model)
@@ -171,7 +171,7 @@ class PrefixConfig(AdapterConfig):
         if adapter.layout is None:
             weight = layer.base.weight
             adapter.setup(*layout, device=weight.device, dtype=weight.dtype)
-            replace_config(model, name, self, dataclasses.replace(
+            replace_part(model, name, self, dataclasses.replace(
                 self, num_layers=layout[0], num_kv_heads=layout[1], head_dim=layout[2]))
         return prefix_hooks(model, layer, name)
 

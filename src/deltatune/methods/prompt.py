@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter, AdaptedLayer, Composite, logical_modules
-from deltatune.core.targeting import NoMatchError
+from deltatune.core.parts import replace_part
+from deltatune.core.targeting import NoMatchError, select
 
 PromptInit = Literal["random", "vocab", "text"]
 
@@ -47,7 +48,7 @@ INPUT_EMBEDDINGS = ("word_embeddings", "embed_tokens", "wte", "embed_in")
 def input_embedding_names(config: AdapterConfig, model: nn.Module, method: str) -> list[str]:
     """The module name of ``model.get_input_embeddings()``; ``NoMatchError`` for models without one."""
     if config.target is not None:
-        return AdapterConfig.select_modules(config, model)
+        return select(model, config.resolved_target, config.exclude, config.layers).names
     get = getattr(model, "get_input_embeddings", None)
     try:
         embedding = get() if callable(get) else None
@@ -159,7 +160,7 @@ class PromptConfig(AdapterConfig):
             adapter = find_part(layer, name, VirtualTokens)
             with torch.no_grad():
                 adapter.prompt.copy_(initial_prompt(layer.base.weight, self.num_virtual_tokens, "text", ids))
-            replace_config(model, name, self, dataclasses.replace(self, init_token_ids=ids))
+            replace_part(model, name, self, dataclasses.replace(self, init_token_ids=ids))
         return prompt_hooks(model, layer, name, "prompt tuning")
 
 
@@ -174,18 +175,6 @@ def check_virtual_tokens(config: Any, method: str) -> None:
 
 # --- replacing a trained reparameterisation by its output -----------------------------------------
 
-def replace_config(model: nn.Module, name: str, old: AdapterConfig, new: AdapterConfig) -> None:
-    """Record ``new`` as adapter ``name``'s config in place of ``old`` (or of that part of a hybrid)."""
-    from deltatune.core.inject import configs
-
-    registered = configs(model)[name]
-    if registered is old:
-        configs(model)[name] = new
-        return
-    parts = tuple(new if p is old else p for p in registered.parts)  # a HybridConfig
-    configs(model)[name] = dataclasses.replace(registered, parts=parts)
-
-
 def drop_reparameterization(model: nn.Module, name: str = "default") -> nn.Module:
     """Replace adapter ``name``'s trained reparameterisation by the tensors it produces.
 
@@ -195,12 +184,11 @@ def drop_reparameterization(model: nn.Module, name: str = "default") -> nn.Modul
     """
     from deltatune.core.contract import Reparameterized, ReparameterizedConfig
     from deltatune.core.inject import adapted_layers, configs
-    from deltatune.core.parts import config_parts
 
     registered = configs(model).get(name)
     if registered is None:
         raise ValueError(f"no adapter named {name!r} is attached")
-    parts = config_parts(registered)
+    parts = registered.parts
     if not any(isinstance(p, ReparameterizedConfig) and p.reparameterized for p in parts):
         raise ValueError(f"adapter {name!r} ({registered.method}) has no reparameterisation to drop")
     for _, layer in adapted_layers(model):
@@ -219,5 +207,5 @@ def drop_reparameterization(model: nn.Module, name: str = "default") -> nn.Modul
                 layer.adapters[name] = new
     for part in parts:
         if isinstance(part, ReparameterizedConfig) and part.reparameterized:
-            replace_config(model, name, part, part.materialized())
+            replace_part(model, name, part, part.materialized())
     return model
