@@ -80,6 +80,10 @@ class AdapterConfig:
     #: A learning rate to start from when the method needs a different one from LoRA's usual
     #: 1e-3 (``deltatune compare`` uses it unless told otherwise); None: no advice.
     suggested_lr: ClassVar[float | None] = None
+    #: The model-level capability (a Protocol of ``core.contract``, e.g. ``VirtualTokens``) that
+    #: ``integrations/`` must serve for this method (see ``core/plumbing.py``); None for methods
+    #: that act inside layers only.
+    plumbing: ClassVar[Any] = None
 
     def validate(self) -> None:
         """Check the method's own fields; raise ``ValueError`` naming the fix."""

@@ -16,7 +16,9 @@ from torch import nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.inject import adapted_layers, configs, placement, record
-from deltatune.core.layer import Composite
+from typing import Any
+
+from deltatune.core.layer import AdaptedLayer, Composite
 
 
 def replace_part(model: nn.Module, name: str, old: AdapterConfig, new: AdapterConfig) -> None:
@@ -50,3 +52,15 @@ def adapters_of(model: nn.Module, name: str, part: AdapterConfig | None = None) 
                 adapter = adapter.parts[sum(module_name in e for e in earlier)]
             found.append((module_name, adapter))
     return found
+
+
+def find_part(layer: AdaptedLayer, name: str, capability: type) -> Any:
+    """Adapter ``name`` on ``layer``, or its part with ``capability`` (a ``core.contract`` Protocol,
+    e.g. ``VirtualTokens``) if it is a hybrid's Composite."""
+    adapter = layer.adapters[name]
+    parts = adapter.parts if isinstance(adapter, Composite) else [adapter]
+    found = [p for p in parts if isinstance(p, capability)]
+    if len(found) != 1:
+        raise ValueError(f"adapter {name!r} must hold exactly one virtual-token part ({capability.__name__}) "
+                         f"on {type(layer.base).__name__}")
+    return found[0]

@@ -16,7 +16,9 @@ save / load / set_active / using / disabled / detach work as for any adapter (th
 the embedding's output unchanged). The model-level plumbing (embedding the ids, prepending P,
 extending the mask, shifting labels and positions, generation with a KV cache) is a forward
 pre-hook on the model, registered by ``on_attach``; it lives in
-``integrations/transformers_prompt.py`` and applies only while the adapter is active. Prompt
+``integrations/transformers_prompt.py`` and applies only while the adapter is active. The config
+declares the capability it needs (``plumbing = VirtualTokens``) and asks ``core.plumbing`` for
+its provider, so this file never imports ``integrations/``. Prompt
 tuning cannot be merged into the weights, and attaching it changes the outputs.
 
 This file also holds what the virtual-token methods share: finding the input embedding, and
@@ -34,8 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
+from deltatune.core.contract import VirtualTokens
 from deltatune.core.layer import Adapter, AdaptedLayer, Composite, logical_modules
-from deltatune.core.parts import replace_part
+from deltatune.core.parts import find_part, replace_part
+from deltatune.core.plumbing import provider
 from deltatune.core.targeting import NoMatchError, select
 
 PromptInit = Literal["random", "vocab", "text"]
@@ -117,6 +121,7 @@ class PromptConfig(AdapterConfig):
     suggested_lr: ClassVar[float | None] = 1e-2  # soft prompts need large steps (Lester et al. use 0.3 with Adafactor)
     default_target: ClassVar[Any] = INPUT_EMBEDDINGS
     identity_at_init: ClassVar[bool] = False
+    plumbing: ClassVar[Any] = VirtualTokens  # served by integrations/ (core/plumbing.py)
 
     num_virtual_tokens: int = 20
     init: PromptInit = "random"
@@ -149,19 +154,16 @@ class PromptConfig(AdapterConfig):
         return adapter
 
     def on_attach(self, model: nn.Module, name: str) -> list[Any]:
-        from deltatune.core.contract import VirtualTokens
-        from deltatune.integrations.transformers_inputs import find_part, input_embedding_layer, load_token_ids
-        from deltatune.integrations.transformers_prompt import prompt_hooks
-
-        layer = input_embedding_layer(model, name, self, "prompt tuning")
+        plumbing = provider(self.plumbing)  # integrations/ serves the capability (core/plumbing.py)
+        layer = plumbing.input_layer(model, name, self, "prompt tuning")
         if self.init == "text" and not self.init_token_ids:
             assert self.init_text is not None
-            ids = tuple(load_token_ids(self.init_text, self.tokenizer, model))
+            ids = tuple(plumbing.token_ids(self.init_text, self.tokenizer, model))
             adapter = find_part(layer, name, VirtualTokens)
             with torch.no_grad():
                 adapter.prompt.copy_(initial_prompt(layer.base.weight, self.num_virtual_tokens, "text", ids))
             replace_part(model, name, self, dataclasses.replace(self, init_token_ids=ids))
-        return prompt_hooks(model, layer, name, "prompt tuning")
+        return plumbing.hooks(model, layer, name, "prompt tuning")
 
 
 def check_virtual_tokens(config: Any, method: str) -> None:
