@@ -282,7 +282,7 @@ class HybridConfig(AdapterConfig):
         if not self.parts:
             raise ValueError("a hybrid needs at least one part, e.g. parts=[LoraConfig(...), ...]")
         for part in self.parts:
-            if not isinstance(part, AdapterConfig) or isinstance(part, HybridConfig):
+            if not isinstance(part, AdapterConfig) or part.parts != (part,):  # a part is one method
                 raise ValueError(f"hybrid parts must be method configs (not hybrids), got {type(part).__name__}"
                                  " (build a hybrid from a dict with deltatune.config_from_dict)")
             if part.modules_to_save:
