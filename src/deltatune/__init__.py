@@ -50,6 +50,13 @@ from deltatune.methods.prefix import PrefixConfig
 from deltatune.methods.prompt import PromptConfig, drop_reparameterization
 from deltatune.methods.ptuning import PtuningConfig
 
+# Model-level plumbing (virtual tokens, key/value prefixes) is served by integrations/ through a
+# table in core; this explicit line is the only place that wires them (see core/plumbing.py).
+from deltatune.core.plumbing import PROVIDERS as _PLUMBING
+from deltatune.integrations.transformers_plumbing import PROVIDERS as _TRANSFORMERS_PLUMBING
+
+_PLUMBING.update(_TRANSFORMERS_PLUMBING)
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -80,6 +80,10 @@ class AdapterConfig:
     #: A learning rate to start from when the method needs a different one from LoRA's usual
     #: 1e-3 (``deltatune compare`` uses it unless told otherwise); None: no advice.
     suggested_lr: ClassVar[float | None] = None
+    #: The model-level capability (a Protocol of ``core.contract``, e.g. ``VirtualTokens``) that
+    #: ``integrations/`` must serve for this method (see ``core/plumbing.py``); None for methods
+    #: that act inside layers only.
+    plumbing: ClassVar[Any] = None
 
     def validate(self) -> None:
         """Check the method's own fields; raise ``ValueError`` naming the fix."""
@@ -97,15 +101,17 @@ class AdapterConfig:
         """Return the adapter for the module called ``name``, or ``None`` if its type is unsupported."""
         raise NotImplementedError
 
-    def select_modules(self, model: nn.Module) -> list[str]:
-        """Names of the modules to adapt on ``model`` (``attach`` asks when it is given no names).
+    def select_modules(self, model: nn.Module) -> list[str] | None:
+        """Names of the modules to adapt on ``model``, for a method whose choice depends on the whole
+        model (e.g. "the last N blocks"); ``None`` (the default): ``attach`` matches ``target`` /
+        ``exclude`` / ``layers`` with ``core.targeting.select``."""
+        return None
 
-        By default ``target`` / ``exclude`` / ``layers`` matched by ``core.targeting.select``; a method
-        overrides this when its choice depends on the whole model (e.g. "the last N blocks").
-        """
-        from deltatune.core.targeting import select
-
-        return select(model, self.resolved_target, self.exclude, self.layers).names
+    @property
+    def parts(self) -> tuple[AdapterConfig, ...]:
+        """The method configs this adapter is made of: ``(self,)`` for a single method, the parts of
+        a :class:`HybridConfig`. The engine treats every adapter as a hybrid of its parts."""
+        return (self,)
 
     def on_attach(self, model: nn.Module, name: str) -> list[Any]:
         """Model-level plumbing after the layers are wrapped (e.g. a forward pre-hook for prompt
@@ -262,6 +268,10 @@ class HybridConfig(AdapterConfig):
     after the feed-forward block and bias deltas everywhere. Each part keeps its own targets;
     where parts meet on one module they apply in the order given (first innermost). The adapter
     trains, saves, loads, merges and switches as one. ``modules_to_save`` belongs to the hybrid.
+
+    ``parts`` is the one field that makes a hybrid: every config has ``parts`` (a single method's
+    is ``(self,)``), so the engine never asks whether a config is a hybrid. Parsing a hybrid from
+    a dict needs the method registry and lives in ``deltatune.methods.config_from_dict``.
     """
 
     method: ClassVar[str] = "hybrid"
@@ -272,8 +282,9 @@ class HybridConfig(AdapterConfig):
         if not self.parts:
             raise ValueError("a hybrid needs at least one part, e.g. parts=[LoraConfig(...), ...]")
         for part in self.parts:
-            if not isinstance(part, AdapterConfig) or isinstance(part, HybridConfig):
-                raise ValueError(f"hybrid parts must be method configs (not hybrids), got {type(part).__name__}")
+            if not isinstance(part, AdapterConfig) or part.parts != (part,):  # a part is one method
+                raise ValueError(f"hybrid parts must be method configs (not hybrids), got {type(part).__name__}"
+                                 " (build a hybrid from a dict with deltatune.config_from_dict)")
             if part.modules_to_save:
                 raise ValueError("give modules_to_save on the hybrid, not on one of its parts")
         if self.target is not None or self.exclude or self.layers is not None:
@@ -294,16 +305,3 @@ class HybridConfig(AdapterConfig):
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "parts": [p.to_dict() for p in self.parts],
                 "modules_to_save": list(self.modules_to_save)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HybridConfig:
-        from deltatune.methods import config_from_dict
-
-        data = dict(data)
-        data.pop("method", None)
-        check_keys(data, ["parts", "modules_to_save"], what="a hybrid config")
-        parts = data.get("parts")
-        if not isinstance(parts, (list, tuple)) or not all(isinstance(p, Mapping) for p in parts):
-            raise ValueError("a hybrid config needs 'parts': a list of method configs, each with a 'method' key")
-        return cls(parts=tuple(config_from_dict(dict(p)) for p in parts),
-                   modules_to_save=tuple(data.get("modules_to_save", ())))

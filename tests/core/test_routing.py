@@ -14,9 +14,9 @@ from torch import nn
 import deltatune as dt
 from deltatune.config import AdapterConfig
 from deltatune.core import routing as routing_module
+from deltatune.core.inject import records
 from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.routing import (
-    _STACKS,
     composed,
     delete_adapter,
     load_adapters,
@@ -210,6 +210,12 @@ def test_gradients_flow_per_group_when_training():
             torch.testing.assert_close(routed[n], p.grad, atol=1e-6, rtol=1e-5)
 
 
+def _stack_of(model: nn.Module, layer: AdaptedLayer) -> Any:
+    """The routing stack of ``layer`` held in any adapter record, or None."""
+    found = [v for r in records(model).values() for k, v in r.caches.items() if layer in k]
+    return found[0] if found else None
+
+
 def test_stack_is_rebuilt_when_weights_change_and_freed_on_delete():
     model = _with_adapters("bert", SPECS)
     inputs = ZOO["bert"].inputs()
@@ -223,10 +229,14 @@ def test_stack_is_rebuilt_when_weights_change_and_freed_on_delete():
 
     query = model.bert.encoder.layer[0].attention.self.query
     gone = weakref.ref(query.adapters["b"].B)
-    assert query in _STACKS
+    stack = _stack_of(model, query)
+    assert stack is not None
+    stacked = weakref.ref(stack.AB)  # the cache's copy of b's factors
+    del stack
     delete_adapter(model, "b")
     gc.collect()
-    assert gone() is None and query not in _STACKS and "b" not in dt.configs(model)
+    assert gone() is None and stacked() is None and "b" not in dt.configs(model)
+    assert _stack_of(model, query) is None
     with routing(model, ["c", "a", None]):
         mixed = ZOO["bert"].run(model, inputs)
     torch.testing.assert_close(mixed[0], _alone("bert", model, "c", inputs)[0], atol=ATOL, rtol=0)

@@ -4,36 +4,100 @@ Everything here works on any ``nn.Module`` by module replacement: a selected mod
 an :class:`AdaptedLayer` in its parent, and ``detach`` puts the original object back, so
 ``state_dict()`` keys are exactly as before.
 
-The configs of attached adapters are kept on the model itself (``model.__dict__`` entry
-``_deltatune_configs``) so that ``save_adapter`` can write them; everything else (which layers,
-which adapters are active or merged) is read from the layers, never duplicated.
+What the model knows about an adapter name is one :class:`AdapterRecord` (its config, the modules
+each part was built on, the hooks its config installed, and the engine's caches built from it),
+kept in one dict on the model itself (``model.__dict__`` entry ``_deltatune_adapters``, outside
+``state_dict``). ``detach``, ``delete_adapter`` and ``unwrap`` drop the record and with it
+everything that refers to the adapter. Which adapters are active or merged is read from the
+layers, never duplicated. Every config has ``parts`` (a single method is a hybrid of one part),
+so nothing here asks what kind of config it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import types
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltatune.config import AdapterConfig, HybridConfig
+from deltatune.config import AdapterConfig
 from deltatune.core.layer import AdaptedLayer, Composite, FullCopy, walk, logical_get, logical_modules
-from deltatune.core.targeting import NoMatchError, select
+from deltatune.core.targeting import NoMatchError, modules_for, select
 
-_CONFIGS = "_deltatune_configs"
-_HANDLES = "_deltatune_handles"
-_PLACEMENT = "_deltatune_placement"
+_RECORDS = "_deltatune_adapters"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
-def configs(model: nn.Module) -> dict[str, AdapterConfig]:
-    """Adapter name -> config for every adapter attached to ``model`` (attach order)."""
-    return model.__dict__.setdefault(_CONFIGS, {})
+@dataclass(eq=False)
+class AdapterRecord:
+    """Everything the model holds for one adapter name, so that dropping it frees it all.
+
+    Attributes:
+        config: the adapter's config (a config may replace itself on attach, e.g. to record what it
+            read from the model: assign ``record.config``).
+        placement: per part of ``config.parts``, the modules that part was built on.
+        saved: the modules trained in full (``modules_to_save``).
+        handles: removable hooks the config installed (``on_attach``); removed with the record.
+        caches: what the engine derived from this adapter's tensors (e.g. a layer's stacked
+            low-rank factors for routing), by key. A cache built from several adapters is stored
+            under the same key in each of their records, and dropping any one of them drops it
+            from all (see :func:`cached`, :func:`store`).
+    """
+
+    config: AdapterConfig
+    placement: list[list[str]]
+    saved: list[str] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+    caches: dict[Hashable, Any] = field(default_factory=dict)
+
+
+def records(model: nn.Module) -> dict[str, AdapterRecord]:
+    """Adapter name -> :class:`AdapterRecord` for every adapter attached to ``model`` (attach order)."""
+    return model.__dict__.setdefault(_RECORDS, {})
+
+
+def record(model: nn.Module, name: str) -> AdapterRecord:
+    """The record of adapter ``name``; ``ValueError`` naming the attached ones if there is none."""
+    return records(model)[_known(model, name)]
+
+
+def configs(model: nn.Module) -> Mapping[str, AdapterConfig]:
+    """Adapter name -> config for every adapter attached to ``model`` (attach order); read-only."""
+    return types.MappingProxyType({n: r.config for n, r in records(model).items()})
+
+
+def placement(model: nn.Module, name: str) -> list[list[str]]:
+    """Per part of adapter ``name``, the modules it adapts (one list for a single-method adapter)."""
+    return record(model, name).placement
+
+
+def cached(model: nn.Module, names: Sequence[str], key: Hashable) -> Any:
+    """The cache ``key`` built from adapters ``names`` (``None`` if there is none)."""
+    return records(model)[names[0]].caches.get(key) if names else None
+
+
+def store(model: nn.Module, names: Sequence[str], key: Hashable, value: Any) -> None:
+    """Keep ``value`` as cache ``key`` of every adapter in ``names``, until any of them is dropped."""
+    for n in names:
+        records(model)[n].caches[key] = value
+
+
+def _drop(model: nn.Module, name: str) -> None:
+    """Forget adapter ``name``: its record, its hooks, and every cache built from it."""
+    gone = records(model).pop(name)
+    for handle in gone.handles:
+        handle.remove()
+    for key in gone.caches:
+        for other in records(model).values():
+            other.caches.pop(key, None)
+    gone.caches.clear()
+    gone.handles.clear()
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -99,20 +163,41 @@ def attach(
     """Attach a new adapter called ``name`` to ``model`` as ``config`` describes.
 
     The base model is frozen; the new adapter's parameters are trainable. With ``activate`` the
-    new adapter becomes the only active one. ``module_names`` (or, for a :class:`HybridConfig`,
-    ``part_names``, one list per part) and ``save_names`` bypass target selection with exact
-    module names (used when loading a saved adapter).
+    new adapter becomes the only active one. ``part_names`` (one list per part of
+    ``config.parts``; ``module_names`` is the one list of a one-part config) and ``save_names``
+    bypass target selection with exact module names (used when loading a saved adapter).
     """
     if not _NAME_RE.match(name):
         raise ValueError(f"adapter name {name!r} must be an identifier such as 'default' or 'sentiment'")
-    if name in configs(model):
+    if name in records(model):
         raise ValueError(f"an adapter named {name!r} is already attached; detach it first or choose another name")
     modules = dict(logical_modules(model))
-    parts = config.parts if isinstance(config, HybridConfig) else (config,)
+    if part_names is None and module_names is not None:
+        part_names = [module_names]
+    part_names, save_names = _choose(model, name, config, modules, part_names, save_names)
+    # Build every adapter before touching the model, so a failure leaves it unchanged.
+    built, placed, skipped = _build_parts(config, part_names, modules)
+    _install(model, name, built, save_names, modules)
+    records(model)[name] = new = AdapterRecord(config, placed, save_names)
+    try:  # model-level checks run here; a refusal must leave the model as it was
+        new.handles = list(config.on_attach(model, name))
+    except Exception:
+        detach(model, name)
+        raise
+    if activate:
+        set_active(model, name)
+    else:
+        mark_trainable(model)
+    return _report(model, name, list(built), save_names, skipped)
+
+
+def _choose(model: nn.Module, name: str, config: AdapterConfig, modules: dict[str, nn.Module],
+            part_names: Sequence[Sequence[str]] | None,
+            save_names: Iterable[str] | None) -> tuple[list[list[str]], list[str]]:
+    """Per part, the modules it adapts, and the modules trained in full; checked against the model."""
+    parts = config.parts
     if part_names is None:
-        part_names = [module_names] if module_names is not None else [
-            p.select_modules(model) for p in parts
-        ]
+        part_names = [modules_for(model, p) for p in parts]
     if save_names is None:
         save_names = select(model, list(config.modules_to_save)).names if config.modules_to_save else []
     part_names, save_names = [list(n) for n in part_names], list(save_names)
@@ -123,17 +208,28 @@ def attach(
     overlap = {n for names in part_names for n in names} & set(save_names)
     if overlap:
         raise ValueError(f"module {sorted(overlap)[0]!r} is both a target and in modules_to_save; keep it in one")
+    return part_names, save_names
 
-    # Build every adapter before touching the model, so a failure leaves it unchanged.
+
+def _build_parts(config: AdapterConfig, part_names: list[list[str]], modules: dict[str, nn.Module]
+                 ) -> tuple[dict[str, list[nn.Module]], list[list[str]], list[str]]:
+    """Every part's adapters by module (parts meeting on a module in part order), the modules each
+    part was really built on, and the modules skipped as unsupported."""
     built: dict[str, list[nn.Module]] = {}
-    placed: list[list[str]] = []  # per part, the modules it was really built on
+    placed: list[list[str]] = []
     skipped: list[str] = []
-    for part, names in zip(parts, part_names):
+    for part, names in zip(config.parts, part_names):
         built_part, skipped_part = _build(part, names, modules)
         for module_name, adapter in built_part:
             built.setdefault(module_name, []).append(adapter)
         placed.append([n for n, _ in built_part])
         skipped += skipped_part
+    return built, placed, skipped
+
+
+def _install(model: nn.Module, name: str, built: dict[str, list[nn.Module]], save_names: list[str],
+             modules: dict[str, nn.Module]) -> None:
+    """Put the built adapters (and the full copies of ``save_names``) into their layers as ``name``."""
     for module_name, adapters in built.items():
         adapter = adapters[0] if len(adapters) == 1 else Composite(adapters)
         # Adapters live where their base lives, in its precision.
@@ -143,17 +239,10 @@ def attach(
         _wrap(model, module_name).adapters[name] = adapter.train(modules[module_name].training)
     for module_name in save_names:
         _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name]).train(modules[module_name].training)
-    configs(model)[name] = config
-    model.__dict__.setdefault(_PLACEMENT, {})[name] = placed
-    try:  # model-level checks run here; a refusal must leave the model as it was
-        model.__dict__.setdefault(_HANDLES, {})[name] = config.on_attach(model, name)
-    except Exception:
-        detach(model, name)
-        raise
-    if activate:
-        set_active(model, name)
-    else:
-        mark_trainable(model)
+
+
+def _report(model: nn.Module, name: str, targets: list[str], save_names: list[str],
+            skipped: list[str]) -> AttachReport:
     adapter_params = sum(
         p.numel() for _, layer in adapted_layers(model) if name in layer.adapters
         for p in layer.adapters[name].parameters()
@@ -161,8 +250,8 @@ def attach(
     report = parameter_report(model)
     return AttachReport(
         name=name,
-        method=config.method,
-        targets=list(built),
+        method=records(model)[name].config.method,
+        targets=targets,
         modules_to_save=save_names,
         adapter_parameters=adapter_params,
         trainable_parameters=report.trainable,
@@ -216,17 +305,13 @@ def _warn_full_rank(config: AdapterConfig, modules: list[tuple[str, nn.Module]])
                       "than the weight itself; lower the rank or exclude the module", stacklevel=4)
 
 
-def placement(model: nn.Module, name: str) -> list[list[str]]:
-    """Per part of adapter ``name``, the modules it adapts (one list for a single-method adapter)."""
-    return model.__dict__.get(_PLACEMENT, {})[_known(model, name)]
-
-
 def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     """Remove adapter ``name`` (all adapters if ``None``), unmerging it first if it is merged.
 
-    Layers left with no adapters are replaced by their original module object. Returns ``model``.
+    Layers left with no adapters are replaced by their original module object; the adapter's
+    record (config, hooks, caches) is dropped, so nothing keeps its tensors. Returns ``model``.
     """
-    names = list(configs(model)) if name is None else [_known(model, name)]
+    names = list(records(model)) if name is None else [_known(model, name)]
     for layer_name, layer in list(adapted_layers(model)):
         for n in names:
             if n in layer.merged:
@@ -238,10 +323,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
         if len(layer.adapters) == 0:
             _set_module(model, layer_name, layer.base)
     for n in names:
-        for handle in model.__dict__.get(_HANDLES, {}).pop(n, []):
-            handle.remove()
-        model.__dict__.get(_PLACEMENT, {}).pop(n, None)
-        del configs(model)[n]
+        _drop(model, n)
     return model
 
 
@@ -249,11 +331,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Replace every AdaptedLayer by its base module *as it is now* (merged or not) and forget the adapters."""
     for layer_name, layer in list(adapted_layers(model)):
         _set_module(model, layer_name, layer.base)
-    model.__dict__.pop(_PLACEMENT, None)
-    for handles in model.__dict__.pop(_HANDLES, {}).values():
-        for handle in handles:
-            handle.remove()
-    configs(model).clear()
+    for n in list(records(model)):
+        _drop(model, n)
+    model.__dict__.pop(_RECORDS, None)
     return model
 
 
@@ -274,7 +354,7 @@ def regularization_loss(model: nn.Module) -> Any:
 
 
 def _known(model: nn.Module, name: str) -> str:
-    if name not in configs(model):
+    if name not in records(model):
         have = ", ".join(repr(n) for n in configs(model)) or "none"
         raise ValueError(f"no adapter named {name!r} is attached (attached: {have})")
     return name

@@ -1,6 +1,7 @@
 """Which adapter modules a config built: found from the model's structure, never from back-pointers.
 
-An adapter name holds one config, or a :class:`~deltatune.config.HybridConfig` of several parts.
+An adapter name holds one config with its ``parts`` (a single method is one part, a
+:class:`~deltatune.config.HybridConfig` has several).
 ``attach`` records, per part, the modules it built on (``placement``); where parts meet on one
 module they sit in a :class:`~deltatune.core.layer.Composite` in part order. So a config's hooks
 (``on_attach``, ``on_step``, ``regularization``) find their own adapters with
@@ -9,16 +10,24 @@ module they sit in a :class:`~deltatune.core.layer.Composite` in part order. So 
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
-from deltatune.config import AdapterConfig, HybridConfig
-from deltatune.core.inject import adapted_layers, configs, placement
-from deltatune.core.layer import Composite
+from deltatune.config import AdapterConfig
+from deltatune.core.inject import adapted_layers, configs, placement, record
+from typing import Any
+
+from deltatune.core.layer import AdaptedLayer, Composite
 
 
-def config_parts(config: AdapterConfig) -> tuple[AdapterConfig, ...]:
-    """The method configs of an adapter: a hybrid's parts, or the config itself."""
-    return config.parts if isinstance(config, HybridConfig) else (config,)
+def replace_part(model: nn.Module, name: str, old: AdapterConfig, new: AdapterConfig) -> None:
+    """Record ``new`` in place of part ``old`` of adapter ``name`` (its whole config if ``old`` is it)."""
+    rec = record(model, name)
+    if rec.config is old:
+        rec.config = new
+    else:
+        rec.config = dataclasses.replace(rec.config, parts=tuple(new if p is old else p for p in rec.config.parts))
 
 
 def adapters_of(model: nn.Module, name: str, part: AdapterConfig | None = None) -> list[tuple[str, nn.Module]]:
@@ -30,7 +39,7 @@ def adapters_of(model: nn.Module, name: str, part: AdapterConfig | None = None) 
     :class:`Composite`. Modules trained in full (``modules_to_save``) are not parts.
     """
     placed = placement(model, name)  # per part, the modules it built on
-    parts = config_parts(configs(model)[name])
+    parts = configs(model)[name].parts
     layers = {n: layer for n, layer in adapted_layers(model) if name in layer.adapters}
     found = []
     for i, (config, names) in enumerate(zip(parts, placed)):
@@ -43,3 +52,15 @@ def adapters_of(model: nn.Module, name: str, part: AdapterConfig | None = None) 
                 adapter = adapter.parts[sum(module_name in e for e in earlier)]
             found.append((module_name, adapter))
     return found
+
+
+def find_part(layer: AdaptedLayer, name: str, capability: type) -> Any:
+    """Adapter ``name`` on ``layer``, or its part with ``capability`` (a ``core.contract`` Protocol,
+    e.g. ``VirtualTokens``) if it is a hybrid's Composite."""
+    adapter = layer.adapters[name]
+    parts = adapter.parts if isinstance(adapter, Composite) else [adapter]
+    found = [p for p in parts if isinstance(p, capability)]
+    if len(found) != 1:
+        raise ValueError(f"adapter {name!r} must hold exactly one virtual-token part ({capability.__name__}) "
+                         f"on {type(layer.base).__name__}")
+    return found[0]

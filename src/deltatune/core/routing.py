@@ -15,9 +15,10 @@ How a routed layer computes (chosen per layer, once per ``routing`` block):
   one batched path. The layer's low-rank adapters are stacked once, ranks zero-padded, scaling
   folded in, side by side: ``[A | (sB)ᵀ]: (n + 1, r, d_in + d_out)``; slot ``n`` is zero and
   serves the bare base. Per call: gather one slot per example and add two ``bmm`` products to the
-  base output. No Python loop over adapters. The stack is cached per layer and rebuilt when an
-  adapter tensor is replaced or edited in place (weak references plus version counters); it is
-  a copy, so it costs as much memory again as the layer's low-rank adapters;
+  base output. No Python loop over adapters. The stack is cached per layer in the records of the
+  adapters it holds (``core.inject.AdapterRecord.caches``), dropped when any of them is detached,
+  and rebuilt when an adapter tensor is replaced or edited in place (weak references plus version
+  counters); it is a copy, so it costs as much memory again as the layer's low-rank adapters;
 - anything else (other methods, ``modules_to_save`` heads, several adapters per example, a layer
   in training mode, or gradients wanted for the adapters): the examples are grouped by adapter
   and each group runs the ordinary forward on its rows. Serve under ``torch.inference_mode()``
@@ -41,7 +42,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.inject import _known, adapted_layers, configs, detach, using
+from deltatune.core.inject import _known, adapted_layers, cached, configs, detach, store, using
 from deltatune.core import products
 from deltatune.core.contract import LowRank, is_low_rank  # noqa: F401  (LowRank: re-exported)
 from deltatune.core.layer import AdaptedLayer
@@ -85,9 +86,6 @@ class _Stack:
         )
 
 
-_STACKS: weakref.WeakKeyDictionary[AdaptedLayer, _Stack] = weakref.WeakKeyDictionary()
-
-
 def _low_rank_names(layer: AdaptedLayer) -> list[str]:
     return [n for n, a in layer.adapters.items() if is_low_rank(a)]
 
@@ -114,15 +112,17 @@ def _tensors(module: nn.Module, out: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _stack(layer: AdaptedLayer) -> _Stack:
+def _stack(model: nn.Module, layer: AdaptedLayer) -> _Stack:
     """The layer's stack, rebuilt only if an adapter was added, removed, replaced or edited."""
     names = _low_rank_names(layer)
     tensors: list[Tensor] = []
     for n in names:
         _tensors(layer.adapters[n], tensors)
-    entry = _STACKS.get(layer)
+    key = (_Stack, layer)  # kept in the records of the adapters it stacks (core.inject.store)
+    entry = cached(model, names, key)
     if entry is None or list(entry.index) != names or not entry.current(tensors):
-        entry = _STACKS[layer] = _Stack(layer, names, tensors)
+        entry = _Stack(layer, names, tensors)
+        store(model, names, key, entry)
     return entry
 
 
@@ -136,7 +136,7 @@ class _Route:
     level hooks read it to tell whether their adapter applies to all rows, none, or some.
     """
 
-    def __init__(self, layer: AdaptedLayer, keys: list[Key]) -> None:
+    def __init__(self, model: nn.Module, layer: AdaptedLayer, keys: list[Key]) -> None:
         self.keys = keys
         distinct = list(dict.fromkeys(keys))
         self.uniform: Key | None = distinct[0] if len(distinct) == 1 else None
@@ -144,7 +144,7 @@ class _Route:
         if self.uniform is None and all(
             len(k) == 0 or (len(k) == 1 and is_low_rank(layer.adapters[k[0]])) for k in distinct
         ):
-            self.stack = _stack(layer)
+            self.stack = _stack(model, layer)
             device = self.stack.AB.device
             self.slots = torch.tensor([self.stack.index[k[0]] if k else self.stack.zero for k in keys], device=device)
         self._groups: dict[int, list[tuple[Key, Tensor]]] = {}
@@ -249,7 +249,7 @@ def routing(model: nn.Module, adapter_names: Sequence[Choice]) -> Iterator[nn.Mo
         for layer in layers:
             have = layer.adapters._modules  # names absent from a layer run its base there
             here = {k: tuple(n for n in k if n in have) for k in distinct}
-            layer.router = _Route(layer, [here[k] for k in keys])
+            layer.router = _Route(model, layer, [here[k] for k in keys])
         yield model
     finally:
         for layer, router in saved:
@@ -295,11 +295,11 @@ def load_adapters(model: nn.Module, directories: Mapping[str, str | PathLike[str
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Detach adapter ``name`` and drop everything that refers to it, so its memory is freed."""
-    layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]
+    """Detach adapter ``name`` and drop everything that refers to it, so its memory is freed.
+
+    The same as ``detach(model, name)``: the adapter's record, with its routing stacks, goes too.
+    """
     detach(model, name)
-    for layer in layers:
-        _STACKS.pop(layer, None)
 
 
 def run_grouped(model: nn.Module, choices: Sequence[Choice], fn: Callable[[list[int]], Sequence[T]]) -> list[T]:

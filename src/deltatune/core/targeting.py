@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from deltatune.config import Target
+from deltatune.config import AdapterConfig, Target
 from deltatune.core.layer import AdaptedLayer, logical_modules
 from deltatune.core.layers import describe
 
@@ -158,3 +158,13 @@ def select(
             f"target {shown!r} matched 0 of {len(named)} modules{detail}; names look like {examples}"
         )
     return Selection(names=names, considered=len(named), examples=_examples(model))
+
+
+def modules_for(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The modules ``config`` (one method config) adapts on ``model``: the method's own choice when
+    it makes one (``select_modules``), otherwise its ``target`` / ``exclude`` / ``layers`` matched
+    by :func:`select`. The default lives here, so that ``config.py`` imports nothing of the engine."""
+    names = config.select_modules(model)
+    if names is None:
+        names = select(model, config.resolved_target, config.exclude, config.layers).names
+    return list(names)

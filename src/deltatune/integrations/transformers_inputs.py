@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core.inject import configs, placement
-from deltatune.core.layer import AdaptedLayer, Composite
-from deltatune.core.parts import config_parts
+from deltatune.core.layer import AdaptedLayer
+from deltatune.core.parts import find_part  # noqa: F401  (used by the transformers_* modules)
 
 _PARAMS: dict[type, list[str]] = {}
 
@@ -142,7 +142,7 @@ def max_positions(model: nn.Module) -> int | None:
 
 def own_part(model: nn.Module, name: str, config: Any) -> int:
     """Index of ``config`` among the parts of adapter ``name`` (0 unless it is part of a hybrid)."""
-    return next(i for i, p in enumerate(config_parts(configs(model)[name])) if p is config)
+    return next(i for i, p in enumerate(configs(model)[name].parts) if p is config)
 
 
 def input_embedding_layer(model: nn.Module, name: str, config: Any, method: str) -> AdaptedLayer:
@@ -179,18 +179,6 @@ def input_embedding_layer(model: nn.Module, name: str, config: Any, method: str)
         )
     assert isinstance(embedding, AdaptedLayer)
     return embedding
-
-
-def find_part(layer: AdaptedLayer, name: str, capability: type) -> Any:
-    """Adapter ``name`` on ``layer``, or its part with ``capability`` (a ``core.contract`` Protocol,
-    e.g. ``VirtualTokens``) if it is a hybrid's Composite."""
-    adapter = layer.adapters[name]
-    parts = adapter.parts if isinstance(adapter, Composite) else [adapter]
-    found = [p for p in parts if isinstance(p, capability)]
-    if len(found) != 1:
-        raise ValueError(f"adapter {name!r} must hold exactly one virtual-token part ({capability.__name__}) "
-                         f"on {type(layer.base).__name__}")
-    return found[0]
 
 
 def load_token_ids(text: str, tokenizer: str | None, model: nn.Module) -> list[int]:

@@ -7,9 +7,10 @@ one line here, and add ``tests/methods/test_<name>.py``. The conformance suite p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from deltatune.config import AdapterConfig, HybridConfig
+from deltatune.config import AdapterConfig, HybridConfig, check_keys
 from deltatune.methods.dora import DoraConfig
 from deltatune.methods.loha import LohaConfig
 from deltatune.methods.lokr import LokrConfig
@@ -51,7 +52,19 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     """Build the config for ``data["method"]``, rejecting unknown methods and keys."""
     method = data.get("method")
     if method == HybridConfig.method:
-        return HybridConfig.from_dict(data)
+        return _hybrid_from_dict(data)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))} (or hybrid)")
     return METHODS[method].from_dict(data)
+
+
+def _hybrid_from_dict(data: dict[str, Any]) -> HybridConfig:
+    """A hybrid from ``{"method": "hybrid", "parts": [<method config>, ...], "modules_to_save": [...]}``."""
+    data = dict(data)
+    data.pop("method", None)
+    check_keys(data, ["parts", "modules_to_save"], what="a hybrid config")
+    parts = data.get("parts")
+    if not isinstance(parts, (list, tuple)) or not all(isinstance(p, Mapping) for p in parts):
+        raise ValueError("a hybrid config needs 'parts': a list of method configs, each with a 'method' key")
+    return HybridConfig(parts=tuple(config_from_dict(dict(p)) for p in parts),
+                        modules_to_save=tuple(data.get("modules_to_save", ())))

@@ -23,7 +23,9 @@ shape from its config alone (loading, hot swap) and refuses a base model with an
 Where the pieces live: the adapter sits on the input embedding (whose output it leaves unchanged)
 so the core's save / load / switching apply; the prefixes reach the attention layers through the
 model's KV cache, filled by a forward pre-hook. That plumbing, and the check that a model's
-attention layout can take a prefix, are in ``integrations/transformers_cache.py``.
+attention layout can take a prefix, are in ``integrations/transformers_cache.py``, served for the
+capability the config declares (``plumbing = KeyValuePrefix``, see ``core/plumbing.py``): this
+file never imports ``integrations/``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
+from deltatune.core.contract import KeyValuePrefix
 from deltatune.core.layer import Adapter
+from deltatune.core.parts import find_part, replace_part
+from deltatune.core.plumbing import provider
 from deltatune.methods.prompt import INPUT_EMBEDDINGS, check_virtual_tokens, input_embedding_names
 
 
@@ -115,6 +120,7 @@ class PrefixConfig(AdapterConfig):
     suggested_lr: ClassVar[float | None] = 1e-2  # like prompt tuning, learned key/value prefixes need large steps
     default_target: ClassVar[Any] = INPUT_EMBEDDINGS
     identity_at_init: ClassVar[bool] = False
+    plumbing: ClassVar[Any] = KeyValuePrefix  # served by integrations/ (core/plumbing.py)
 
     num_virtual_tokens: int = 20
     projection_dim: int | None = None
@@ -153,14 +159,9 @@ class PrefixConfig(AdapterConfig):
         return adapter
 
     def on_attach(self, model: nn.Module, name: str) -> list[Any]:
-        from deltatune.integrations.transformers_cache import kv_layout, prefix_hooks
-        from deltatune.core.contract import KeyValuePrefix
-        from deltatune.integrations.transformers_inputs import find_part, input_embedding_layer
-        from deltatune.methods.prompt import replace_config
-
-        layer = input_embedding_layer(model, name, self, "prefix tuning")
-        found = kv_layout(model)
-        layout = (found.num_layers, found.num_heads, found.head_dim)
+        plumbing = provider(self.plumbing)  # integrations/ serves the capability (core/plumbing.py)
+        layer = plumbing.input_layer(model, name, self, "prefix tuning")
+        layout = plumbing.layout(model)
         if self.layout is not None and self.layout != layout:
             raise ValueError(
                 f"this prefix was made for {self.layout[0]} layers of {self.layout[1]} key/value heads of width "
@@ -171,9 +172,9 @@ class PrefixConfig(AdapterConfig):
         if adapter.layout is None:
             weight = layer.base.weight
             adapter.setup(*layout, device=weight.device, dtype=weight.dtype)
-            replace_config(model, name, self, dataclasses.replace(
+            replace_part(model, name, self, dataclasses.replace(
                 self, num_layers=layout[0], num_kv_heads=layout[1], head_dim=layout[2]))
-        return prefix_hooks(model, layer, name)
+        return plumbing.hooks(model, layer, name, "prefix tuning")
 
     def materialized(self) -> PrefixConfig:
         """This config once the MLP is dropped."""

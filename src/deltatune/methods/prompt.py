@@ -16,7 +16,9 @@ save / load / set_active / using / disabled / detach work as for any adapter (th
 the embedding's output unchanged). The model-level plumbing (embedding the ids, prepending P,
 extending the mask, shifting labels and positions, generation with a KV cache) is a forward
 pre-hook on the model, registered by ``on_attach``; it lives in
-``integrations/transformers_prompt.py`` and applies only while the adapter is active. Prompt
+``integrations/transformers_prompt.py`` and applies only while the adapter is active. The config
+declares the capability it needs (``plumbing = VirtualTokens``) and asks ``core.plumbing`` for
+its provider, so this file never imports ``integrations/``. Prompt
 tuning cannot be merged into the weights, and attaching it changes the outputs.
 
 This file also holds what the virtual-token methods share: finding the input embedding, and
@@ -34,8 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
+from deltatune.core.contract import VirtualTokens
 from deltatune.core.layer import Adapter, AdaptedLayer, Composite, logical_modules
-from deltatune.core.targeting import NoMatchError
+from deltatune.core.parts import find_part, replace_part
+from deltatune.core.plumbing import provider
+from deltatune.core.targeting import NoMatchError, select
 
 PromptInit = Literal["random", "vocab", "text"]
 
@@ -47,7 +52,7 @@ INPUT_EMBEDDINGS = ("word_embeddings", "embed_tokens", "wte", "embed_in")
 def input_embedding_names(config: AdapterConfig, model: nn.Module, method: str) -> list[str]:
     """The module name of ``model.get_input_embeddings()``; ``NoMatchError`` for models without one."""
     if config.target is not None:
-        return AdapterConfig.select_modules(config, model)
+        return select(model, config.resolved_target, config.exclude, config.layers).names
     get = getattr(model, "get_input_embeddings", None)
     try:
         embedding = get() if callable(get) else None
@@ -116,6 +121,7 @@ class PromptConfig(AdapterConfig):
     suggested_lr: ClassVar[float | None] = 1e-2  # soft prompts need large steps (Lester et al. use 0.3 with Adafactor)
     default_target: ClassVar[Any] = INPUT_EMBEDDINGS
     identity_at_init: ClassVar[bool] = False
+    plumbing: ClassVar[Any] = VirtualTokens  # served by integrations/ (core/plumbing.py)
 
     num_virtual_tokens: int = 20
     init: PromptInit = "random"
@@ -148,19 +154,16 @@ class PromptConfig(AdapterConfig):
         return adapter
 
     def on_attach(self, model: nn.Module, name: str) -> list[Any]:
-        from deltatune.core.contract import VirtualTokens
-        from deltatune.integrations.transformers_inputs import find_part, input_embedding_layer, load_token_ids
-        from deltatune.integrations.transformers_prompt import prompt_hooks
-
-        layer = input_embedding_layer(model, name, self, "prompt tuning")
+        plumbing = provider(self.plumbing)  # integrations/ serves the capability (core/plumbing.py)
+        layer = plumbing.input_layer(model, name, self, "prompt tuning")
         if self.init == "text" and not self.init_token_ids:
             assert self.init_text is not None
-            ids = tuple(load_token_ids(self.init_text, self.tokenizer, model))
+            ids = tuple(plumbing.token_ids(self.init_text, self.tokenizer, model))
             adapter = find_part(layer, name, VirtualTokens)
             with torch.no_grad():
                 adapter.prompt.copy_(initial_prompt(layer.base.weight, self.num_virtual_tokens, "text", ids))
-            replace_config(model, name, self, dataclasses.replace(self, init_token_ids=ids))
-        return prompt_hooks(model, layer, name, "prompt tuning")
+            replace_part(model, name, self, dataclasses.replace(self, init_token_ids=ids))
+        return plumbing.hooks(model, layer, name, "prompt tuning")
 
 
 def check_virtual_tokens(config: Any, method: str) -> None:
@@ -174,18 +177,6 @@ def check_virtual_tokens(config: Any, method: str) -> None:
 
 # --- replacing a trained reparameterisation by its output -----------------------------------------
 
-def replace_config(model: nn.Module, name: str, old: AdapterConfig, new: AdapterConfig) -> None:
-    """Record ``new`` as adapter ``name``'s config in place of ``old`` (or of that part of a hybrid)."""
-    from deltatune.core.inject import configs
-
-    registered = configs(model)[name]
-    if registered is old:
-        configs(model)[name] = new
-        return
-    parts = tuple(new if p is old else p for p in registered.parts)  # a HybridConfig
-    configs(model)[name] = dataclasses.replace(registered, parts=parts)
-
-
 def drop_reparameterization(model: nn.Module, name: str = "default") -> nn.Module:
     """Replace adapter ``name``'s trained reparameterisation by the tensors it produces.
 
@@ -195,12 +186,11 @@ def drop_reparameterization(model: nn.Module, name: str = "default") -> nn.Modul
     """
     from deltatune.core.contract import Reparameterized, ReparameterizedConfig
     from deltatune.core.inject import adapted_layers, configs
-    from deltatune.core.parts import config_parts
 
     registered = configs(model).get(name)
     if registered is None:
         raise ValueError(f"no adapter named {name!r} is attached")
-    parts = config_parts(registered)
+    parts = registered.parts
     if not any(isinstance(p, ReparameterizedConfig) and p.reparameterized for p in parts):
         raise ValueError(f"adapter {name!r} ({registered.method}) has no reparameterisation to drop")
     for _, layer in adapted_layers(model):
@@ -219,5 +209,5 @@ def drop_reparameterization(model: nn.Module, name: str = "default") -> nn.Modul
                 layer.adapters[name] = new
     for part in parts:
         if isinstance(part, ReparameterizedConfig) and part.reparameterized:
-            replace_config(model, name, part, part.materialized())
+            replace_part(model, name, part, part.materialized())
     return model

@@ -23,7 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
+from deltatune.core.contract import VirtualTokens
 from deltatune.core.layer import Adapter
+from deltatune.core.plumbing import provider
 from deltatune.methods.prompt import INPUT_EMBEDDINGS, PromptConfig, PromptEmbedding, check_virtual_tokens
 from deltatune.methods.prompt import input_embedding_names
 
@@ -86,6 +88,7 @@ class PtuningConfig(AdapterConfig):
     default_target: ClassVar[Any] = INPUT_EMBEDDINGS
     identity_at_init: ClassVar[bool] = False
     reparameterized: ClassVar[bool] = True
+    plumbing: ClassVar[Any] = VirtualTokens  # served by integrations/ (core/plumbing.py)
 
     num_virtual_tokens: int = 20
     encoder: Encoder = "mlp"
@@ -118,11 +121,9 @@ class PtuningConfig(AdapterConfig):
                              self.encoder_num_layers, self.encoder_dropout).to(base.weight.device)
 
     def on_attach(self, model: nn.Module, name: str) -> list[Any]:
-        from deltatune.integrations.transformers_inputs import input_embedding_layer
-        from deltatune.integrations.transformers_prompt import prompt_hooks
-
-        layer = input_embedding_layer(model, name, self, "P-tuning")
-        return prompt_hooks(model, layer, name, "P-tuning")
+        plumbing = provider(self.plumbing)  # integrations/ serves the capability (core/plumbing.py)
+        layer = plumbing.input_layer(model, name, self, "P-tuning")
+        return plumbing.hooks(model, layer, name, "P-tuning")
 
     def materialized(self) -> PromptConfig:
         """The prompt tuning config of this adapter once its encoder is dropped."""

@@ -178,7 +178,7 @@ class TokensConfig(AdapterConfig):
             found = [n for n, m in logical_modules(model) if n and m is emb]
             if found:
                 return select(model, found[:1], self.exclude, self.layers).names
-        return super().select_modules(model)
+        return select(model, self.resolved_target, self.exclude, self.layers).names
 
     def select_modules(self, model: nn.Module) -> list[str]:
         """The embeddings, plus every ``nn.Linear`` that shares an embedding's weight (tied head)."""
