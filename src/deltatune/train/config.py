@@ -236,8 +236,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML config (or the defaults), apply overrides, and validate everything."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                output: str | Path | None = None) -> TrainConfig:
+    """Read a YAML config (or the defaults), apply overrides, and validate everything.
+
+    ``output`` (``--output``) is taken as it is, not read as YAML: ``runs/a #1`` stays ``runs/a #1``."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -249,6 +252,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = loaded or {}
     for assignment in overrides:
         apply_override(data, assignment)
+    if output is not None:
+        data["output"] = str(output)
     return validate_config(data, source=str(path) if path else "config")
 
 
