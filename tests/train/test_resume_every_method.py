@@ -1,7 +1,7 @@
 """Every registered method resumes exactly: an interrupted-and-resumed run equals an uninterrupted one.
 
-For each method in ``deltatune.METHODS`` (with dropout on where the method has it), on the first
-zoo model it applies to, the library-level loop (``fit``) trains 2 epochs of 3 steps. Once
+For full fine-tuning (on the zoo CNN) and each method in ``deltatune.METHODS`` (with dropout on
+where the method has it), on the first zoo model it applies to, the library-level loop (``fit``) trains 2 epochs of 3 steps. Once
 straight through; once interrupted after step 5 (the newest checkpoint is step 4), then continued
 with ``resume`` on a freshly built model. Every tensor of the two models must be bit-identical:
 so a checkpoint must carry all the state a method changes while training (parameters, buffers
@@ -12,20 +12,23 @@ AdaLoRA's importance averages). Nothing here names a method.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
 from deltatune.core.contract import TrainingState
 from deltatune.train.callbacks import Callback, State
+from deltatune.train.checkpoint import TENSORS, latest_checkpoint
 from deltatune.train.config import validate_config
 from deltatune.train.loop import fit
-from deltatune.train.strategy import AdapterStrategy
+from deltatune.train.strategy import AdapterStrategy, FullStrategy
 from tests.models import ZOO, ZooModel
 
 
@@ -36,6 +39,7 @@ def _config(method: str) -> dt.AdapterConfig:
     return config
 
 
+@functools.cache
 def _first_model(method: str) -> str:
     """The first zoo model the method finds something to adapt in (as test_conformance decides)."""
     for name, zoo in ZOO.items():
@@ -84,10 +88,10 @@ class Interrupt(Callback):
 
 
 def _train(method: str, out: Path, resume: bool = False, interrupt: bool = False) -> nn.Module:
-    zoo = ZOO[_first_model(method)]
+    zoo = ZOO["cnn" if method == "full" else _first_model(method)]
     model = zoo.build(seed=0).train()
     torch.manual_seed(1)  # the adapter's initialisation and the dropout draws (restored on resume)
-    strategy = AdapterStrategy(_config(method))
+    strategy = FullStrategy() if method == "full" else AdapterStrategy(_config(method))
     strategy.prepare(model)
     config = validate_config({"method": "lora", "epochs": 2, "batch_size": 2, "eval_batch_size": 2, "lr": 1e-2,
                               "checkpoint_every": 2, "precision": "fp32", "seed": 0})
@@ -97,30 +101,19 @@ def _train(method: str, out: Path, resume: bool = False, interrupt: bool = False
     return model
 
 
-@pytest.mark.parametrize("method", sorted(dt.METHODS))
+@pytest.mark.parametrize("method", ["full", *sorted(dt.METHODS)])
 def test_an_interrupted_run_resumes_bit_identically(method: str, tmp_path: Path) -> None:
     whole = _train(method, tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
         _train(method, tmp_path / "split", interrupt=True)
+    newest = latest_checkpoint(tmp_path / "split" / "checkpoint")
+    assert newest is not None and newest.name == "step-000000004"
+    saved = load_file(str(newest / TENSORS)).keys()
     resumed = _train(method, tmp_path / "split", resume=True)
     a, b = whole.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{method}: {len(differ)} tensors differ after resuming, e.g. {differ[0]}"
-    trained = [p for p in whole.parameters() if p.requires_grad]
-    assert trained, f"{method}: nothing trained"
-
-
-def test_training_state_is_in_the_checkpoint(tmp_path: Path) -> None:
-    """A method whose adapters declare ``TrainingState`` has it saved (here: any such method)."""
-    stateful = [m for m in sorted(dt.METHODS)
-                if any(isinstance(sub, TrainingState) for sub in _train(m, tmp_path / m).modules())]
-    if not stateful:
-        pytest.skip("no registered method declares TrainingState")
-    from safetensors.torch import load_file
-
-    from deltatune.train.checkpoint import TENSORS, latest_checkpoint
-
-    newest = latest_checkpoint(tmp_path / stateful[0] / "checkpoint")
-    assert newest is not None
-    assert any(k.startswith("state/") for k in load_file(str(newest / TENSORS)))
+    assert any(p.requires_grad for p in whole.parameters()), f"{method}: nothing trained"
+    if any(isinstance(m, TrainingState) for m in resumed.modules()):  # declared state is in the checkpoint
+        assert any("~" in k for k in saved), f"{method}: its TrainingState is not in the checkpoint"
