@@ -32,12 +32,7 @@ def inspect(
 
         task = get_task(cfg.task)
         loaded = load_model(cfg.model, task, task.fixed_labels() or ["a", "b"])
-        report = prepare(loaded, cfg)
+        strategy = prepare(loaded, cfg)
         typer.echo(render_tree(loaded.model, depth))
         typer.echo("")
-        if report is None:
-            import deltatune as dt
-
-            typer.echo(f"method full: {dt.parameter_report(loaded.model)}")
-        else:
-            typer.echo(str(report))
+        typer.echo(strategy.report())

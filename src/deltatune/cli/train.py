@@ -31,25 +31,23 @@ def train(
     with fail_cleanly():
         from deltatune.train import load_config, run_training
         from deltatune.train.config import lr_note
+        from deltatune.train.run import read_run_config
 
         overrides = list(set_ or [])
-        if output is not None:
-            overrides.append(f"output={output}")
-        if resume and config is None and not set_:  # `--resume` alone continues the run as it was configured
-            saved = load_config(None, overrides).resolved_output() / "config.yaml"
-            config = saved if saved.is_file() else None
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, output=output)
+        # The run being resumed: its config.yaml, read and validated once here.
+        recorded = read_run_config(cfg.resolved_output()) if resume else None
         note = lr_note(cfg)
-        if note and resume:  # a run started before lr followed the method keeps the lr it was started with
-            saved = cfg.resolved_output() / "config.yaml"
-            recorded = load_config(saved).lr if saved.is_file() else cfg.lr
-            if recorded != cfg.lr:
-                cfg = load_config(config, [*overrides, f"lr={recorded!r}"])
-                note = f"lr {recorded:g} (as recorded in {saved}, the run being resumed)"
+        if recorded is not None and config is None and not set_:  # `--resume` alone continues the run as it was
+            cfg, note = recorded.model_copy(update={"output": cfg.output}), None
+        elif recorded is not None and note and recorded.lr != cfg.lr:
+            # a run started before lr followed the method keeps the lr it was started with
+            cfg = load_config(config, [*overrides, f"lr={recorded.lr!r}"], output=output)
+            note = f"lr {recorded.lr:g} (as recorded in {cfg.resolved_output() / 'config.yaml'}, the run being resumed)"
         if note:
             typer.echo(note)
         try:
-            run_training(cfg, resume=resume, progress=progress, overwrite=overwrite)
+            run_training(cfg, resume=resume, progress=progress, overwrite=overwrite, recorded=recorded)
         except KeyboardInterrupt:
             typer.secho(f"\ninterrupted; continue with: deltatune train --output {cfg.resolved_output()} --resume",
                         err=True, fg=typer.colors.YELLOW)

@@ -19,6 +19,8 @@ capability                 who has it                     what the core does wit
 :class:`Reparameterized`   adapters: ``materialized()``   ``drop_reparameterization`` swaps in the result
 :class:`ReparameterizedConfig`  configs                   the same, for the saved config
 :class:`LowRankConfig`     configs: ``low_rank_config``   the home of a combination (core/combine.py)
+:class:`TrainingState`     adapters: state kept outside   training checkpoints save and restore it
+                           ``state_dict`` (e.g. averages)  (train/strategy.py), so resuming is exact
 =========================  =============================  =============================================
 """
 
@@ -31,6 +33,20 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from deltatune.config import AdapterConfig
+
+
+@runtime_checkable
+class TrainingState(Protocol):
+    """An adapter that keeps state which training changes but ``state_dict`` does not hold (e.g.
+    running averages that matter only while training): a checkpoint saves and restores it."""
+
+    def training_state(self) -> dict[str, Tensor]:
+        """The state as tensors by key (empty when there is none yet)."""
+        ...
+
+    def load_training_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`training_state` returned (an empty dict: no state)."""
+        ...
 
 
 @runtime_checkable

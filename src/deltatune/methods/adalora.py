@@ -104,6 +104,16 @@ class SvdAdapter(Adapter):
             unc = beta2 * unc + (1 - beta2) * (ipt - avg).abs()
             self.importance[key] = (avg, unc)
 
+    def training_state(self) -> dict[str, Tensor]:
+        """Ī and Ū by parameter, for training checkpoints (``TrainingState``): a resumed run reallocates as
+        an uninterrupted one."""
+        return {f"{key}.{part}": t for key, pair in self.importance.items() for part, t in zip(("avg", "unc"), pair)}
+
+    def load_training_state(self, state: dict[str, Tensor]) -> None:
+        device = self.Lambda.device
+        self.importance = {key: (state[f"{key}.avg"].to(device), state[f"{key}.unc"].to(device))
+                           for key in dict.fromkeys(k.rsplit(".", 1)[0] for k in state)}
+
     def scores(self) -> Tensor:
         """Triplet importance S_i, (r,)."""
         s = {k: avg * unc for k, (avg, unc) in self.importance.items()}

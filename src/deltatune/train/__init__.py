@@ -2,19 +2,25 @@
 
 Needs the ``cli`` extra (transformers, pydantic, pyyaml, tqdm, matplotlib). The pieces:
 
-- ``config``: :class:`TrainConfig`, read from YAML plus ``--set`` overrides, validated up front;
-- ``tasks`` / ``task`` / ``classify``: what a task is, and the built-in ones;
+- ``schema`` / ``config``: :class:`TrainConfig` (its shape), read from YAML plus ``--set`` overrides
+  and validated up front, with the task's defaults and checks;
+- ``tasks`` / ``task`` / ``classify`` / ``chat``: what a task is, and the built-in ones;
 - ``models``: load a base model for a task, or a trained run back (the one loading path);
-- ``loop`` / ``checkpoint``: the training loop and its exact-resume checkpoints;
+- ``strategy``: what trains, every weight or one adapter (``FullStrategy`` / ``AdapterStrategy``);
+- ``loop`` / ``callbacks`` / ``checkpoint``: the step loop, what runs around each step (progress,
+  validation, checkpoints, the NaN stop), and the exact-resume checkpoints;
 - ``run``: one run from config to output directory; ``report``: metrics file and plot.
 """
 
 from deltatune.train.config import TrainConfig, load_config, validate_config
 from deltatune.train.models import Loaded, Trained, load_model, load_trained, prepare, resolve_model
 from deltatune.train.run import run_training
+from deltatune.train.strategy import AdapterStrategy, FullStrategy, Strategy
 from deltatune.train.tasks import TASKS, get_task
 
 __all__ = [
+    "AdapterStrategy",
+    "FullStrategy",
     "TASKS",
     "Loaded",
     "TrainConfig",
@@ -26,5 +32,6 @@ __all__ = [
     "prepare",
     "resolve_model",
     "run_training",
+    "Strategy",
     "validate_config",
 ]

@@ -28,7 +28,7 @@ from deltatune.train import data as D
 from deltatune.train.task import Task
 
 if TYPE_CHECKING:
-    from deltatune.train.config import TrainConfig
+    from deltatune.train.schema import TrainConfig
 
 IGNORE = -100  # label value that cross-entropy skips
 

@@ -1,8 +1,10 @@
-"""Training checkpoints: trainable tensors, optimizer state, RNG state and the step, never pickled.
+"""Training checkpoints: trainable tensors, method state, optimizer state, RNG state and the step, never pickled.
 
-A checkpoint is a directory with ``state.safetensors`` (every tensor: the trainable parameters,
-the optimizer's moment buffers, torch's RNG state as uint8) and ``state.json`` (every scalar: the
-step, the optimizer's hyperparameters, the loss history).
+A checkpoint is a directory with ``state.safetensors`` (every tensor: ``param/`` the trainable
+parameters, ``state/`` what the strategy needs besides them, e.g. an adapter's buffers and
+training state (see strategy.py), ``optim/`` the optimizer's moment buffers, ``rng/`` torch's RNG
+state as uint8) and ``state.json`` (every scalar: the step, the optimizer's hyperparameters, the
+loss history).
 
 Checkpoints are versioned, ``checkpoint/step-000000012/``, so there is never a moment without a
 complete one: a new checkpoint is written to a temporary sibling, made durable, renamed to its
@@ -31,26 +33,11 @@ SCALARS = "state.json"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scalars: dict[str, Any]) -> None:
+def save_checkpoint(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                    scalars: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> None:
     """Write everything needed to continue training from this exact point."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, p in trainable(model).items():
-        tensors[f"param/{name}"] = p.detach().cpu().contiguous()
-    state = optimizer.state_dict()
-    for index, slots in state["state"].items():
-        for key, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{index}/{key}"] = value.detach().cpu().contiguous()
-    tensors["rng/cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
-    meta = {"param_groups": state["param_groups"], **scalars}
+    tensors = _tensors(params, optimizer, state or {})
+    meta = {"param_groups": optimizer.state_dict()["param_groups"], **scalars}
     directory.mkdir(parents=True, exist_ok=True)
     remove_leftovers(directory)
     final = directory / f"step-{scalars['step']:09d}"
@@ -70,6 +57,21 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                 remove_checkpoint(older)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tensors(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    tensors = {f"param/{name}": p for name, p in params.items()}
+    for index, slots in optimizer.state_dict()["state"].items():
+        tensors.update({f"optim/{index}/{key}": v for key, v in slots.items() if isinstance(v, torch.Tensor)})
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    # Copies: state may hold the parameters again (an adapter's state_dict), and safetensors refuses shared memory.
+    tensors.update({f"state/{name}": t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()})
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    return tensors
 
 
 def checkpoints(directory: Path) -> list[Path]:
@@ -106,32 +108,35 @@ def load_checkpoint_step(directory: Path) -> int | None:
         return None
 
 
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer
+                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore parameters, optimizer and RNG from the newest checkpoint in ``directory``; return the
-    saved scalars."""
+    saved scalars and the saved ``state`` tensors (for the strategy to restore)."""
     newest = latest_checkpoint(directory)
     if newest is None:
         raise ValueError(f"no checkpoint in {directory}; run without --resume to start afresh")
-    directory = newest
-    meta = json.loads((directory / SCALARS).read_text())
-    tensors = load_file(str(directory / TENSORS))
-    params = trainable(model)
+    meta = json.loads((newest / SCALARS).read_text())
+    tensors = load_file(str(newest / TENSORS))
     saved = {k.removeprefix("param/") for k in tensors if k.startswith("param/")}
     if saved != set(params):
         extra = sorted(saved ^ set(params))[0]
-        raise ValueError(f"checkpoint in {directory} does not match this model's trainable parameters "
+        raise ValueError(f"checkpoint in {newest} does not match this model's trainable parameters "
                          f"(e.g. {extra!r}); was the config changed?")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param/{name}"])
-    state: dict[int, dict[str, Any]] = {}
+    optim: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
             _, index, slot = key.split("/", 2)
-            state.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+            optim.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": optim, "param_groups": meta.pop("param_groups")})
+    _restore_rng(tensors)
+    return meta, {k.removeprefix("state/"): t for k, t in tensors.items() if k.startswith("state/")}
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["rng/cpu"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))]
+    cuda = sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    return meta
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])

@@ -22,7 +22,7 @@ from deltatune.train.metrics import accuracy, macro_f1
 from deltatune.train.task import Task
 
 if TYPE_CHECKING:
-    from deltatune.train.config import TrainConfig
+    from deltatune.train.schema import TrainConfig
 
 
 class ClassificationTask(Task):

@@ -1,10 +1,11 @@
 """The training loop, readable in one sitting.
 
-AdamW (or SGD) over the trainable parameters only, a linear warm-up then linear decay of the
-learning rate, gradient clipping, ``deltatune.on_train_step`` after every optimizer step (methods
-such as AdaLoRA hook their schedules there), validation at the end of each epoch
-(and every ``eval_every`` steps if set), and a checkpoint every ``checkpoint_every`` steps and at
-the end of each epoch.
+AdamW (or SGD) over the strategy's trainable parameters (strategy.py: every weight, or one
+adapter), a linear warm-up then linear decay of the learning rate, gradient clipping, and the
+strategy's ``on_step`` after every optimizer step (methods such as AdaLoRA hook their schedules
+there). Everything else is a callback (callbacks.py): the progress bar, validation at the end of
+each epoch (and every ``eval_every`` steps if set), a checkpoint every ``checkpoint_every`` steps
+and at the end of each epoch, and the stop on a non-finite loss.
 
 Resuming is exact: the data order of an epoch is a pure function of (seed, epoch), so we skip the
 batches already done; the checkpoint restores the parameters, the optimizer's moments and the RNG
@@ -15,21 +16,20 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-import deltatune as dt
-from deltatune.train.checkpoint import load_checkpoint, load_checkpoint_step, save_checkpoint, trainable
+from deltatune.train.callbacks import Callback, Checkpoint, History, NanStop, Progress, State, Validation
+from deltatune.train.checkpoint import load_checkpoint
 from deltatune.train.config import TrainConfig
 from deltatune.train.data import epoch_batches
 from deltatune.train.ranks import Ranks, step_seed
+from deltatune.train.strategy import Strategy
 from deltatune.train.task import Task
 
 Runner = Callable[[nn.Module, dict[str, torch.Tensor]], Any]
@@ -73,7 +73,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def make_runner(device: torch.device, precision: str) -> Runner:
-    """``run(model, batch)``: move the batch to ``device`` and run the model (bf16 autocast if asked)."""
+    """``run(model, batch)``: move the batch to ``device`` and run the model (bf16 autocast if asked).
+
+    ``precision`` is resolved here if it is still ``auto`` (a no-op for ``fp32``/``bf16``)."""
     precision = resolve_precision(precision, device)
 
     def run(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
@@ -91,135 +93,103 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
-@dataclass
-class History:
-    """What the plot and ``metrics.json`` show: the loss of every step, validation per epoch."""
-
-    loss: list[float] = field(default_factory=list)
-    validation: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0   # training wall time, summed over resumed sessions
-    examples: int = 0      # training examples seen
-
-
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def fit(model: nn.Module, task: Task, tokenizer: Any, items: dict[str, list], config: TrainConfig,
-        run: Runner, out: Path, resume: bool = False, progress: bool = True, ranks: Ranks = Ranks()) -> History:
-    """Train ``model`` on ``items["train"]``, validating on ``items["validation"]`` each epoch.
+def fit(strategy: Strategy, task: Task, tokenizer: Any, items: dict[str, list], config: TrainConfig,
+        run: Runner, out: Path, resume: bool = False, progress: bool = True, ranks: Ranks = Ranks(),
+        callbacks: Sequence[Callback] = ()) -> History:
+    """Train ``strategy.model`` on ``items["train"]``, validating on ``items["validation"]`` each epoch.
 
     Under torchrun (``ranks.distributed``) each global batch is split across the ranks and the
     model runs inside DistributedDataParallel; rank 0 validates and writes checkpoints.
+    ``callbacks`` run after the built-in ones (callbacks.py).
     """
     train = items["train"]
-    params = list(trainable(model).values())
+    s = _start(strategy, config, len(train), out / "checkpoint", resume, ranks)
+    evaluate = lambda model: task.evaluate(model, items["validation"], tokenizer, config.eval_batch_size, run)  # noqa: E731
+    collate = lambda indices: task.collate([train[i] for i in indices], tokenizer)  # noqa: E731
+    hooks = [NanStop(), Progress(progress), Validation(evaluate), Checkpoint(), *callbacks]
+    try:
+        for hook in hooks:
+            hook.on_start(s)
+        for s.epoch in range(s.step // s.steps_per_epoch, config.epochs):
+            # The order of an epoch is a pure function of (seed, epoch): a resumed run skips what was done.
+            batches = epoch_batches([len(it["input_ids"]) for it in train], config.batch_size, config.seed, s.epoch)
+            s.model.train()
+            for indices in batches[s.step - s.epoch * s.steps_per_epoch:]:
+                _step(s, indices, collate, run, hooks)
+                if s.stop:
+                    return s.history
+            for hook in hooks:
+                hook.on_epoch_end(s)
+    finally:
+        for hook in hooks:
+            hook.close(s)
+        s.model.eval()
+    return s.history
+
+
+def _start(strategy: Strategy, config: TrainConfig, examples: int, checkpoints: Path, resume: bool,
+           ranks: Ranks) -> State:
+    """The loop's state at step 0, or, with ``resume``, as the newest checkpoint left it."""
+    params = strategy.trainable_parameters()
     if not params:
         raise ValueError("the model has no trainable parameters; check the method and its target")
-    optimizer = make_optimizer(params, config)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total = config.epochs * steps_per_epoch
-    warmup = int(config.warmup_ratio * total)
-    ckpt_dir = out / "checkpoint"
-
-    step, history = 0, History()
+    steps_per_epoch = math.ceil(examples / config.batch_size)
+    s = State(strategy=strategy, optimizer=make_optimizer(list(params.values()), config), params=params,
+              config=config, ranks=ranks, checkpoints=checkpoints, trained=_wrap(strategy.model, params, ranks),
+              total=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
     if resume:
-        meta = load_checkpoint(ckpt_dir, model, optimizer)
-        step = meta["step"]
-        history = History(**meta["history"])
+        meta, state = load_checkpoint(checkpoints, params, s.optimizer)
+        if state:  # a checkpoint written before method state was saved holds none: its parameters suffice
+            strategy.load_state(state)
+        s.step, s.history = meta["step"], History(**meta["history"])
         if ranks.main:
-            print(f"resumed from {ckpt_dir} at step {step} of {total}")
+            print(f"resumed from {checkpoints} at step {s.step} of {s.total}")
+    return s
 
-    if ranks.distributed:
-        from deltatune.integrations.distributed import wrap_ddp
 
-        device_ids = [params[0].device.index] if params[0].device.type == "cuda" else None
-        trained: nn.Module = wrap_ddp(model, device_ids=device_ids)
-    else:
-        trained = model
+def _wrap(model: nn.Module, params: dict[str, nn.Parameter], ranks: Ranks) -> nn.Module:
+    """The model in DistributedDataParallel under torchrun, else itself."""
+    if not ranks.distributed:
+        return model
+    from deltatune.integrations.distributed import wrap_ddp
 
-    def checkpoint() -> None:
-        bad = next((n for n, p in zip(trainable(model), params) if not torch.isfinite(p).all()), None)
-        if bad is not None:  # never replace the last good checkpoint with a diverged one
-            diverged(step, f"parameter {bad!r} holds NaN or inf")
-        if ranks.main:
-            save_checkpoint(ckpt_dir, model, optimizer, {"step": step, "history": history.__dict__})
-        ranks.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+    first = next(iter(params.values()))
+    return wrap_ddp(model, device_ids=[first.device.index] if first.device.type == "cuda" else None)
 
-    def validate(epoch: float) -> None:
-        if not ranks.main:
-            ranks.barrier()
-            return
-        t0 = time.perf_counter()
-        model.eval()
-        metrics = task.evaluate(model, items["validation"], tokenizer, config.eval_batch_size, run)
-        model.train()
-        history.seconds += time.perf_counter() - t0
-        history.validation.append({"epoch": round(epoch, 4), "step": step, **metrics})
-        bar.write(f"epoch {epoch:.2f}/{config.epochs} (step {step}): "
-                  + ", ".join(f"validation {k} {v:.4f}" for k, v in metrics.items()))
-        ranks.barrier()
 
-    def diverged(at: int, what: str) -> None:
-        """Stop on a non-finite loss or weight (a ValueError: one line under the CLI), keeping the checkpoint."""
-        bar.close()
-        saved = load_checkpoint_step(ckpt_dir) if ranks.main else None
-        where = (f"the last good checkpoint (step {saved}) is intact in {ckpt_dir} and loads with --resume "
-                 "(which replays the same steps)" if saved is not None else "no checkpoint was written yet")
-        raise ValueError(f"training stopped at step {at} of {total}: {what} (lr {config.lr:g}); {where}; "
-                         "to get past it, start afresh with a lower lr or a grad_clip")
-
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=not (progress and ranks.main),
-               desc=f"{config.method} on {config.task}")
-    smooth: float | None = history.loss[-1] if history.loss else None
-    rate: float | None = None  # examples per second
-    for epoch in range(step // steps_per_epoch, config.epochs):
-        batches = epoch_batches([len(it["input_ids"]) for it in train], config.batch_size, config.seed, epoch)
-        model.train()
-        for indices in batches[step - epoch * steps_per_epoch:]:
-            t0 = time.perf_counter()
-            mine = ranks.share(indices)
-            batch = task.collate([train[i] for i in mine], tokenizer)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, config.lr)
-            if ranks.distributed:  # per-rank dropout, reproducible on resume
-                torch.manual_seed(step_seed(config.seed, step, ranks.rank))
-            # Mean over the batch's targets; on several ranks weighted by this rank's share, so
-            # DDP's average of the gradients is the whole batch's.
-            loss = run(trained, batch).loss * (len(mine) * ranks.world / max(len(indices), ranks.world))
-            extra = dt.regularization_loss(model)  # e.g. AdaLoRA's orthogonality penalty
-            (loss if extra is None else loss + extra).backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            # Read where the loop always synchronised (no extra stall); a NaN step's update is never
-            # checkpointed because we stop here, before the next checkpoint. Every rank sees the mean.
-            value = ranks.mean(loss.item())
-            if not math.isfinite(value):
-                diverged(step + 1, f"the loss is {value}")
-            step += 1
-            dt.on_train_step(model, step, total)  # before zero_grad: some methods read the gradients
-            optimizer.zero_grad(set_to_none=True)
-
-            elapsed = time.perf_counter() - t0
-            history.loss.append(value)
-            history.seconds += elapsed
-            history.examples += len(indices)
-            # Moving averages, so the bar shows trends rather than one batch's noise.
-            smooth = history.loss[-1] if smooth is None else 0.95 * smooth + 0.05 * history.loss[-1]
-            rate = len(indices) / elapsed if rate is None else 0.9 * rate + 0.1 * len(indices) / elapsed
-            bar.set_postfix(loss=f"{smooth:.4f}", ex_s=f"{rate:.1f}", refresh=False)
-            bar.update()
-            end_of_epoch = step % steps_per_epoch == 0
-            if config.eval_every and step % config.eval_every == 0 and not end_of_epoch:
-                validate(epoch + (step % steps_per_epoch) / steps_per_epoch)
-            if step % config.checkpoint_every == 0 and not end_of_epoch:
-                checkpoint()  # after any validation at this step, so a resumed run never repeats it
-
-        validate(epoch + 1)
-        checkpoint()
-    bar.close()
-    model.eval()
-    return history
+def _step(s: State, indices: list[int], collate: Callable[[list[int]], dict[str, torch.Tensor]],
+          run: Runner, hooks: Sequence[Callback]) -> None:
+    """One optimizer step on the global batch ``indices`` (this rank's share of it)."""
+    t0 = time.perf_counter()
+    mine = s.ranks.share(indices)
+    batch = collate(mine)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr_at(s.step, s.total, int(s.config.warmup_ratio * s.total), s.config.lr)
+    if s.ranks.distributed:  # per-rank dropout, reproducible on resume
+        torch.manual_seed(step_seed(s.config.seed, s.step, s.ranks.rank))
+    # Mean over the batch's targets; on several ranks weighted by this rank's share, so DDP's
+    # average of the gradients is the whole batch's.
+    loss = run(s.trained, batch).loss * (len(mine) * s.ranks.world / max(len(indices), s.ranks.world))
+    extra = s.strategy.extra_loss()  # e.g. AdaLoRA's orthogonality penalty
+    (loss if extra is None else loss + extra).backward()
+    if s.config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(list(s.params.values()), s.config.grad_clip)
+    s.optimizer.step()
+    s.loss = s.ranks.mean(loss.item())  # where the loop synchronises anyway; every rank sees the mean
+    for hook in hooks:
+        hook.on_update(s)
+    s.step += 1
+    s.strategy.on_step(s.step, s.total)  # before zero_grad: some methods read the gradients
+    s.optimizer.zero_grad(set_to_none=True)
+    s.elapsed, s.examples = time.perf_counter() - t0, len(indices)
+    s.history.loss.append(s.loss)
+    s.history.seconds += s.elapsed
+    s.history.examples += len(indices)
+    for hook in hooks:
+        hook.on_step(s)

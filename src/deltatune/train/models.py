@@ -10,7 +10,6 @@ else is a local directory that transformers can load.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -27,11 +26,11 @@ from torch import nn
 import deltatune as dt
 from deltatune.core.io import remove_leftovers, temp_dir
 from deltatune.train.config import TrainConfig, validate_config
+from deltatune.train.strategy import TRAINING_FILE, Strategy, strategy_for
 from deltatune.train.task import Task
 from deltatune.train.tasks import get_task
 
 ADAPTER_CONFIG = "adapter_config.json"
-TRAINING_FILE = "deltatune_training.json"  # beside a full model: how it was trained
 
 
 def _package_dir(package: str, hint: str) -> Path:
@@ -146,29 +145,15 @@ def load_model(name: str, task: Task, labels: list[str] | None = None) -> Loaded
     return Loaded(model=model, tokenizer=tokenizer, new_modules=new_modules)
 
 
-def prepare(loaded: Loaded, config: TrainConfig, name: str = "default") -> dt.AttachReport | None:
-    """Make the model trainable as ``config.method`` says.
+def prepare(loaded: Loaded, config: TrainConfig, name: str = "default") -> Strategy:
+    """Make the model trainable as ``config.method`` says; the returned strategy trains and saves it.
 
-    For an adapter method, the freshly initialised head modules are added to ``modules_to_save``
-    when the config names none, so they are trained and saved with the adapter; a config that
-    names some must cover them. ``method: full`` unfreezes every weight and returns ``None``.
+    For an adapter method the freshly initialised head modules train and save with the adapter
+    (see :meth:`AdapterStrategy.prepare`); ``method: full`` unfreezes every weight.
     """
-    model = loaded.model
-    adapter = config.adapter_config()
-    if adapter is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return None
-    if loaded.new_modules:
-        if not adapter.modules_to_save:
-            adapter = dataclasses.replace(adapter, modules_to_save=tuple(loaded.new_modules))
-        else:
-            saved = set(dt.select(model, list(adapter.modules_to_save)).names)
-            untrained = [m for m in loaded.new_modules if m not in saved]
-            if untrained:
-                raise ValueError(f"{untrained[0]!r} starts with random weights but is not in adapter.modules_to_save; "
-                                 "add it, or leave modules_to_save unset to have it added")
-    return dt.attach(model, adapter, name)
+    strategy = strategy_for(config.adapter_config(), name)
+    strategy.prepare(loaded.model, loaded.new_modules)
+    return strategy
 
 
 def training_meta(config: TrainConfig, labels: list[str] | None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from deltatune.train.loop import History
+from deltatune.train.callbacks import History
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

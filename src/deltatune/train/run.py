@@ -17,10 +17,10 @@ or replaced with ``overwrite`` (only what deltatune wrote goes), see :mod:`delta
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +28,37 @@ import torch
 import yaml
 
 import deltatune as dt
-from deltatune.core.io import atomic_directory, write_text_atomic
+from deltatune.core.io import write_text_atomic
+from deltatune.train.callbacks import History
 from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, to_yaml, validate_config
 from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision
 from deltatune.train.metrics import peak_memory_mb
-from deltatune.train.models import TRAINING_FILE, load_model, prepare, training_meta
+from deltatune.train.models import load_model, prepare, training_meta
 from deltatune.train.output import claim_output, remove_run
 from deltatune.train.ranks import Ranks, finish, start
 from deltatune.train.report import plot_history, write_metrics
+from deltatune.train.strategy import Strategy
+from deltatune.train.task import Task
 from deltatune.train.tasks import get_task
 
 CONFIG_FILE = "config.yaml"
 
 
-def _check_resume(out: Path, config: TrainConfig) -> None:
+def read_run_config(out: Path) -> TrainConfig | None:
+    """The config a run in ``out`` recorded (validated), or None if it has none."""
     saved_file = out / CONFIG_FILE
-    if latest_checkpoint(out / "checkpoint") is None or not saved_file.is_file():
+    if not saved_file.is_file():
+        return None
+    return validate_config(yaml.safe_load(saved_file.read_text()), source=str(saved_file))
+
+
+def _check_resume(out: Path, config: TrainConfig, recorded: TrainConfig | None) -> None:
+    """``recorded``: the run's config if the caller has read it already (so it is validated once)."""
+    recorded = recorded or read_run_config(out)
+    if latest_checkpoint(out / "checkpoint") is None or recorded is None:
         raise ValueError(f"--resume: {out} holds no checkpoint; run without --resume to start afresh")
-    saved = validate_config(yaml.safe_load(saved_file.read_text()), source=str(saved_file)).model_dump(mode="json")
+    saved = recorded.model_dump(mode="json")
     now = config.model_dump(mode="json")
     changed = [k for k in now if k != "output" and now[k] != saved.get(k)]
     if changed:
@@ -59,18 +71,19 @@ def _dir_bytes(path: Path) -> int:
 
 
 def run_training(config: TrainConfig, resume: bool = False, progress: bool = True,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, recorded: TrainConfig | None = None) -> dict[str, Any]:
     """Train as ``config`` says and write the results under its output directory. Returns the metrics.
 
     ``overwrite`` replaces a run already in the output directory (removing only what deltatune
-    wrote there); without it, or ``resume``, such a directory is refused.
+    wrote there); without it, or ``resume``, such a directory is refused. ``recorded``: with
+    ``resume``, the run's own config if the caller has read it (:func:`read_run_config`) already.
     """
     out = config.resolved_output()
     # Rank 0 alone writes, so it alone claims the directory (before joining: a refusal ends torchrun).
     lock = claim_output(out, resume, overwrite) if os.environ.get("RANK", "0") == "0" else None
     try:
         if resume:
-            _check_resume(out, config)
+            _check_resume(out, config, recorded)
         ranks = start(config.device)  # under torchrun: join the process group (ranks.py)
         try:
             with dt.cpu_engine(config.cpu_engine):  # the fused kernels' CPU products, restored afterwards
@@ -89,71 +102,85 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
 def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Ranks = Ranks()) -> dict[str, Any]:
     """The run itself; on several processes every rank trains, rank 0 alone reports and writes
     (the others return an empty dict)."""
-    out = config.resolved_output()
-    say = print if ranks.main else _quiet
+    out, say = config.resolved_output(), print if ranks.main else _quiet
+    device, precision = _device(config, ranks)
+    task = get_task(config.task)
+    started = time.perf_counter()
+    splits = task.load_splits(config)  # before the model: a bad file fails first
+    say(f"task {config.task}: {splits.sizes()}" + (f", labels {splits.labels}" if splits.labels else ""))
+    strategy, tokenizer = _load(config, task, splits.labels, device, ranks)
+    say(strategy.report())
+    processes = f", {ranks.world} processes" if ranks.distributed else ""
+    say(f"device {device}, torch threads {torch.get_num_threads()}, precision {precision}{processes}")
+    items = {name: task.encode(tokenizer, getattr(splits, name), config.max_length)
+             for name in ("train", "validation", "test")}
+    _begin_output(out, config, resume, ranks, say)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run = make_runner(device, precision)
+    history = fit(strategy, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks)
+    if not ranks.main:
+        ranks.barrier()  # rank 0 scores the test split and writes the results
+        return {}
+    metrics = task.final_metrics(strategy.model, splits, items, tokenizer, config, run)
+    artifact = strategy.save(out, tokenizer, training_meta(config, splits.labels), config.save_format)
+    metrics.update(_facts(strategy, artifact, history, device, precision, ranks, started, resume))
+    write_metrics(out / "metrics.json", metrics)
+    plot_history(out / "training.png", history, task.headline, f"{config.method} · {config.model} · {config.task}")
+    print(task.summary(metrics))
+    print(f"{metrics['trainable_parameters']:,} trainable of {metrics['total_parameters']:,} parameters; "
+          f"trained {metrics['train_seconds']:.0f} s ({metrics['steps_per_second']:.2f} steps/s); "
+          f"peak memory {metrics['peak_memory_mb']:.0f} MiB; results in {out}")
+    ranks.barrier()  # the others return once the results are on disk (a failure here: torchrun stops them)
+    return metrics
+
+
+def _device(config: TrainConfig, ranks: Ranks) -> tuple[torch.device, str]:
+    """The device this rank trains on and the precision, resolved once (``auto`` -> fp32 or bf16)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
     if ranks.distributed and device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
-    task = get_task(config.task)
-    started = time.perf_counter()
+    return device, resolve_precision(config.precision, device)
 
-    splits = task.load_splits(config)
-    say(f"task {config.task}: {splits.sizes()}" + (f", labels {splits.labels}" if splits.labels else ""))
+
+def _load(config: TrainConfig, task: Task, labels: list[str] | None, device: torch.device,
+          ranks: Ranks) -> tuple[Strategy, Any]:
+    """The base model made trainable as the method says, on ``device``, and its tokenizer."""
     torch.manual_seed(config.seed)  # the new head and the adapter start from the seed
     with ranks.main_first():  # a first load may write a cache (SmolLM2's conversion)
-        loaded = load_model(config.model, task, splits.labels)
-    report = prepare(loaded, config)
-    model, tokenizer = loaded.model.to(device), loaded.tokenizer
-    say(report if report is not None else dt.parameter_report(model))
-    precision = resolve_precision(config.precision, device)
-    processes = f", {ranks.world} processes" if ranks.distributed else ""
-    say(f"device {device}, torch threads {torch.get_num_threads()}, precision {precision}{processes}")
-    items = {name: task.encode(tokenizer, getattr(splits, name), config.max_length)
-             for name in ("train", "validation", "test")}
+        loaded = load_model(config.model, task, labels)
+    strategy = prepare(loaded, config)
+    loaded.model.to(device)
+    return strategy, loaded.tokenizer
 
+
+def _begin_output(out: Path, config: TrainConfig, resume: bool, ranks: Ranks, say: Callable[[str], Any]) -> None:
+    """A fresh run clears what an earlier run wrote (claim_output allowed it) and records its config."""
     if ranks.main and not resume:
         removed = remove_run(out)  # something only with overwrite: claim_output refused the rest
         if removed:
             say(f"starting afresh in {out}: removed what the run there wrote ({', '.join(removed)})")
         write_text_atomic(out / CONFIG_FILE, to_yaml(config))
     ranks.barrier()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    run = make_runner(device, config.precision)
-    history = fit(model, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks)
-    if not ranks.main:
-        ranks.barrier()  # rank 0 scores the test split and writes the results
-        return {}
 
-    metrics = task.final_metrics(model, splits, items, tokenizer, config, run)
-    params = dt.parameter_report(model)
-    meta = training_meta(config, splits.labels)
-    if report is not None:
-        artifact = out / "adapter"
-        if config.save_format == "peft":  # PEFT's config has no room for ours: the run's meta goes beside it
-            with atomic_directory(artifact) as tmp:
-                dt.save_adapter(model, tmp, format="peft")
-                (tmp / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        else:
-            dt.save_adapter(model, artifact, extra={"training": meta})
-    else:
-        artifact = out / "model"
-        with atomic_directory(artifact) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+def _facts(strategy: Strategy, artifact: Path, history: History, device: torch.device, precision: str,
+           ranks: Ranks, started: float, resume: bool) -> dict[str, Any]:
+    """What metrics.json says about the run besides the task's metrics."""
+    params = dt.parameter_report(strategy.model)
     peak, peak_note = peak_memory_mb(device)
-    metrics.update({
+    seconds = max(history.seconds, 1e-9)
+    return {
         "trainable_parameters": params.trainable,
         "total_parameters": params.total,
         "adapter_bytes": _dir_bytes(artifact),
         "train_seconds": round(history.seconds, 2),
         "total_seconds": round(time.perf_counter() - started, 2),
         "steps": len(history.loss),
-        "steps_per_second": round(len(history.loss) / max(history.seconds, 1e-9), 3),
-        "examples_per_second": round(history.examples / max(history.seconds, 1e-9), 2),
+        "steps_per_second": round(len(history.loss) / seconds, 3),
+        "examples_per_second": round(history.examples / seconds, 2),
         "peak_memory_mb": round(peak, 1),
         "peak_memory_measure": peak_note,
         "device": str(device),
@@ -166,12 +193,4 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
         "python": platform.python_version(),
         "validation": history.validation,
         "resumed": resume,
-    })
-    write_metrics(out / "metrics.json", metrics)
-    plot_history(out / "training.png", history, task.headline, f"{config.method} · {config.model} · {config.task}")
-    print(task.summary(metrics))
-    print(f"{metrics['trainable_parameters']:,} trainable of {metrics['total_parameters']:,} parameters; "
-          f"trained {metrics['train_seconds']:.0f} s ({metrics['steps_per_second']:.2f} steps/s); "
-          f"peak memory {peak:.0f} MiB; results in {out}")
-    ranks.barrier()  # the others return once the results are on disk (a failure here: torchrun stops them)
-    return metrics
+    }

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from deltatune.train.config import TrainConfig
+    from deltatune.train.schema import TrainConfig
     from deltatune.train.data import Splits
 
 

@@ -1,0 +1,128 @@
+"""The shape of a training run's config: :class:`TrainConfig` and :class:`DataConfig`.
+
+Only what a config is, field by field; filling in a task's defaults and checking the config
+against its task happen in ``config.py`` (:func:`~deltatune.train.config.validate_config`), which
+sits above the task registry. Tasks use these classes as types, so this module imports no task.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the examples come from (built-in tasks fill in their own files).
+
+    For ``task: classification`` give either one ``path`` (split into train/validation/test with
+    the seed) or explicit ``train`` / ``validation`` / ``test`` files; CSV or JSONL.
+    """
+
+    path: str | None = None
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction + test_fraction must be below 1 to leave training data")
+        return self
+
+
+class TrainConfig(_Strict):
+    """One training run. ``recipes/sentiment-lora.yaml`` explains every key in a comment.
+
+    Defaults here are generic; a task fills the keys a user leaves out with its own tuned values
+    (``Task.defaults``, e.g. one epoch for ``sentiment``), and ``adapter:`` with its
+    ``method_defaults`` for the chosen method: ``deltatune.train.config.validate_config`` does
+    that, and checks the task (this class knows no task).
+    """
+
+    model: str = "all-minilm-l6-v2"
+    task: str = "sentiment"
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: str = "lora"
+    adapter: dict[str, Any] = Field(default_factory=dict)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    max_length: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    # CPU float32 products of LoRA/DoRA layers: onednn (fastest), thin (base output bit-identical), aten
+    cpu_engine: Literal["onednn", "thin", "aten"] = "onednn"
+    output: str | None = None
+    save_format: Literal["deltatune", "peft"] = "deltatune"  # adapter file format; peft: Hugging Face PEFT's
+    # Why ``lr`` has its value when the user gave none (``train`` prints it); None: given explicitly.
+    _lr_reason: str | None = PrivateAttr(default=None)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"device must be auto, cpu, cuda[:N] or mps, got {value!r}")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        path = Path(value)
+        try:
+            path.resolve()
+        except (RuntimeError, OSError) as err:  # a symlink loop (RuntimeError before Python 3.13)
+            raise ValueError(f"output {value!r} cannot be used as a run directory: {err}") from None
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"output {value!r} is a file, not a directory; choose another --output")
+        return value
+
+    @model_validator(mode="after")
+    def _method(self) -> TrainConfig:
+        if self.method == "full":
+            if self.adapter:
+                raise ValueError("method 'full' trains every weight and takes no adapter settings; remove 'adapter'")
+        else:
+            self.adapter_config()  # raises ValueError with the method's own message
+        return self
+
+    def adapter_config(self) -> Any:
+        """The method's ``AdapterConfig`` (``None`` for full fine-tuning)."""
+        from deltatune import METHODS, config_from_dict
+
+        if self.method == "full":
+            return None
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; available: full, {', '.join(sorted(METHODS))}")
+        from deltatune.config import ConfigTypeError
+
+        try:
+            return config_from_dict({"method": self.method, **self.adapter})
+        except ConfigTypeError as err:  # name the key as the user writes it: adapter.rank, not rank
+            raise ValueError(f"adapter.{str(err).split(': ', 1)[1]}") from None
+
+    def resolved_output(self) -> Path:
+        return Path(self.output) if self.output else Path("runs") / f"{self.task}-{self.method}"
