@@ -63,16 +63,6 @@ PENDING: set[str] = {
     "deltatune.integrations.peft_translate -> deltatune.core.routing",
     # peft_translate <-> peft_methods import each other (peft_methods.targets_to_peft's import)
     "deltatune.integrations.peft_translate -> deltatune.integrations.peft_methods",
-    # train/: config -> tasks -> chat / classify -> task -> config
-    "deltatune.train.chat -> deltatune.train.config",
-    "deltatune.train.chat -> deltatune.train.task",
-    "deltatune.train.classify -> deltatune.train.config",
-    "deltatune.train.classify -> deltatune.train.task",
-    "deltatune.train.config -> deltatune.train.tasks",
-    "deltatune.train.task -> deltatune.train.config",
-    "deltatune.train.tasks -> deltatune.train.chat",
-    "deltatune.train.tasks -> deltatune.train.classify",
-    "deltatune.train.tasks -> deltatune.train.task",
 }
 
 
