@@ -284,16 +284,6 @@ def composed(model: nn.Module, names: Sequence[str], how: str = "average") -> It
             layer.composition = how_before
 
 
-def load_adapters(model: nn.Module, directories: Mapping[str, str | PathLike[str]]) -> list[str]:
-    """Load several saved adapters onto one base, by name, leaving the active choice unchanged."""
-    from deltatune.core.io import load_adapter
-
-    for name in directories:
-        if name in configs(model):
-            raise ValueError(f"an adapter named {name!r} is already attached; delete_adapter it or rename")
-    return [load_adapter(model, path, name, activate=False) for name, path in directories.items()]
-
-
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Detach adapter ``name`` and drop everything that refers to it, so its memory is freed."""
     layers = [layer for _, layer in adapted_layers(model) if name in layer.adapters]

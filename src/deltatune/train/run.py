@@ -28,7 +28,7 @@ import torch
 import yaml
 
 import deltatune as dt
-from deltatune.core.io import atomic_directory, write_text_atomic
+from deltatune.core.files import atomic_directory, write_text_atomic
 from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, to_yaml, validate_config
 from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision

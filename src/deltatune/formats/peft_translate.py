@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltatune.integrations.peft_methods import PEFT_METHODS
-from deltatune.integrations.peft_spec import PREFIX, Key, PeftMethod, Site
+from deltatune.formats.peft_methods import PEFT_METHODS
+from deltatune.formats.peft_spec import PREFIX, Key, PeftMethod, Site
 
 SAVED = "module."  # core's FullCopy holds the trained copy as ``.module``: our key ``<name>.module.<param>``
 COMMON = {"peft_type", "peft_version", "auto_mapping", "inference_mode"}  # describe the file, not the adapter
@@ -288,7 +288,7 @@ def plan_from_peft(peft: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
     so a tensor laid out for another kind of layer is an error naming its key. ``locate`` (from a
     model) names the module of keys that name none (prompt learning).
     """
-    from deltatune import __version__
+    from deltatune._version import __version__
     from deltatune.methods import METHODS
 
     _, entry = select_entry(peft, where)
