@@ -4,7 +4,7 @@ deltatune method, keyed by the method's registry name.
 An entry says which PEFT ``peft_type`` the method is, how its config fields are named (with PEFT's
 defaults, used when a file omits a field), and how each adapter tensor is named and shaped in
 PEFT's file for each kind of base layer. Adding a method's conversion is one entry in
-:data:`PEFT_METHODS`; ``peft_translate.py`` and ``peft_format.py`` do the rest. The virtual-token
+:data:`PEFT_METHODS`; ``peft_translate.py`` and ``peft.py`` do the rest. The virtual-token
 methods (prompt tuning, P-tuning, prefix tuning) are in ``peft_prompt.py``.
 """
 
