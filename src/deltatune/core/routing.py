@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from os import PathLike
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.inject import _known, adapted_layers, configs, detach, using
+from deltatune.core.inject import _known, adapted_layers, detach, using
 from deltatune.core import products
 from deltatune.core.contract import LowRank, is_low_rank  # noqa: F401  (LowRank: re-exported)
 from deltatune.core.layer import AdaptedLayer

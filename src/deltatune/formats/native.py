@@ -20,17 +20,8 @@ from safetensors.torch import save_file
 
 from deltatune._version import __version__
 from deltatune.config import HybridConfig
-from deltatune.core.files import (  # noqa: F401  (MANIFEST, remove_leftovers: the file machinery, re-exported)
-    CONFIG_FILE,
-    FORMAT,
-    MANIFEST,
-    WEIGHTS_FILE,
-    atomic_directory,
-    read_json_file,
-    read_tensors,
-    remove_leftovers,
-    write_json,
-)
+from deltatune.core.files import (CONFIG_FILE, FORMAT, WEIGHTS_FILE, atomic_directory, read_json_file, read_tensors,
+                                  write_json)
 from deltatune.core.stored import Source, StoredAdapter
 
 FORMAT_VERSION = 1
