@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from deltatune.formats.peft_prompt import PROMPT_METHODS
-from deltatune.formats.peft_spec import Field, Key, Meta, PeftMethod, Site, Tensors, cast, patterns
+from deltatune.formats.peft_spec import Field, Key, Meta, PeftMethod, Site, Tensors, cast, patterns, targets_to_peft
 
 RANK_PATTERN = Field("rank_pattern", {}, *patterns(int))
 
@@ -131,7 +131,6 @@ def _ff_to_peft(value: tuple[str, ...], site: Site) -> str | list[str]:
     """Our feedforward patterns in PEFT's form, or the feedforward targets by name if PEFT's
     matching rules would classify the adapted modules differently."""
     from deltatune.core.targeting import any_matches
-    from deltatune.formats.peft_translate import targets_to_peft
 
     wanted = [t for t in site.targets if any_matches(t, value)]
     for spec in (targets_to_peft(value) if value else [], wanted, "|".join(map(re.escape, wanted))):
