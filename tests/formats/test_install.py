@@ -99,3 +99,16 @@ def test_hotswap_uses_the_same_check_naming_the_key(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"tensor 'fc2\.\w+' has shape .* but this model needs"):
         hotswap_adapter(model, tmp_path / "bad", "default")
     assert all(torch.equal(model.state_dict()[k], t) for k, t in before.items())
+
+
+def test_hotswap_reads_either_format(tmp_path) -> None:
+    trained = _trained()
+    with torch.no_grad():
+        expected = MLP.run(trained)
+    for fmt in ("deltatune", "peft"):
+        dt.save_adapter(trained, tmp_path / fmt, format=fmt)
+        slot = MLP.build()
+        dt.attach(slot, dt.LoraConfig(rank=4, target=["fc1", "fc2"]), "slot")
+        hotswap_adapter(slot, tmp_path / fmt, "slot")
+        with torch.no_grad():
+            torch.testing.assert_close(MLP.run(slot), expected, rtol=0, atol=1e-5)

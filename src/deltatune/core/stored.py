@@ -65,8 +65,17 @@ class StoredAdapter:
 
     @property
     def targets(self) -> list[str]:
-        """The adapted modules (every part's, once each, in order), ``modules_to_save`` apart."""
-        return list(dict.fromkeys(n for names in self.parts for n in names))
+        """The adapted modules (every part's, once each), ``modules_to_save`` apart. For several
+        parts, in the order of their first tensor: the model's module order, as :func:`capture` walks it."""
+        names = list(dict.fromkeys(n for names in self.parts for n in names))
+        if len(self.parts) == 1:
+            return names
+        first: dict[str, int] = {}
+        for i, key in enumerate(self.tensors):
+            for n in names:
+                if n not in first and key.startswith(f"{n}."):
+                    first[n] = i
+        return sorted(names, key=lambda n: first.get(n, len(self.tensors)))
 
     def replace(self, **changes: Any) -> StoredAdapter:
         return dataclasses.replace(self, **changes)
