@@ -110,7 +110,7 @@ def test_save_load_reproduces_outputs(case, tmp_path):
     _randomise(model, "default")
     expected = zoo.run(model)
     dt.save_adapter(model, tmp_path / "adapter")
-    tensors, targets, saved = dt.core.io.adapter_state(model, "default")
+    tensors, targets, saved = dt.core.stored.adapter_state(model, "default")
     assert all(k.split(".")[0] for k in tensors)
     base_keys = set(zoo.build().state_dict())
     assert not (set(tensors) & base_keys), "the adapter file holds base tensors"
@@ -168,8 +168,8 @@ def test_selecting_one_of_two_adapters(case):
     _randomise(model, "two", seed=2)
     only = zoo.build()
     _attach(only, method, target, "two")
-    tensors, _, _ = dt.core.io.adapter_state(model, "two")
-    dt.core.io._copy_in(only, "two", tensors)
+    tensors, _, _ = dt.core.stored.adapter_state(model, "two")
+    dt.core.stored.copy_in(only, "two", tensors)
     dt.set_active(model, "two")
     torch.testing.assert_close(zoo.run(model), zoo.run(only), rtol=0, atol=1e-6)
     with dt.disabled(model):

@@ -24,13 +24,11 @@ from deltatune.core.inject import (
     set_active,
     using,
 )
-from deltatune.core.io import load_adapter, read_adapter_config, save_adapter
 from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.merge import merge, merge_and_unload, unmerge
 from deltatune.core.products import cpu_engine, set_cpu_engine
 from deltatune.core.combine import combine
-from deltatune.core.hotswap import hotswap_adapter
-from deltatune.core.routing import composed, delete_adapter, load_adapters, routing, run_grouped, set_composition
+from deltatune.core.routing import composed, delete_adapter, routing, run_grouped, set_composition
 from deltatune.core.targeting import NoMatchError, select
 from deltatune.methods import METHODS, config_from_dict
 from deltatune.methods.dora import DoraConfig
@@ -57,7 +55,8 @@ from deltatune.integrations.transformers_plumbing import PROVIDERS as _TRANSFORM
 
 _PLUMBING.update(_TRANSFORMERS_PLUMBING)
 
-__version__ = "0.1.0"
+from deltatune.formats import convert, hotswap_adapter, load_adapter, load_adapters, read_adapter_config, save_adapter
+from deltatune._version import __version__
 
 __all__ = [
     "METHODS",
@@ -108,6 +107,7 @@ __all__ = [
     "unmerge",
     "using",
     "combine",
+    "convert",
     "composed",
     "delete_adapter",
     "hotswap_adapter",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.core.hotswap import hotswap_adapter
+from deltatune.formats import hotswap_adapter
 from deltatune.core.layer import AdaptedLayer
 from tests.models import ZOO
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from deltatune.core import io
+from deltatune.formats import native as io
 from tests.models import ZOO
 
 BERT = ZOO["bert"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.core import io
-from deltatune.integrations.peft_format import convert
+from deltatune.core import files as io
+from deltatune.formats import convert
 from tests.models import ZOO
 
 BERT = ZOO["bert"]

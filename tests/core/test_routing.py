@@ -19,11 +19,11 @@ from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.routing import (
     composed,
     delete_adapter,
-    load_adapters,
     routing,
     run_grouped,
     set_composition,
 )
+from deltatune.formats import load_adapters
 from tests.models import ZOO
 
 ATOL = 1e-5

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deltatune as dt
-from deltatune.integrations import peft_format as pf
-from deltatune.integrations.peft_methods import PEFT_METHODS
-from deltatune.integrations.peft_spec import pattern_from_peft, pattern_to_peft
+from deltatune import formats as pf
+from deltatune.formats.peft_methods import PEFT_METHODS
+from deltatune.formats.peft_spec import pattern_from_peft, pattern_to_peft
 from tests.models import ZOO
 
 ATOL = 1e-6  # largest gap seen on these tiny models: 9e-8

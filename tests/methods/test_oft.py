@@ -224,7 +224,7 @@ def test_only_q_is_trained_and_saved(tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"q"}
     assert report.adapter_parameters == sum(a.q.numel() for a in _adapters(model).values())
     dt.save_adapter(model, tmp_path / "o")
-    tensors, _, _ = dt.core.io.adapter_state(model, "default")
+    tensors, _, _ = dt.core.stored.adapter_state(model, "default")
     assert {k.rsplit(".", 1)[-1] for k in tensors} == {"q"}
 
 

@@ -101,7 +101,7 @@ def test_dropping_the_mlp_keeps_outputs_and_saves_only_the_prefix(model_name, tm
     expected = zoo.run(model)
     dt.save_adapter(model, tmp_path / "a")
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["config"]["projection_dim"] is None
-    tensors, _, _ = dt.core.io.adapter_state(model, "default")
+    tensors, _, _ = dt.core.stored.adapter_state(model, "default")
     assert [k.rsplit(".", 1)[1] for k in tensors] == ["prefix"]
     fresh = zoo.build()
     dt.load_adapter(fresh, tmp_path / "a")
@@ -154,7 +154,7 @@ def test_config_errors_name_the_fix():
 
 
 def test_the_recorded_layout_rebuilds_saved_adapters_and_refuses_other_models(tmp_path):
-    from deltatune.core.hotswap import hotswap_adapter
+    from deltatune.formats import hotswap_adapter
 
     zoo = ZOO["llama"]
     model = zoo.build()

@@ -98,7 +98,7 @@ def test_dropping_the_encoder_keeps_outputs_and_saves_only_the_tokens(encoder, t
     dt.save_adapter(model, tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert meta["config"]["method"] == "prompt"
-    tensors, _, _ = dt.core.io.adapter_state(model, "default")
+    tensors, _, _ = dt.core.stored.adapter_state(model, "default")
     assert list(tensors) == ["model.embed_tokens.prompt"]
     torch.testing.assert_close(tensors["model.embed_tokens.prompt"], tokens, rtol=0, atol=0)
     fresh = zoo.build()

@@ -49,7 +49,7 @@ def combine(
     with fail_cleanly(words):
         import deltatune as dt
         from deltatune.core.combine import combine as combine_adapters
-        from deltatune.core.io import check_replaceable
+        from deltatune.core.files import check_replaceable
         from deltatune.train import load_trained
         from deltatune.train.models import find_trained, training_meta
 

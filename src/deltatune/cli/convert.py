@@ -21,7 +21,7 @@ def convert(
     as it is. Convert to share an adapter with PEFT, vLLM, SGLang and other tools that read PEFT's format.
     """
     with fail_cleanly():
-        from deltatune.integrations.peft_format import convert as convert_dir
+        from deltatune.formats import convert as convert_dir
 
         if to not in ("peft", "deltatune"):
             raise ValueError(f"--to must be 'peft' or 'deltatune', got {to!r}")

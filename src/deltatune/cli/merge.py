@@ -24,7 +24,7 @@ def merge(
         import torch
 
         import deltatune as dt
-        from deltatune.core.io import atomic_directory, check_replaceable
+        from deltatune.core.files import atomic_directory, check_replaceable
         from deltatune.train import load_trained
         from deltatune.train.models import TRAINING_FILE, find_trained, training_meta
 

@@ -46,7 +46,8 @@ def predict(
                                         trained.config, trained.labels, run)
 
         if adapter or any("adapter" in r for r in records):  # several adapters: each line picks one
-            from deltatune.core.routing import load_adapters, run_grouped
+            from deltatune.core.routing import run_grouped
+            from deltatune.formats import load_adapters
 
             load_adapters(trained.model, _named_dirs(adapter or []))
             choices = [r.get("adapter", trained.adapter) for r in records]

@@ -15,23 +15,26 @@ three, so a compiled model serves the new adapter without recompiling.
 
 The adapter keeps its name and config; only values change. Saving it afterwards writes an
 adapter in the slot's layout with the same outputs as the one swapped in.
+
+This module takes a :class:`~deltatune.core.stored.StoredAdapter` (any format's, read by
+``deltatune.formats.hotswap_adapter``) and checks its tensors with the same
+:func:`~deltatune.core.stored.check_tensors` as ``install``, against the modules the new config
+builds on the slot's bases.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from deltatune.config import AdapterConfig, HybridConfig
 from deltatune.core.inject import _known, adapted_layers, configs
-from deltatune.core.io import WEIGHTS_FILE, read_adapter_config, read_tensors
 from deltatune.core.layer import AdaptedLayer, FullCopy
 from deltatune.core.routing import is_low_rank
+from deltatune.core.stored import Source, StoredAdapter, check_tensors
 
 
 def _hyperparameters(config: AdapterConfig) -> AdapterConfig:
@@ -39,22 +42,11 @@ def _hyperparameters(config: AdapterConfig) -> AdapterConfig:
     return dataclasses.replace(config, target=None, exclude=(), layers=None, modules_to_save=())
 
 
-def _fresh(module_name: str, layer: AdaptedLayer, config: AdapterConfig, is_head: bool,
-           tensors: dict[str, Tensor], where: str) -> nn.Module:
-    """Build the saved adapter's module for ``module_name`` and load its tensors (checked)."""
+def _fresh(module_name: str, layer: AdaptedLayer, config: AdapterConfig, is_head: bool, where: str) -> nn.Module:
+    """The saved adapter's module for ``module_name``, built on the slot's base (values not loaded yet)."""
     fresh = FullCopy(layer.base) if is_head else config.build(module_name, layer.base)
     if fresh is None:
         raise ValueError(f"{where}: {config.method} cannot adapt {module_name!r} ({type(layer.base).__name__})")
-    own: dict[str, Tensor] = {}
-    for key, expected in fresh.state_dict().items():
-        saved = tensors.pop(f"{module_name}.{key}", None)
-        if saved is None:
-            raise ValueError(f"{where}: tensor {module_name}.{key} is missing from {WEIGHTS_FILE}")
-        if saved.shape != expected.shape:
-            raise ValueError(f"{where}: tensor {module_name}.{key} has shape {tuple(saved.shape)}, this model "
-                             f"needs {tuple(expected.shape)}; the adapter was trained on a different base model")
-        own[key] = saved
-    fresh.load_state_dict(own)
     return fresh
 
 
@@ -84,35 +76,30 @@ def _staged(name: str, module_name: str, current: nn.Module, fresh: nn.Module | 
     return staged
 
 
-def hotswap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str) -> None:
-    """Overwrite adapter ``name``'s weights, in place, with the adapter saved in ``directory``."""
+def swap_in(model: nn.Module, value: StoredAdapter, name: str) -> None:
+    """Overwrite adapter ``name``'s weights, in place, with ``value``'s."""
     _known(model, name)
-    where = str(directory)
-    meta = read_adapter_config(directory)
-    from deltatune.methods import config_from_dict
-
-    new_config, old_config = config_from_dict(meta["config"]), configs(model)[name]
+    source = value.source or Source("adapter")
+    where = source.where
+    new_config, old_config = value.config, configs(model)[name]
     if isinstance(new_config, HybridConfig) or isinstance(old_config, HybridConfig):
         raise ValueError("hot swap supports single-method adapters; detach the hybrid and load the new one")
     layers = {n: layer for n, layer in adapted_layers(model) if name in layer.adapters}
     for module_name, layer in layers.items():
         if name in layer.merged:
             raise ValueError(f"adapter {name!r} is merged into {module_name!r}; unmerge(model) before hot swapping")
-    targets, heads = list(meta["targets"]), list(meta.get("modules_to_save", []))
+    targets, heads = value.targets, list(value.modules_to_save)
     for module_name in targets + heads:
         if module_name not in layers:
             raise ValueError(f"{where} adapts {module_name!r}, which adapter {name!r} does not; hot swap "
                              "needs the new targets to be among the slot's (attach a slot covering them)")
-    tensors = read_tensors(Path(directory) / WEIGHTS_FILE)
+    fresh = {m: _fresh(m, layers[m], new_config, m in heads, where) for m in layers if m in targets or m in heads}
+    check_tensors({f"{m}.{k}": t.shape for m, module in fresh.items() for k, t in module.state_dict().items()},
+                  value.tensors, source)  # the same check as install's, naming the file's key
+    for m, module in fresh.items():
+        module.load_state_dict({k: value.tensors[f"{m}.{k}"] for k in module.state_dict()})
     same = type(new_config) is type(old_config) and _hyperparameters(new_config) == _hyperparameters(old_config)
-    staged: dict[str, nn.Module] = {}
-    for module_name, layer in layers.items():
-        fresh = None
-        if module_name in targets or module_name in heads:
-            fresh = _fresh(module_name, layer, new_config, module_name in heads, tensors, where)
-        staged[module_name] = _staged(name, module_name, layer.adapters[name], fresh, same)
-    if tensors:
-        raise ValueError(f"{where}: unexpected tensor {next(iter(tensors))!r} in {WEIGHTS_FILE}")
+    staged = {m: _staged(name, m, layer.adapters[name], fresh.get(m), same) for m, layer in layers.items()}
     with torch.no_grad():
         for module_name, new in staged.items():
             values = new.state_dict()

@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from os import PathLike
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -282,16 +281,6 @@ def composed(model: nn.Module, names: Sequence[str], how: str = "average") -> It
     finally:
         for layer, how_before in saved:
             layer.composition = how_before
-
-
-def load_adapters(model: nn.Module, directories: Mapping[str, str | PathLike[str]]) -> list[str]:
-    """Load several saved adapters onto one base, by name, leaving the active choice unchanged."""
-    from deltatune.core.io import load_adapter
-
-    for name in directories:
-        if name in configs(model):
-            raise ValueError(f"an adapter named {name!r} is already attached; delete_adapter it or rename")
-    return [load_adapter(model, path, name, activate=False) for name, path in directories.items()]
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

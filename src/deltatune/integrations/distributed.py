@@ -64,7 +64,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deltatune.core.inject import adapted_layers
-from deltatune.core.io import CONFIG_FILE, WEIGHTS_FILE, adapter_payload, atomic_directory, write_json
+from deltatune.core.stored import StoredAdapter, capture
+from deltatune.formats import check_format, write
 
 __all__ = [
     "gather_adapter_state",
@@ -242,26 +243,24 @@ def gather_adapter_state(model: nn.Module, name: str = "default") -> dict[str, T
 
     Under ``fully_shard`` the adapter's parameters are sharded (DTensors): this is a collective that
     gathers only the adapter's tensors, never the base, so every rank must call it. Under DDP or
-    in a single process it only copies.
+    in a single process it only copies. Refuses an unknown or merged adapter on every rank alike.
     """
-    adapted = unwrap(model)
-    adapter_payload(adapted, name)  # refuses an unknown or merged adapter on every rank alike
-    return _gather(adapted, name)
+    return _gather(unwrap(model), name).tensors
 
 
-def _gather(model: nn.Module, name: str) -> dict[str, Tensor]:
+def _full(t: Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
 
-    tensors: dict[str, Tensor] = {}
-    # The same walk on every rank, so the all-gathers pair up in order.
-    for layer_name, layer in adapted_layers(model):
-        if name in layer.adapters:
-            for key, t in layer.adapters[name].state_dict().items():
-                if isinstance(t, DTensor):
-                    t = t.full_tensor()  # all-gather the shards where they live: (rows / world, ...) -> (rows, ...)
-                # A copy, never a view of the live parameter that the next optimizer step changes.
-                tensors[f"{layer_name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
-    return tensors
+    if isinstance(t, DTensor):
+        t = t.full_tensor()  # all-gather the shards where they live: (rows / world, ...) -> (rows, ...)
+    # A copy, never a view of the live parameter that the next optimizer step changes.
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _gather(model: nn.Module, name: str) -> StoredAdapter:
+    """``core.stored.capture`` with every tensor gathered; the same walk on every rank, so the
+    all-gathers pair up in order."""
+    return capture(model, name, tensor=_full)
 
 
 def save_on_rank0(model: nn.Module, directory: str | os.PathLike[str], name: str = "default", *,
@@ -273,22 +272,19 @@ def save_on_rank0(model: nn.Module, directory: str | os.PathLike[str], name: str
     so every rank returns once the directory is complete, or raises if rank 0 failed. Without a
     process group it is a plain save.
     """
-    if format not in ("deltatune", "peft"):
-        raise ValueError(f"format must be 'deltatune' or 'peft', got {format!r}")
-    if format == "peft" and extra:
-        raise ValueError("extra metadata has no place in a PEFT config; write it to a file beside the adapter")
+    check_format(format, extra)
     adapted = unwrap(model)
-    meta, _ = adapter_payload(adapted, name, extra)
+    value = capture(adapted, name, tensor=lambda t: t)  # refuses an unknown or merged adapter; no communication
     if format == "peft":
-        from deltatune.integrations.peft_format import entry_for
+        from deltatune.formats.peft_translate import entry_for
 
-        entry_for(meta["config"]["method"])  # refuses a method with no PEFT form
-    tensors = _gather(adapted, name)
+        entry_for(value.config.method)  # refuses a method with no PEFT form
+    value = _gather(adapted, name)
     rank, world = _world()
     failure: Exception | None = None
     if rank == 0:
         try:
-            _write(adapted, Path(directory), meta, tensors, format)
+            write(value, directory, format, model=adapted, extra=extra)
         except Exception as e:
             if world == 1:
                 raise
@@ -301,19 +297,3 @@ def save_on_rank0(model: nn.Module, directory: str | os.PathLike[str], name: str
         if outcome[0] is not None:
             raise RuntimeError(f"rank 0 failed to save the adapter to {directory}: {outcome[0]}")
     return Path(directory)
-
-
-def _write(model: nn.Module, directory: Path, meta: dict[str, Any], tensors: dict[str, Tensor],
-           format: str) -> None:
-    from safetensors.torch import save_file
-
-    if format == "peft":
-        from deltatune.core.layer import logical_modules
-        from deltatune.integrations.peft_format import model_info, write_peft
-
-        meta["peft"] = model_info(model, meta["modules_to_save"])
-        write_peft(directory, meta, tensors, names=[n for n, _ in logical_modules(model) if n])
-        return
-    with atomic_directory(directory) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_FILE, meta)

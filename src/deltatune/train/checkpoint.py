@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.core.io import crash_point, fsync_dir, remove_leftovers, seal_tree, temp_dir
+from deltatune.core.files import crash_point, fsync_dir, remove_leftovers, seal_tree, temp_dir
 
 TENSORS = "state.safetensors"
 SCALARS = "state.json"

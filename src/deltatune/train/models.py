@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.core.io import remove_leftovers, temp_dir
+from deltatune.core.files import remove_leftovers, temp_dir
 from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.strategy import TRAINING_FILE, Strategy, strategy_for
 from deltatune.train.task import Task
@@ -202,7 +202,7 @@ def read_trained(path: str | Path, overrides: dict[str, Any] | None = None) -> R
     ``overrides`` change the recorded config (e.g. ``{"model": "/other/base"}`` for an adapter
     saved by another tool, or a different ``data``).
     """
-    from deltatune.core.io import read_json_file
+    from deltatune.core.files import read_json_file
 
     kind, where = find_trained(path)
     meta_file = where / (ADAPTER_CONFIG if kind == "adapter" else TRAINING_FILE)

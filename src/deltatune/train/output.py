@@ -23,7 +23,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from deltatune.core.io import foreign_entries, remove_leftovers
+from deltatune.core.files import foreign_entries, remove_leftovers
 from deltatune.train.checkpoint import checkpoints, remove_checkpoint
 
 try:

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 import deltatune as dt
-from deltatune.core.io import write_text_atomic
+from deltatune.core.files import write_text_atomic
 from deltatune.train.callbacks import History
 from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, to_yaml, validate_config

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from deltatune.core.contract import ReparameterizedConfig
-from deltatune.integrations.peft_spec import Field, Meta, PeftMethod, Site, Tensors, cast
+from deltatune.formats.peft_spec import Field, Meta, PeftMethod, Site, Tensors, cast
 
 INT = (cast(int), cast(int))
 PROMPT_COMMON = dict(

@@ -2,16 +2,16 @@
 field and key names, read and written losslessly, so adapters move between deltatune and the tools
 that speak this format (PEFT itself, vLLM, SGLang, torchtune, Unsloth, LLaMA-Factory).
 
-Everything goes through deltatune's own saved form (a ``meta`` dict + tensors keyed
-``<module>.<adapter tensor>``, see :mod:`deltatune.core.io`). The per-method knowledge is a table
-(``peft_methods.py``, ``peft_prompt.py``), applied by ``peft_translate.py``; this file reads and
-writes the files and attaches adapters to models:
+Everything goes through the format-neutral value, :class:`~deltatune.core.stored.StoredAdapter`
+(config, placement, tensors keyed ``<module>.<adapter tensor>``); the translation works on our
+format's meta dict (:func:`deltatune.formats.native.to_meta` / ``from_meta``). The per-method
+knowledge is a table (``peft_methods.py``, ``peft_prompt.py``), applied by ``peft_translate.py``;
+this file reads and writes the files: :func:`detect`, :func:`read`, :func:`write`, reached through
+``deltatune.load_adapter`` (which recognises a PEFT directory), ``deltatune.save_adapter(...,
+format="peft")`` and ``deltatune.convert``. Attaching to a model is ``core.stored.install``'s, as
+for our format; the value's ``Source`` makes its errors name PEFT's keys.
 
-- :func:`load_peft_adapter` / :func:`save_peft_adapter`, reached through ``deltatune.load_adapter``
-  (which recognises a PEFT directory) and ``deltatune.save_adapter(..., format="peft")``;
-- :func:`convert` between the two formats without a model (``deltatune convert``).
-
-Loading takes module names from the tensor keys (as vLLM does), never from the config's target
+Reading takes module names from the tensor keys (as vLLM does), never from the config's target
 patterns, and checks every tensor against the shape the config implies, naming PEFT's key on a
 mismatch. Fields a newer PEFT writes that the table does not know are ignored with one warning;
 a PEFT feature deltatune lacks is an error naming it. Nothing is ever unpickled.
@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from deltatune.integrations.peft_spec import Site
-from deltatune.integrations.peft_translate import (
+from deltatune.core.files import atomic_directory, read_json_file, read_tensors, write_json
+from deltatune.core.layer import logical_modules
+from deltatune.core.stored import Source, StoredAdapter
+from deltatune.formats.native import from_meta, to_meta
+from deltatune.formats.peft_translate import (
     Locate,
     config_to_peft,
     entry_for,
@@ -40,6 +42,7 @@ from deltatune.integrations.peft_translate import (
     split_key,
     tensors_to_peft,
 )
+from deltatune.formats.peft_spec import Site
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -59,9 +62,12 @@ def is_peft_config(meta: Mapping[str, Any]) -> bool:
 # --- files -------------------------------------------------------------------------------------------
 
 
-def read_peft_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    from deltatune.core.io import read_json_file
+def detect(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory``'s ``adapter_config.json`` is PEFT's."""
+    return is_peft_config(read_peft_config(directory))
 
+
+def read_peft_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return read_json_file(Path(directory) / PEFT_CONFIG)
 
 
@@ -104,8 +110,6 @@ def read_peft(directory: str | os.PathLike[str], module_types: Mapping[str, str]
     """(deltatune meta, tensors by our key, our key -> PEFT key) for a PEFT directory."""
     directory = Path(directory)
     peft = read_peft_config(directory)
-    from deltatune.core.io import read_tensors
-
     raw = read_tensors(_weights(directory))
     plan = _plan(peft, {k: tuple(t.shape) for k, t in raw.items()}, directory, module_types, locate)
     check = entry_for(plan.meta["config"]["method"]).check
@@ -121,8 +125,6 @@ def read_peft(directory: str | os.PathLike[str], module_types: Mapping[str, str]
 def write_peft(directory: str | os.PathLike[str], meta: Mapping[str, Any], tensors: Mapping[str, Tensor],
                names: list[str] | None = None) -> Path:
     """Write deltatune ``meta`` + ``tensors`` as a PEFT directory (replaced atomically)."""
-    from deltatune.core.io import atomic_directory, write_json
-
     entry = entry_for(meta["config"].get("method", ""))
     if entry.export is not None:
         meta, tensors = entry.export(dict(meta), dict(tensors))
@@ -143,8 +145,6 @@ def model_info(model: nn.Module, saved: list[str]) -> dict[str, Any]:
     ``modules_to_save`` and then requires its tensors, so that task type is written only when
     the adapter saved the head.
     """
-    from deltatune.core.layer import logical_modules
-
     info: dict[str, Any] = {}
     task = next((t for suffix, t in _TASKS.items() if type(model).__name__.endswith(suffix)), None)
     heads = [n for n, _ in logical_modules(model) if n.endswith(_TASK_HEADS.get(task or "", ()))]
@@ -156,90 +156,39 @@ def model_info(model: nn.Module, saved: list[str]) -> dict[str, Any]:
     return info
 
 
-def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = "default") -> Path:
-    """Write adapter ``name`` of ``model`` as a PEFT checkpoint that ``PeftModel.from_pretrained`` loads."""
-    from deltatune.core.io import adapter_payload
-    from deltatune.core.layer import logical_modules
-
-    meta, tensors = adapter_payload(model, name)
-    entry_for(meta["config"]["method"])  # refuse a method without a PEFT form before any work
-    meta["peft"] = model_info(model, meta["modules_to_save"])
-    return write_peft(directory, meta, tensors, names=[n for n, _ in logical_modules(model) if n])
-
-
-def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str | None = None, *,
-                      activate: bool = True, trainable: bool = False) -> str:
-    """Attach the PEFT adapter in ``directory`` to ``model``; every key and shape is checked first."""
-    from deltatune.core.inject import attach, detach
-    from deltatune.core.io import finish_load
-    from deltatune.core.layer import logical_modules
-
-    modules = dict(logical_modules(model))
-    meta, tensors, origin = read_peft(directory, {n: type(m).__name__ for n, m in modules.items()},
-                                      locate=lambda config: config.select_modules(model))
-    targets, saved = meta["targets"], meta["modules_to_save"]
-    for key, peft_name in origin.items():
-        module = split_key(key, targets + saved)[0]
-        if module not in modules:
-            raise ValueError(f"{directory}: tensor {peft_name!r} is for module {module!r}, which this model does "
-                             "not have; the adapter was trained on a different base model")
-    from deltatune.methods import config_from_dict
-
-    name = name or "default"
-    attach(model, config_from_dict(meta["config"]), name, activate=activate, module_names=targets, save_names=saved)
-    try:
-        _check_and_copy(model, name, meta, tensors, origin, directory)
-    except Exception:
-        detach(model, name)
-        raise
-    finish_load(model, name, activate=activate, trainable=trainable)
-    return name
+def read(directory: str | os.PathLike[str], model: nn.Module | None = None) -> StoredAdapter:
+    """The PEFT adapter in ``directory`` as a value. With ``model``, its layer types and module
+    selection settle what the files alone leave open (prompt learning names no module)."""
+    module_types, locate = None, None
+    if model is not None:
+        module_types = {n: type(m).__name__ for n, m in logical_modules(model)}
+        locate = lambda config: config.select_modules(model)  # noqa: E731
+    meta, tensors, origin = read_peft(directory, module_types, locate)
+    return from_meta(meta, tensors, Source(str(directory), PEFT_WEIGHTS, _namer(meta, origin)))
 
 
-def _check_and_copy(model: nn.Module, name: str, meta: Mapping[str, Any], tensors: Mapping[str, Tensor],
-                    origin: Mapping[str, str], directory: Any) -> None:
-    """Compare every tensor with what the attached adapter holds (naming PEFT's key), then copy."""
-    from deltatune.core.inject import adapted_layers
-    from deltatune.core.io import adapter_state
-
+def _namer(meta: Mapping[str, Any], origin: Mapping[str, str]) -> Callable[[str], str]:
+    """Our tensor key -> PEFT's: the file's own key, or (for a key the file lacks) the one PEFT would use."""
     entry = entry_for(meta["config"]["method"])
     targets, saved = meta["targets"], meta["modules_to_save"]
     site = Site(targets, meta["module_types"], meta["config"])
-    expected, _, _ = adapter_state(model, name)
-    for key, want in expected.items():
+
+    def show(key: str) -> str:
+        if key in origin:
+            return origin[key]
         module, tensor = split_key(key, targets + saved)
-        shown = origin.get(key) or peft_key(entry, dataclasses.replace(site, module=module), tensor, module in saved)[0]
-        if key not in tensors:
-            raise ValueError(f"{directory}: tensor {shown!r} is missing from {PEFT_WEIGHTS}")
-        if tuple(tensors[key].shape) != tuple(want.shape):
-            raise ValueError(
-                f"{directory}: tensor {shown!r} has shape {tuple(tensors[key].shape)} but {PEFT_CONFIG} on this "
-                f"model implies {tuple(want.shape)}; the config does not match the tensors, or the adapter was "
-                "trained on a different base model")
-    for key in tensors:
-        if key not in expected:
-            raise ValueError(f"{directory}: unexpected tensor {origin[key]!r} in {PEFT_WEIGHTS}")
-    with torch.no_grad():
-        for layer_name, layer in adapted_layers(model):
-            if name in layer.adapters:
-                adapter = layer.adapters[name]
-                adapter.load_state_dict({k: tensors[f"{layer_name}.{k}"] for k in adapter.state_dict()})
+        return peft_key(entry, dataclasses.replace(site, module=module), tensor, module in saved)[0]
+
+    return show
 
 
-def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: Literal["peft", "deltatune"]) -> Path:
-    """Convert an adapter directory between deltatune's format and PEFT's, without loading a model."""
-    from deltatune.core.io import CONFIG_FILE, WEIGHTS_FILE, atomic_directory, read_adapter_config, read_tensors, write_json
-
-    src = Path(src)
-    if to not in ("peft", "deltatune"):
-        raise ValueError(f"--to must be 'peft' or 'deltatune', got {to!r}")
-    source = "peft" if is_peft_config(read_peft_config(src)) else "deltatune"
-    if source == to:
-        raise ValueError(f"{src} is already a {to} adapter; nothing to convert")
-    if to == "peft":
-        return write_peft(dst, read_adapter_config(src), read_tensors(src / WEIGHTS_FILE))
-    meta, tensors, _ = read_peft(src)
-    with atomic_directory(dst) as tmp:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_FILE, meta)
-    return Path(dst)
+def write(value: StoredAdapter, directory: str | os.PathLike[str], model: nn.Module | None = None) -> Path:
+    """Write ``value`` as a PEFT checkpoint that ``PeftModel.from_pretrained`` loads. With ``model``,
+    record its task type and origin, and write target patterns that match only the adapted modules."""
+    meta = to_meta(value)
+    entry_for(meta["config"]["method"])  # refuse a method without a PEFT form before any work
+    names = None
+    if model is not None:
+        meta["peft"] = model_info(model, meta["modules_to_save"])
+        names = [n for n, _ in logical_modules(model) if n]
+    return write_peft(directory, meta, value.tensors, names=names)

@@ -1,11 +1,11 @@
-"""Save and load adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Files deltatune writes and reads, whatever they hold: atomic directories, their manifest,
+crash points for tests, and the checked readers of JSON and safetensors files.
 
-The tensor file holds only adapter tensors (and ``modules_to_save`` copies), keyed
-``<module name>.<tensor name inside the adapter>``, e.g. ``encoder.layer.0.attention.self.query.A``.
-The JSON file records the method config and the exact module names, so loading re-creates the
-adapter on the same modules and checks every key and shape before copying anything.
+Method- and format-agnostic: the adapter formats (:mod:`deltatune.formats`) and the training
+outputs (:mod:`deltatune.train`) both write through :func:`atomic_directory` and read through
+:func:`read_json_file` / :func:`read_tensors`. Nothing is ever unpickled: tensors come from
+safetensors, everything else from JSON.
 
-Nothing is ever unpickled: tensors come from safetensors, everything else from JSON.
 Saving is atomic: files are written to a sibling temporary directory, which then replaces the
 target with renames, so a crash mid-save leaves the previous save intact.
 
@@ -25,24 +25,19 @@ import re
 import secrets
 import shutil
 import signal
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load_file
 
-from deltatune.config import HybridConfig
-from deltatune.core.fingerprint import differences, fingerprint
-from deltatune.core.inject import adapted_layers, attach, configs, placement
-from deltatune.core.layer import FullCopy
+from deltatune._version import __version__
 
+# The two files of an adapter directory, in deltatune's format and PEFT's alike.
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT = "deltatune"
-FORMAT_VERSION = 1
+FORMAT = "deltatune"  # the "format" field of our adapter_config.json: how legacy saves are recognised
 
 
 MANIFEST = ".deltatune-files.json"  # in every directory atomic_directory writes: the names it wrote
@@ -183,8 +178,6 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = temp_dir(final)
     try:
         yield tmp
-        from deltatune import __version__
-
         write_json(tmp / MANIFEST, {"written_by": f"deltatune {__version__}",
                                     "files": sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)})
         seal_tree(tmp)
@@ -217,74 +210,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def adapter_state(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """The adapter's tensors by saved key, plus its target and modules_to_save module names."""
-    tensors: dict[str, torch.Tensor] = {}
-    targets: list[str] = []
-    saved: list[str] = []
-    for layer_name, layer in adapted_layers(model):
-        if name not in layer.adapters:
-            continue
-        adapter = layer.adapters[name]
-        (saved if isinstance(adapter, FullCopy) else targets).append(layer_name)
-        for key, t in adapter.state_dict().items():
-            tensors[f"{layer_name}.{key}"] = t.detach().to("cpu").contiguous()
-    return tensors, targets, saved
-
-
-def adapter_payload(model: nn.Module, name: str, extra: dict[str, Any] | None = None
-                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """What ``save_adapter`` writes for adapter ``name``: the JSON meta and the tensors by saved key."""
-    if name not in configs(model):
-        have = ", ".join(repr(n) for n in configs(model)) or "none"
-        raise ValueError(f"no adapter named {name!r} to save (attached: {have})")
-    for layer_name, layer in adapted_layers(model):
-        if name in layer.merged:
-            raise RuntimeError(f"adapter {name!r} is merged into {layer_name!r}; unmerge(model) before saving it")
-    tensors, targets, saved = adapter_state(model, name)
-    from deltatune import __version__
-
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "deltatune_version": __version__,
-        "adapter_name": name,
-        "config": configs(model)[name].to_dict(),
-        "targets": targets,
-        "modules_to_save": saved,
-        # The base layer types (e.g. Linear, Embedding), so converters to other formats, which name
-        # tensors per layer type, work from the files alone.
-        "module_types": {n: type(layer.base).__name__ for n, layer in adapted_layers(model) if n in targets},
-        # Shapes and a hash of a few base weights, so loading onto another base can warn (fingerprint.py).
-        "base_fingerprint": fingerprint({n: layer.base for n, layer in adapted_layers(model) if n in targets}),
-        **({"part_targets": placement(model, name)} if isinstance(configs(model)[name], HybridConfig) else {}),
-        **(extra or {}),
-    }
-    return meta, tensors
-
-
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = "default",
-                 extra: dict[str, Any] | None = None, format: str = "deltatune") -> Path:
-    """Write adapter ``name`` to ``directory`` (replaced atomically). Returns the directory.
-
-    ``format="peft"`` writes Hugging Face PEFT's checkpoint format instead (see
-    :mod:`deltatune.integrations.peft_format`, imported only then).
-    """
-    if format not in (FORMAT, "peft"):
-        raise ValueError(f"format must be {FORMAT!r} or 'peft', got {format!r}")
-    if format == "peft":
-        if extra:
-            raise ValueError("extra metadata has no place in a PEFT config; write it to a file beside the adapter")
-        from deltatune.integrations.peft_format import save_peft_adapter
-
-        return save_peft_adapter(model, directory, name)
-    meta, tensors = adapter_payload(model, name, extra)
-    with atomic_directory(directory) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_FILE, meta)
-    return Path(directory)
 
 
 def read_json_file(path: Path) -> dict[str, Any]:
@@ -326,108 +251,3 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path | str) -> None:
                 kind = "NaN" if torch.isnan(t).any() else "inf"
                 raise ValueError(f"{path}: tensor {key!r} holds {int(bad.sum())} {kind} value(s) of {t.numel()}; "
                                  "the adapter diverged in training or the file is damaged")
-
-
-def config_from_meta(meta: dict[str, Any], path: Path | str) -> Any:
-    """The adapter config recorded in ``meta``; a bad one is a ``ValueError`` naming ``path``."""
-    from deltatune.methods import config_from_dict
-
-    config = meta.get("config")
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: 'config' must be a JSON object with a 'method' key, got {config!r}")
-    try:
-        return config_from_dict(config)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: {err}") from None
-
-
-def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_FILE
-    meta = read_json_file(path)
-    if _is_peft(meta):  # a Hugging Face PEFT checkpoint: read as ours
-        from deltatune.integrations.peft_format import read_peft_meta
-
-        return read_peft_meta(directory)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a deltatune adapter (format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer deltatune (format {meta['format_version']}); upgrade deltatune")
-    lists = {"targets": meta.get("targets"), "modules_to_save": meta.get("modules_to_save", []),
-             **{f"part_targets[{i}]": p for i, p in enumerate(meta.get("part_targets") or [])}}
-    for key, names in lists.items():
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise ValueError(f"{path}: {key!r} must be a list of module names, got {names!r}")
-    config_from_meta(meta, path)  # checked here, so every reader of the meta gets a sound config
-    return meta
-
-
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str | None = None, *,
-                 activate: bool = True, trainable: bool = False) -> str:
-    """Attach the adapter saved in ``directory`` to ``model`` and load its tensors.
-
-    Every module, key and shape is checked against the model before anything is copied; the
-    first mismatch raises an error naming it. Returns the adapter name used.
-    """
-    path = Path(directory) / CONFIG_FILE
-    if _is_peft(read_json_file(path)):
-        # A Hugging Face PEFT checkpoint: its own loader, which names PEFT's keys in errors.
-        from deltatune.integrations.peft_format import load_peft_adapter
-
-        return load_peft_adapter(model, directory, name, activate=activate, trainable=trainable)
-    meta = read_adapter_config(directory)
-    config = config_from_meta(meta, path)
-    name = name or meta.get("adapter_name", "default")
-    tensors = read_tensors(Path(directory) / WEIGHTS_FILE)
-    attach(model, config, name, activate=activate, part_names=meta.get("part_targets", [meta["targets"]]),
-           save_names=meta.get("modules_to_save", []))
-    try:
-        expected, _, _ = adapter_state(model, name)
-        for key in expected:
-            if key not in tensors:
-                raise ValueError(f"{directory}: tensor {key!r} is missing from {WEIGHTS_FILE}")
-            if tuple(tensors[key].shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"{directory}: tensor {key!r} has shape {tuple(tensors[key].shape)} but this model "
-                    f"needs {tuple(expected[key].shape)}; the adapter was trained on a different base model"
-                )
-        for key in tensors:
-            if key not in expected:
-                raise ValueError(f"{directory}: unexpected tensor {key!r} in {WEIGHTS_FILE}")
-        _copy_in(model, name, tensors)
-    except Exception:
-        from deltatune.core.inject import detach
-
-        detach(model, name)
-        raise
-    changed = differences(meta.get("base_fingerprint"),
-                          {n: layer.base for n, layer in adapted_layers(model) if name in layer.adapters})
-    if changed:
-        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        warnings.warn(f"{directory}: this base model is not the one the adapter was saved with: {changed[0]}{more}; "
-                      "it loads, but its outputs will differ from the trained run's", stacklevel=2)
-    finish_load(model, name, activate=activate, trainable=trainable)
-    return name
-
-
-def finish_load(model: nn.Module, name: str, *, activate: bool, trainable: bool) -> None:
-    """After a load: only ``name`` trains if ``trainable``; an activated inference load freezes all."""
-    from deltatune.core.inject import mark_trainable
-
-    if trainable:
-        mark_trainable(model, [name])
-    elif activate:
-        for p in model.parameters():
-            p.requires_grad_(False)
-
-
-def _is_peft(meta: dict[str, Any]) -> bool:
-    return "peft_type" in meta and "format" not in meta
-
-
-def _copy_in(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    for layer_name, layer in adapted_layers(model):
-        if name not in layer.adapters:
-            continue
-        adapter = layer.adapters[name]
-        own = {key: tensors[f"{layer_name}.{key}"] for key in adapter.state_dict()}
-        adapter.load_state_dict(own, strict=True)

@@ -22,8 +22,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltatune.integrations.peft_methods import PEFT_METHODS
-from deltatune.integrations.peft_spec import PREFIX, Key, PeftMethod, Site
+from deltatune.formats.peft_methods import PEFT_METHODS
+from deltatune.formats.peft_spec import (  # noqa: F401  (targets_*: moved to peft_spec, still importable here)
+    PREFIX,
+    Key,
+    PeftMethod,
+    Site,
+    _plain,
+    _regex,
+    targets_from_peft,
+    targets_to_peft,
+)
 
 SAVED = "module."  # core's FullCopy holds the trained copy as ``.module``: our key ``<name>.module.<param>``
 COMMON = {"peft_type", "peft_version", "auto_mapping", "inference_mode"}  # describe the file, not the adapter
@@ -32,29 +41,6 @@ Locate = Callable[[Any], list[str]]  # config -> module names, for keys that nam
 
 
 # --- targets ---------------------------------------------------------------------------------------
-
-
-def _plain(p: str) -> bool:
-    return not p.startswith("re:") and p != "all-linear"
-
-
-def _regex(p: str) -> str:
-    """A deltatune pattern as a regex that must match the whole module name."""
-    return p[3:] if p.startswith("re:") else r"(?:.*\.)?" + re.escape(p)
-
-
-def targets_to_peft(patterns: Iterable[str]) -> str | list[str]:
-    """Plain names stay a list (PEFT's suffix match); anything else becomes one full-match regex."""
-    patterns = list(patterns)
-    if all(_plain(p) for p in patterns):
-        return patterns
-    return _regex(patterns[0]) if len(patterns) == 1 else "|".join(f"(?:{_regex(p)})" for p in patterns)
-
-
-def targets_from_peft(value: str | list[str] | None) -> tuple[str, ...] | str | None:
-    if value is None or value == "all-linear":
-        return value
-    return f"re:{value}" if isinstance(value, str) else tuple(value)
 
 
 def _peft_match(name: str, spec: str | list[str] | None) -> bool:
@@ -288,7 +274,7 @@ def plan_from_peft(peft: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
     so a tensor laid out for another kind of layer is an error naming its key. ``locate`` (from a
     model) names the module of keys that name none (prompt learning).
     """
-    from deltatune import __version__
+    from deltatune._version import __version__
     from deltatune.methods import METHODS
 
     _, entry = select_entry(peft, where)

@@ -9,7 +9,7 @@ few PEFT conventions that vary by method. The entries live in ``peft_methods.py`
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,3 +158,29 @@ def patterns(kind: Callable[[Any], Any]) -> tuple[Callable, Callable]:
     """Translations of a ``{pattern: value}`` field."""
     return (lambda d, site: {pattern_to_peft(k): kind(v) for k, v in d.items()},
             lambda d, site: {pattern_from_peft(k): kind(v) for k, v in (d or {}).items()})
+
+
+# --- target patterns (here, the lowest PEFT module, so the table and the translator both import it) ---
+
+
+def _plain(p: str) -> bool:
+    return not p.startswith("re:") and p != "all-linear"
+
+
+def _regex(p: str) -> str:
+    """A deltatune pattern as a regex that must match the whole module name."""
+    return p[3:] if p.startswith("re:") else r"(?:.*\.)?" + re.escape(p)
+
+
+def targets_to_peft(patterns: Iterable[str]) -> str | list[str]:
+    """Plain names stay a list (PEFT's suffix match); anything else becomes one full-match regex."""
+    patterns = list(patterns)
+    if all(_plain(p) for p in patterns):
+        return patterns
+    return _regex(patterns[0]) if len(patterns) == 1 else "|".join(f"(?:{_regex(p)})" for p in patterns)
+
+
+def targets_from_peft(value: str | list[str] | None) -> tuple[str, ...] | str | None:
+    if value is None or value == "all-linear":
+        return value
+    return f"re:{value}" if isinstance(value, str) else tuple(value)

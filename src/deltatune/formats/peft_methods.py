@@ -1,10 +1,10 @@
-"""The PEFT translation table: one :class:`~deltatune.integrations.peft_spec.PeftMethod` entry per
+"""The PEFT translation table: one :class:`~deltatune.formats.peft_spec.PeftMethod` entry per
 deltatune method, keyed by the method's registry name.
 
 An entry says which PEFT ``peft_type`` the method is, how its config fields are named (with PEFT's
 defaults, used when a file omits a field), and how each adapter tensor is named and shaped in
 PEFT's file for each kind of base layer. Adding a method's conversion is one entry in
-:data:`PEFT_METHODS`; ``peft_translate.py`` and ``peft_format.py`` do the rest. The virtual-token
+:data:`PEFT_METHODS`; ``peft_translate.py`` and ``peft.py`` do the rest. The virtual-token
 methods (prompt tuning, P-tuning, prefix tuning) are in ``peft_prompt.py``.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deltatune.integrations.peft_prompt import PROMPT_METHODS
-from deltatune.integrations.peft_spec import Field, Key, Meta, PeftMethod, Site, Tensors, cast, patterns
+from deltatune.formats.peft_prompt import PROMPT_METHODS
+from deltatune.formats.peft_spec import Field, Key, Meta, PeftMethod, Site, Tensors, cast, patterns, targets_to_peft
 
 RANK_PATTERN = Field("rank_pattern", {}, *patterns(int))
 
@@ -131,7 +131,6 @@ def _ff_to_peft(value: tuple[str, ...], site: Site) -> str | list[str]:
     """Our feedforward patterns in PEFT's form, or the feedforward targets by name if PEFT's
     matching rules would classify the adapted modules differently."""
     from deltatune.core.targeting import any_matches
-    from deltatune.integrations.peft_translate import targets_to_peft
 
     wanted = [t for t in site.targets if any_matches(t, value)]
     for spec in (targets_to_peft(value) if value else [], wanted, "|".join(map(re.escape, wanted))):
