@@ -30,7 +30,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from deltatune.config import AdapterConfig, HybridConfig
+from deltatune.config import AdapterConfig
 from deltatune.core.inject import _known, adapted_layers, configs
 from deltatune.core.layer import AdaptedLayer, FullCopy
 from deltatune.core.routing import is_low_rank
@@ -81,9 +81,9 @@ def swap_in(model: nn.Module, value: StoredAdapter, name: str) -> None:
     _known(model, name)
     source = value.source or Source("adapter")
     where = source.where
-    new_config, old_config = value.config, configs(model)[name]
-    if isinstance(new_config, HybridConfig) or isinstance(old_config, HybridConfig):
+    if len(value.config.parts) != 1 or len(configs(model)[name].parts) != 1:
         raise ValueError("hot swap supports single-method adapters; detach the hybrid and load the new one")
+    new_config, old_config = value.config.parts[0], configs(model)[name].parts[0]
     layers = {n: layer for n, layer in adapted_layers(model) if name in layer.adapters}
     for module_name, layer in layers.items():
         if name in layer.merged:

@@ -1,4 +1,4 @@
-"""Attach and detach adapters, choose the active ones, and report what is trainable.
+"""Attach and detach adapters and choose the active ones (what is trainable: ``core/report.py``).
 
 Everything here works on any ``nn.Module`` by module replacement: a selected module is wrapped in
 an :class:`AdaptedLayer` in its parent, and ``detach`` puts the original object back, so
@@ -28,6 +28,7 @@ from torch import nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import AdaptedLayer, Composite, FullCopy, walk, logical_get, logical_modules
+from deltatune.core.report import AttachReport, ParamReport, parameter_report
 from deltatune.core.targeting import NoMatchError, modules_for, select
 
 _RECORDS = "_deltatune_adapters"
@@ -105,32 +106,6 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     for name, module, _ in walk(model):
         if isinstance(module, AdaptedLayer):
             yield name, module
-
-
-@dataclass
-class AttachReport:
-    """What ``attach`` did: the adapted modules and the resulting parameter counts."""
-
-    name: str
-    method: str
-    targets: list[str]
-    modules_to_save: list[str]
-    adapter_parameters: int
-    trainable_parameters: int
-    total_parameters: int
-    skipped: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        share = 100.0 * self.trainable_parameters / max(1, self.total_parameters)
-        lines = [
-            f"adapter {self.name!r} ({self.method}) on {len(self.targets)} modules",
-            f"  trainable: {self.trainable_parameters:,} of {self.total_parameters:,} parameters ({share:.3f}%)",
-        ]
-        lines += [f"  + {t}" for t in self.targets[:8]]
-        if len(self.targets) > 8:
-            lines.append(f"  ... and {len(self.targets) - 8} more")
-        lines += [f"  + {m} (trained in full)" for m in self.modules_to_save]
-        return "\n".join(lines)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -412,33 +387,3 @@ def mark_trainable(model: nn.Module, names: Iterable[str] | None = None) -> None
         for n in keep & set(layer.adapters.keys()):
             for p in layer.adapters[n].parameters():
                 p.requires_grad_(True)
-
-
-@dataclass(frozen=True)
-class ParamReport:
-    trainable: int
-    total: int
-    trainable_bytes: int
-
-    @property
-    def share(self) -> float:
-        return self.trainable / max(1, self.total)
-
-    def __str__(self) -> str:
-        return (f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.3f}%), "
-                f"{self.trainable_bytes / 2**20:.2f} MiB")
-
-
-def parameter_report(model: nn.Module) -> ParamReport:
-    """Trainable and total parameter counts (shared tensors counted once) and trainable bytes."""
-    seen: set[int] = set()
-    trainable = total = nbytes = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-            nbytes += p.numel() * p.element_size()
-    return ParamReport(trainable=trainable, total=total, trainable_bytes=nbytes)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltatune.config import AdapterConfig, HybridConfig
+from deltatune.config import AdapterConfig
 from deltatune.core.files import WEIGHTS_FILE
 from deltatune.core.fingerprint import differences, fingerprint
 from deltatune.core.inject import adapted_layers, attach, configs, detach, mark_trainable, placement
@@ -125,7 +125,7 @@ def capture(model: nn.Module, name: str, tensor: Callable[[Tensor], Tensor] = _t
         # Shapes and a hash of a few base weights, so loading onto another base can warn (fingerprint.py).
         "base_fingerprint": fingerprint(bases),
     }
-    parts = [list(p) for p in placement(model, name)] if isinstance(config, HybridConfig) else [targets]
+    parts = [list(p) for p in placement(model, name)] if len(config.parts) > 1 else [targets]
     return StoredAdapter(config, parts, saved, tensors, meta)
 
 

@@ -19,7 +19,6 @@ from typing import Any
 from safetensors.torch import save_file
 
 from deltatune._version import __version__
-from deltatune.config import HybridConfig
 from deltatune.core.files import (CONFIG_FILE, FORMAT, WEIGHTS_FILE, atomic_directory, read_json_file, read_tensors,
                                   write_json)
 from deltatune.core.stored import Source, StoredAdapter
@@ -47,7 +46,7 @@ def to_meta(value: StoredAdapter, extra: dict[str, Any] | None = None) -> dict[s
         "modules_to_save": list(value.modules_to_save),
         "module_types": meta.pop("module_types", {}),
         **({"base_fingerprint": meta.pop("base_fingerprint")} if "base_fingerprint" in meta else {}),
-        **({"part_targets": value.parts} if isinstance(value.config, HybridConfig) else {}),
+        **({"part_targets": value.parts} if len(value.config.parts) > 1 else {}),
         **{k: v for k, v in meta.items() if k not in _OWN},
         **(extra or {}),
     }
