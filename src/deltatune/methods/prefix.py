@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.contract import KeyValuePrefix
+from deltatune.core.layers import describe
 from deltatune.core.layer import Adapter
 from deltatune.core.parts import find_part, replace_part
 from deltatune.core.plumbing import provider
@@ -151,7 +152,7 @@ class PrefixConfig(AdapterConfig):
         return input_embedding_names(self, model, "prefix tuning")
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
-        if not isinstance(base, nn.Embedding):
+        if (spec := describe(base)) is None or spec.kind != "embedding":  # the input embedding table
             return None
         adapter = PrefixKV(self.num_virtual_tokens, self.projection_dim)
         if self.layout is not None:

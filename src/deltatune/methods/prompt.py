@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.contract import VirtualTokens
+from deltatune.core.layers import describe
 from deltatune.core.layer import Adapter, AdaptedLayer, Composite, logical_modules
 from deltatune.core.parts import find_part, replace_part
 from deltatune.core.plumbing import provider
@@ -146,7 +147,7 @@ class PromptConfig(AdapterConfig):
         return input_embedding_names(self, model, "prompt tuning")
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
-        if not isinstance(base, nn.Embedding):
+        if (spec := describe(base)) is None or spec.kind != "embedding":  # the input embedding table
             return None
         adapter = PromptEmbedding(self.num_virtual_tokens, base.embedding_dim).to(base.weight.device)
         with torch.no_grad():

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.contract import VirtualTokens
+from deltatune.core.layers import describe
 from deltatune.core.layer import Adapter
 from deltatune.core.plumbing import provider
 from deltatune.methods.prompt import INPUT_EMBEDDINGS, PromptConfig, PromptEmbedding, check_virtual_tokens
@@ -114,7 +115,7 @@ class PtuningConfig(AdapterConfig):
         return input_embedding_names(self, model, "P-tuning")
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
-        if not isinstance(base, nn.Embedding):
+        if (spec := describe(base)) is None or spec.kind != "embedding":  # the input embedding table
             return None
         dim = base.embedding_dim
         return PromptEncoder(self.num_virtual_tokens, dim, self.encoder_hidden_size or dim, self.encoder,
