@@ -28,7 +28,7 @@ $(BIN)/.installed: pyproject.toml $(LOCK) requirements/assets.txt
 
 setup: $(BIN)/.installed
 
-## Fine-tune all-MiniLM-L6-v2 with LoRA on tweet sentiment (about 5 minutes on 2 cores).
+## Fine-tune all-MiniLM-L6-v2 with LoRA on tweet sentiment (5 to 9 minutes on 2 cores).
 demo: setup
 	$(BIN)/deltatune train
 

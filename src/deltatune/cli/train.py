@@ -23,7 +23,7 @@ def train(
 ) -> None:
     """Fine-tune a model; write the adapter, metrics, config and a plot.
 
-    No arguments: LoRA on all-MiniLM-L6-v2 for tweet sentiment (~5 min, 2 cores).
+    No arguments: LoRA on all-MiniLM-L6-v2 for tweet sentiment (5-9 min on 2 cores).
     Keys: model, task (sentiment | classification | chat), method (full or a
     deltatune method), adapter.*, optimizer, epochs, batch_size, max_length,
     lr, seed, ... Commented examples: the recipes/ folder of the package.
