@@ -5,7 +5,7 @@ constants such as a scaling factor. Copying the new values into the existing ten
 three, so a compiled model serves the new adapter without recompiling.
 
 - Same hyperparameters (same method and config apart from targets): the tensors are copied.
-- Low-rank adapters (:class:`~deltatune.core.routing.LowRank`) may differ in rank and scaling:
+- Low-rank adapters (:class:`~deltatune.core.contract.LowRank`) may differ in rank and scaling:
   the new update ``s'·B'A'`` is written as ``s·(B's'/s)A'`` into the existing rank-r tensors,
   zero-padded when ``r' < r``. To accept larger ranks later, attach the slot with a larger rank
   in the first place (e.g. ``rank=64``) and hot swap the real adapter into it. A module that the
@@ -33,7 +33,7 @@ from torch import nn
 from deltatune.config import AdapterConfig
 from deltatune.core.inject import _known, adapted_layers, configs
 from deltatune.core.layer import AdaptedLayer, FullCopy
-from deltatune.core.routing import is_low_rank
+from deltatune.core.contract import is_low_rank
 from deltatune.core.stored import Source, StoredAdapter, check_tensors
 
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from deltatune.core.inject import _known, adapted_layers, cached, configs, detach, store, using
 from deltatune.core import products
-from deltatune.core.contract import LowRank, is_low_rank  # noqa: F401  (LowRank: re-exported)
+from deltatune.core.contract import is_low_rank
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.products import plain_linear
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from deltatune.formats.peft_methods import PEFT_METHODS
-from deltatune.formats.peft_spec import (  # noqa: F401  (targets_*: moved to peft_spec, still importable here)
+from deltatune.formats.peft_spec import (
     PREFIX,
     Key,
     PeftMethod,

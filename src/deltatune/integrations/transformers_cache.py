@@ -40,10 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core.contract import KeyValuePrefix
+from deltatune.core.parts import find_part
 from deltatune.integrations.transformers_inputs import (
     bind_inputs,
     extend_mask,
-    find_part,
     input_length,
     is_active,
     shift_positions,

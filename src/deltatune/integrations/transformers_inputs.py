@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from deltatune.core.inject import configs, placement
 from deltatune.core.layer import AdaptedLayer
-from deltatune.core.parts import find_part  # noqa: F401  (used by the transformers_* modules)
 
 _PARAMS: dict[type, list[str]] = {}
 

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from deltatune.core.contract import VirtualTokens
+from deltatune.core.parts import find_part
 from deltatune.integrations.transformers_cache import check_fresh, put_cache, tag, tag_output, tags, take_cache
 from deltatune.integrations.transformers_inputs import (
     bind_inputs,
     extend_mask,
-    find_part,
     input_length,
     is_active,
     shift_positions,
