@@ -173,7 +173,8 @@ class Prober:
     def epoch(self, config: TrainConfig) -> tuple[list[list[int]], float]:
         """The run's batches of epoch 0 and their mean padded tokens."""
         train = self.items["train"]
-        batches = epoch_batches([len(it["input_ids"]) for it in train], config.batch_size, config.seed, 0)
+        step_size = config.batch_size * config.gradient_accumulation  # examples per optimizer step, as fit()
+        batches = epoch_batches([len(it["input_ids"]) for it in train], step_size, config.seed, 0)
         return batches, sum(_tokens(train, b) for b in batches) / len(batches)
 
     def probe(self, cand: Candidate) -> dict[str, Any]:
@@ -210,12 +211,12 @@ class Prober:
         batches, mean_tokens = self.epoch(config)
         with tempfile.TemporaryDirectory(prefix="deltatune-probe-") as tmp:
             s = _start(strategy, config, len(train), Path(tmp) / "checkpoint", False, Ranks())
-            longest = sorted(range(len(train)), key=lambda i: len(train[i]["input_ids"]))[-config.batch_size:]
+            longest = sorted(range(len(train)), key=lambda i: len(train[i]["input_ids"]))[-len(batches[0]):]
             s.model.train()
-            _step(s, longest, collate, run, [])  # warm-up, and the largest activations of the run
+            _step(s, longest, collate, task.loss_weight, run, [])  # warm-up, and the largest activations of the run
             rates = []
             for batch in (batches * self.steps)[:self.steps]:
-                _step(s, batch, collate, run, [])
+                _step(s, batch, collate, task.loss_weight, run, [])
                 rates.append(s.elapsed / _tokens(train, batch))
             s.model.eval()
             held = self.items["validation"] or self.items["test"]
