@@ -74,7 +74,7 @@ def parse_methods(spec: str | Sequence[str]) -> tuple[list[str], bool]:
     names = [n.strip() for part in parts for n in part.split(",") if n.strip()]
     known = available_methods()
     if names == ["all"]:
-        return known, True
+        return [n for n in known if n != HYBRID], True  # every method, each alone
     if not names:
         raise ValueError("--methods is empty; give e.g. --methods full,lora,bitfit, or --methods all")
     for name in names:
@@ -123,8 +123,6 @@ def plan_comparison(methods: str | Sequence[str], output: str | Path, overrides:
     error row instead (unless none validates: then the settings themselves are wrong).
     """
     names, implied = parse_methods(methods)
-    if implied:
-        names = [n for n in names if n != HYBRID]  # "all" means every method, each alone
     for assignment in overrides:
         key = assignment.partition("=")[0].strip()
         if key.split(".")[0] in ("method", "output"):
