@@ -28,7 +28,7 @@ from torch import nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import AdaptedLayer, Composite, FullCopy, walk, logical_get, logical_modules
-from deltatune.core.layers import describe
+from deltatune.core.layers import describe, quantized_format
 from deltatune.core.report import AttachReport, ParamReport, parameter_report
 from deltatune.core.targeting import NoMatchError, modules_for, select
 
@@ -214,6 +214,9 @@ def _install(model: nn.Module, name: str, built: dict[str, list[nn.Module]], sav
             adapter.to(device=ref.device, dtype=ref.dtype)
         _wrap(model, module_name).adapters[name] = adapter.train(modules[module_name].training)
     for module_name in save_names:
+        if (found := quantized_format(modules[module_name])) is not None:
+            raise ValueError(f"{module_name!r} is stored quantized ({found[1]}) and cannot train in full; keep it "
+                             f"in full precision (deltatune.quantize(..., skip=[{module_name.rsplit('.', 1)[-1]!r}]))")
         _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name]).train(modules[module_name].training)
 
 

@@ -44,11 +44,6 @@ class FullCopy(Adapter):
         super().__init__()
         import copy
 
-        from deltatune.core.layers import quantized_format
-
-        if (found := quantized_format(base)) is not None:
-            raise ValueError(f"a {type(base).__name__} stored quantized ({found[1]}) cannot train in full; keep "
-                             "it in full precision (deltatune.quantize(..., skip=[its name]))")
         self.module = copy.deepcopy(base)
         for p in self.module.parameters():
             p.requires_grad_(True)
