@@ -41,7 +41,7 @@ from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.ln import LNTuningConfig
 from deltatune.methods.partial import PartialConfig
-from deltatune.methods.tokens import TokensConfig
+from deltatune.methods.tokens import TokensConfig, grow_table
 from deltatune.methods.oft import OftConfig
 from deltatune.methods.vera import VeraConfig
 from deltatune.methods.prefix import PrefixConfig
@@ -83,6 +83,7 @@ __all__ = [
     "PromptConfig",
     "PtuningConfig",
     "drop_reparameterization",
+    "grow_table",
     "ParamReport",
     "__version__",
     "active_adapters",

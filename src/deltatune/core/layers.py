@@ -16,7 +16,9 @@ Weight layout per kind (``transposed`` flips the first two axes):
 - ``conv``: ``nn.Conv1d/2d/3d`` (any ``_ConvNd``), weight (d_out, d_in / groups, *kernel); their
   transposes (``nn.ConvTranspose*d``) have ``transposed=True`` and weight (d_in, d_out / groups, *kernel);
 - ``embedding`` / ``embedding_bag``: ``nn.Embedding`` / ``nn.EmbeddingBag``, a table
-  (d_in = vocabulary size, d_out = embedding size);
+  (d_in = vocabulary size, d_out = embedding size). A bag reduces the rows of each bag (``offsets``
+  or a 2-D input) by ``sum`` / ``mean`` / ``max``; sum and mean are linear in the table, so an adapter
+  that adds a table ``D`` adds ``bag_like(base, D, ids)``: the same reduction over ``D``;
 - ``norm``: LayerNorm- and RMSNorm-like layers (``nn.LayerNorm``, ``nn.RMSNorm`` and classes whose
   name ends in ``LayerNorm`` / ``RMSNorm``, as transformers names them); d_in = d_out = the number of
   normalised features (0 if the layer keeps neither a ``normalized_shape`` nor a weight).
@@ -30,10 +32,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
+
+from deltatune.core.layer import call_args
 
 Kind = Literal["linear", "conv", "embedding", "embedding_bag", "norm"]
 
@@ -108,3 +113,30 @@ def _normalised_size(norm: nn.Module) -> int:
         return math.prod((shape,) if isinstance(shape, int) else shape)
     weight = norm._parameters.get("weight")
     return weight.numel() if weight is not None else 0
+
+
+def linear_bag(bag: Any) -> str | None:
+    """Why an adapter that adds a table cannot adapt ``bag`` (an ``nn.EmbeddingBag``), or ``None``.
+
+    ``max`` bags are not linear in the table, and ``max_norm`` rewrites the table's rows in place."""
+    if bag.mode == "max":
+        return "a mode='max' EmbeddingBag is not linear in its table; use mode='sum' or 'mean'"
+    if bag.max_norm is not None:
+        return "an EmbeddingBag with max_norm rescales its table's rows in place; use max_norm=None"
+    return None
+
+
+def bag_like(base: Any, table: Tensor, ids: Tensor, padding_idx: int | None | str = "same") -> Tensor:
+    """``base``'s bag reduction (its mode, the ``offsets`` and ``per_sample_weights`` it was called
+    with, ``include_last_offset``, ``padding_idx``) applied to ``ids`` over another ``table`` (n, k).
+
+    ``base`` is what an adapter receives (the frozen ``nn.EmbeddingBag``, possibly behind other
+    adapters); ``padding_idx`` overrides the base's, for a table whose rows are renumbered.
+    Returns (bags, k)."""
+    args, kwargs = call_args(base)
+    names = ("offsets", "per_sample_weights")
+    bound = dict(zip(names, args), **kwargs)
+    pad = base.padding_idx if padding_idx == "same" else padding_idx
+    return F.embedding_bag(ids, table, bound.get("offsets"), mode=base.mode,
+                           per_sample_weights=bound.get("per_sample_weights"),
+                           include_last_offset=base.include_last_offset, padding_idx=pad)

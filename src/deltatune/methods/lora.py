@@ -17,7 +17,9 @@ adapter applies to the original base; merging adds ``s·(B A − B₀ A₀)``.
 
 Supported layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weight stored transposed),
 ``nn.Conv1d`` / ``nn.Conv2d`` (A is a convolution with the base kernel, B a 1×1 convolution) and
-``nn.Embedding`` (A is looked up by token id; following PEFT, A starts at zero and B is Gaussian).
+``nn.Embedding`` (A is looked up by token id; following PEFT, A starts at zero and B is Gaussian)
+and ``nn.EmbeddingBag`` in ``sum`` / ``mean`` mode (the bag of A's columns, then B: a bag is linear in
+its table, so ``bag(E + s·(BA)ᵀ) = bag(E) + s·bag(Aᵀ) Bᵀ``; PEFT has no LoRA for bags).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
-from deltatune.core.layers import describe, is_transposed_linear
+from deltatune.core.layers import bag_like, describe, is_transposed_linear, linear_bag
 from deltatune.core.targeting import pattern_value
 from deltatune.core.products import runs_like_its_weight
 from deltatune.methods.lora_kernels import dropout_mask, lora_linear
@@ -137,6 +139,16 @@ class LoraEmbedding(Adapter):
         return (self.B @ self.A).t() * self.scaling          # (V, d)
 
 
+class LoraEmbeddingBag(LoraEmbedding):
+    """LoRA on an ``nn.EmbeddingBag`` (sum or mean): ``base(ids, offsets) + s · bag(Aᵀ)[ids] Bᵀ``, the
+    base's own reduction (offsets, per-sample weights, padding) over Aᵀ (V, r), then B."""
+
+    def forward(self, x: Tensor, base: Any) -> Tensor:
+        h = base(x)                                          # (bags, d)
+        after_a = bag_like(base, self.A.t().to(h.dtype), x)  # (bags, r)
+        return h + (after_a @ self.B.t().to(h.dtype)) * self.scaling
+
+
 class LoraConv(Adapter):
     """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A convolves like the base, B mixes channels (1×1)."""
 
@@ -225,6 +237,11 @@ class LoraConfig(AdapterConfig):
             adapter: Adapter = LoraLinear(spec.d_in, spec.d_out, dropout=self.dropout, transposed=spec.transposed, **kw)
         elif spec.kind == "embedding":
             adapter = LoraEmbedding(spec.d_in, spec.d_out, padding_idx=base.padding_idx, **kw)
+        elif spec.kind == "embedding_bag":
+            why = linear_bag(base)
+            if why:
+                raise ValueError(f"LoRA cannot adapt {name!r}: {why}")
+            adapter = LoraEmbeddingBag(spec.d_in, spec.d_out, padding_idx=base.padding_idx, **kw)
         elif spec.kind == "conv" and not spec.transposed and spec.spatial in (1, 2):
             adapter = LoraConv(base, dropout=self.dropout, **kw)
         else:
