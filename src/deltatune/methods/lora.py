@@ -40,6 +40,8 @@ from deltatune.core.products import runs_like_its_weight
 from deltatune.methods.lora_kernels import dropout_mask, lora_linear
 
 Init = Literal["default", "gaussian", "pissa", "olora"]
+#: The attention query and value projections of BERT- and Llama-style models (Hu et al. adapt W_q, W_v).
+ATTENTION_QV = ("attention.self.query", "attention.self.value", "q_proj", "v_proj")
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
@@ -192,6 +194,9 @@ class LoraConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora"
     family: ClassVar[str] = "reparameterization"
+    # plan / tune / compare --grid: the rank and where the update goes (every linear layer, or Q and V)
+    search_space: ClassVar[dict[str, Any]] = {"rank": (8, 4, 16),
+                                              "target": {"all-linear": "all-linear", "attention-qv": ATTENTION_QV}}
 
     rank: int = 8
     alpha: float = 16.0

@@ -120,6 +120,7 @@ class PartialConfig(AdapterConfig):
 
     method: ClassVar[str] = "partial"
     family: ClassVar[str] = "specification"
+    search_space: ClassVar[dict[str, Any]] = {"last_n": (1, 2)}  # plan / tune / compare --grid
     default_target: ClassVar[Any] = None
 
     last_n: int | None = None
