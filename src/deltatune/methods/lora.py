@@ -34,12 +34,14 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
-from deltatune.core.layers import bag_like, describe, is_transposed_linear, linear_bag
+from deltatune.core.layers import bag_like, base_weight, describe, is_transposed_linear, linear_bag
 from deltatune.core.targeting import pattern_value
 from deltatune.core.products import runs_like_its_weight
 from deltatune.methods.lora_kernels import dropout_mask, lora_linear
 
 Init = Literal["default", "gaussian", "pissa", "olora"]
+#: The attention query and value projections of BERT- and Llama-style models (Hu et al. adapt W_q, W_v).
+ATTENTION_QV = ("attention.self.query", "attention.self.value", "q_proj", "v_proj")
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
@@ -192,6 +194,9 @@ class LoraConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora"
     family: ClassVar[str] = "reparameterization"
+    # plan / tune / compare --grid: the rank and where the update goes (every linear layer, or Q and V)
+    search_space: ClassVar[dict[str, Any]] = {"rank": (8, 4, 16),
+                                              "target": {"all-linear": "all-linear", "attention-qv": ATTENTION_QV}}
 
     rank: int = 8
     alpha: float = 16.0
@@ -255,7 +260,7 @@ class LoraConfig(AdapterConfig):
                 adapter.A.normal_(0.0, 1.0 / adapter.rank)
         elif self.init in ("pissa", "olora"):
             assert isinstance(adapter, LoraLinear)
-            weight = base.weight.detach().to(torch.float32)
+            weight = base_weight(base).detach().to(torch.float32)  # dequantized for a quantized base
             weight = weight.t() if adapter.transposed else weight  # (d_out, d_in)
             r, s = adapter.rank, adapter.scaling
             if self.init == "pissa":

@@ -192,5 +192,6 @@ def _facts(strategy: Strategy, artifact: Path, history: History, device: torch.d
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "validation": history.validation,
+        **({"early_stopping": history.best} if history.best else {}),
         "resumed": resume,
     }

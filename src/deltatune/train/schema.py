@@ -72,6 +72,14 @@ class TrainConfig(_Strict):
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1)
     eval_every: int | None = Field(None, ge=1)
+    # Training options (train/options.py): micro-batches per optimizer step, LR schedule, early stopping...
+    gradient_accumulation: int = Field(1, ge=1)  # a step sees batch_size x this many examples
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"  # after the warm-up
+    warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_ratio when set
+    early_stopping_patience: int | None = Field(None, ge=1)  # validations without improvement before stopping
+    early_stopping_metric: str | None = None  # a validation metric (default: the task's headline)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    tensorboard: bool | None = None  # event logs in OUTPUT/tensorboard; None: when the package is installed
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
     # CPU float32 products of LoRA/DoRA layers: onednn (fastest), thin (base output bit-identical), aten
@@ -101,6 +109,13 @@ class TrainConfig(_Strict):
         if path.exists() and not path.is_dir():
             raise ValueError(f"output {value!r} is a file, not a directory; choose another --output")
         return value
+
+    @model_validator(mode="after")
+    def _early_stopping(self) -> TrainConfig:
+        if self.early_stopping_metric is not None and self.early_stopping_patience is None:
+            raise ValueError("early_stopping_metric needs early_stopping_patience (validations without "
+                             "improvement before stopping), e.g. early_stopping_patience: 3")
+        return self
 
     @model_validator(mode="after")
     def _method(self) -> TrainConfig:
