@@ -21,6 +21,7 @@ from deltatune.cli import inspect as inspect_cmd
 from deltatune.cli import merge as merge_cmd
 from deltatune.cli import plan as plan_cmd
 from deltatune.cli import predict as predict_cmd
+from deltatune.cli import serve as serve_cmd
 from deltatune.cli import train as train_cmd
 
 app = typer.Typer(
@@ -41,6 +42,7 @@ app.command("convert")(convert_cmd.convert)
 app.command("compare")(compare_cmd.compare)
 app.command("combine")(combine_cmd.combine)
 app.command("export")(export_cmd.export)
+app.command("serve")(serve_cmd.serve)
 app.command("plan")(plan_cmd.plan)
 
 
