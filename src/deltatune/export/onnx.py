@@ -61,7 +61,7 @@ def export_onnx(run: str | Path, output: Path, quantize: str | None = None,
     model, task, config = trained.model, trained.task, trained.config
     merged = _merge(model, dt)
     examples = task.load_splits(config, trained.labels).test
-    spec = build(model, trained.tokenizer, trained.labels, config, examples)
+    spec = build(task, model, trained.tokenizer, trained.labels, config, examples)
     facts: dict[str, Any] = {"format": "onnx", "source": str(trained.source), "task": config.task,
                              "kind": spec.kind, "method": config.method, "adapter": merged, **spec.meta}
     with atomic_directory(output) as tmp:
@@ -139,7 +139,7 @@ def check(spec: OnnxSpec, sess: Any, reference: torch.nn.Module | None = None) -
 def _score(task: Any, sess: Any, spec: OnnxSpec, model: torch.nn.Module, tokenizer: Any, items: list,
            config: Any) -> dict[str, float]:
     """The task's own test metrics, computed through ONNX Runtime."""
-    metrics = task.evaluate(OrtModel(sess, spec, model.config), items, tokenizer, config.eval_batch_size, run_ort)
+    metrics = task.evaluate(OrtModel(sess, spec, getattr(model, "config", None)), items, tokenizer, config.eval_batch_size, run_ort)
     return {k: round(float(v), 6) for k, v in metrics.items()}
 
 

@@ -4,8 +4,10 @@
 from a loaded (and merged) model; ``GGUF_KINDS`` says which kinds llama.cpp can run. Adding a
 task kind to the exporter is one function and one line here.
 
-- ``classification`` (encoders): ``input_ids``, ``attention_mask`` (batch, sequence) -> ``logits``
-  (batch, labels). The tokenizer and label names are written beside the model.
+- ``classification``, text (encoders): ``input_ids``, ``attention_mask`` (batch, sequence) ->
+  ``logits`` (batch, labels). The tokenizer and label names are written beside the model.
+- ``classification``, images (the task's batches hold ``pixel_values`` only): ``pixel_values``
+  (batch, 3, size, size) -> ``logits``; ``preprocessing.json`` (size, mean, std, labels) beside it.
 - ``causal-lm`` (decoders), one step with a KV cache, as ONNX Runtime GenAI and Optimum lay it out:
   ``input_ids``, ``position_ids`` (batch, sequence), ``attention_mask`` (batch, past + sequence),
   ``past_key_values.{i}.key|value`` (batch, kv heads, past, head dim) -> ``logits`` (batch,
@@ -40,9 +42,56 @@ class _Logits(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, C)
 
 
+class _ImageLogits(nn.Module):
+    """``pixel_values -> logits`` for an image classifier (``model(pixel_values=...).logits``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.model(pixel_values=pixel_values).logits  # (B, 3, H, W) -> (B, C)
+
+
+def classifier_spec(task: Any, model: nn.Module, tokenizer: Any, labels: list[str] | None, config: Any,
+                    examples: list[tuple]) -> OnnxSpec:
+    """A classifier: text (token ids) or images (``pixel_values``), as the task's own ``collate`` batches them."""
+    items = task.encode(tokenizer, examples[:8], config.max_length) if examples else []
+    if items and set(_collate(task, items[:1], tokenizer)) == {"pixel_values"}:
+        return image_spec(task, model, tokenizer, labels, items)
+    return encoder_spec(model, tokenizer, labels, config, examples)
+
+
+def _collate(task: Any, items: list, tokenizer: Any) -> dict[str, Tensor]:
+    try:
+        batch = task.collate(items, tokenizer, augment=False)  # an image task: no flips or shifts
+    except TypeError:
+        batch = task.collate(items, tokenizer)
+    batch.pop("labels", None)
+    return batch
+
+
+def image_spec(task: Any, model: nn.Module, preprocess: Any, labels: list[str] | None, items: list) -> OnnxSpec:
+    """An image classifier: ``pixel_values`` (batch, 3, size, size), normalised as ``preprocessing.json`` says."""
+    def batch(some: list) -> dict[str, Tensor]:
+        return _collate(task, some, preprocess)
+
+    return OnnxSpec(
+        kind="image-classification", module=_ImageLogits(model).eval(),
+        inputs=["pixel_values"], outputs=["logits"],
+        dynamic={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+        sample=batch(items[:2]), checks=[batch(items[:1]), batch(items[2:5] or items[:1]), batch(items)],
+        write_beside=lambda where: preprocess.save_pretrained(where),
+        meta={"labels": labels,
+              "inputs": "pixel_values float32 (batch, 3, size, size): RGB resized and normalised as "
+                        "preprocessing.json says",
+              "outputs": "logits (batch, labels); the label is labels[argmax]"},
+    )
+
+
 def encoder_spec(model: nn.Module, tokenizer: Any, labels: list[str] | None, config: Any,
                  examples: list[tuple]) -> OnnxSpec:
-    """A sequence classifier; ``examples``: (text, label) from the test split, to trace and check with."""
+    """A text sequence classifier; ``examples``: (text, label) from the test split, to trace and check with."""
     texts = [str(ex[0]) for ex in examples if str(ex[0]).strip()][:8] + _PROBE
     texts.sort(key=len)
 
@@ -105,7 +154,7 @@ def positions(attention_mask: Tensor, new: int) -> Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -new:]  # (B, T)
 
 
-def decoder_spec(model: nn.Module, tokenizer: Any, labels: list[str] | None, config: Any,
+def decoder_spec(task: Any, model: nn.Module, tokenizer: Any, labels: list[str] | None, config: Any,
                  examples: list[tuple]) -> OnnxSpec:
     """A causal LM, one step with a KV cache; ``examples``: (prompt, reply) from the test split."""
     from deltatune.export.runtime import check_generation
@@ -173,7 +222,7 @@ def decoder_spec(model: nn.Module, tokenizer: Any, labels: list[str] | None, con
 Builder = Callable[..., OnnxSpec]
 #: task kind -> spec builder (see the module docstring); the kinds ``deltatune export`` accepts.
 SPECS: dict[str, Builder] = {
-    "classification": encoder_spec,
+    "classification": classifier_spec,
     "causal-lm": decoder_spec,
 }
 #: task kinds whose adapters llama.cpp can run (decoders it has an architecture for).
