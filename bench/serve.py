@@ -279,7 +279,8 @@ class PeftSetup:
 def drive(setup: Any, names: list[str | None], clients: int, requests: int, prompt_tokens: int, max_tokens: int,
           vocab: int) -> dict[str, Any]:
     rng = random.Random(1)
-    plan = [(names[i % len(names)], [rng.randrange(3, vocab) for _ in range(prompt_tokens)]) for i in range(requests)]
+    order = rng.sample(names, len(names))  # with M > requests: a random subset of the M, each a cold miss
+    plan = [(order[i % len(order)], [rng.randrange(3, vocab) for _ in range(prompt_tokens)]) for i in range(requests)]
     rng.shuffle(plan)
     records: list[Record] = []
     failures: list[str] = []
