@@ -55,6 +55,13 @@ from deltatune.integrations.transformers_plumbing import PROVIDERS as _TRANSFORM
 
 _PLUMBING.update(_TRANSFORMERS_PLUMBING)
 
+# Quantized linear layers (bitsandbytes, torchao) are recognised by the core through this table
+# (core/layers.py); integrations/quantize.py imports neither library until it is used.
+from deltatune.core.layers import QUANTIZED_FORMATS as _QUANTIZED
+from deltatune.integrations.quantize import FORMATS as _QUANTIZED_FORMATS, dequantize, quantize
+
+_QUANTIZED.extend(_QUANTIZED_FORMATS)
+
 from deltatune.formats import convert, hotswap_adapter, load_adapter, load_adapters, read_adapter_config, save_adapter
 from deltatune._version import __version__
 
@@ -111,6 +118,8 @@ __all__ = [
     "convert",
     "composed",
     "delete_adapter",
+    "dequantize",
+    "quantize",
     "hotswap_adapter",
     "load_adapters",
     "routing",

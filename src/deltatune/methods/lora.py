@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
-from deltatune.core.layers import bag_like, describe, is_transposed_linear, linear_bag
+from deltatune.core.layers import bag_like, base_weight, describe, is_transposed_linear, linear_bag
 from deltatune.core.targeting import pattern_value
 from deltatune.core.products import runs_like_its_weight
 from deltatune.methods.lora_kernels import dropout_mask, lora_linear
@@ -260,7 +260,7 @@ class LoraConfig(AdapterConfig):
                 adapter.A.normal_(0.0, 1.0 / adapter.rank)
         elif self.init in ("pissa", "olora"):
             assert isinstance(adapter, LoraLinear)
-            weight = base.weight.detach().to(torch.float32)
+            weight = base_weight(base).detach().to(torch.float32)  # dequantized for a quantized base
             weight = weight.t() if adapter.transposed else weight  # (d_out, d_in)
             r, s = adapter.rank, adapter.scaling
             if self.init == "pissa":

@@ -35,6 +35,8 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
+    # task recommend: the share of interactions (in time order) before the cutoff (default 0.7)
+    cutoff: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -77,6 +79,15 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1)  # validations without improvement before stopping
     early_stopping_metric: str | None = None  # a validation metric (default: the task's headline)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # Quantized frozen base (QLoRA-style, integrations/quantize.py): the base's linear layers (not the head)
+    # stored in 4 or 8 bits before the adapter attaches; the adapter trains in full precision.
+    quantize: Literal["nf4", "int8", "none"] = "none"
+    double_quant: bool = True  # nf4: quantize the per-block scales too (~0.4 bit/weight less)
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # what quantized weights dequantize to
+    quantize_backend: Literal["bitsandbytes", "torchao"] = "bitsandbytes"  # torchao: nf4 only
+    # Causal LMs: cross-entropy over this many target tokens at a time (the head recomputed in backward),
+    # so full-vocabulary float32 logits for the whole batch never exist at once; None: the model's own loss.
+    loss_chunk: int | None = Field(None, ge=1)
     tensorboard: bool | None = None  # event logs in OUTPUT/tensorboard; None: when the package is installed
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
@@ -116,6 +127,15 @@ class TrainConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _quantized_base(self) -> TrainConfig:
+        if self.quantize != "none" and self.method == "full":
+            raise ValueError(f"quantize: {self.quantize} freezes the base in {self.quantize}; full fine-tuning "
+                             "trains every weight: use an adapter method (e.g. method: lora) or quantize: none")
+        if self.quantize_backend == "torchao" and self.quantize == "int8":
+            raise ValueError("quantize_backend: torchao quantizes to nf4 only; use quantize_backend: bitsandbytes for int8")
+        return self
+
+    @model_validator(mode="after")
     def _method(self) -> TrainConfig:
         if self.method == "full":
             if self.adapter:
@@ -130,7 +150,7 @@ class TrainConfig(_Strict):
 
         if self.method == "full":
             return None
-        if self.method not in METHODS:
+        if self.method not in METHODS and self.method != "hybrid":
             raise ValueError(f"unknown method {self.method!r}; available: full, {', '.join(sorted(METHODS))}")
         from deltatune.config import ConfigTypeError
 
