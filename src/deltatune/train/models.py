@@ -122,8 +122,14 @@ class Loaded:
     new_modules: list[str]
 
 
-def load_model(name: str, task: Task, labels: list[str] | None = None) -> Loaded:
-    """Load model ``name`` with ``task``'s head (e.g. a fresh ``num_labels``-way classifier)."""
+def load_model(name: str, task: Task, labels: list[str] | None = None, config: TrainConfig | None = None) -> Loaded:
+    """Load model ``name`` with ``task``'s head (e.g. a fresh ``num_labels``-way classifier).
+
+    A task that builds its own models (``Task.load_model``, e.g. image models) is asked first."""
+    own = task.load_model(name, labels, config)
+    if own is not None:
+        model, tokenizer, new_modules = own
+        return Loaded(model=model, tokenizer=tokenizer, new_modules=list(new_modules))
     from transformers import logging as hf_logging
 
     path = resolve_model(name)
@@ -230,7 +236,7 @@ def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
     rec = read_trained(path, overrides)
     config, task, labels, where = rec.config, rec.task, rec.labels, rec.where
     if rec.kind == "full":
-        loaded = load_model(str(where), task, labels)
+        loaded = load_model(str(where), task, labels, config)
         if loaded.new_modules:
             raise ValueError(f"{where} lacks trained weights for {loaded.new_modules[0]!r}")
         model, name = loaded.model, None
@@ -239,7 +245,7 @@ def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
         # so predictions of the bare base are the same on every load.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            loaded = load_model(config.model, task, labels)
+            loaded = load_model(config.model, task, labels, config)
         model = loaded.model
         _check_head_size(where, loaded, labels, config)
         name = dt.load_adapter(model, where)

@@ -124,6 +124,7 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
         return {}
     metrics = task.final_metrics(strategy.model, splits, items, tokenizer, config, run)
     artifact = strategy.save(out, tokenizer, training_meta(config, splits.labels), config.save_format)
+    task.write_run_files(out, artifact, tokenizer)
     metrics.update(_facts(strategy, artifact, history, device, precision, ranks, started, resume))
     write_metrics(out / "metrics.json", metrics)
     plot_history(out / "training.png", history, task.headline, f"{config.method} · {config.model} · {config.task}")
@@ -150,7 +151,7 @@ def _load(config: TrainConfig, task: Task, labels: list[str] | None, device: tor
     """The base model made trainable as the method says, on ``device``, and its tokenizer."""
     torch.manual_seed(config.seed)  # the new head and the adapter start from the seed
     with ranks.main_first():  # a first load may write a cache (SmolLM2's conversion)
-        loaded = load_model(config.model, task, labels)
+        loaded = load_model(config.model, task, labels, config)
     strategy = prepare(loaded, config)
     loaded.model.to(device)
     return strategy, loaded.tokenizer

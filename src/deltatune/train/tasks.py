@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from deltatune.train.chat import ChatTask
 from deltatune.train.classify import FileClassificationTask, SentimentTask
+from deltatune.train.image_task import ImageTask
 from deltatune.train.task import Task
 
 TASKS: dict[str, Task] = {
     "sentiment": SentimentTask(),
     "classification": FileClassificationTask(),
     "chat": ChatTask(),
+    "image": ImageTask(),
 }
 
 
