@@ -82,6 +82,16 @@ def _pictures() -> torch.Tensor:
     return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
+def _quantized(factory: Callable[[], nn.Module], fmt: str) -> Callable[[], nn.Module]:
+    """``factory``'s model with its linear layers (the classifier head aside) quantized to ``fmt``
+    by bitsandbytes, as ``deltatune.quantize`` does before adapters attach."""
+    def build() -> nn.Module:
+        import deltatune as dt
+
+        return dt.quantize(factory(), fmt)
+    return build
+
+
 def _ids(vocab: int = 100) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, vocab, (3, 10), generator=g)
@@ -97,6 +107,7 @@ class ZooModel:
     inputs: Callable[[], Any]
     extra_targets: list[Any] = field(default_factory=list)
     transformers: bool = False
+    quantized: str | None = None  # the base's linear layers are stored in this format (bitsandbytes)
 
     def build(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -118,6 +129,8 @@ ZOO: dict[str, ZooModel] = {
     "bert": ZooModel("bert", _bert, _ids, extra_targets=[["word_embeddings"]], transformers=True),
     "llama": ZooModel("llama", _llama, _ids, transformers=True),
     "gpt2": ZooModel("gpt2", _gpt2, _ids, transformers=True),
+    # QLoRA-style: every method that applies trains on an NF4 base (double quantization, fp32 compute).
+    "bert-nf4": ZooModel("bert-nf4", _quantized(_bert, "nf4"), _ids, transformers=True, quantized="nf4"),
 }
 
 

@@ -41,7 +41,7 @@ from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.ln import LNTuningConfig
 from deltatune.methods.partial import PartialConfig
-from deltatune.methods.tokens import TokensConfig
+from deltatune.methods.tokens import TokensConfig, grow_table
 from deltatune.methods.oft import OftConfig
 from deltatune.methods.vera import VeraConfig
 from deltatune.methods.prefix import PrefixConfig
@@ -54,6 +54,13 @@ from deltatune.core.plumbing import PROVIDERS as _PLUMBING
 from deltatune.integrations.transformers_plumbing import PROVIDERS as _TRANSFORMERS_PLUMBING
 
 _PLUMBING.update(_TRANSFORMERS_PLUMBING)
+
+# Quantized linear layers (bitsandbytes, torchao) are recognised by the core through this table
+# (core/layers.py); integrations/quantize.py imports neither library until it is used.
+from deltatune.core.layers import QUANTIZED_FORMATS as _QUANTIZED
+from deltatune.integrations.quantize import FORMATS as _QUANTIZED_FORMATS, dequantize, quantize
+
+_QUANTIZED.extend(_QUANTIZED_FORMATS)
 
 from deltatune.formats import convert, hotswap_adapter, load_adapter, load_adapters, read_adapter_config, save_adapter
 from deltatune._version import __version__
@@ -83,6 +90,7 @@ __all__ = [
     "PromptConfig",
     "PtuningConfig",
     "drop_reparameterization",
+    "grow_table",
     "ParamReport",
     "__version__",
     "active_adapters",
@@ -110,6 +118,8 @@ __all__ = [
     "convert",
     "composed",
     "delete_adapter",
+    "dequantize",
+    "quantize",
     "hotswap_adapter",
     "load_adapters",
     "routing",

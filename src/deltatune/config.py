@@ -80,6 +80,11 @@ class AdapterConfig:
     #: A learning rate to start from when the method needs a different one from LoRA's usual
     #: 1e-3 (``deltatune compare`` uses it unless told otherwise); None: no advice.
     suggested_lr: ClassVar[float | None] = None
+    #: What ``deltatune plan``, ``tune`` and ``compare --grid`` try for this method: adapter field ->
+    #: its candidate values, the usual choice first, as a tuple of values or a mapping of names to
+    #: values (``{"attention-qv": (...)}``, for values too long to show). ``train/space.py`` adds the
+    #: keys every method shares (the learning rate around ``suggested_lr``, epochs). Empty: only those.
+    search_space: ClassVar[Mapping[str, Any]] = {}
     #: The model-level capability (a Protocol of ``core.contract``, e.g. ``VirtualTokens``) that
     #: ``integrations/`` must serve for this method (see ``core/plumbing.py``); None for methods
     #: that act inside layers only.

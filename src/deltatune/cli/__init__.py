@@ -18,7 +18,9 @@ from deltatune.cli import convert as convert_cmd
 from deltatune.cli import eval as eval_cmd
 from deltatune.cli import inspect as inspect_cmd
 from deltatune.cli import merge as merge_cmd
+from deltatune.cli import plan as plan_cmd
 from deltatune.cli import predict as predict_cmd
+from deltatune.cli import serve as serve_cmd
 from deltatune.cli import train as train_cmd
 
 app = typer.Typer(
@@ -38,6 +40,8 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("convert")(convert_cmd.convert)
 app.command("compare")(compare_cmd.compare)
 app.command("combine")(combine_cmd.combine)
+app.command("serve")(serve_cmd.serve)
+app.command("plan")(plan_cmd.plan)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import AdaptedLayer, Composite, FullCopy, walk, logical_get, logical_modules
+from deltatune.core.layers import describe, quantized_format
 from deltatune.core.report import AttachReport, ParamReport, parameter_report
 from deltatune.core.targeting import NoMatchError, modules_for, select
 
@@ -213,6 +214,9 @@ def _install(model: nn.Module, name: str, built: dict[str, list[nn.Module]], sav
             adapter.to(device=ref.device, dtype=ref.dtype)
         _wrap(model, module_name).adapters[name] = adapter.train(modules[module_name].training)
     for module_name in save_names:
+        if (found := quantized_format(modules[module_name])) is not None:
+            raise ValueError(f"{module_name!r} is stored quantized ({found[1]}) and cannot train in full; keep it "
+                             f"in full precision (deltatune.quantize(..., skip=[{module_name.rsplit('.', 1)[-1]!r}]))")
         _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name]).train(modules[module_name].training)
 
 
@@ -269,7 +273,11 @@ def _warn_full_rank(config: AdapterConfig, modules: list[tuple[str, nn.Module]])
         rank, weight = config.update_rank(module_name), getattr(base, "weight", None)
         if rank is None or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
             continue
-        side = min(weight.shape[0], weight[0].numel())  # (out, in, *k) or Conv1D's (in, out): same min
+        spec = describe(base)
+        if spec is not None and spec.quantized:  # packed storage: its shape is not the layer's
+            side = min(spec.d_in, spec.d_out)
+        else:
+            side = min(weight.shape[0], weight[0].numel())  # (out, in, *k) or Conv1D's (in, out): same min
         if rank >= side:
             d_in, d_out = getattr(base, "in_features", None), getattr(base, "out_features", None)
             shape = f"{d_in} -> {d_out}" if d_in and d_out else f"weight {tuple(weight.shape)}"

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from deltatune.core.contract import Adapter
 
-__all__ = ["Adapter", "AdaptedLayer", "Composite", "FullCopy", "logical_get", "logical_modules", "swap_values", "walk"]
+__all__ = ["Adapter", "AdaptedLayer", "Composite", "FullCopy", "call_args", "logical_get", "logical_modules",
+           "swap_values", "walk"]
 
 
 class FullCopy(Adapter):
@@ -141,6 +142,17 @@ class _Bound:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.module, name)
+
+
+def call_args(base: Any) -> tuple[tuple, dict[str, Any]]:
+    """The arguments after the input that the adapted layer was called with, whatever adapters sit
+    between ``base`` and the frozen module (e.g. an ``nn.EmbeddingBag``'s ``offsets``): an adapter
+    that must repeat the base's computation on tensors of its own reads them here."""
+    while isinstance(base, _Chain):
+        base = base.inner
+    if isinstance(base, _Bound):
+        return base.args, base.kwargs
+    return (), {}
 
 
 class AdaptedLayer(nn.Module):

@@ -16,27 +16,38 @@ Weight layout per kind (``transposed`` flips the first two axes):
 - ``conv``: ``nn.Conv1d/2d/3d`` (any ``_ConvNd``), weight (d_out, d_in / groups, *kernel); their
   transposes (``nn.ConvTranspose*d``) have ``transposed=True`` and weight (d_in, d_out / groups, *kernel);
 - ``embedding`` / ``embedding_bag``: ``nn.Embedding`` / ``nn.EmbeddingBag``, a table
-  (d_in = vocabulary size, d_out = embedding size);
+  (d_in = vocabulary size, d_out = embedding size). A bag reduces the rows of each bag (``offsets``
+  or a 2-D input) by ``sum`` / ``mean`` / ``max``; sum and mean are linear in the table, so an adapter
+  that adds a table ``D`` adds ``bag_like(base, D, ids)``: the same reduction over ``D``;
 - ``norm``: LayerNorm- and RMSNorm-like layers (``nn.LayerNorm``, ``nn.RMSNorm`` and classes whose
   name ends in ``LayerNorm`` / ``RMSNorm``, as transformers names them); d_in = d_out = the number of
   normalised features (0 if the layer keeps neither a ``normalized_shape`` nor a weight);
 - ``batch_norm``: ``nn.BatchNorm1d/2d/3d`` (any ``_BatchNorm``): per-channel statistics and affine
   parameters on axis 1 of an (N, C, *spatial) input; d_in = d_out = C.
 
-Quantized layers (bitsandbytes, torchao) will be described with ``quantized`` set to their storage
-format (e.g. ``"nf4"``); their describer must run before the ``nn.Linear`` check, since some of them
-subclass ``nn.Linear``. Until then ``quantized`` is always ``None``.
+Quantized linear layers (bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, deltatune's torchao NF4
+layer) are ``linear`` with ``quantized`` set to their storage format (``"nf4"``, ``"fp4"``, ``"int8"``).
+The core never imports a quantization library: :data:`QUANTIZED_FORMATS` is a small table of
+:class:`QuantizedFormat` entries (recognise a module, dequantize its weight), filled by
+``integrations/quantize.py`` with one explicit statement in ``deltatune/__init__.py`` (as
+``core/plumbing.py`` is). Their check runs before the ``nn.Linear`` one, since some subclass it.
+Methods that need the base weight itself (DoRA's column norms, a merge) read it through
+:func:`base_weight`, which dequantizes on the fly; the rest just call ``base(x)``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+
+from deltatune.core.layer import call_args
 
 Kind = Literal["linear", "conv", "embedding", "embedding_bag", "norm", "batch_norm"]
 
@@ -74,8 +85,55 @@ class LayerSpec:
         return len(self.kernel)
 
 
+@dataclass(frozen=True)
+class QuantizedFormat:
+    """One library's quantized linear layers, as the core sees them (see the module docs).
+
+    Attributes:
+        backend: the library, e.g. ``"bitsandbytes"``.
+        format_of: the storage format of a module (``"nf4"``, ``"int8"``...), ``None`` if the
+            module is not one of this library's quantized layers. Must not import the library.
+        dequantize: the module's weight as a floating-point (d_out, d_in) tensor (a new tensor).
+    """
+
+    backend: str
+    format_of: Callable[[nn.Module], str | None]
+    dequantize: Callable[[nn.Module], Tensor]
+
+
+#: Filled by ``deltatune/__init__.py`` from ``integrations/quantize.py``; empty means none known.
+QUANTIZED_FORMATS: list[QuantizedFormat] = []
+
+
+def quantized_format(module: Any) -> tuple[QuantizedFormat, str] | None:
+    """``(entry, storage format)`` for a quantized linear layer, ``None`` for any other module."""
+    if not isinstance(module, nn.Module):
+        module = getattr(module, "module", None)  # a stacked adapter's base: the frozen module
+        if not isinstance(module, nn.Module):
+            return None
+    for entry in QUANTIZED_FORMATS:
+        fmt = entry.format_of(module)
+        if fmt is not None:
+            return entry, fmt
+    return None
+
+
+def base_weight(base: Any) -> Tensor:
+    """The base layer's weight as a floating-point tensor: ``base.weight`` itself for a plain layer,
+    a freshly dequantized (d_out, d_in) copy for a quantized one (so writing to it changes nothing)."""
+    found = quantized_format(base)
+    if found is None:
+        return base.weight
+    module = base if isinstance(base, nn.Module) else base.module
+    return found[0].dequantize(module)
+
+
 def describe(base: nn.Module) -> LayerSpec | None:
     """What kind of layer ``base`` is, with its sizes; ``None`` for a module of no known kind."""
+    if QUANTIZED_FORMATS:
+        found = quantized_format(base)
+        if found is not None:
+            return LayerSpec("linear", int(base.in_features), int(base.out_features), quantized=found[1])
     if isinstance(base, nn.Linear):
         return LayerSpec("linear", base.in_features, base.out_features)
     if is_transposed_linear(base):
@@ -113,3 +171,30 @@ def _normalised_size(norm: nn.Module) -> int:
         return math.prod((shape,) if isinstance(shape, int) else shape)
     weight = norm._parameters.get("weight")
     return weight.numel() if weight is not None else 0
+
+
+def linear_bag(bag: Any) -> str | None:
+    """Why an adapter that adds a table cannot adapt ``bag`` (an ``nn.EmbeddingBag``), or ``None``.
+
+    ``max`` bags are not linear in the table, and ``max_norm`` rewrites the table's rows in place."""
+    if bag.mode == "max":
+        return "a mode='max' EmbeddingBag is not linear in its table; use mode='sum' or 'mean'"
+    if bag.max_norm is not None:
+        return "an EmbeddingBag with max_norm rescales its table's rows in place; use max_norm=None"
+    return None
+
+
+def bag_like(base: Any, table: Tensor, ids: Tensor, padding_idx: int | None | str = "same") -> Tensor:
+    """``base``'s bag reduction (its mode, the ``offsets`` and ``per_sample_weights`` it was called
+    with, ``include_last_offset``, ``padding_idx``) applied to ``ids`` over another ``table`` (n, k).
+
+    ``base`` is what an adapter receives (the frozen ``nn.EmbeddingBag``, possibly behind other
+    adapters); ``padding_idx`` overrides the base's, for a table whose rows are renumbered.
+    Returns (bags, k)."""
+    args, kwargs = call_args(base)
+    names = ("offsets", "per_sample_weights")
+    bound = dict(zip(names, args), **kwargs)
+    pad = base.padding_idx if padding_idx == "same" else padding_idx
+    return F.embedding_bag(ids, table, bound.get("offsets"), mode=base.mode,
+                           per_sample_weights=bound.get("per_sample_weights"),
+                           include_last_offset=base.include_last_offset, padding_idx=pad)

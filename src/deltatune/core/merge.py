@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from deltatune.core.inject import active_adapters, adapted_layers, configs, unwrap
+from deltatune.core.layers import quantized_format
 
 
 def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
@@ -33,6 +34,13 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Modu
                     f"adapter {n!r} ({configs(model)[n].method}) on {layer_name!r} cannot be merged into "
                     "the base weights; keep it unmerged"
                 )
+        if any(n in layer.adapters for n in names) and (found := quantized_format(layer.base)) is not None:
+            # W + ΔW in 4 or 8 bits would round most of a small update away, and unmerge could not undo it.
+            raise ValueError(
+                f"{layer_name!r} has a quantized ({found[1]}) base; merging into it would round the update "
+                "away. Call deltatune.dequantize(model) first (and deltatune.quantize(model, ...) after, "
+                "if you want it quantized again), or use `deltatune merge --quantize none|nf4|int8`"
+            )
     for _, layer in layers:
         for n in names:
             if n in layer.adapters and n not in layer.merged:

@@ -210,6 +210,7 @@ class AdaLoraConfig(AdapterConfig):
     method: ClassVar[str] = "adalora"
     family: ClassVar[str] = "reparameterization"
     suggested_lr: ClassVar[float | None] = 5e-3  # measured on the tweet-sentiment task (4,000 examples, one epoch): at 1e-3 it stayed near the majority class
+    search_space: ClassVar[dict[str, Any]] = {"target_rank": (8, 4)}  # plan / tune / compare --grid
 
     init_rank: int = 12
     target_rank: int = 8

@@ -136,6 +136,8 @@ class BottleneckConfig(AdapterConfig):
     method: ClassVar[str] = "bottleneck"
     family: ClassVar[str] = "addition"
     suggested_lr: ClassVar[float | None] = 5e-3  # measured on the tweet-sentiment task (4,000 examples, one epoch): at 1e-3 it stayed near the majority class
+    search_space: ClassVar[dict[str, Any]] = {"reduction_factor": (16, 8, 32),  # plan / tune / compare --grid
+                                              "variant": ("pfeiffer", "houlsby", "parallel")}
     default_target: ClassVar[Target] = FEEDFORWARD_OUT
 
     variant: Variant = "pfeiffer"

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core.layer import Adapter
+from deltatune.core.layers import base_weight, describe
 from deltatune.methods.dora_kernels import dora_linear
 from deltatune.methods.lora import LoraConfig, LoraConv, LoraEmbedding, LoraLinear
 
@@ -130,7 +131,7 @@ class Dora(Adapter):
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
         u = self.lora(x, base)                           # W x + b + s·B A drop(x)
-        weight = base.weight
+        weight = base_weight(base)                       # dequantized on the fly for a quantized base
         scale = self.scale(weight).to(u.dtype).view(self._out_shape(weight))
         bias = getattr(base, "bias", None)
         if bias is None:
@@ -140,7 +141,7 @@ class Dora(Adapter):
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         """W' − W for the (unmerged) base weight W, in its layout."""
-        weight = base.weight
+        weight = base_weight(base)
         scale = self.scale(weight).view(self._weight_shape(weight))
         return scale * (weight + self.lora.delta_weight(base)) - weight
 
@@ -175,7 +176,8 @@ class DoraLinear(Dora):
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
         # The fused kernel needs the frozen module itself (not stacked adapters) and no autocast.
-        if not isinstance(base, nn.Module) or base.weight.requires_grad or torch.is_autocast_enabled(x.device.type):
+        if (not isinstance(base, nn.Module) or not base.weight.is_floating_point() or base.weight.requires_grad
+                or torch.is_autocast_enabled(x.device.type) or describe(base).quantized):
             return super().forward(x, base)
         lora = self.lora
         A, B = lora._factors()
@@ -243,4 +245,4 @@ class DoraConfig(LoraConfig):
         lora = super().build(name, base)
         if lora is None:
             return None
-        return _DORA_FOR[type(lora)](lora, base.weight)
+        return _DORA_FOR[type(lora)](lora, base_weight(base))

@@ -83,6 +83,7 @@ class LohaConfig(AdapterConfig):
     method: ClassVar[str] = "loha"
     family: ClassVar[str] = "reparameterization"
     suggested_lr: ClassVar[float | None] = 5e-3  # Hadamard products of small factors
+    search_space: ClassVar[dict[str, tuple]] = {"rank": (8, 4, 16)}  # plan / tune / compare --grid
 
     rank: int = 8
     alpha: float = 8.0

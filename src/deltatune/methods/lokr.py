@@ -132,6 +132,7 @@ class LokrConfig(AdapterConfig):
     method: ClassVar[str] = "lokr"
     family: ClassVar[str] = "reparameterization"
     suggested_lr: ClassVar[float | None] = 1e-2  # Kronecker products of small factors
+    search_space: ClassVar[dict[str, tuple]] = {"rank": (8, 4, 16)}  # plan / tune / compare --grid
 
     rank: int = 8
     alpha: float = 8.0

@@ -18,7 +18,9 @@ adapter applies to the original base; merging adds ``s·(B A − B₀ A₀)``.
 Supported layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weight stored transposed),
 ``nn.Conv1d`` / ``nn.Conv2d`` (A is a convolution with the base kernel, B a 1×1 convolution; grouped
 and depthwise convolutions get one update per group, see :class:`LoraConv`) and
-``nn.Embedding`` (A is looked up by token id; following PEFT, A starts at zero and B is Gaussian).
+``nn.Embedding`` (A is looked up by token id; following PEFT, A starts at zero and B is Gaussian)
+and ``nn.EmbeddingBag`` in ``sum`` / ``mean`` mode (the bag of A's columns, then B: a bag is linear in
+its table, so ``bag(E + s·(BA)ᵀ) = bag(E) + s·bag(Aᵀ) Bᵀ``; PEFT has no LoRA for bags).
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
-from deltatune.core.layers import describe, is_transposed_linear
+from deltatune.core.layers import bag_like, base_weight, describe, is_transposed_linear, linear_bag
 from deltatune.core.targeting import pattern_value
 from deltatune.core.products import runs_like_its_weight
 from deltatune.methods.lora_kernels import dropout_mask, lora_linear
 
 Init = Literal["default", "gaussian", "pissa", "olora"]
+#: The attention query and value projections of BERT- and Llama-style models (Hu et al. adapt W_q, W_v).
+ATTENTION_QV = ("attention.self.query", "attention.self.value", "q_proj", "v_proj")
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
@@ -138,6 +142,16 @@ class LoraEmbedding(Adapter):
         return (self.B @ self.A).t() * self.scaling          # (V, d)
 
 
+class LoraEmbeddingBag(LoraEmbedding):
+    """LoRA on an ``nn.EmbeddingBag`` (sum or mean): ``base(ids, offsets) + s · bag(Aᵀ)[ids] Bᵀ``, the
+    base's own reduction (offsets, per-sample weights, padding) over Aᵀ (V, r), then B."""
+
+    def forward(self, x: Tensor, base: Any) -> Tensor:
+        h = base(x)                                          # (bags, d)
+        after_a = bag_like(base, self.A.t().to(h.dtype), x)  # (bags, r)
+        return h + (after_a @ self.B.t().to(h.dtype)) * self.scaling
+
+
 class LoraConv(Adapter):
     """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A convolves like the base, B mixes channels (1×1).
 
@@ -210,6 +224,9 @@ class LoraConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora"
     family: ClassVar[str] = "reparameterization"
+    # plan / tune / compare --grid: the rank and where the update goes (every linear layer, or Q and V)
+    search_space: ClassVar[dict[str, Any]] = {"rank": (8, 4, 16),
+                                              "target": {"all-linear": "all-linear", "attention-qv": ATTENTION_QV}}
 
     rank: int = 8
     alpha: float = 16.0
@@ -255,6 +272,11 @@ class LoraConfig(AdapterConfig):
             adapter: Adapter = LoraLinear(spec.d_in, spec.d_out, dropout=self.dropout, transposed=spec.transposed, **kw)
         elif spec.kind == "embedding":
             adapter = LoraEmbedding(spec.d_in, spec.d_out, padding_idx=base.padding_idx, **kw)
+        elif spec.kind == "embedding_bag":
+            why = linear_bag(base)
+            if why:
+                raise ValueError(f"LoRA cannot adapt {name!r}: {why}")
+            adapter = LoraEmbeddingBag(spec.d_in, spec.d_out, padding_idx=base.padding_idx, **kw)
         elif spec.kind == "conv" and not spec.transposed and spec.spatial in (1, 2):
             adapter = LoraConv(base, dropout=self.dropout, **kw)
         else:
@@ -268,7 +290,7 @@ class LoraConfig(AdapterConfig):
                 adapter.A.normal_(0.0, 1.0 / adapter.rank)
         elif self.init in ("pissa", "olora"):
             assert isinstance(adapter, LoraLinear)
-            weight = base.weight.detach().to(torch.float32)
+            weight = base_weight(base).detach().to(torch.float32)  # dequantized for a quantized base
             weight = weight.t() if adapter.transposed else weight  # (d_out, d_in)
             r, s = adapter.rank, adapter.scaling
             if self.init == "pissa":

@@ -221,6 +221,7 @@ class OftConfig(AdapterConfig):
 
     method: ClassVar[str] = "oft"
     family: ClassVar[str] = "reparameterization"
+    search_space: ClassVar[dict[str, Any]] = {"block_size": (32, 16, 64)}  # plan / tune / compare --grid
 
     block_size: int = 32
     num_blocks: int = 0

@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter, logical_modules, swap_values
+from deltatune.core.layers import quantized_format
 from deltatune.core.targeting import NoMatchError, any_matches, block_index, select
 
 
@@ -121,6 +122,7 @@ class PartialConfig(AdapterConfig):
 
     method: ClassVar[str] = "partial"
     family: ClassVar[str] = "specification"
+    search_space: ClassVar[dict[str, Any]] = {"last_n": (1, 2)}  # plan / tune / compare --grid
     default_target: ClassVar[Any] = None
 
     last_n: int | None = None
@@ -132,6 +134,10 @@ class PartialConfig(AdapterConfig):
             raise ValueError("give partial either last_n (the last N blocks) or layers (block indices), not both")
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
+        if (found := quantized_format(base)) is not None:
+            raise ValueError(f"partial trains weights in full, and {name!r} is stored quantized ({found[1]}); "
+                             "leave it out (exclude=[...]), keep it in full precision (quantize skip=[...]), "
+                             "or adapt it with a delta method such as lora")
         return TunedCopy(base) if owns_parameters(base) else None
 
     def _blocks(self, model: nn.Module) -> tuple[set[int], dict[str, int]]:

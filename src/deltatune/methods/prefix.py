@@ -119,6 +119,7 @@ class PrefixConfig(AdapterConfig):
     method: ClassVar[str] = "prefix"
     family: ClassVar[str] = "addition"
     suggested_lr: ClassVar[float | None] = 1e-2  # like prompt tuning, learned key/value prefixes need large steps
+    search_space: ClassVar[dict[str, Any]] = {"num_virtual_tokens": (20, 10, 40)}  # plan / tune / compare --grid
     default_target: ClassVar[Any] = INPUT_EMBEDDINGS
     identity_at_init: ClassVar[bool] = False
     plumbing: ClassVar[Any] = KeyValuePrefix  # served by integrations/ (core/plumbing.py)

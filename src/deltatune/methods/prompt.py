@@ -120,6 +120,7 @@ class PromptConfig(AdapterConfig):
     method: ClassVar[str] = "prompt"
     family: ClassVar[str] = "addition"
     suggested_lr: ClassVar[float | None] = 1e-2  # soft prompts need large steps (Lester et al. use 0.3 with Adafactor)
+    search_space: ClassVar[dict[str, Any]] = {"num_virtual_tokens": (20, 10, 40)}  # plan / tune / compare --grid
     default_target: ClassVar[Any] = INPUT_EMBEDDINGS
     identity_at_init: ClassVar[bool] = False
     plumbing: ClassVar[Any] = VirtualTokens  # served by integrations/ (core/plumbing.py)

@@ -86,6 +86,7 @@ class PtuningConfig(AdapterConfig):
     method: ClassVar[str] = "ptuning"
     family: ClassVar[str] = "addition"
     suggested_lr: ClassVar[float | None] = 1e-2  # like prompt tuning, learned prompt encoders need large steps
+    search_space: ClassVar[dict[str, Any]] = {"num_virtual_tokens": (20, 10, 40)}  # plan / tune / compare --grid
     default_target: ClassVar[Any] = INPUT_EMBEDDINGS
     identity_at_init: ClassVar[bool] = False
     reparameterized: ClassVar[bool] = True

@@ -23,8 +23,17 @@ adapted too, by a :class:`TiedTokenLogits` adapter without tensors of its own th
 head follows switching, routing and merging like any adapted layer.
 
 Which rows: ``token_ids``, or the rows at and above ``original_vocab_size`` (the vocabulary before
-new tokens were added), or both; with neither, every row trains. Only plain ``nn.Embedding``
-lookups are supported (no ``max_norm``, no subclass with its own forward, e.g. scaled embeddings).
+new tokens were added), or both; with neither, every row trains. Plain ``nn.Embedding`` lookups and
+``nn.EmbeddingBag`` in ``sum`` / ``mean`` mode are supported (no ``max_norm``, no subclass with its
+own forward, e.g. scaled embeddings). On a bag the correction is the base's own reduction over
+``R − E[T]`` (a bag is linear in its table), so merged and unmerged bags agree.
+
+New IDs (a recommender's new items, a tokenizer's new tokens without transformers): :func:`grow_table`
+gives a table ``n`` more rows, the old rows copied bit for bit; ``TokensConfig(original_vocab_size=V)``
+then trains exactly the new rows while the old ones stay frozen::
+
+    old = grow_table(model, "item_embeddings", 120)     # V -> V + 120 rows; returns V
+    dt.attach(model, dt.TokensConfig(target="item_embeddings", original_vocab_size=old))
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig, Target
-from deltatune.core.layer import Adapter, AdaptedLayer, logical_modules
+from deltatune.core.layer import Adapter, AdaptedLayer, logical_get, logical_modules
+from deltatune.core.layers import bag_like, linear_bag
 from deltatune.core.targeting import select
 
 
@@ -85,6 +95,64 @@ class TokenRows(Adapter):
             raise RuntimeError("these token rows are not merged")
         base.weight.index_copy_(0, self.token_ids, self._overwritten)
         self._overwritten = None
+
+
+class TokenRowsBag(TokenRows):
+    """Token rows on an ``nn.EmbeddingBag`` (sum / mean): ``base(ids, offsets) + bag(R − E[T])``, the
+    base's own reduction over a small table: the k corrections, a zero row for every other id and a
+    zero padding row (so a mean counts exactly the ids the base counts)."""
+
+    def forward(self, x: Tensor, base: Any) -> Tensor:
+        h = base(x)                                                  # (bags, d)
+        k, pad = self.rows.shape[0], None
+        slot = self.slot[x]                                          # ids -> 0..k-1, k = not selected
+        if base.padding_idx is not None:                             # the base skips padding ids: so do we
+            pad = k + 1
+            slot = torch.where(x == base.padding_idx, pad, slot)
+        delta = self.rows - base.weight[self.token_ids]              # (k, d)
+        table = torch.cat([delta, delta.new_zeros(2, delta.shape[1])])  # (k + 2, d)
+        return h + bag_like(base, table.to(h.dtype), slot, padding_idx=pad)
+
+
+def grow_table(model: nn.Module, name: str, new_rows: int) -> int:
+    """Give the ``nn.Embedding`` / ``nn.EmbeddingBag`` at ``name`` ``new_rows`` more rows; returns the
+    old number of rows (``original_vocab_size`` for :class:`TokensConfig`).
+
+    The old rows are copied bit for bit; every new row starts at the mean of the old rows (a
+    deterministic start, so a grown base is the same in every process; the adapter saves its trained
+    rows' values anyway). Grow before attaching adapters: the table is replaced by a new module."""
+    if new_rows < 1:
+        raise ValueError(f"grow_table: new_rows must be >= 1, got {new_rows}")
+    try:
+        table = logical_get(model, name)
+    except KeyError:
+        raise ValueError(f"grow_table: the model has no module {name!r}") from None
+    if isinstance(table, AdaptedLayer):
+        raise ValueError(f"grow_table: {name!r} has adapters attached; grow the table first, then attach")
+    if type(table) not in (nn.Embedding, nn.EmbeddingBag):
+        raise ValueError(f"grow_table: {name!r} is a {type(table).__name__}, not an nn.Embedding or nn.EmbeddingBag")
+    weight = table.weight
+    tied = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight and not n.startswith(name + ".")]
+    if tied:
+        raise ValueError(f"grow_table: {name!r} shares its weight with {tied[0]!r}; untie them or grow both "
+                         "(transformers: model.resize_token_embeddings)")
+    old, dim = weight.shape
+    kw = dict(padding_idx=table.padding_idx, max_norm=table.max_norm, norm_type=table.norm_type,
+              scale_grad_by_freq=table.scale_grad_by_freq, sparse=table.sparse, device=weight.device, dtype=weight.dtype)
+    if isinstance(table, nn.EmbeddingBag):
+        grown: nn.Module = nn.EmbeddingBag(old + new_rows, dim, mode=table.mode,
+                                           include_last_offset=table.include_last_offset, **kw)
+    else:
+        grown = nn.Embedding(old + new_rows, dim, **kw)
+    with torch.no_grad():
+        grown.weight[:old] = weight
+        grown.weight[old:] = weight.mean(0)
+    grown.weight.requires_grad_(weight.requires_grad)
+    grown.train(table.training)
+    parent_name, _, attr = name.rpartition(".")
+    parent = logical_get(model, parent_name) if parent_name else model
+    setattr(parent.base if isinstance(parent, AdaptedLayer) else parent, attr, grown)
+    return old
 
 
 class TiedTokenLogits(Adapter):
@@ -162,10 +230,14 @@ class TokensConfig(AdapterConfig):
     def build(self, name: str, base: nn.Module) -> Adapter | None:
         if type(base) is nn.Linear:  # select_modules only lets in output layers tied to an embedding
             return TiedTokenLogits()
-        if type(base) is not nn.Embedding or base.max_norm is not None:
+        if type(base) is nn.EmbeddingBag:
+            why = linear_bag(base)
+            if why:
+                raise ValueError(f"tokens cannot adapt {name!r}: {why}")
+        elif type(base) is not nn.Embedding or base.max_norm is not None:
             return None
         ids = torch.tensor(self.rows_for(base.num_embeddings), dtype=torch.long, device=base.weight.device)
-        return TokenRows(base.weight, ids)
+        return (TokenRowsBag if type(base) is nn.EmbeddingBag else TokenRows)(base.weight, ids)
 
     def _embeddings(self, model: nn.Module) -> list[str]:
         get_in = getattr(model, "get_input_embeddings", None)

@@ -121,6 +121,7 @@ class VeraConfig(AdapterConfig):
     method: ClassVar[str] = "vera"
     family: ClassVar[str] = "reparameterization"
     suggested_lr: ClassVar[float | None] = 5e-3  # only scaling vectors train; the VeRA paper uses ~1e-2 on GLUE
+    search_space: ClassVar[dict[str, Any]] = {"rank": (256, 64)}  # plan / tune / compare --grid
 
     rank: int = 256
     projection_seed: int = 0

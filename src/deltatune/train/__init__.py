@@ -10,6 +10,8 @@ Needs the ``cli`` extra (transformers, pydantic, pyyaml, tqdm, matplotlib). The 
 - ``loop`` / ``callbacks`` / ``checkpoint``: the step loop, what runs around each step (progress,
   validation, checkpoints, the NaN stop), and the exact-resume checkpoints;
 - ``run``: one run from config to output directory; ``report``: metrics file and plot.
+- ``space`` / ``budget`` / ``probe`` / ``plan``: the search space the methods declare, resource
+  budgets, and ``deltatune plan``'s cost predictions from a short probe.
 """
 
 from deltatune.train.config import TrainConfig, load_config, validate_config

@@ -1,7 +1,7 @@
 """What happens around the optimizer steps: callbacks that see the loop's :class:`State`.
 
 The loop (loop.py) calls, in list order, ``on_start`` once, ``on_update`` after each
-``optimizer.step()`` (before the step counts), ``on_step`` after it counts, ``on_epoch_end``, and
+``optimizer.step()`` (before the step counts), ``on_step`` after it counts, ``on_epoch_end``, ``on_end`` once training finished, and
 ``close`` always, even on an error. The built-in ones, in the order the loop runs them:
 
 - :class:`NanStop`: a non-finite loss stops the run, naming the step and the last good checkpoint;
@@ -41,6 +41,7 @@ class History:
     validation: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0   # training wall time, summed over resumed sessions
     examples: int = 0      # training examples seen
+    best: dict[str, Any] | None = None  # early stopping: the kept validation's step, metric and value
 
 
 @dataclass
@@ -63,6 +64,7 @@ class State:
     examples: int = 0                # in the last step's batch
     elapsed: float = 0.0             # seconds the last step took
     stop: bool = False               # set by a callback to end training after this step
+    validations: int = 0             # validations run so far in this session (counted on every rank)
     say: Callable[[str], Any] = print
 
     @property
@@ -79,6 +81,7 @@ class Callback:
     def on_update(self, s: State) -> None: ...
     def on_step(self, s: State) -> None: ...
     def on_epoch_end(self, s: State) -> None: ...
+    def on_end(self, s: State) -> None: ...  # training finished (not called on an error)
     def close(self, s: State) -> None: ...
 
 
@@ -140,6 +143,7 @@ class Validation(Callback):
         self.validate(s, s.epoch + 1)
 
     def validate(self, s: State, epoch: float) -> None:
+        s.validations += 1
         if s.ranks.main:
             t0 = time.perf_counter()
             s.model.eval()

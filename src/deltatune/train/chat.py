@@ -132,6 +132,9 @@ class ChatTask(Task):
         labels = D.pad([it["labels"] for it in items], IGNORE)                  # (B, T), -100 on prompt and padding
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())  # position t predicts token t+1
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, items: list[dict[str, Any]], tokenizer: Any, batch_size: int,
                  run: Any) -> dict[str, float]:

@@ -28,6 +28,7 @@ from deltatune.train.callbacks import Callback, Checkpoint, History, NanStop, Pr
 from deltatune.train.checkpoint import load_checkpoint
 from deltatune.train.config import TrainConfig
 from deltatune.train.data import epoch_batches
+from deltatune.train.options import enable_gradient_checkpointing, lr_at, option_callbacks, warmup_steps
 from deltatune.train.ranks import Ranks, step_seed
 from deltatune.train.strategy import Strategy
 from deltatune.train.task import Task
@@ -86,13 +87,6 @@ def make_runner(device: torch.device, precision: str) -> Runner:
     return run
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then linear decay to zero at ``total``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
-
-
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
@@ -112,20 +106,28 @@ def fit(strategy: Strategy, task: Task, tokenizer: Any, items: dict[str, list], 
     s = _start(strategy, config, len(train), out / "checkpoint", resume, ranks)
     evaluate = lambda model: task.evaluate(model, items["validation"], tokenizer, config.eval_batch_size, run)  # noqa: E731
     collate = lambda indices: task.collate([train[i] for i in indices], tokenizer)  # noqa: E731
-    hooks = [NanStop(), Progress(progress), Validation(evaluate), Checkpoint(), *callbacks]
+    options = option_callbacks(config, task.headline, out)  # early stopping, TensorBoard (options.py)
+    hooks = [NanStop(), Progress(progress), Validation(evaluate), *options, Checkpoint(), *callbacks]
+    step_size = config.batch_size * config.gradient_accumulation  # examples per optimizer step
     try:
         for hook in hooks:
             hook.on_start(s)
         for s.epoch in range(s.step // s.steps_per_epoch, config.epochs):
             # The order of an epoch is a pure function of (seed, epoch): a resumed run skips what was done.
-            batches = epoch_batches([task.item_length(it) for it in train], config.batch_size, config.seed, s.epoch)
+            batches = epoch_batches([task.item_length(it) for it in train], step_size, config.seed, s.epoch)
             s.model.train()
             for indices in batches[s.step - s.epoch * s.steps_per_epoch:]:
-                _step(s, indices, collate, run, hooks)
+                _step(s, indices, collate, task.loss_weight, run, hooks)
                 if s.stop:
-                    return s.history
+                    break
+            if s.stop:
+                break
             for hook in hooks:
                 hook.on_epoch_end(s)
+            if s.stop:
+                break
+        for hook in hooks:
+            hook.on_end(s)
     finally:
         for hook in hooks:
             hook.close(s)
@@ -139,7 +141,9 @@ def _start(strategy: Strategy, config: TrainConfig, examples: int, checkpoints: 
     params = strategy.trainable_parameters()
     if not params:
         raise ValueError("the model has no trainable parameters; check the method and its target")
-    steps_per_epoch = math.ceil(examples / config.batch_size)
+    steps_per_epoch = math.ceil(examples / (config.batch_size * config.gradient_accumulation))
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(strategy.model)
     s = State(strategy=strategy, optimizer=make_optimizer(list(params.values()), config), params=params,
               config=config, ranks=ranks, checkpoints=checkpoints, trained=_wrap(strategy.model, params, ranks),
               total=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
@@ -164,24 +168,34 @@ def _wrap(model: nn.Module, params: dict[str, nn.Parameter], ranks: Ranks) -> nn
 
 
 def _step(s: State, indices: list[int], collate: Callable[[list[int]], dict[str, torch.Tensor]],
-          run: Runner, hooks: Sequence[Callback]) -> None:
-    """One optimizer step on the global batch ``indices`` (this rank's share of it)."""
+          weigh: Callable[[dict[str, torch.Tensor]], int], run: Runner, hooks: Sequence[Callback]) -> None:
+    """One optimizer step on the global batch ``indices`` (this rank's share of it), in
+    ``gradient_accumulation`` micro-batches of at most ``batch_size`` examples."""
     t0 = time.perf_counter()
     mine = s.ranks.share(indices)
-    batch = collate(mine)
+    size = s.config.batch_size
+    micro = [collate(mine[i:i + size]) for i in range(0, len(mine), size)]
+    weights = [weigh(b) for b in micro]  # the loss targets each micro-batch's mean is over
+    # Every micro-batch's mean loss weighted by its share of the step's targets (on all ranks), times
+    # the world size since DDP averages the ranks' gradients: the gradient of one mean over the batch.
+    total = s.ranks.mean(float(sum(weights))) * s.ranks.world if s.ranks.distributed else sum(weights)
     for group in s.optimizer.param_groups:
-        group["lr"] = lr_at(s.step, s.total, int(s.config.warmup_ratio * s.total), s.config.lr)
+        group["lr"] = lr_at(s.step, s.total, warmup_steps(s.config, s.total), s.config.lr, s.config.lr_schedule)
     if s.ranks.distributed:  # per-rank dropout, reproducible on resume
         torch.manual_seed(step_seed(s.config.seed, s.step, s.ranks.rank))
-    # Mean over the batch's targets; on several ranks weighted by this rank's share, so DDP's
-    # average of the gradients is the whole batch's.
-    loss = run(s.trained, batch).loss * (len(mine) * s.ranks.world / max(len(indices), s.ranks.world))
-    extra = s.strategy.extra_loss()  # e.g. AdaLoRA's orthogonality penalty
-    (loss if extra is None else loss + extra).backward()
+    loss = 0.0
+    for i, (batch, weight) in enumerate(zip(micro, weights)):
+        last = i == len(micro) - 1
+        sync = nullcontext() if last or not hasattr(s.trained, "no_sync") else s.trained.no_sync()
+        with sync:  # DDP reduces the gradients once, after the last micro-batch
+            part = run(s.trained, batch).loss * (weight * s.ranks.world / max(total, 1))
+            extra = s.strategy.extra_loss() if i == 0 else None  # e.g. AdaLoRA's orthogonality penalty
+            (part if extra is None else part + extra).backward()
+        loss += part.item()
     if s.config.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(list(s.params.values()), s.config.grad_clip)
     s.optimizer.step()
-    s.loss = s.ranks.mean(loss.item())  # where the loop synchronises anyway; every rank sees the mean
+    s.loss = s.ranks.mean(loss)  # where the loop synchronises anyway; every rank sees the mean
     for hook in hooks:
         hook.on_update(s)
     s.step += 1

@@ -32,7 +32,7 @@ except ImportError:  # Windows: no flock; runs are then not protected from each 
     fcntl = None  # type: ignore[assignment]
 
 LOCK_FILE = ".deltatune.lock"
-RUN_ENTRIES = ("config.yaml", "adapter", "model", "metrics.json", "training.png", "checkpoint")
+RUN_ENTRIES = ("config.yaml", "adapter", "model", "metrics.json", "training.png", "checkpoint", "tensorboard")
 # Written into a run directory by `deltatune compare` before the run starts: never foreign, never removed.
 COMPARE_ENTRIES = ("log.txt", "compare-result.json")
 
@@ -132,6 +132,11 @@ def remove_run(out: Path) -> list[str]:
                 remove_checkpoint(ckpt)
             with contextlib.suppress(OSError):
                 path.rmdir()  # only if nothing else is in it
+        elif name == "tensorboard":  # the event files a run's TensorBoard callback wrote, nothing else
+            for events in path.glob("events.out.tfevents.*"):
+                events.unlink()
+            with contextlib.suppress(OSError):
+                path.rmdir()
         elif path.is_dir():
             _remove_written(path)
         else:

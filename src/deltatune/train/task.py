@@ -61,6 +61,11 @@ class Task:
         """Pad encoded items into model inputs, including the targets the model's loss reads."""
         raise NotImplementedError
 
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many targets the model's mean loss on ``batch`` averages over (examples by default;
+        a causal LM's reply or text tokens): gradient accumulation weights micro-batches by it."""
+        return len(next(iter(batch.values())))
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, items: list[dict[str, Any]], tokenizer: Any,
                  batch_size: int, run: Any) -> dict[str, float]:

@@ -5,13 +5,17 @@ from __future__ import annotations
 from deltatune.train.chat import ChatTask
 from deltatune.train.classify import FileClassificationTask, SentimentTask
 from deltatune.train.image_task import ImageTask
+from deltatune.train.instruct import InstructTask
 from deltatune.train.task import Task
+from deltatune.train.text import TextTask
 
 TASKS: dict[str, Task] = {
     "sentiment": SentimentTask(),
     "classification": FileClassificationTask(),
     "chat": ChatTask(),
     "image": ImageTask(),
+    "instruct": InstructTask(),
+    "text": TextTask(),
 }
 
 

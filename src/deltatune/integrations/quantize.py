@@ -1,0 +1,299 @@
+"""A quantized frozen base (QLoRA-style): the base's linear layers stored in 4 or 8 bits, the adapter
+trained in full precision on top.
+
+    model = deltatune.quantize(model, "nf4")             # before attaching adapters
+    deltatune.attach(model, deltatune.LoraConfig(...))  # LoRA, DoRA, (IA)³, LoHa, LoKr, VeRA, OFT, ...
+
+QLoRA (Dettmers et al., 2023, arXiv:2305.14314): W is stored as 4-bit NormalFloat (NF4) codes in
+blocks of 64 with one absmax scale per block; with double quantization those scales are themselves
+quantized to 8 bits in blocks of 256. The forward dequantizes ``W ≈ absmax · q`` to the compute dtype
+and runs the usual product; only the adapter (and its gradients and optimizer state) is full
+precision. ``int8`` is LLM.int8()'s row-wise absmax int8 weight (Dettmers et al., 2022).
+
+Backends (kernels come from a maintained library; deltatune writes none):
+
+- ``bitsandbytes`` (default): ``bnb.nn.Linear4bit`` / ``Linear8bitLt``, the same layers transformers
+  loads with ``BitsAndBytesConfig`` and that PEFT QLoRA checkpoints are trained on; x86 CPU kernels
+  since 0.47, CUDA. Measured here (bench/quant.py): its NF4 forward+backward is ~1.2x an fp32 Linear's
+  on this CPU, torchao's NF4 tensor ~3.3x, so bitsandbytes is the default.
+- ``torchao``: torchao's ``NF4Tensor`` (pure torch: the same code on CPU and CUDA, FSDP2-aware) in
+  :class:`TorchaoNF4Linear`; NF4 only (its scales are always double-quantized).
+
+A model transformers loaded with ``BitsAndBytesConfig(load_in_4bit=True)`` (or 8-bit) holds the same
+bitsandbytes layers, so it takes adapters as is. The core recognises quantized layers through the
+:data:`FORMATS` table (``core/layers.py``), wired in ``deltatune/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.core.layer import AdaptedLayer
+from deltatune.core.layers import QuantizedFormat, quantized_format
+
+__all__ = ["FORMATS", "QUANT_FORMATS", "BACKENDS", "TorchaoNF4Linear", "dequantize", "quantize",
+           "resident_bytes", "parse_dtype"]
+
+QUANT_FORMATS = ("nf4", "int8", "none")
+BACKENDS = ("bitsandbytes", "torchao")
+#: Output heads stay in full precision by default: they are small next to the body, often tied to
+#: the input embedding, and a classifier head usually trains in full.
+DEFAULT_SKIP = ("lm_head", "classifier", "score")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"compute dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _import(backend: str) -> Any:
+    try:
+        if backend == "bitsandbytes":
+            import bitsandbytes
+            return bitsandbytes
+        import torchao.quantization
+        return torchao.quantization
+    except ImportError as e:  # the one-line error naming what to install
+        package = "bitsandbytes>=0.47" if backend == "bitsandbytes" else "torchao>=0.10"
+        raise ImportError(f"quantizing with {backend} needs {package}: pip install 'deltatune[quant]' "
+                          f"(or pip install '{package}'); import failed: {e}") from None
+
+
+# --- torchao's NF4 tensor in a linear layer --------------------------------------------------------
+
+class TorchaoNF4Linear(nn.Linear):
+    """``nn.Linear`` whose frozen weight is a torchao ``NF4Tensor``: ``y = x Wᵀ + b``, W dequantized
+    blockwise inside torchao's ``linear_nf4`` (forward and backward to x)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # torchao is installed whenever this layer exists (quantize() built it)
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4 as _linear
+
+        y = _linear(x.to(self.weight.dtype), self.weight)  # (..., d_in) -> (..., d_out)
+        return (y if self.bias is None else y + self.bias.to(y.dtype)).to(x.dtype)
+
+
+# --- how the core recognises each library's layers (no import of the library) ----------------------
+
+def _is(module: nn.Module, class_name: str) -> bool:
+    return any(c.__name__ == class_name and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def _bnb_format(module: nn.Module) -> str | None:
+    weight = module._parameters.get("weight")
+    if weight is None:
+        return None
+    if _is(module, "Linear4bit"):
+        # Before quantization (meta device, not yet moved) the weight is still floating point.
+        return None if weight.is_floating_point() else str(getattr(weight, "quant_type", "nf4"))
+    if _is(module, "Linear8bitLt"):
+        return "int8" if weight.dtype == torch.int8 else None
+    return None
+
+
+def _bnb_dequantize(module: nn.Module) -> Tensor:
+    import bitsandbytes.functional as F
+
+    weight = module.weight
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        # bitsandbytes repacked it for its CPU inference kernel; undo that as its own state_dict() does
+        weight.data, weight.quant_state = F._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    if weight.dtype == torch.int8:  # row-wise absmax: W = CB · SCB / 127
+        # the scales move from the weight to module.state on the layer's first forward
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return F.int8_vectorwise_dequant(weight.data, scales).to(torch.float32)
+    return F.dequantize_4bit(weight.data, weight.quant_state)  # (d_out, d_in), the original dtype
+
+
+def _torchao_format(module: nn.Module) -> str | None:
+    return "nf4" if isinstance(module, TorchaoNF4Linear) else None
+
+
+def _torchao_dequantize(module: nn.Module) -> Tensor:
+    return module.weight.get_original_weight()
+
+
+FORMATS: list[QuantizedFormat] = [
+    QuantizedFormat("bitsandbytes", _bnb_format, _bnb_dequantize),
+    QuantizedFormat("torchao", _torchao_format, _torchao_dequantize),
+]
+
+
+# --- quantize / dequantize -------------------------------------------------------------------------
+
+def quantize(model: nn.Module, fmt: str = "nf4", *, double_quant: bool = True,
+             compute_dtype: torch.dtype | str = torch.float32, backend: str = "bitsandbytes",
+             skip: Iterable[str] = DEFAULT_SKIP, blocksize: int = 64) -> nn.Module:
+    """Replace ``model``'s ``nn.Linear`` layers by frozen ``fmt`` ones, in place; returns ``model``.
+
+    Args:
+        fmt: ``"nf4"`` (4-bit NormalFloat), ``"int8"`` (row-wise absmax) or ``"none"`` (no change).
+        double_quant: NF4 only: also quantize the per-block scales (QLoRA's double quantization,
+            ~0.37 bits/parameter saved).
+        compute_dtype: the dtype the forward dequantizes to (float32, bfloat16, float16).
+        backend: ``"bitsandbytes"`` (default) or ``"torchao"`` (NF4 only).
+        skip: leave these modules (a name, or the last part(s) of one) in full precision.
+        blocksize: NF4 block size (64 as in QLoRA).
+    """
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANT_FORMATS)}; got {fmt!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"quantization backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if fmt == "none":
+        return model
+    if backend == "torchao" and fmt != "nf4":
+        raise ValueError("the torchao backend quantizes to nf4 only; use backend='bitsandbytes' for int8")
+    if backend == "torchao" and not double_quant:
+        raise ValueError("torchao's NF4 tensor always quantizes its scales; set double_quant=True or use "
+                         "backend='bitsandbytes'")
+    if any(isinstance(m, AdaptedLayer) for m in model.modules()):
+        raise ValueError("quantize the base model before attaching adapters: deltatune.quantize(model, ...) "
+                         "then deltatune.attach(model, config)")
+    dtype = parse_dtype(compute_dtype)
+    lib = _import(backend)
+    skip = tuple(skip)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear
+             and not any(n == s or n.endswith("." + s) for s in skip)]
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        linear = owner.get_submodule(leaf)
+        try:
+            new = _quantized(lib, backend, linear, fmt, double_quant, dtype, blocksize)
+        except (RuntimeError, NotImplementedError, AttributeError, AssertionError) as e:
+            device = linear.weight.device
+            raise RuntimeError(f"{backend} cannot quantize to {fmt} on {device.type} here ({type(e).__name__}: {e}); "
+                               f"install a {backend} build for this device, or try the other backend / "
+                               "quantize: none") from e
+        setattr(owner, leaf, new)
+    return model
+
+
+def _quantized(lib: Any, backend: str, linear: nn.Linear, fmt: str, double_quant: bool,
+               dtype: torch.dtype, blocksize: int) -> nn.Module:
+    weight, bias = linear.weight.detach(), linear.bias
+    device = weight.device
+    d_in, d_out = linear.in_features, linear.out_features
+    if backend == "torchao":
+        new = TorchaoNF4Linear(d_in, d_out, bias=bias is not None, device="meta")
+        if weight.numel() % blocksize:
+            raise ValueError(f"torchao's NF4 needs a weight size divisible by the block size {blocksize}; a "
+                             f"{d_out}x{d_in} weight is not: use backend='bitsandbytes' or skip=[...] that layer")
+        # scales are quantized in blocks of 256 (QLoRA), or of the largest divisor of their number
+        scaler_block = math.gcd(weight.numel() // blocksize, 256)
+        nf4 = lib.to_nf4(weight.to(dtype).contiguous(), block_size=blocksize, scaler_block_size=scaler_block)
+        new.weight = nn.Parameter(nf4, requires_grad=False)
+    elif fmt == "nf4":
+        bnb = lib.nn
+        new = bnb.Linear4bit(d_in, d_out, bias=bias is not None, compute_dtype=dtype, compress_statistics=double_quant,
+                             quant_type="nf4", device="meta")
+        new.weight = bnb.Params4bit(weight.to(dtype), requires_grad=False, blocksize=blocksize,
+                                    compress_statistics=double_quant, quant_type="nf4", module=new).to(device)
+        # Without this, bitsandbytes repacks the weight in place on the first no-grad eval forward on
+        # an AVX512-BF16 CPU (absmax rounded to bf16): eval outputs would differ from training's, and it
+        # fails for layers narrower than a block. Training never takes that path anyway.
+        new.support_avx512bf16_for_cpu = False
+    else:
+        bnb = lib.nn
+        new = bnb.Linear8bitLt(d_in, d_out, bias=bias is not None, has_fp16_weights=False, threshold=0.0, device="meta")
+        new.weight = bnb.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to(device)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    new.train(linear.training)
+    return new
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Replace every quantized linear layer (bases of adapted layers included) by an ``nn.Linear`` with
+    the dequantized weight, in place; returns ``model``. ``dtype``: the new weights' dtype (default:
+    the dequantized one). Merging needs a floating-point base (``core/merge.py``)."""
+    target = None if dtype is None else parse_dtype(dtype)
+    names = [n for n, m in model.named_modules() if n and quantized_format(m) is not None]
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        module = owner.get_submodule(leaf)
+        entry, _ = quantized_format(module)  # type: ignore[misc]
+        weight = entry.dequantize(module).detach()
+        if target is not None:
+            weight = weight.to(target)
+        new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        new.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        if module.bias is not None:
+            new.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=False)
+        new.train(module.training)
+        setattr(owner, leaf, new)
+    return model
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes the model's tensors occupy (parameters, buffers and quantization state such as NF4
+    scales; a tensor shared by several modules counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in model.state_dict(keep_vars=True).values():
+        for inner in _storage_tensors(t):
+            ptr = inner.untyped_storage().data_ptr()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+            total += inner.untyped_storage().nbytes()
+    return total
+
+
+def _storage_tensors(t: Any) -> list[Tensor]:
+    """The plain tensors behind ``t`` (a tensor subclass such as torchao's NF4Tensor holds several)."""
+    if not isinstance(t, Tensor):
+        return []
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return [x for n in names for x in _storage_tensors(getattr(t, n))]
+    if isinstance(t, nn.Parameter) and type(t.data) is not torch.Tensor:
+        return _storage_tensors(t.data)
+    return [t.detach()]
+
+
+def requantize(model: nn.Module, fmt: str, **kwargs: Any) -> dict[str, float]:
+    """:func:`quantize` a full-precision (e.g. merged) model and report the rounding error of its
+    quantized weights against the full-precision ones: ``max_abs_error``, ``mean_abs_error`` (over
+    every weight value of the quantized layers) and ``layers``. ``kwargs`` go to :func:`quantize`."""
+    skip = tuple(kwargs.get("skip", DEFAULT_SKIP))
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is nn.Linear
+              and not any(n == s or n.endswith("." + s) for s in skip)}
+    quantize(model, fmt, **kwargs)
+    worst, total, count = 0.0, 0.0, 0
+    for name, weight in before.items():
+        diff = (base_weight_of(model.get_submodule(name)).float() - weight.float()).abs()  # (d_out, d_in)
+        worst, total, count = max(worst, diff.max().item()), total + diff.sum().item(), count + diff.numel()
+    return {"max_abs_error": worst, "mean_abs_error": total / max(count, 1), "layers": len(before)}
+
+
+def base_weight_of(module: nn.Module) -> Tensor:
+    found = quantized_format(module)
+    return module.weight if found is None else found[0].dequantize(module)
+
+
+def mark_for_transformers(model: nn.Module, fmt: str, double_quant: bool = True,
+                          compute_dtype: torch.dtype | str = torch.float32, skip: Iterable[str] = DEFAULT_SKIP) -> None:
+    """Record in ``model.config`` how :func:`quantize` stored it (bitsandbytes), so transformers'
+    ``save_pretrained`` writes a checkpoint that ``from_pretrained`` reloads quantized, as it would a
+    model it quantized itself."""
+    from transformers import BitsAndBytesConfig
+
+    dtype = parse_dtype(compute_dtype)
+    if fmt == "nf4":
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(skip))
+    else:
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))
+    model.config.quantization_config = qc

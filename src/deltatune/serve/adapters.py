@@ -1,0 +1,203 @@
+"""Which adapters the server knows, which are in memory, and which are attached to the model.
+
+Three tiers, as in S-LoRA:
+
+- *known*: a name and the folder it loads from (``--adapter NAME=PATH``, a sub-folder of
+  ``--adapter-dir``, or ``/v1/load_lora_adapter``);
+- *host*: the adapter read from disk into CPU memory (:class:`~deltatune.core.stored.StoredAdapter`),
+  kept in an LRU of ``host_cache`` entries. Reading happens on a worker thread as soon as a request
+  names the adapter (:meth:`Pool.prefetch`), so the engine never waits on the disk;
+- *loaded*: attached to the model (``install``), at most ``max_loaded`` of them, least recently
+  used first out. An adapter that a running request uses is pinned and never evicted; a request
+  whose adapter cannot be loaded because every slot is pinned waits in the queue.
+
+Only the engine thread attaches and detaches (:meth:`Pool.ensure`, :meth:`Pool.evict`); the
+HTTP threads only register names and start reads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltatune.core.inject import records
+from deltatune.core.stored import StoredAdapter, install
+from deltatune.core.routing import delete_adapter
+from deltatune.formats import read
+from deltatune.serve.metrics import Metrics
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+class Pool:
+    def __init__(self, model: nn.Module, metrics: Metrics, max_loaded: int = 32, host_cache: int = 1024,
+                 adapter_dir: Path | None = None) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"--max-loaded must be at least 1, got {max_loaded}")
+        self.model = model
+        self.metrics = metrics
+        self.max_loaded = max_loaded
+        self.host_cache = max(host_cache, 1)
+        self.adapter_dir = adapter_dir
+        self.sources: dict[str, Path] = {}
+        self.host: OrderedDict[str, Future[StoredAdapter]] = OrderedDict()
+        self.loaded: OrderedDict[str, None] = OrderedDict()
+        self.pins: Counter[str] = Counter()
+        self.dropped: set[str] = set()  # unloaded while a request still ran on it: detach when it finishes
+        self._lock = threading.Lock()
+        self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
+
+    # --- known names (any thread) ---------------------------------------------------------------
+
+    def register(self, name: str, path: str | Path) -> None:
+        path = Path(path)
+        if not is_adapter_dir(path):
+            raise AdapterError(f"{path} holds no adapter_config.json; pass an adapter folder (deltatune's or PEFT's)")
+        with self._lock:
+            if name in self.sources:
+                raise AdapterError(f"an adapter named {name!r} is already known; unload it first or pick another name")
+            self.sources[name] = path
+
+    def forget(self, name: str) -> None:
+        """Drop ``name`` from the known adapters (the engine detaches it once no request uses it)."""
+        with self._lock:
+            if name not in self.sources and not self._in_dir(name):
+                raise AdapterError(f"no adapter named {name!r}", status=404)
+            self.sources.pop(name, None)
+            self.host.pop(name, None)
+
+    def _in_dir(self, name: str) -> Path | None:
+        if self.adapter_dir is None or "/" in name or name.startswith("."):
+            return None
+        path = self.adapter_dir / name
+        return path if is_adapter_dir(path) else None
+
+    def knows(self, name: str) -> bool:
+        with self._lock:
+            if name in self.sources:
+                return True
+            path = self._in_dir(name)  # --adapter-dir: found on first use
+            if path is not None:
+                self.sources[name] = path
+            return path is not None
+
+    def names(self) -> list[str]:
+        with self._lock:
+            found = list(self.sources)
+        if self.adapter_dir is not None and self.adapter_dir.is_dir():
+            found += sorted(p.name for p in self.adapter_dir.iterdir() if is_adapter_dir(p) and p.name not in found)
+        return found
+
+    # --- host memory (any thread) ---------------------------------------------------------------
+
+    def prefetch(self, name: str) -> Future[StoredAdapter]:
+        """Start reading ``name`` from disk on a worker thread (a no-op if it is in host memory)."""
+        with self._lock:
+            future = self.host.get(name)
+            if future is not None:
+                self.host.move_to_end(name)
+                return future
+            path = self.sources[name]
+            future = self._reader.submit(read, path, self.model)
+            self.host[name] = future
+            while len(self.host) > self.host_cache:
+                self.host.popitem(last=False)
+            return future
+
+    # --- attached (engine thread) ---------------------------------------------------------------
+
+    def ready(self, name: str) -> bool:
+        """Whether :meth:`ensure` can attach ``name`` now without waiting on the disk."""
+        if name in self.loaded:
+            return True
+        return self.prefetch(name).done()
+
+    def ensure(self, name: str) -> bool:
+        """Attach ``name`` if it is not, evicting the least recently used unpinned adapter when full.
+
+        False when every slot is pinned by running requests (try again after one finishes).
+        Raises :class:`AdapterError` for an adapter that cannot be read or does not fit the base.
+        """
+        if name in self.loaded:
+            self.loaded.move_to_end(name)
+            self.metrics.inc("deltatune_adapter_cache_hits_total")
+            return True
+        if len(self.loaded) >= self.max_loaded and not self._evict_one():
+            return False
+        future = self.prefetch(name)
+        try:
+            value = future.result()
+        except Exception as err:
+            with self._lock:
+                self.host.pop(name, None)
+            raise AdapterError(f"adapter {name!r} could not be read: {err}") from None
+        try:
+            # Normal tensors, though the engine runs under inference_mode: routing reads their version counters.
+            with torch.inference_mode(False), torch.no_grad():
+                install(self.model, value, name, activate=False)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise AdapterError(f"adapter {name!r} does not fit this base model: {err}") from None
+        if records(self.model)[name].handles:  # model-level hooks (virtual tokens, prefixes) see no routing
+            delete_adapter(self.model, name)
+            raise AdapterError(f"adapter {name!r} works through model-level hooks (prompt / prefix tuning), "
+                               "which per-example routing cannot serve; serve a layer adapter (LoRA, DoRA, (IA)3, ...)")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.loaded[name] = None
+        self.metrics.inc("deltatune_adapter_cache_misses_total")
+        self.metrics.set("deltatune_adapters_loaded", len(self.loaded))
+        return True
+
+    def _evict_one(self) -> bool:
+        for name in self.loaded:
+            if not self.pins[name]:
+                self.evict(name)
+                return True
+        return False
+
+    def evict(self, name: str) -> None:
+        delete_adapter(self.model, name)
+        del self.loaded[name]
+        self.metrics.inc("deltatune_adapter_cache_evictions_total")
+        self.metrics.set("deltatune_adapters_loaded", len(self.loaded))
+
+    def unload(self, name: str) -> None:
+        """``/v1/unload_lora_adapter`` (engine thread): forget ``name`` and detach it, now or when
+        the requests running on it finish. An ``--adapter-dir`` adapter stays known (its folder is
+        still there) and loads again on its next use."""
+        self.forget(name)
+        if name in self.loaded:
+            self.dropped.add(name)
+        self.drop_unpinned()
+
+    def drop_unpinned(self) -> None:
+        for name in [n for n in self.dropped if not self.pins[n]]:
+            self.dropped.discard(name)
+            if name in self.loaded:
+                self.evict(name)
+
+    def pin(self, name: str) -> None:
+        self.pins[name] += 1
+
+    def unpin(self, name: str) -> None:
+        self.pins[name] -= 1
+        if self.pins[name] <= 0:
+            del self.pins[name]
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,344 @@
+"""Continuous batching over many adapters: one engine thread owns the model.
+
+Each loop of the engine thread, in order:
+
+1. runs the calls queued by HTTP handlers that must touch the model (classification, adapter
+   load / unload), so the model is only ever used by this thread;
+2. drops the rows whose client went away, and the finished ones;
+3. admits waiting requests (up to ``max_batch`` running): their adapter is attached if it is not
+   (:class:`~deltatune.serve.adapters.Pool`), and all of them are prefilled in *one* forward pass,
+   left-padded, under :func:`deltatune.routing` with one adapter name per row (requests for
+   different adapters share it); their caches join the running batch (:mod:`.kv`);
+4. runs one decode step for every running row: one forward pass, one token each, again routed
+   per row, so a batch mixes adapters (and the bare base) freely.
+
+The routing block stays entered between steps and is rebuilt only when the rows' adapters
+change (a request joins or leaves, or an adapter is attached or detached): a step with the same
+rows costs what the model costs. Inside it, a layer whose rows all use one adapter runs that
+adapter's ordinary forward; a mixed layer gathers each row's stacked low-rank factors (see
+:mod:`deltatune.core.routing`).
+
+Results go back through ``Job.deliver``, called on this thread; the HTTP side hands them to its
+event loop. An exception in a step fails the requests in that step (status 500) and the engine
+goes on with an empty batch: it never dies with the server still accepting requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.core.routing import routing
+from deltatune.serve import kv
+from deltatune.serve.adapters import AdapterError, Pool
+from deltatune.serve.metrics import Metrics
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds ``max_queue`` requests: answer 429 with Retry-After."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request and its progress. ``adapter=None`` is the bare base."""
+
+    prompt: list[int]
+    adapter: str | None
+    max_tokens: int
+    deliver: Callable[[tuple], None]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    out: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the text delivered so far
+    finish: str | None = None
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer: Any, pool: Pool, metrics: Metrics, max_batch: int = 64,
+                 max_queue: int = 256, max_prefill_tokens: int = 8192) -> None:
+        from deltatune.integrations.transformers_cache import cache_keyword
+
+        self.model, self.tokenizer, self.pool, self.metrics = model, tokenizer, pool, metrics
+        self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
+        self.device = next(model.parameters()).device
+        self.cache_key = cache_keyword(model)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []
+        self.batch: kv.Batch | None = None
+        self.positions: Tensor | None = None  # (B,) each running row's next position id
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._route: contextlib.ExitStack | None = None
+        self._route_names: list[str | None] | None = None
+        self._thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
+
+    # --- the HTTP side (any thread) ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if len(self.waiting) >= self.max_queue:
+                self.metrics.inc("deltatune_rejected_total")
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            if job.seed is not None:
+                job.generator = torch.Generator().manual_seed(job.seed)
+            self.waiting.append(job)
+            self.metrics.set("deltatune_queue_waiting", len(self.waiting))
+            self._cv.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the engine thread between two steps; its result (or error) in the future."""
+        future: Future = Future()
+        with self._cv:
+            self._calls.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # --- the engine thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._calls or self.running or self._admissible()):
+                        self._cv.wait(timeout=0.5)
+                    if self._stopping:
+                        break
+                    calls = list(self._calls)
+                    self._calls.clear()
+                try:
+                    self._step(calls)
+                except Exception as err:  # fail this step's requests, keep serving
+                    traceback.print_exc()
+                    self._fail_all(f"internal error in the engine: {type(err).__name__}: {err}")
+        self._leave()
+
+    def _admissible(self) -> bool:
+        return any(job.cancelled or job.adapter is None or self.pool.ready(job.adapter) for job in self.waiting)
+
+    def _step(self, calls: list[tuple[Callable[[], Any], Future]]) -> None:
+        if calls:
+            self._leave()  # a call may attach or detach adapters
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except BaseException as err:  # handed to the HTTP handler, which answers with it
+                    future.set_exception(err)
+        self._drop_finished()
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+            self._drop_finished()
+        if self.running:
+            self._decode()
+            self._drop_finished()
+        self.metrics.set("deltatune_batch_running", len(self.running))
+
+    # --- admission and prefill ---------------------------------------------------------------------
+
+    def _admit(self) -> list[Job]:
+        admitted: list[Job] = []
+        tokens = 0
+        with self._cv:
+            candidates = list(self.waiting)
+        for job in candidates:
+            if len(self.running) + len(admitted) >= self.max_batch or tokens >= self.max_prefill_tokens:
+                break
+            if job.cancelled:
+                self._unqueue(job)
+                continue
+            if job.adapter is not None:
+                if not self.pool.ready(job.adapter):
+                    continue  # still being read from disk: others go first
+                if job.adapter not in self.pool.loaded:
+                    self._leave()
+                try:
+                    if not self.pool.ensure(job.adapter):
+                        continue  # every slot is pinned by a running request: wait for one to finish
+                except AdapterError as err:
+                    self._unqueue(job)
+                    job.deliver(("error", err.status, str(err)))
+                    continue
+                self.pool.pin(job.adapter)
+            self._unqueue(job)
+            admitted.append(job)
+            tokens += len(job.prompt)
+        return admitted
+
+    def _unqueue(self, job: Job) -> None:
+        with self._cv:
+            self.waiting.remove(job)
+            self.metrics.set("deltatune_queue_waiting", len(self.waiting))
+
+    def _forward(self, names: list[str | None], ids: Tensor, mask: Tensor, positions: Tensor, cache: object) -> Tensor:
+        """Logits of the last position, ``(B, V)``, with row i routed through ``names[i]``."""
+        self._enter(names)
+        self.metrics.observe("deltatune_batch_size", ids.shape[0])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_key: cache}, **self._logits_to_keep())
+        return out.logits[:, -1]
+
+    def _logits_to_keep(self) -> dict[str, int]:
+        import inspect
+
+        if not hasattr(self, "_keep"):
+            self._keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        return self._keep
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        L = max(len(j.prompt) for j in jobs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (L - len(j.prompt)) + j.prompt for j in jobs], device=self.device)   # (n, L)
+        mask = torch.tensor([[0] * (L - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)                                                    # (n, L)
+        cache = kv.build([])
+        try:
+            logits = self._forward([j.adapter for j in jobs], ids, mask, positions, cache)
+        except Exception:
+            for job in jobs:
+                if job.adapter is not None:
+                    self.pool.unpin(job.adapter)
+            raise
+        kv.check_cache(cache)
+        for job in jobs:
+            self.metrics.inc("deltatune_prompt_tokens_total", len(job.prompt))
+        new = kv.Batch(cache, mask)
+        self.batch = new if self.batch is None else self.batch.join(new)
+        lengths = mask.sum(-1)
+        self.positions = lengths if self.positions is None else torch.cat([self.positions, lengths])
+        self.running += jobs
+        self._take(jobs, logits)
+
+    # --- decode ------------------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        assert self.batch is not None and self.positions is not None
+        ids = torch.tensor([[j.out[-1]] for j in self.running], device=self.device)            # (B, 1)
+        mask = torch.cat([self.batch.mask, self.batch.mask.new_ones((self.batch.rows, 1))], 1)  # (B, T + 1)
+        logits = self._forward([j.adapter for j in self.running], ids, mask, self.positions[:, None], self.batch.cache)
+        self.batch.mask = mask
+        self.positions = self.positions + 1
+        self._take(self.running, logits)
+
+    def _take(self, jobs: list[Job], logits: Tensor) -> None:
+        """Pick each row's next token (greedy rows in one argmax) and hand out the new text."""
+        greedy = logits.argmax(-1).tolist()
+        now = time.perf_counter()
+        for i, job in enumerate(jobs):
+            token = greedy[i] if job.temperature == 0 else sample(logits[i], job.temperature, job.top_p, job.generator)
+            job.out.append(token)
+            self.metrics.inc("deltatune_generated_tokens_total")
+            if job.first_token is None:
+                job.first_token = now
+                self.metrics.observe("deltatune_time_to_first_token_seconds", now - job.arrived)
+            self._emit(job, token)
+
+    def _emit(self, job: Job, token: int) -> None:
+        """Deliver the text that is final (stop strings may still begin in the held-back tail)."""
+        text = self.tokenizer.decode([t for t in job.out if t not in self.eos], skip_special_tokens=True)
+        hits = [i for i in (text.find(s, job.sent) for s in job.stop) if i >= 0]
+        if hits:
+            job.finish, end = "stop", min(hits)
+        elif token in self.eos:
+            job.finish, end = "stop", len(text)
+        elif len(job.out) >= job.max_tokens:
+            job.finish, end = "length", len(text)
+        else:
+            end = len(text) - (max(len(s) for s in job.stop) - 1 if job.stop else 0)
+            while end > job.sent and text[end - 1] == "\ufffd":  # half of a multi-byte character
+                end -= 1
+        job.deliver(("delta", text[job.sent:end] if end > job.sent else "", token))
+        job.sent = max(job.sent, end)
+        if job.finish is not None:
+            job.deliver(("end", job.finish, {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.out),
+                                             "total_tokens": len(job.prompt) + len(job.out)}))
+            self.metrics.observe("deltatune_request_latency_seconds", time.perf_counter() - job.arrived)
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, j in enumerate(self.running) if j.finish is None and not j.cancelled]
+        if len(keep) == len(self.running):
+            return
+        for i, job in enumerate(self.running):
+            if i not in keep:
+                if job.cancelled and job.finish is None:
+                    self.metrics.inc("deltatune_disconnects_total")
+                if job.adapter is not None:
+                    self.pool.unpin(job.adapter)
+        self.running = [self.running[i] for i in keep]
+        if keep:
+            assert self.batch is not None and self.positions is not None
+            self.batch = self.batch.keep(keep)
+            self.positions = self.positions[torch.tensor(keep, device=self.positions.device)]
+        else:
+            self.batch, self.positions = None, None
+        self.pool.drop_unpinned()
+
+    # --- routing block -------------------------------------------------------------------------------
+
+    def _enter(self, names: list[str | None]) -> None:
+        if self._route_names == names:
+            return
+        self._leave()
+        stack = contextlib.ExitStack()
+        stack.enter_context(routing(self.model, names))
+        self._route, self._route_names = stack, list(names)
+
+    def _leave(self) -> None:
+        if self._route is not None:
+            self._route.close()
+        self._route, self._route_names = None, None
+
+    def _fail_all(self, message: str) -> None:
+        self._leave()
+        for job in self.running:
+            if job.finish is None:
+                job.finish = "error"
+                job.deliver(("error", 500, message))
+            if job.adapter is not None:
+                self.pool.unpin(job.adapter)
+        self.running, self.batch, self.positions = [], None, None
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from ``softmax(logits / temperature)``, restricted to the top-p nucleus (OpenAI's meaning)."""
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # (V,)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))

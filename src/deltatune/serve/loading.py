@@ -1,0 +1,92 @@
+"""What ``deltatune serve MODEL`` serves: the base model, its tokenizer, and what kind of answers it gives.
+
+``MODEL`` is a built-in name (``smollm2-135m``), a transformers model directory, or a training run
+(or its ``adapter/`` folder): then the base is the run's base model and the run's adapter is
+served under the run's folder name. A causal LM generates (``/v1/completions``,
+``/v1/chat/completions``); any other head classifies (``/v1/classify``), with the number of labels
+read from the first classifier adapter's recorded training config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.train.models import find_trained, load_model, read_trained, resolve_model
+from deltatune.train.strategy import TRAINING_FILE
+from deltatune.train.tasks import get_task
+
+
+@dataclass
+class Served:
+    model: nn.Module
+    tokenizer: Any
+    kind: str  # "generate" or "classify"
+    name: str  # the base model's id in /v1/models
+    adapters: dict[str, Path] = field(default_factory=dict)  # from a training run, served at start
+    max_len: int = 2048
+
+
+def recorded_labels(path: Path) -> list[str] | None:
+    """The class names a classifier adapter was trained with (None if it records none)."""
+    for meta_file, key in ((path / TRAINING_FILE, None), (path / "adapter_config.json", "training")):
+        if meta_file.is_file():
+            try:
+                meta = json.loads(meta_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            meta = (meta.get(key) or {}) if key and isinstance(meta, dict) else meta
+            if isinstance(meta, dict) and meta.get("labels"):
+                return list(meta["labels"])
+    return None
+
+
+def _trained(model: str) -> tuple[str, Path] | None:
+    """``("adapter", dir)`` / ``("full", dir)`` for what ``deltatune train`` wrote, else None."""
+    try:
+        return find_trained(model)
+    except ValueError:
+        return None
+
+
+def load_served(model: str, adapters: dict[str, Path], device: torch.device, dtype: torch.dtype) -> Served:
+    """Load ``model`` (see the module's doc) onto ``device`` in ``dtype``, in eval mode."""
+    served_adapters: dict[str, Path] = {}
+    trained = _trained(model)
+    if trained is not None and trained[0] == "full":  # a merged run: its model/ folder is a plain model
+        model = str(trained[1])
+    if trained is not None and trained[0] == "adapter":
+        recorded = read_trained(model)
+        task, base_name = recorded.task, recorded.config.model
+        labels = recorded.labels if task.kind != "causal-lm" else None
+        where = recorded.where
+        served_adapters[(where.parent if where.name == "adapter" else where).name] = where
+        with torch.random.fork_rng(devices=[]):  # a fresh head starts as it did in training (it is replaced)
+            torch.manual_seed(recorded.config.seed)
+            loaded = load_model(base_name, task, labels)
+    else:
+        path = resolve_model(model)
+        config = json.loads((path / "config.json").read_text())
+        causal = any(a.endswith(("CausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+        base_name = model
+        if causal:
+            loaded = load_model(model, get_task("chat"))
+        else:
+            labels = next((recorded_labels(p) for p in adapters.values() if recorded_labels(p)), None)
+            if labels is None:
+                raise ValueError(f"{model} is not a causal LM, so it serves classification, but no --adapter "
+                                 "records its label names; pass a classifier adapter saved by deltatune train")
+            loaded = load_model(model, get_task("classification"), labels)
+    kind = "generate" if hasattr(loaded.model, "generate") and "CausalLM" in type(loaded.model).__name__ else "classify"
+    served_name = Path(base_name).name if Path(base_name).is_dir() else base_name
+    net = loaded.model.to(device=device, dtype=dtype).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    limit = getattr(net.config, "max_position_embeddings", None) or 2048
+    return Served(model=net, tokenizer=loaded.tokenizer, kind=kind, name=served_name, adapters=served_adapters,
+                  max_len=int(limit))

@@ -1,0 +1,257 @@
+"""Measure what a training run will cost before running it: a short probe plus a calibrated model.
+
+For each candidate (a method and its settings, ``space.Candidate``) the probe does what
+``deltatune train`` does, for a few steps only, in this process:
+
+1. loads the model as the run would (the first candidate's load also gives the peak of loading)
+   and touches every weight, so weights that safetensors mapped from disk are paged in now (a
+   run pages them in during its first step; a baseline taken before would miss them);
+2. makes it trainable (``prepare``), and builds the loop's own state (``loop._start``: the same
+   optimizer, schedule and strategy hooks as a run);
+3. takes one optimizer step on the batch of the *longest* training examples (the worst case for
+   activation memory; it is also the warm-up), then ``steps`` timed steps on the first batches
+   of the run's own epoch order (``data.epoch_batches``), then one validation batch of the
+   longest examples;
+4. saves the result as the run would (``strategy.save``), for its exact size.
+
+Then the model:
+
+- **trainable parameters, adapter bytes**: exact (counted on the prepared model, measured on disk).
+- **peak memory**: what ``metrics.json`` calls ``peak_memory_mb``. On CUDA: the allocator's peak
+  (``max_memory_allocated``) over the probe. On CPU: the process's peak resident set size. One
+  process probes many candidates, so the peak is taken per candidate from a reset high-water mark
+  (``/proc/self/clear_refs``): predicted = max(peak while loading, resident size after loading +
+  the candidate's rise above its own starting point). Freed memory is handed back to the
+  system between candidates (``malloc_trim``) so one candidate's leftovers do not hide the next's.
+- **step time**: the median over the timed steps of seconds per padded token, times the mean padded
+  tokens of a batch over the run's epoch (batches hold texts of similar length, so they differ);
+  the warm-up step is not timed. **Epoch and run time**: step time x steps per epoch x epochs,
+  comparable with ``train_seconds`` (step time only: validation is not counted there either).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import statistics
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import deltatune as dt
+from deltatune.train.config import TrainConfig, validate_config
+from deltatune.train.data import epoch_batches
+from deltatune.train.loop import _start, _step, make_runner, pick_device, resolve_precision
+from deltatune.train.models import load_model, prepare, training_meta
+from deltatune.train.ranks import Ranks
+from deltatune.train.space import Candidate
+from deltatune.train.tasks import get_task
+
+MiB = 2**20
+
+
+class Meter:
+    """Peak memory in bytes, resettable: the CUDA allocator's, or the process's resident set on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.resettable = self.cuda or self._clear_refs()
+        self.measure = ("torch.cuda.max_memory_allocated" if self.cuda
+                        else "peak resident set size of the process (VmHWM, reset per candidate)")
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise OSError(f"/proc/self/status has no {key}")
+
+    def _clear_refs(self) -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
+            self._status("VmHWM")
+            return True
+        except OSError:
+            return False
+
+    def current(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            return self._status("VmRSS")
+        except OSError:
+            return 0
+
+    def peak(self) -> int:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            return self._status("VmHWM")
+        except OSError:  # not Linux: ru_maxrss never resets, so the first candidate's peak is the floor
+            import resource
+            import sys
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return rss if sys.platform == "darwin" else rss * 1024
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.resettable:
+            self._clear_refs()
+
+
+def release() -> None:
+    """Free what Python and torch hold and hand freed heap back to the system (glibc's malloc_trim)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def touch(model: torch.nn.Module) -> None:
+    """Read every weight once, so memory-mapped weights are resident before a baseline is taken."""
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if t.numel():
+                t.detach().float().sum() if t.is_floating_point() else t.detach().sum()
+
+
+def _tokens(items: list[dict[str, Any]], batch: list[int]) -> int:
+    """Padded tokens of a batch: its size times its longest example (``data.pad``)."""
+    return len(batch) * max(len(items[i]["input_ids"]) for i in batch)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class Prober:
+    """Probes candidates on one task and data set; the data and the first model load happen once."""
+
+    def __init__(self, base: dict[str, Any], steps: int = 3, say: Callable[[str], Any] = print) -> None:
+        if steps < 1:
+            raise ValueError(f"the probe needs at least 1 timed step, got {steps}")
+        self.base, self.steps, self.say = dict(base), steps, say
+        self.config = validate_config(dict(base), source="plan")
+        self.task = get_task(self.config.task)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.device = pick_device(self.config.device)
+        self.precision = resolve_precision(self.config.precision, self.device)
+        self.meter = Meter(self.device)
+        self.splits = self.task.load_splits(self.config)  # before the model, as a run: bad data fails first
+        self.items: dict[str, list] = {}
+        self.load_peak = 0
+        self.after_load = 0
+
+    def config_for(self, cand: Candidate) -> TrainConfig:
+        return validate_config(cand.apply(self.base), source=cand.label)
+
+    def _load(self, config: TrainConfig) -> Any:
+        """A fresh copy of the base model (the previous candidate's copy is dropped first)."""
+        release()
+        torch.manual_seed(config.seed)  # as run_training: the new head starts from the seed
+        loaded = load_model(config.model, self.task, self.splits.labels)
+        touch(loaded.model)
+        if not self.items:  # the first load: what loading costs, and the run's encoded data
+            self.items = {n: self.task.encode(loaded.tokenizer, getattr(self.splits, n), config.max_length)
+                          for n in ("train", "validation", "test")}
+            if not self.items["train"]:
+                raise ValueError("the training split is empty after encoding; give more data or a larger max_length")
+            self.load_peak = self.meter.peak()
+            self.after_load = self.meter.current()
+        return loaded
+
+    def epoch(self, config: TrainConfig) -> tuple[list[list[int]], float]:
+        """The run's batches of epoch 0 and their mean padded tokens."""
+        train = self.items["train"]
+        step_size = config.batch_size * config.gradient_accumulation  # examples per optimizer step, as fit()
+        batches = epoch_batches([len(it["input_ids"]) for it in train], step_size, config.seed, 0)
+        return batches, sum(_tokens(train, b) for b in batches) / len(batches)
+
+    def probe(self, cand: Candidate) -> dict[str, Any]:
+        """One row: ``status`` ok with the predictions, or ``not applicable`` / ``error`` with why."""
+        row: dict[str, Any] = {"label": cand.label, "method": cand.method, "choices": dict(cand.choices),
+                               "status": "ok", "error": None}
+        try:
+            config = self.config_for(cand)
+        except ValueError as err:
+            return {**row, "status": "not applicable", "error": str(err)}
+        row["lr"] = config.lr
+        try:
+            row.update(self._measure(config))
+        except ValueError as err:  # the method does not fit this model (its target matched nothing, ...)
+            return {**row, "status": "not applicable", "error": f"{type(err).__name__}: {err}"}
+        except Exception as err:  # noqa: BLE001 - a failing candidate is a row, not the end of the plan
+            traceback.print_exc()
+            return {**row, "status": "error", "error": f"{type(err).__name__}: {err}"}
+        finally:
+            release()
+        return row
+
+    def _measure(self, config: TrainConfig) -> dict[str, Any]:
+        loaded = self._load(config)
+        release()
+        start = self.meter.current()
+        self.meter.reset()
+        torch.manual_seed(config.seed)
+        strategy = prepare(loaded, config)
+        loaded.model.to(self.device)
+        params = dt.parameter_report(loaded.model)
+        train, task, run = self.items["train"], self.task, make_runner(self.device, self.precision)
+        collate = lambda idx: task.collate([train[i] for i in idx], loaded.tokenizer)  # noqa: E731
+        batches, mean_tokens = self.epoch(config)
+        with tempfile.TemporaryDirectory(prefix="deltatune-probe-") as tmp:
+            s = _start(strategy, config, len(train), Path(tmp) / "checkpoint", False, Ranks())
+            longest = sorted(range(len(train)), key=lambda i: len(train[i]["input_ids"]))[-len(batches[0]):]
+            s.model.train()
+            _step(s, longest, collate, task.loss_weight, run, [])  # warm-up, and the largest activations of the run
+            rates = []
+            for batch in (batches * self.steps)[:self.steps]:
+                _step(s, batch, collate, task.loss_weight, run, [])
+                rates.append(s.elapsed / _tokens(train, batch))
+            s.model.eval()
+            held = self.items["validation"] or self.items["test"]
+            if held:
+                worst = sorted(held, key=lambda it: len(it["input_ids"]))[-config.eval_batch_size:]
+                task.evaluate(s.model, worst, loaded.tokenizer, config.eval_batch_size, run)
+            artifact = strategy.save(Path(tmp), loaded.tokenizer, training_meta(config, self.splits.labels),
+                                     config.save_format)
+            adapter_bytes = _dir_bytes(artifact)
+        rise = self.meter.peak() - start
+        peak = self.meter.peak() if self.meter.cuda else max(self.load_peak, self.after_load + rise)
+        step = statistics.median(rates) * mean_tokens
+        steps_per_epoch = len(batches)
+        del s, strategy, loaded
+        return {
+            "trainable_parameters": params.trainable,
+            "total_parameters": params.total,
+            "trainable_share": params.trainable / params.total if params.total else None,
+            "adapter_bytes": adapter_bytes,
+            "peak_memory_mb": round(peak / MiB, 1),
+            "step_seconds": step,
+            "steps_per_epoch": steps_per_epoch,
+            "epoch_seconds": step * steps_per_epoch,
+            "train_seconds": step * steps_per_epoch * config.epochs,
+            "probe_rates": rates,
+        }
+
+    def facts(self) -> dict[str, Any]:
+        """What every row shares: device, precision, data sizes, how memory was measured."""
+        return {
+            "device": str(self.device), "precision": self.precision, "torch_threads": torch.get_num_threads(),
+            "splits": {"train": len(self.splits.train), "validation": len(self.splits.validation),
+                       "test": len(self.splits.test)},
+            "probe_steps": self.steps, "peak_memory_measure": self.meter.measure,
+            "load_peak_mb": round(self.load_peak / MiB, 1), "after_load_mb": round(self.after_load / MiB, 1),
+            "epochs": self.config.epochs, "batch_size": self.config.batch_size,
+        }
+

@@ -1,0 +1,175 @@
+"""A quantized frozen base (QLoRA-style): deltatune.quantize, methods on NF4 / int8 bases, save and
+reload onto a freshly quantized base, merging, a transformers bitsandbytes model, missing libraries.
+
+The conformance suite runs every applicable method on the ``bert-nf4`` zoo model; this file covers
+int8, the torchao backend and what the conformance suite does not check.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.core.layers import base_weight, describe, quantized_format
+from deltatune.integrations.quantize import resident_bytes
+from tests.models import ZOO
+
+pytest.importorskip("bitsandbytes")
+
+warnings.filterwarnings("ignore", message="MatMul8bitLt")
+
+# The methods the issue names, each with its default config: all must train on a quantized base
+# (BitFit too, on bert-nf4 in the conformance suite: the tiny Llama has no biases).
+METHODS = ["lora", "dora", "ia3", "loha", "lokr", "vera", "oft", "bottleneck"]
+LLAMA = ZOO["llama"]
+
+
+def _llama(fmt: str, backend: str = "bitsandbytes") -> torch.nn.Module:
+    return dt.quantize(LLAMA.build(), fmt, backend=backend)
+
+
+def _randomise(model: torch.nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_quantize_replaces_the_linear_layers_and_keeps_the_head(fmt):
+    fp = LLAMA.build()
+    model = _llama(fmt)
+    spec = describe(model.model.layers[0].self_attn.q_proj)
+    assert spec is not None and spec.kind == "linear" and spec.quantized == fmt and (spec.d_in, spec.d_out) == (32, 32)
+    assert describe(model.lm_head).quantized is None  # the output head stays in full precision
+    assert resident_bytes(model) < resident_bytes(fp)
+    assert torch.isfinite(LLAMA.run(model)).all()
+    # The dequantized weight is the rounding of the original one. On a 256-wide layer: bitsandbytes
+    # 0.50's AVX-512 CPU dequantization is off for rows narrower than (or not a multiple of) the
+    # 64-value block, such as the tiny Llama's 32 (see README).
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128)
+    W = linear.weight.detach().clone()
+    Wq = base_weight(dt.quantize(torch.nn.Sequential(linear), fmt)[0])
+    assert Wq.shape == W.shape
+    relative = ((Wq - W).norm() / W.norm()).item()  # NF4: ~0.09 (16 levels); int8: ~0.005
+    assert relative < (0.15 if fmt == "nf4" else 0.01), relative
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_on_a_quantized_base_and_reloads(method, fmt, tmp_path):
+    model = _llama(fmt)
+    dt.attach(model, dt.METHODS[method]())
+    _randomise(model)
+    model.train()
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    LLAMA.run(model).pow(2).mean().backward()
+    opt.step()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if ".adapters." not in k)
+    model.eval()
+    expected = LLAMA.run(model)
+    dt.save_adapter(model, tmp_path / "a")
+    fresh = _llama(fmt)
+    dt.load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(LLAMA.run(fresh), expected, rtol=0, atol=0)
+
+
+def test_dora_on_nf4_reads_the_dequantized_weight():
+    """DoRA's column norm uses the dequantized base weight: the same as DoRA on that weight in fp32."""
+    q = _llama("nf4")
+    fp = dt.dequantize(_llama("nf4"))
+    for m in (q, fp):
+        torch.manual_seed(0)
+        dt.attach(m, dt.DoraConfig(target=["q_proj", "v_proj"]))
+        _randomise(m)
+    torch.testing.assert_close(LLAMA.run(q), LLAMA.run(fp), rtol=0, atol=1e-4)
+
+
+def test_merge_refuses_a_quantized_base_and_works_after_dequantize():
+    model = _llama("nf4")
+    dt.attach(model, dt.LoraConfig(target=["q_proj", "v_proj"]))
+    _randomise(model)
+    expected = LLAMA.run(model)
+    with pytest.raises(ValueError, match=r"quantized \(nf4\) base.*dequantize"):
+        dt.merge(model)
+    plain = dt.merge_and_unload(dt.dequantize(model))
+    assert quantized_format(plain.model.layers[0].self_attn.q_proj) is None
+    torch.testing.assert_close(LLAMA.run(plain), expected, rtol=0, atol=1e-4)
+
+
+def test_partial_refuses_a_quantized_layer():
+    with pytest.raises(ValueError, match="stored quantized"):
+        dt.attach(_llama("nf4"), dt.PartialConfig())
+
+
+def test_quantize_checks_its_input():
+    with pytest.raises(ValueError, match="nf4, int8, none"):
+        dt.quantize(LLAMA.build(), "nf3")
+    with pytest.raises(ValueError, match="torchao backend quantizes to nf4 only"):
+        dt.quantize(LLAMA.build(), "int8", backend="torchao")
+    model = LLAMA.build()
+    dt.attach(model, dt.LoraConfig())
+    with pytest.raises(ValueError, match="before attaching adapters"):
+        dt.quantize(model, "nf4")
+    fp = LLAMA.build()
+    assert dt.quantize(fp, "none") is fp and quantized_format(fp.model.layers[0].self_attn.q_proj) is None
+
+
+def test_a_missing_library_names_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r"pip install 'deltatune\[quant\]'"):
+        dt.quantize(LLAMA.build(), "nf4")
+
+
+def test_torchao_backend(tmp_path):
+    pytest.importorskip("torchao")
+
+    class Wide(torch.nn.Module):  # torchao's NF4 needs weight sizes divisible by its 64-value blocks
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+
+    def build():
+        torch.manual_seed(0)
+        return dt.quantize(Wide(), "nf4", backend="torchao")
+
+    model = build()
+    assert describe(model.fc1).quantized == "nf4"
+    dt.attach(model, dt.LoraConfig(target=["fc1", "fc2"]))
+    _randomise(model)
+    model(x).pow(2).mean().backward()
+    assert model.fc1.adapters["default"].A.grad is not None
+    expected = model(x).detach()
+    dt.save_adapter(model, tmp_path / "a")
+    fresh = build()
+    dt.load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_transformers_bitsandbytes_model_takes_adapters(bits, tmp_path):
+    """A model transformers loaded with BitsAndBytesConfig holds bitsandbytes' own layers."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    LLAMA.build().save_pretrained(tmp_path / "base")
+    qc = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+          if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=qc, device_map="cpu")
+    assert describe(model.model.layers[0].self_attn.q_proj).quantized == ("nf4" if bits == 4 else "int8")
+    dt.attach(model, dt.LoraConfig(target=["q_proj", "v_proj"]))
+    _randomise(model)
+    model.train()
+    LLAMA.run(model).pow(2).mean().backward()
+    assert model.model.layers[0].self_attn.q_proj.adapters["default"].A.grad is not None

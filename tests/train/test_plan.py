@@ -1,0 +1,93 @@
+"""``deltatune plan`` on a tiny random BERT: exact parameter counts and adapter bytes (checked against a
+real run), predictions present and consistent, budget marks, the no-fit message, and bad input first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deltatune.cli import app
+from deltatune.train.config import load_config
+from deltatune.train.plan import no_fit_message, run_plan
+from deltatune.train.run import run_training
+
+
+def shared(model: Path, data: Path) -> list[str]:
+    return [f"model={model}", "task=classification", f"data.path={data}", "epochs=2", "batch_size=8",
+            "precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def planned(tiny_bert: Path, tiny_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("plan")
+    return run_plan(shared(tiny_bert, tiny_csv), "lora,bitfit,full", "defaults", "memory=64GB,time=1h", steps=1,
+                    output=out, say=lambda _: None) | {"_out": str(out)}
+
+
+def test_plan_rows_are_exact_where_they_can_be(planned: dict, tiny_bert: Path, tiny_csv: Path,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = {r["label"]: r for r in planned["rows"]}
+    assert set(rows) == {"lora", "bitfit", "full"} and all(r["status"] == "ok" for r in rows.values())
+    # A real run of lora (in its default output directory, as the plan assumes) reports the same counts.
+    monkeypatch.chdir(tmp_path)
+    metrics = run_training(load_config(None, [*shared(tiny_bert, tiny_csv), "method=lora"]), progress=False)
+    assert rows["lora"]["trainable_parameters"] == metrics["trainable_parameters"]
+    assert rows["lora"]["total_parameters"] == metrics["total_parameters"]
+    assert rows["lora"]["adapter_bytes"] == metrics["adapter_bytes"]
+    assert rows["lora"]["steps_per_epoch"] == metrics["steps"] // 2 == 6  # 48 training examples / 8
+    for r in rows.values():
+        assert r["peak_memory_mb"] > 0 and r["step_seconds"] > 0
+        assert r["epoch_seconds"] == pytest.approx(r["step_seconds"] * 6)
+        assert r["train_seconds"] == pytest.approx(r["epoch_seconds"] * 2)
+        assert r["fits"] is True and r["reason"].startswith("fits; tightest is ")
+    assert rows["full"]["trainable_share"] == 1.0
+    assert rows["bitfit"]["trainable_parameters"] < rows["lora"]["trainable_parameters"] < rows["full"]["trainable_parameters"]
+    # Ranked by predicted training time among rows that fit.
+    times = [r["train_seconds"] for r in planned["rows"]]
+    assert times == sorted(times) and [r["rank"] for r in planned["rows"]] == [1, 2, 3]
+
+
+def test_plan_writes_json_and_markdown(planned: dict) -> None:
+    out = Path(planned["_out"])
+    saved = json.loads((out / "plan.json").read_text())
+    assert [r["label"] for r in saved["rows"]] == [r["label"] for r in planned["rows"]]
+    assert saved["budget"]["memory_bytes"] == 64e9 and saved["device"] == "cpu"
+    text = (out / "plan.md").read_text()
+    assert "| 1 | " in text and "yes" in text
+
+
+def test_a_budget_nothing_fits_names_the_cheapest(planned: dict) -> None:
+    from deltatune.train.budget import parse_budget
+    from deltatune.train.plan import rank_rows
+
+    rows = [dict(r) for r in planned["rows"]]
+    ranked = rank_rows(rows, parse_budget("params=1"))
+    assert not any(r["fits"] for r in ranked) and all(r["reason"].startswith("over budget: params") for r in ranked)
+    result = {**planned, "rows": ranked, "budget": parse_budget("params=1").to_dict(), "cheapest": "bitfit"}
+    message = no_fit_message(result)
+    assert message.startswith("no option fits the budget params=1; the cheapest is bitfit: peak memory ")
+    assert "of parameters train (over on params)" in message
+
+
+def test_cli_plan_no_fit_exits_1_with_the_cheapest(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    sets = [a for s in shared(tiny_bert, tiny_csv)[1:] for a in ("--set", s)]
+    result = CliRunner().invoke(app, ["plan", str(tiny_bert), *sets, "--methods", "bitfit,ln", "--variants",
+                                      "defaults", "--steps", "1", "--budget", "params=2", "-o", str(tmp_path / "p")])
+    assert result.exit_code == 1, result.output
+    assert "no option fits the budget params=2; the cheapest is " in result.output
+    assert (tmp_path / "p" / "plan.json").is_file()
+
+
+def test_cli_plan_bad_input_fails_before_loading(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["plan", str(tmp_path / "no-model"), "--budget", "memory=4XB"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --budget 'memory=4XB': '4XB' is not understood; write e.g. memory=4GB "
+        "(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"]
+    result = CliRunner().invoke(app, ["plan", "--set", "method=lora"])
+    assert result.exit_code == 2 and "the plan sets it for each option" in result.output
+    result = CliRunner().invoke(app, ["plan", "--methods", "lorra"])
+    assert result.exit_code == 2 and "unknown method 'lorra'" in result.output
