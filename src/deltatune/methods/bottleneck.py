@@ -27,7 +27,7 @@ non-leaf module hides its linear layers from other adapters. So the default plac
 adapter beside the FFN's down-projection, fed with the FFN's hidden activation
 (``d_ff → r → d``); ``target=["mlp"]`` gives He et al.'s exact placement on Llama / GPT-2.
 
-Conv features (Conv-Adapter, Chen et al., 2022, arXiv:2208.07463): on a 2-D convolution, a
+Conv features (Conv-Adapter, Chen et al., 2022, arXiv:2208.07463): on a convolution, a
 BatchNorm or a block of them (a ResNet / MobileNet block), the same adapter acts on the channel axis
 of (N, C, H, W) features, i.e. as a pair of 1×1 convolutions ``C → r → C``.
 
@@ -40,6 +40,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig, Target
@@ -77,9 +78,12 @@ class Bottleneck(Adapter):
         h = base(x)                                              # (..., d_out) or (N, d_out, *spatial)
         z = x if self.parallel else h                            # (..., d_in) or (..., d_out)
         if self.channels_first:  # conv features: the bottleneck is a pair of 1×1 convolutions
-            z = z.movedim(1, -1)                                 # (N, *spatial, d)
+            flat = z.to(self.down.weight.dtype).flatten(2)                               # (N, d, L)
+            u = F.conv1d(self.act(F.conv1d(flat, self.down.weight[:, :, None], self.down.bias)),
+                         self.up.weight[:, :, None], self.up.bias)                        # (N, d_out, L)
+            return h + u.view(h.shape).to(h.dtype) * self.scaling
         u = self.up(self.act(self.down(z.to(self.down.weight.dtype)))).to(h.dtype)
-        return h + (u.movedim(-1, 1) if self.channels_first else u) * self.scaling
+        return h + u * self.scaling
 
 
 def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -88,9 +92,9 @@ def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _conv_dims(module: nn.Module) -> tuple[int, int] | None:
-    """Channels in and out of a 2-D convolution or a BatchNorm (features laid out (N, C, H, W))."""
+    """Channels in and out of a convolution or a BatchNorm (features laid out (N, C, *spatial))."""
     spec = describe(module)
-    if spec is not None and ((spec.kind == "conv" and spec.spatial == 2 and not spec.transposed)
+    if spec is not None and ((spec.kind == "conv" and not spec.transposed)
                              or spec.kind == "batch_norm"):
         return spec.d_in, spec.d_out
     return None
@@ -167,7 +171,7 @@ class BottleneckConfig(AdapterConfig):
         if dims is None:
             dims, channels_first = conv_io_dims(base), True
         parallel = self.variant == "parallel"
-        if dims is None or (parallel and dims[0] is None):
+        if dims is None or (parallel and (dims[0] is None or channels_first)):  # parallel: linear layers only
             return None
         d_in, d_out = dims
         size = self.bottleneck_size or max(1, d_out // self.reduction_factor)

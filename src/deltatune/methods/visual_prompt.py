@@ -95,8 +95,13 @@ class VisualPromptConfig(AdapterConfig):
         return PaddingPrompt(describe(base).d_in, self.size, self.pad)  # type: ignore[union-attr]
 
     def select_modules(self, model: nn.Module) -> list[str]:
-        if self.target is not None:
-            return select(model, self.target, self.exclude, self.layers).names
+        if self.target is not None:  # the named layers that read pictures (2-D convolutions)
+            chosen = dict(logical_modules(model))
+            names = [n for n in select(model, self.target, self.exclude, self.layers).names if _picture_input(chosen[n])]
+            if not names:
+                raise NoMatchError(f"visual_prompt: target {self.target!r} names no 2-D convolution to feed the "
+                                   "prompted picture to")
+            return names
         first = next((n for n, m in logical_modules(model) if n and _picture_input(m)), None)
         if first is None:
             raise NoMatchError(f"visual_prompt found no 2-D convolution in {type(model).__name__} to feed the "
