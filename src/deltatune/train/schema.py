@@ -68,6 +68,8 @@ class DataConfig(_Strict):
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
     image: ImageConfig = Field(default_factory=ImageConfig)  # task: image only
+    # task recommend: the share of interactions (in time order) before the cutoff (default 0.7)
+    cutoff: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -181,7 +183,7 @@ class TrainConfig(_Strict):
 
         if self.method == "full":
             return None
-        if self.method not in METHODS:
+        if self.method not in METHODS and self.method != "hybrid":
             raise ValueError(f"unknown method {self.method!r}; available: full, {', '.join(sorted(METHODS))}")
         from deltatune.config import ConfigTypeError
 

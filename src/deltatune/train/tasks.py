@@ -6,6 +6,7 @@ from deltatune.train.chat import ChatTask
 from deltatune.train.classify import FileClassificationTask, SentimentTask
 from deltatune.train.image_task import ImageTask
 from deltatune.train.instruct import InstructTask
+from deltatune.train.recommend import RecommendTask
 from deltatune.train.task import Task
 from deltatune.train.text import TextTask
 
@@ -16,6 +17,7 @@ TASKS: dict[str, Task] = {
     "image": ImageTask(),
     "instruct": InstructTask(),
     "text": TextTask(),
+    "recommend": RecommendTask(),
 }
 
 
