@@ -131,6 +131,7 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
         return {}
     metrics = task.final_metrics(strategy.model, splits, items, tokenizer, config, run)
     artifact = strategy.save(out, tokenizer, training_meta(config, splits.labels), config.save_format)
+    task.write_run_files(out, artifact, tokenizer)
     metrics.update(_facts(strategy, artifact, history, device, precision, ranks, started, resume))
     write_metrics(out / "metrics.json", metrics)
     plot_history(out / "training.png", history, task.headline, f"{config.method} · {config.model} · {config.task}")
