@@ -35,22 +35,37 @@ SETUPS: dict[str, list[str]] = {
 GOALS = {"memory": 0.15, "step": 0.30}
 
 
-def measure(name: str, out: Path, steps: int) -> dict[str, Any]:
+def collected(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``--collect``: the plan and whichever compare runs have finished so far (an interrupted bench)."""
+    plan = json.loads((out / "plan" / "plan.json").read_text())
+    measured = {}
+    for metrics_file in sorted((out / "compare").glob("*/metrics.json")):
+        m = json.loads(metrics_file.read_text())
+        measured[metrics_file.parent.name] = {"status": "ok", "metrics": m, **{
+            k: m[k] for k in ("trainable_parameters", "adapter_bytes", "peak_memory_mb", "train_seconds")}}
+    return plan, measured
+
+
+def measure(name: str, out: Path, steps: int, collect: bool = False) -> dict[str, Any]:
     from deltatune.train.compare import run_comparison
     from deltatune.train.plan import run_plan
 
     overrides = SETUPS[name]
     t0 = time.time()
-    plan = run_plan(overrides, "all", "defaults", None, steps, out / "plan")
+    if collect:
+        plan, measured = collected(out)
+        compare = {"seconds": None}
+    else:
+        plan = run_plan(overrides, "all", "defaults", None, steps, out / "plan")
+        compare = run_comparison("all", out / "compare", overrides, isolate=True)
+        measured = {r["method"]: r for r in compare["rows"]}
     plan_seconds = time.time() - t0
-    compare = run_comparison("all", out / "compare", overrides, isolate=True)
-    measured = {r["method"]: r for r in compare["rows"]}
     rows = []
     for p in plan["rows"]:
         m = measured.get(p["method"])
         if p["status"] != "ok" or m is None or m["status"] != "ok":
             rows.append({"method": p["method"], "status": "skipped",
-                         "why": p.get("error") or (m or {}).get("error")})
+                         "why": p.get("error") or (m or {}).get("error") or "not measured (bench interrupted)"})
             continue
         step = m["metrics"]["train_seconds"] / m["metrics"]["steps"]
         rows.append({
@@ -93,12 +108,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed probe steps per method")
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-plan"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/plan_accuracy.json"))
+    parser.add_argument("--collect", action="store_true",
+                        help="report from the plan and the compare runs already in --runs (no training)")
     args = parser.parse_args(argv)
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results["machine"] = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
                           "load_average_before": os.getloadavg()}
     for name in args.models.split(","):
-        results[name] = measure(name, args.runs / name, args.steps)
+        results[name] = measure(name, args.runs / name, args.steps, args.collect)
         results["machine"]["load_average_after"] = os.getloadavg()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each model: a partial run keeps its figures
