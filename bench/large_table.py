@@ -6,7 +6,9 @@ batches of 1,024 bags of 16 IDs, AdamW, five steps. Setups, each in its own proc
 per process), taking turns:
 
 - ``full``: the table trains (its gradient and AdamW's two moments are table-sized);
-- ``lora-r4`` / ``lora-r8``: LoRA on the table (``LoraEmbeddingBag``), the table frozen.
+- ``lora-r4`` / ``lora-r8``: LoRA on the table (``LoraEmbeddingBag``), the table frozen;
+- ``new-rows-1k``: the table grown by 1,000 rows (``grow_table``) and only those rows trained
+  (``TokensConfig(original_vocab_size=1M)``, ``TokenRowsBag``): new IDs, old rows frozen.
 
 Memory is measured two ways: the process's peak resident set growth from just after the table is
 built to the end of training (``ru_maxrss``), and the bytes of every tensor training adds (trainable
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 ROWS, DIM, BAGS, PER_BAG, STEPS = 1_000_000, 64, 1024, 16, 5
-SETUPS = ["full", "lora-r4", "lora-r8"]
+SETUPS = ["full", "lora-r4", "lora-r8", "new-rows-1k"]
 
 
 def _rss_peak_mb() -> float:
@@ -52,6 +54,11 @@ def worker(setup: str, rows: int) -> dict:
     before = _rss_peak_mb()
     if setup == "full":
         params = list(model.parameters())
+    elif setup == "new-rows-1k":
+        old = dt.grow_table(model, "features", 1000)
+        before = _rss_peak_mb()  # the grown table is the base here
+        dt.attach(model, dt.TokensConfig(target="features", original_vocab_size=old))
+        params = [p for p in model.parameters() if p.requires_grad]
     else:
         dt.attach(model, dt.LoraConfig(target="features", rank=int(setup.split("-r")[1]), alpha=8.0))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -59,7 +66,7 @@ def worker(setup: str, rows: int) -> dict:
     g = torch.Generator().manual_seed(1)
     t0 = time.perf_counter()
     for _ in range(STEPS):
-        ids = torch.randint(0, rows, (BAGS * PER_BAG,), generator=g)
+        ids = torch.randint(0, rows + (1000 if setup == "new-rows-1k" else 0), (BAGS * PER_BAG,), generator=g)
         offsets = torch.arange(0, BAGS * PER_BAG, PER_BAG)
         loss = model.features(ids, offsets).pow(2).mean()
         opt.zero_grad(set_to_none=False)

@@ -5,7 +5,7 @@ for the new items):
 
 1. a shared LoRA (the task's defaults: attention projections + item table, rank 4) trains on every
    user's interactions after the cutoff, then is merged into the base (``merge_and_unload``);
-2. one LoRA per age band (``<25``, ``25-34``, ``35+``, from ``ml-100k.user``) on the attention
+2. one LoRA per age band (under 25, 25-34, 35 and over, from ``ml-100k.user``) on the attention
    projections attaches on top, starting at zero (so each starts as the shared adapter) and trains
    briefly on its own segment's interactions;
 3. every test user is scored in **one batch** with per-example routing (``deltatune.routing``: each
@@ -40,7 +40,7 @@ from deltatune.train.sasrec import Pretraining, train_sasrec
 
 def band(age: str) -> str:
     a = int(age)
-    return "<25" if a < 25 else "25-34" if a < 35 else "35+"
+    return "age_under_25" if a < 25 else "age_25_34" if a < 35 else "age_35_plus"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,16 +94,16 @@ def main(argv: list[str] | None = None) -> None:
             alone = task.ranks(model, [test[i] for i in rows], 1024, run)
         assert torch.equal(alone, routed[rows]), f"routing differs from running segment {s} alone"
     table = {}
-    print(f"{'segment':<8} {'users':>5}  {'shared NDCG@10':>14} {'segment NDCG@10':>15}  {'shared HR@10':>12} "
+    print(f"{'segment':<12} {'users':>5}  {'shared NDCG@10':>14} {'segment NDCG@10':>15}  {'shared HR@10':>12} "
           f"{'segment HR@10':>13}")
     for s in segments:
         rows = torch.tensor([i for i, seg in enumerate(segment_of_test) if seg == s])
         a, b = scores(shared[rows]), scores(routed[rows])
         table[s] = {"users": len(rows), "shared": a, "segment": b, "segment_beats_shared": b["ndcg_10"] > a["ndcg_10"]}
-        print(f"{s:<8} {len(rows):>5}  {a['ndcg_10']:>14.4f} {b['ndcg_10']:>15.4f}  {a['hr_10']:>12.4f} "
+        print(f"{s:<12} {len(rows):>5}  {a['ndcg_10']:>14.4f} {b['ndcg_10']:>15.4f}  {a['hr_10']:>12.4f} "
               f"{b['hr_10']:>13.4f}")
     overall = {"shared": scores(shared), "segment": scores(routed)}
-    print(f"{'all':<8} {len(test):>5}  {overall['shared']['ndcg_10']:>14.4f} {overall['segment']['ndcg_10']:>15.4f}")
+    print(f"{'all':<12} {len(test):>5}  {overall['shared']['ndcg_10']:>14.4f} {overall['segment']['ndcg_10']:>15.4f}")
     record = {"segments": table, "overall": overall, "shared_epochs": args.shared_epochs,
               "segment_epochs": args.segment_epochs, "segment_lr": args.segment_lr, "shared_lr": config.lr,
               "routing_equals_separate_runs": True, "seconds": round(time.perf_counter() - t0, 1),

@@ -186,3 +186,21 @@ def test_compare_tables_show_the_task_columns_and_hybrid_is_a_method():
     table = markdown_table({"rows": [row], "columns": [["hr_10", "HR@10"], ["ndcg_10", "NDCG@10"], ["mrr", "MRR"]]})
     assert "| HR@10 | NDCG@10 | MRR |" in table and "| 0.2500 | 0.1250 | 0.0625 |" in table
     assert one_line(row).startswith("hr_10 0.2500, ndcg_10 0.1250, mrr 0.0625")
+
+
+def test_predict_ranks_by_name_and_names_unknown_items(tmp_path):
+    from deltatune.train.recommend import RecommendTask
+    from deltatune.train.loop import make_runner
+
+    config = _config(tmp_path)
+    task = RecommendTask()
+    names = periods(config).names
+    model = task.load_model("sasrec", names, config)[0]
+    run = make_runner(torch.device("cpu"), "fp32")
+    out = task.predict(model, None, [{"history": "i01 i02"}, {"history": "i05"}], config, names, run)
+    assert len(out) == 2 and len(out[0]["items"]) == 10 and not {"i01", "i02"} & set(out[0]["items"])
+    assert out[0]["scores"] == sorted(out[0]["scores"], reverse=True)
+    with pytest.raises(ValueError, match="record 2: item 'nope' is not in the model's item table"):
+        task.predict(model, None, [{"history": "i01"}, {"history": "i01 nope"}], config, names, run)
+    with pytest.raises(ValueError, match="empty history"):
+        task.predict(model, None, [{"history": " "}], config, names, run)
