@@ -16,12 +16,14 @@ from deltatune.cli import combine as combine_cmd
 from deltatune.cli import compare as compare_cmd
 from deltatune.cli import convert as convert_cmd
 from deltatune.cli import eval as eval_cmd
+from deltatune.cli import export as export_cmd
 from deltatune.cli import inspect as inspect_cmd
 from deltatune.cli import merge as merge_cmd
 from deltatune.cli import plan as plan_cmd
 from deltatune.cli import predict as predict_cmd
 from deltatune.cli import serve as serve_cmd
 from deltatune.cli import train as train_cmd
+from deltatune.cli import tune as tune_cmd
 
 app = typer.Typer(
     name="deltatune",
@@ -40,8 +42,10 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("convert")(convert_cmd.convert)
 app.command("compare")(compare_cmd.compare)
 app.command("combine")(combine_cmd.combine)
+app.command("export")(export_cmd.export)
 app.command("serve")(serve_cmd.serve)
 app.command("plan")(plan_cmd.plan)
+app.command("tune")(tune_cmd.tune)
 
 
 def main() -> None:
