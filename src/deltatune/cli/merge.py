@@ -18,8 +18,14 @@ def merge(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged model.")],
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Change the recorded config, e.g. --set model=/path/to/base.")] = None,
+    quantize: Annotated[str, typer.Option(
+        "--quantize", help="none: a full-precision merged model; nf4 | int8: re-quantized after merging "
+                           "(bitsandbytes), with the rounding error against the full-precision merge.")] = "none",
 ) -> None:
-    """Merge the adapter into its base model and save a full model that plain transformers loads."""
+    """Merge the adapter into its base model and save a full model that plain transformers loads.
+
+    An adapter trained on a quantized base (``quantize: nf4``) merges into the dequantized base weights
+    in full precision: adding a small update to 4-bit weights would round most of it away."""
     with fail_cleanly():
         import torch
 
@@ -28,6 +34,10 @@ def merge(
         from deltatune.train import load_trained
         from deltatune.train.models import TRAINING_FILE, find_trained, training_meta
 
+        from deltatune.integrations.quantize import QUANT_FORMATS, mark_for_transformers, requantize
+
+        if quantize not in QUANT_FORMATS:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANT_FORMATS)}, got {quantize!r}")
         check_apart(output, [find_trained(adapter_dir)[1]])  # the adapter itself; beside it in the run is fine
         check_replaceable(output)  # before the work: it would replace only a model deltatune wrote
         trained = load_trained(adapter_dir, parse_sets(set_))
@@ -37,12 +47,27 @@ def merge(
         probe = tokenizer(_PROBE, padding=True, return_tensors="pt")
         with torch.no_grad():
             before = model(**probe).logits
-            dt.merge_and_unload(model)
+            dt.merge_and_unload(dt.dequantize(model))  # dequantize: a no-op for a full-precision base
             after = model(**probe).logits
+            rounding = None
+            if quantize != "none":
+                c = trained.config
+                kw = dict(double_quant=c.double_quant, compute_dtype=c.compute_dtype)
+                rounding = requantize(model, quantize, **kw)
+                mark_for_transformers(model, quantize, **kw)
+                requantized = model(**probe).logits
+                rounding["probe_output_gap"] = (requantized - after).abs().max().item()
         gap = (before - after).abs().max().item()
         meta = training_meta(trained.config, trained.labels) | {"merged_from": str(trained.source)}
+        meta["config"]["quantize"] = quantize  # what the saved weights are; config.json says it to transformers
+        if rounding is not None:
+            meta["requantization_error"] = rounding
         with atomic_directory(output) as tmp:  # all or nothing; never over files deltatune did not write
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         typer.echo(f"merged {trained.source} into {output} (largest output change on a probe: {gap:.2e})")
+        if rounding is not None:
+            typer.echo(f"re-quantized to {quantize}: weight rounding error against the full-precision merge "
+                       f"max {rounding['max_abs_error']:.3e}, mean {rounding['mean_abs_error']:.3e} over "
+                       f"{rounding['layers']} layers; largest probe output change {rounding['probe_output_gap']:.2e}")

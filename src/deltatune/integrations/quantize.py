@@ -261,3 +261,39 @@ def _storage_tensors(t: Any) -> list[Tensor]:
     if isinstance(t, nn.Parameter) and type(t.data) is not torch.Tensor:
         return _storage_tensors(t.data)
     return [t.detach()]
+
+
+def requantize(model: nn.Module, fmt: str, **kwargs: Any) -> dict[str, float]:
+    """:func:`quantize` a full-precision (e.g. merged) model and report the rounding error of its
+    quantized weights against the full-precision ones: ``max_abs_error``, ``mean_abs_error`` (over
+    every weight value of the quantized layers) and ``layers``. ``kwargs`` go to :func:`quantize`."""
+    skip = tuple(kwargs.get("skip", DEFAULT_SKIP))
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is nn.Linear
+              and not any(n == s or n.endswith("." + s) for s in skip)}
+    quantize(model, fmt, **kwargs)
+    worst, total, count = 0.0, 0.0, 0
+    for name, weight in before.items():
+        diff = (base_weight_of(model.get_submodule(name)).float() - weight.float()).abs()  # (d_out, d_in)
+        worst, total, count = max(worst, diff.max().item()), total + diff.sum().item(), count + diff.numel()
+    return {"max_abs_error": worst, "mean_abs_error": total / max(count, 1), "layers": len(before)}
+
+
+def base_weight_of(module: nn.Module) -> Tensor:
+    found = quantized_format(module)
+    return module.weight if found is None else found[0].dequantize(module)
+
+
+def mark_for_transformers(model: nn.Module, fmt: str, double_quant: bool = True,
+                          compute_dtype: torch.dtype | str = torch.float32, skip: Iterable[str] = DEFAULT_SKIP) -> None:
+    """Record in ``model.config`` how :func:`quantize` stored it (bitsandbytes), so transformers'
+    ``save_pretrained`` writes a checkpoint that ``from_pretrained`` reloads quantized, as it would a
+    model it quantized itself."""
+    from transformers import BitsAndBytesConfig
+
+    dtype = parse_dtype(compute_dtype)
+    if fmt == "nf4":
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(skip))
+    else:
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))
+    model.config.quantization_config = qc

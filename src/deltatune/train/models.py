@@ -268,6 +268,9 @@ def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
             loaded = load_model(config.model, task, labels)
         model = loaded.model
         _check_head_size(where, loaded, labels, config)
+        from deltatune.train.memory import quantize_base
+
+        quantize_base(model, config)  # the adapter meets the (freshly) quantized base it was trained on
         name = dt.load_adapter(model, where)
     model.eval()
     if device is not None:

@@ -33,6 +33,7 @@ from deltatune.train.callbacks import History
 from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, to_yaml, validate_config
 from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision
+from deltatune.train.memory import chunked_runner, quantize_base
 from deltatune.train.metrics import peak_memory_mb
 from deltatune.train.models import load_model, prepare, training_meta
 from deltatune.train.output import claim_output, remove_run
@@ -118,6 +119,8 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = make_runner(device, precision)
+    if config.loss_chunk:
+        run = chunked_runner(run, config.loss_chunk)
     history = fit(strategy, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks)
     if not ranks.main:
         ranks.barrier()  # rank 0 scores the test split and writes the results
@@ -151,6 +154,7 @@ def _load(config: TrainConfig, task: Task, labels: list[str] | None, device: tor
     torch.manual_seed(config.seed)  # the new head and the adapter start from the seed
     with ranks.main_first():  # a first load may write a cache (SmolLM2's conversion)
         loaded = load_model(config.model, task, labels)
+    quantize_base(loaded.model, config)  # before the adapter attaches; a no-op for quantize: none
     strategy = prepare(loaded, config)
     loaded.model.to(device)
     return strategy, loaded.tokenizer

@@ -77,6 +77,15 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1)  # validations without improvement before stopping
     early_stopping_metric: str | None = None  # a validation metric (default: the task's headline)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # Quantized frozen base (QLoRA-style, integrations/quantize.py): the base's linear layers (not the head)
+    # stored in 4 or 8 bits before the adapter attaches; the adapter trains in full precision.
+    quantize: Literal["nf4", "int8", "none"] = "none"
+    double_quant: bool = True  # nf4: quantize the per-block scales too (~0.4 bit/weight less)
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # what quantized weights dequantize to
+    quantize_backend: Literal["bitsandbytes", "torchao"] = "bitsandbytes"  # torchao: nf4 only
+    # Causal LMs: cross-entropy over this many target tokens at a time (the head recomputed in backward),
+    # so full-vocabulary float32 logits for the whole batch never exist at once; None: the model's own loss.
+    loss_chunk: int | None = Field(None, ge=1)
     tensorboard: bool | None = None  # event logs in OUTPUT/tensorboard; None: when the package is installed
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
@@ -113,6 +122,15 @@ class TrainConfig(_Strict):
         if self.early_stopping_metric is not None and self.early_stopping_patience is None:
             raise ValueError("early_stopping_metric needs early_stopping_patience (validations without "
                              "improvement before stopping), e.g. early_stopping_patience: 3")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_base(self) -> TrainConfig:
+        if self.quantize != "none" and self.method == "full":
+            raise ValueError(f"quantize: {self.quantize} freezes the base in {self.quantize}; full fine-tuning "
+                             "trains every weight: use an adapter method (e.g. method: lora) or quantize: none")
+        if self.quantize_backend == "torchao" and self.quantize == "int8":
+            raise ValueError("quantize_backend: torchao quantizes to nf4 only; use quantize_backend: bitsandbytes for int8")
         return self
 
     @model_validator(mode="after")

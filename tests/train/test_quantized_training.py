@@ -1,0 +1,95 @@
+"""Training on a quantized base (``quantize: nf4``), the chunked loss (``loss_chunk``), reloading the
+adapter onto a freshly quantized base, and ``deltatune merge --quantize``, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import deltatune as dt
+from deltatune.train import load_config, load_trained, run_training
+from deltatune.train.memory import chunked_runner
+from tests.models import ZOO
+from tests.train.tiny import make_tiny_llama
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_chunked_loss_equals_the_models_own(quantized: bool) -> None:
+    """Same loss and same adapter gradients as transformers' causal-LM loss, with a LoRA on the head too."""
+    zoo = ZOO["llama"]
+    batch = zoo.inputs()
+    labels = batch["input_ids"].clone()
+    labels[:, :3] = -100                      # a masked prompt
+    labels[batch["attention_mask"] == 0] = -100
+    grads = []
+    for chunked in (False, True):
+        model = zoo.build()
+        if quantized:
+            dt.quantize(model, "nf4")
+        torch.manual_seed(0)
+        dt.attach(model, dt.LoraConfig(target=["q_proj", "v_proj", "lm_head"], init="gaussian"))
+        run = (lambda m, b: m(**b))
+        out = (chunked_runner(run, 7) if chunked else run)(model, {**batch, "labels": labels})
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert isinstance(model.lm_head, dt.AdaptedLayer)  # the head is back in place
+    (plain, g_plain), (chunk, g_chunk) = grads
+    torch.testing.assert_close(chunk, plain, rtol=1e-5, atol=1e-6)
+    for name in g_plain:
+        torch.testing.assert_close(g_chunk[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_train_on_an_nf4_base_reload_and_merge(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltatune.cli import app
+    from deltatune.train.chat import ChatTask
+
+    monkeypatch.setattr(ChatTask, "samples", 0)  # no generations needed here
+    config = load_config(None, [f"model={tiny_llama}", "task=chat", "data.max_train_examples=8",
+                                "data.max_eval_examples=4", "epochs=1", "batch_size=4", "lr=1e-2",
+                                "precision=fp32", "threads=1", "tensorboard=false", "quantize=nf4",
+                                "loss_chunk=16", "gradient_checkpointing=true", f"output={tmp_path / 'run'}"])
+    metrics = run_training(config, progress=False)
+    # The saved adapter on a freshly quantized base scores the test split exactly as the trained model did.
+    trained = load_trained(tmp_path / "run")
+    assert dt.core.layers.describe(trained.model.model.layers[0].self_attn.q_proj.base).quantized == "nf4"
+    splits = trained.task.load_splits(trained.config, trained.labels)
+    items = trained.task.encode(trained.tokenizer, splits.test, trained.config.max_length)
+    again = trained.task.evaluate(trained.model, items, trained.tokenizer, 16, lambda m, b: m(**b))
+    assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
+
+    cli = CliRunner()
+    for fmt in ("none", "nf4"):
+        result = cli.invoke(app, ["merge", str(tmp_path / "run"), "--output", str(tmp_path / f"merged-{fmt}"),
+                                  "--quantize", fmt], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    assert "re-quantized to nf4: weight rounding error" in result.output and "max " in result.output
+    meta = json.loads((tmp_path / "merged-nf4" / "deltatune_training.json").read_text())
+    error = meta["requantization_error"]
+    assert 0 < error["mean_abs_error"] < error["max_abs_error"] and error["layers"] == 14
+    # the re-quantized model reloads quantized with plain transformers
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-nf4", device_map="cpu")
+    assert dt.core.layers.describe(again.model.layers[0].self_attn.q_proj).quantized == "nf4"
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-none")
+    assert dt.core.layers.describe(full.model.layers[0].self_attn.q_proj).quantized is None
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="full fine-tuning trains every weight"):
+        load_config(None, ["method=full", "quantize=nf4"])
+    with pytest.raises(ValueError, match="torchao quantizes to nf4 only"):
+        load_config(None, ["quantize=int8", "quantize_backend=torchao"])
+    with pytest.raises(ValueError, match="loss_chunk"):
+        load_config(None, ["loss_chunk=0"])
