@@ -16,6 +16,7 @@ from deltatune.cli import combine as combine_cmd
 from deltatune.cli import compare as compare_cmd
 from deltatune.cli import convert as convert_cmd
 from deltatune.cli import eval as eval_cmd
+from deltatune.cli import export as export_cmd
 from deltatune.cli import inspect as inspect_cmd
 from deltatune.cli import merge as merge_cmd
 from deltatune.cli import plan as plan_cmd
@@ -40,6 +41,7 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("convert")(convert_cmd.convert)
 app.command("compare")(compare_cmd.compare)
 app.command("combine")(combine_cmd.combine)
+app.command("export")(export_cmd.export)
 app.command("serve")(serve_cmd.serve)
 app.command("plan")(plan_cmd.plan)
 

@@ -53,14 +53,17 @@ LOG_FILE = "log.txt"
 RESULT_FILE = "compare-result.json"
 
 
+HYBRID = "hybrid"  # several methods under one adapter: its parts come from --set adapter.parts or the task's defaults
+
+
 def available_methods() -> list[str]:
-    return [FULL, *METHODS]
+    return [FULL, *METHODS, HYBRID]
 
 
 def family_of(method: str) -> str:
     """The method's place in the taxonomy, as its config declares it (``full`` for full fine-tuning)."""
-    if method == FULL:
-        return "full"
+    if method in (FULL, HYBRID):
+        return method
     declared = getattr(METHODS.get(method), "family", "other")
     return declared if declared in FAMILY_ORDER else "other"
 
@@ -71,7 +74,7 @@ def parse_methods(spec: str | Sequence[str]) -> tuple[list[str], bool]:
     names = [n.strip() for part in parts for n in part.split(",") if n.strip()]
     known = available_methods()
     if names == ["all"]:
-        return known, True
+        return [n for n in known if n != HYBRID], True  # every method, each alone
     if not names:
         raise ValueError("--methods is empty; give e.g. --methods full,lora,bitfit, or --methods all")
     for name in names:
@@ -209,7 +212,8 @@ def _run_here(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
         return _train(config)
 
 
-def _row(planned: Planned, outcome: dict[str, Any], wall: float, run_dir: Path | None) -> dict[str, Any]:
+def _row(planned: Planned, outcome: dict[str, Any], wall: float, run_dir: Path | None,
+         columns: Sequence[Sequence[str]] = ()) -> dict[str, Any]:
     m = outcome.get("metrics") or {}
     trainable, total = m.get("trainable_parameters"), m.get("total_parameters")
     return {
@@ -220,6 +224,7 @@ def _row(planned: Planned, outcome: dict[str, Any], wall: float, run_dir: Path |
         "lr": planned.config.lr if planned.config else None,
         "accuracy": m.get("test_accuracy"),
         "macro_f1": m.get("test_macro_f1"),
+        "scores": {key: m.get(f"test_{key}") for key, _ in columns} if columns else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_share": trainable / total if trainable is not None and total else None,
@@ -246,14 +251,16 @@ def run_comparison(methods: str | Sequence[str], output: str | Path, overrides: 
     output = Path(output)
     planned = plan_comparison(methods, output, overrides, method_overrides)
     first = next(p.config for p in planned if p.config is not None)
-    splits = get_task(first.task).load_splits(first)  # read once here, so bad data fails before training
+    task = get_task(first.task)
+    columns = [list(c) for c in getattr(task, "compare_columns", ())]  # a task's own quality columns, if any
+    splits = task.load_splits(first)  # read once here, so bad data fails before training
     output.mkdir(parents=True, exist_ok=True)
     started, rows = time.time(), []
     for i, plan in enumerate(planned, 1):
         head = f"[{i}/{len(planned)}] {plan.method}"
         if plan.config is None:
             print(f"{head}: {plan.error}")
-            rows.append(_row(plan, {"error": plan.error}, 0.0, None))
+            rows.append(_row(plan, {"error": plan.error}, 0.0, None, columns))
             continue
         run_dir = output / plan.method
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +268,7 @@ def run_comparison(methods: str | Sequence[str], output: str | Path, overrides: 
               flush=True)
         t0 = time.perf_counter()
         outcome = _run_isolated(plan.config, run_dir) if isolate else _run_here(plan.config, run_dir)
-        row = _row(plan, outcome, time.perf_counter() - t0, run_dir)
+        row = _row(plan, outcome, time.perf_counter() - t0, run_dir, columns)
         if row["status"] == "ok" and not keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # only for --resume, which compare lacks
         print(f"{head}: {one_line(row)}", flush=True)
@@ -277,7 +284,9 @@ def run_comparison(methods: str | Sequence[str], output: str | Path, overrides: 
         "method_overrides": list(method_overrides),
         "shared": {k: shared.get(k) for k in SHARED_KEYS},
         "splits": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test),
-                   "labels": splits.labels},
+                   "labels": splits.labels if not columns else None},
+        "columns": columns or None,
+        "baseline_note": task.compare_note(ok[0]) if ok and hasattr(task, "compare_note") else None,
         "majority_baseline": {"accuracy": ok[0].get("majority_baseline_accuracy"),
                               "macro_f1": ok[0].get("majority_baseline_macro_f1")} if ok else None,
         "isolated": isolate,

@@ -51,9 +51,22 @@ def _num(x: float | None, fmt: str) -> str:
 def one_line(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"error: {row['error']}"
+    if row.get("scores"):  # a task's own quality columns
+        quality = ", ".join(f"{k} {_num(v, '.4f')}" for k, v in row["scores"].items())
+        return (f"{quality}, {row['trainable_parameters']:,} trainable, {_size(row['adapter_bytes'])}, "
+                f"{row['train_seconds']:.0f} s, peak {row['peak_memory_mb']:.0f} MiB")
     return (f"accuracy {_num(row['accuracy'], '.4f')}, macro-F1 {_num(row['macro_f1'], '.4f')}, "
             f"{row['trainable_parameters']:,} trainable, {_size(row['adapter_bytes'])}, "
             f"{row['train_seconds']:.0f} s, peak {row['peak_memory_mb']:.0f} MiB")
+
+
+def quality_columns(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric key, column label): the task's own (e.g. HR@10, NDCG@10), else accuracy and macro-F1."""
+    return [tuple(c) for c in result.get("columns") or ()] or [("accuracy", "accuracy"), ("macro_f1", "macro-F1")]
+
+
+def score(row: dict[str, Any], key: str) -> float | None:
+    return (row.get("scores") or {}).get(key) if row.get("scores") else row.get(key)
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -61,18 +74,19 @@ def markdown_table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     full = next((r for r in rows if r["method"] == FULL and r["status"] == "ok"), None)
     notes = any(r["status"] != "ok" for r in rows)
-    head = ["method", "family", "accuracy", "macro-F1", "trainable params", "trainable %", "adapter size",
-            "train time", "peak memory", "lr"] + (["note"] if notes else [])
-    align = [":--", ":--"] + ["--:"] * 8 + ([":--"] if notes else [])  # text left, numbers right
+    columns = quality_columns(result)
+    head = ["method", "family", *[label for _, label in columns], "trainable params", "trainable %",
+            "adapter size", "train time", "peak memory", "lr"] + (["note"] if notes else [])
+    align = [":--", ":--"] + ["--:"] * (6 + len(columns)) + ([":--"] if notes else [])  # text left, numbers right
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
         if r["status"] != "ok":
             error = " ".join(str(r["error"]).split()).replace("|", "\\|")
-            cells = [r["method"], r["family"], *["—"] * 7, _num(r["lr"], "g"),
+            cells = [r["method"], r["family"], *["—"] * (5 + len(columns)), _num(r["lr"], "g"),
                      f"error: {error[:200]}{'…' if len(error) > 200 else ''}"]
         else:
             ratio = f" ({r['train_seconds'] / full['train_seconds']:.2f}×)" if full and full["train_seconds"] else ""
-            cells = [r["method"], r["family"], _num(r["accuracy"], ".4f"), _num(r["macro_f1"], ".4f"),
+            cells = [r["method"], r["family"], *[_num(score(r, key), ".4f") for key, _ in columns],
                      f"{r['trainable_parameters']:,}", _num(r["trainable_share"] and 100 * r["trainable_share"], ".3f") + "%",
                      _size(r["adapter_bytes"]), f"{r['train_seconds']:.1f} s{ratio}",
                      f"{r['peak_memory_mb']:,.0f} MiB", _num(r["lr"], "g")] + ([""] if notes else [])
@@ -96,11 +110,13 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"max length {s['max_length']}, precision {result.get('precision') or s['precision']}, "
         f"device {result.get('device') or s['device']}.",
     ]
+    if result.get("baseline_note"):
+        lines.append(result["baseline_note"])
     if base.get("accuracy") is not None:
         lines.append(f"Majority class on the test split: accuracy {base['accuracy']:.4f}, "
                      f"macro-F1 {_num(base['macro_f1'], '.4f')}.")
     lines += ["", markdown_table(result),
-              "Accuracy and macro-F1 on the test split. Trainable % is of all parameters of the adapted model. "
+              f"{' and '.join(label for _, label in quality_columns(result))} on the test split. Trainable % is of all parameters of the adapted model. "
               "Adapter size is the saved adapter (for full fine-tuning, the whole model). Train time is the "
               "training steps plus validation, wall clock (× relative to full fine-tuning; timings are noisy on a "
               f"shared machine{load}). Peak memory: {memory}, {where}. Learning rates are per-method defaults "
@@ -132,21 +148,22 @@ def plot_comparison(result: dict[str, Any], path: Path) -> None:
     colors = [FAMILY_COLORS[r["family"]] for _, r in ok]
     ys = [i for i, _ in ok]
     acc = axes[0]
-    acc.barh([y - 0.2 for y in ys], [r["accuracy"] or 0 for _, r in ok], height=0.4, color=colors, label="accuracy")
-    acc.barh([y + 0.2 for y in ys], [r["macro_f1"] or 0 for _, r in ok], height=0.4, color=colors, alpha=0.45,
-            label="macro-F1")
+    (k1, l1), (k2, l2) = (quality_columns(result) * 2)[:2]
+    acc.barh([y - 0.2 for y in ys], [score(r, k1) or 0 for _, r in ok], height=0.4, color=colors, label=l1)
+    acc.barh([y + 0.2 for y in ys], [score(r, k2) or 0 for _, r in ok], height=0.4, color=colors, alpha=0.45,
+            label=l2)
     base = (result.get("majority_baseline") or {}).get("accuracy")
     if base is not None:
         acc.axvline(base, color="black", linestyle="--", linewidth=1, label="majority-class accuracy")
-    acc.set(xlabel="test score (solid: accuracy, light: macro-F1)", xlim=(0, 1), title="quality")
+    acc.set(xlabel=f"test score (solid: {l1}, light: {l2})", xlim=(0, 1), title="quality")
     shares = [100 * r["trainable_share"] for _, r in ok]
     axes[1].barh(ys, shares, color=colors)
     axes[1].set(xscale="log", xlabel="trainable parameters (% of all, log)", title="trainable share")
     axes[2].barh(ys, [r["adapter_bytes"] / 2**20 for _, r in ok], color=colors)
     axes[2].set(xscale="log", xlabel="saved size (MiB, log)", title="adapter size")
     for y, share, (_, r) in zip(ys, shares, ok):
-        right = max(r["accuracy"] or 0, r["macro_f1"] or 0) + 0.01
-        acc.text(right, y, _num(r["accuracy"], ".3f"), va="center", fontsize=8)
+        right = max(score(r, k1) or 0, score(r, k2) or 0) + 0.01
+        acc.text(right, y, _num(score(r, k1), ".3f"), va="center", fontsize=8)
         axes[1].text(share, y, f" {share:.3g}%", va="center", fontsize=8)
         axes[2].text(r["adapter_bytes"] / 2**20, y, f" {_size(r['adapter_bytes'])}", va="center", fontsize=8)
     for ax in axes[1:]:

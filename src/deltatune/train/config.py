@@ -170,6 +170,10 @@ def _with_method_defaults(data: Any) -> tuple[Any, str | None]:
         return data, None
     method = data.get("method", TrainConfig.model_fields["method"].default)
     filled = method_defaults(method) if isinstance(method, str) else {}
+    task_name = data.get("task", TrainConfig.model_fields["task"].default)
+    task_lr = getattr(TASKS.get(task_name), "method_lr", {}).get(method) if isinstance(task_name, str) else None
+    if task_lr is not None:  # a task's own measured rate for this method wins over the method's generic one
+        return {"lr": task_lr, **data}, f"task {task_name}'s default for {method}"
     if "lr" in filled:
         reason = "full fine-tuning's default" if method == "full" else f"{method}'s suggested default"
     else:

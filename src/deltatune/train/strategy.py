@@ -94,7 +94,8 @@ class FullStrategy(Strategy):
         artifact = out / "model"
         with atomic_directory(artifact) as tmp:
             self.model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            if tokenizer is not None:  # a task with its own models may have none (e.g. a recommender)
+                tokenizer.save_pretrained(tmp)
             (tmp / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return artifact
 

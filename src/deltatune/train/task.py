@@ -85,6 +85,12 @@ class Task:
         """The field of the input records that ``predict`` reads its text from."""
         return "text"
 
+    # Hooks with a default that fits text tasks (the image task overrides them).
+    def load_model(self, name: str, labels: list[str] | None, config: TrainConfig | None) -> tuple | None:
+        """``(model, tokenizer, new module names)`` for a task that builds its own models; ``None``:
+        load ``name`` with transformers (``auto_model_class``)."""
+        return None
+
     def predict(self, model: nn.Module, tokenizer: Any, records: list[dict[str, Any]], config: TrainConfig,
                 labels: list[str] | None, run: Any) -> list[dict[str, Any]]:
         """One output record per input record (``deltatune predict``)."""

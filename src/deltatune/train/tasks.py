@@ -5,6 +5,7 @@ from __future__ import annotations
 from deltatune.train.chat import ChatTask
 from deltatune.train.classify import FileClassificationTask, SentimentTask
 from deltatune.train.instruct import InstructTask
+from deltatune.train.recommend import RecommendTask
 from deltatune.train.task import Task
 from deltatune.train.text import TextTask
 
@@ -14,6 +15,7 @@ TASKS: dict[str, Task] = {
     "chat": ChatTask(),
     "instruct": InstructTask(),
     "text": TextTask(),
+    "recommend": RecommendTask(),
 }
 
 

@@ -1,0 +1,173 @@
+"""The recommend task on tiny synthetic interactions (the MovieLens run is in the README/bench):
+reading and checking the file, the time split and leave-last-out, the metrics' formulas, new
+items' rows, and a trained run that reloads to the same scores."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.train.config import validate_config
+from deltatune.train.interactions import lookup, read_interactions
+from deltatune.train.recommend import held_out, periods, ranks, scores
+
+HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+
+
+def tiny_data(path: Path, users: int = 24, seed: int = 0) -> Path:
+    """Users walk through items in a cycle (item k is followed by k+1) for five steps, then three more:
+    new items i30..i33 for even users, their own first items again for odd ones. With cutoff 0.625
+    the first five steps are the past. Rows are written shuffled: the reader sorts histories by time."""
+    rng = random.Random(seed)
+    rows = []
+    for u in range(users):
+        start, t = u % 30, 1000 + u
+        for step in range(8):
+            late = step >= 5
+            item = (start + step) % 30 if not late else 30 + (u + step) % 4 if u % 2 == 0 else (start + step - 5) % 30
+            rows.append(f"user{u}\ti{item:02d}\t{rng.randint(1, 5)}\t{t + 100 * step}\n")
+    rng.shuffle(rows)
+    path.write_text(HEADER + "".join(rows))
+    return path
+
+
+def _config(tmp_path: Path, **over):
+    data = {"task": "recommend", "method": "tokens", "data": {"path": str(tiny_data(tmp_path / "tiny.inter")),
+                                                             "cutoff": 0.625},
+            "epochs": 2, "batch_size": 8, "max_length": 8, "threads": 1, "output": str(tmp_path / "run")}
+    for k, v in over.items():
+        data[k] = v
+    return validate_config(data)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+
+
+def test_reader_checks_the_file_and_names_the_line(tmp_path):
+    bad = tmp_path / "bad.inter"
+    cases = [
+        ("user_id:token\titem_id:token\tprice:float\ttimestamp:float\n", "line 1: unknown column 'price:float'"),
+        ("user_id:float\titem_id:token\ttimestamp:float\n", "line 1: column 'user_id' has type 'float'"),
+        ("user_id:token\ttimestamp:float\n", "no item_id:token column"),
+        (HEADER + "u1\ti1\t3\t100\nu1\ti2\t3\n", "line 3: 3 fields, the header has 4"),
+        (HEADER + "u1\ti1\t3\tyesterday\n", "line 2: timestamp 'yesterday' is not a finite number"),
+        (HEADER + "u1\ti1\tgood\t100\n", "line 2: rating 'good' is not a number"),
+        (HEADER + "u1\t\t3\t100\n", "line 2: empty item_id"),
+        (HEADER + "u1\ti1\t3\t100\nu1\ti1\t4\t100\n", "line 3: the same interaction as line 2"),
+    ]
+    for text, message in cases:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            read_interactions(bad)
+
+
+def test_histories_are_sorted_by_time_and_ids_stay_names(tmp_path):
+    path = tmp_path / "a.inter"
+    path.write_text(HEADER + "007\t0042\t1\t300\n007\t42\t1\t100\n007\tx\t1\t200\n")
+    data = read_interactions(path)
+    assert [r.item for r in data.histories["007"]] == ["42", "x", "0042"]  # "0042" and "42" are two items
+    with pytest.raises(ValueError, match="item '9' is not in the model's item table"):
+        lookup({"42": 1}, "9", "predict")
+
+
+def test_time_split_and_leave_last_out(tmp_path):
+    config = _config(tmp_path)
+    p = periods(config)
+    assert p.new == ["i30", "i31", "i32", "i33"] and "i30" not in p.old
+    assert list(p.names) == p.old + p.new and repr(p.names) == "<32 item names>"
+    ex = held_out(p, config.max_length)
+    index = {n: i + 1 for i, n in enumerate(p.names)}
+    assert len(ex["test"]) == 24  # every user is active after the cutoff
+    for user, history, target in ex["test"]:
+        h = p.data.histories[user]
+        assert target == index[h[-1].item] and history == [index[r.item] for r in h[:-1]]
+    seqs = {tuple(h) for _, h, _ in ex["test"]}
+    for inputs, labels in ex["train"]:  # targets are after the cutoff and never a held-out item
+        assert any(t != -100 for t in labels)
+        assert any(tuple(inputs) == s[:len(inputs)] for s in seqs)
+    n_targets = sum(t != -100 for _, y in ex["train"] for t in y)
+    after = sum(r.time >= p.cutoff for r in p.data.rows)
+    assert n_targets == after - len(ex["test"]) - len(ex["validation"])  # every later interaction, once
+
+
+def test_metrics_follow_their_definitions():
+    logits = torch.tensor([[-math.inf, 5.0, 4.0, 3.0, 2.0], [-math.inf, 1.0, 2.0, 3.0, 4.0]])
+    r = ranks(logits, torch.tensor([3, 1]), [[1], [2]])  # row 0: item 1 is history, removed; row 1: item 2
+    assert r.tolist() == [1, 2]
+    got = scores(torch.tensor([1, 2, 12]))
+    assert got["hr_10"] == pytest.approx(2 / 3)
+    assert got["ndcg_10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 3)
+    assert got["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 13) / 3)
+
+
+def test_tokens_train_only_the_new_items_and_the_run_reloads(tmp_path):
+    from deltatune.train.models import load_trained
+    from deltatune.train.run import run_training
+
+    config = _config(tmp_path)
+    assert config.adapter["original_vocab_size"] == 29  # 28 past items + padding: the new rows are 29..32
+    metrics = run_training(config, progress=False)
+    assert metrics["trainable_parameters"] == 4 * 64
+    for key in ("test_hr_10", "test_ndcg_10", "test_mrr", "test_base_ndcg_10", "test_new_ndcg_10"):
+        assert 0.0 <= metrics[key] <= 1.0
+    trained = load_trained(tmp_path / "run")
+    table = trained.model.item_embeddings
+    assert torch.equal(table.base.weight[:29], _base_table(config)[:29])  # the old rows are bit-identical
+    task = trained.task
+    items = {n: task.encode(None, getattr(task.load_splits(trained.config, trained.labels), n), 8)
+             for n in ("test",)}
+    from deltatune.train.loop import make_runner
+
+    again = task.evaluate(trained.model, items["test"], None, 64, make_runner(torch.device("cpu"), "fp32"))
+    assert again["ndcg_10"] == pytest.approx(metrics["test_ndcg_10"], abs=1e-6)
+    dt.merge(trained.model)
+    merged = task.evaluate(trained.model, items["test"], None, 64, make_runner(torch.device("cpu"), "fp32"))
+    assert merged["ndcg_10"] == pytest.approx(metrics["test_ndcg_10"], abs=1e-4)
+
+
+def _base_table(config):
+    from deltatune.train.recommend import RecommendTask
+
+    model = RecommendTask().load_model("sasrec", None, config)[0]
+    return model.item_embeddings.weight.detach()
+
+
+def test_the_base_is_cached_and_another_item_table_is_refused(tmp_path):
+    from deltatune.train.recommend import RecommendTask
+
+    config = _config(tmp_path)
+    task = RecommendTask()
+    first = task.load_model("sasrec", None, config)[0]
+    cached = list((tmp_path / "cache").glob("sasrec-*"))
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    second = task.load_model("sasrec", None, config)[0]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    with pytest.raises(ValueError, match="differs from the one this data gives"):
+        task.load_model("sasrec", ["i00", "i01"], config)
+    with pytest.raises(ValueError, match="model must be 'sasrec'"):
+        _config(tmp_path, model="all-minilm-l6-v2")
+
+
+def test_cli_trains_lora_and_the_hybrid_on_the_task(tmp_path):
+    data = tiny_data(tmp_path / "tiny.inter")
+    env = {"DELTATUNE_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path.cwd() / "src")}
+    common = ["--set", "task=recommend", "--set", f"data.path={data}", "--set", "data.cutoff=0.625", "--set", "epochs=1",
+              "--set", "max_length=8", "--set", "threads=1"]
+    out = subprocess.run([sys.executable, "-m", "deltatune", "train", *common, "--set", "method=hybrid",
+                          "--output", str(tmp_path / "hybrid")], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "NDCG@10" in out.stdout
+    metrics = json.loads((tmp_path / "hybrid" / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "hybrid" / "adapter" / "adapter_config.json").read_text())
+    assert [p["method"] for p in saved["config"]["parts"]] == ["lora", "tokens"]
+    assert metrics["trainable_parameters"] < metrics["total_parameters"] * 0.2
