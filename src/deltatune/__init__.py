@@ -61,6 +61,7 @@ from deltatune.core.layers import QUANTIZED_FORMATS as _QUANTIZED
 from deltatune.integrations.quantize import FORMATS as _QUANTIZED_FORMATS, dequantize, quantize
 
 _QUANTIZED.extend(_QUANTIZED_FORMATS)
+from deltatune.integrations.loftq import LoftqReport, loftq
 
 from deltatune.formats import convert, hotswap_adapter, load_adapter, load_adapters, read_adapter_config, save_adapter
 from deltatune._version import __version__
@@ -120,6 +121,8 @@ __all__ = [
     "delete_adapter",
     "dequantize",
     "quantize",
+    "loftq",
+    "LoftqReport",
     "hotswap_adapter",
     "load_adapters",
     "routing",

@@ -23,6 +23,7 @@ from deltatune.cli import plan as plan_cmd
 from deltatune.cli import predict as predict_cmd
 from deltatune.cli import serve as serve_cmd
 from deltatune.cli import train as train_cmd
+from deltatune.cli import tune as tune_cmd
 
 app = typer.Typer(
     name="deltatune",
@@ -44,6 +45,7 @@ app.command("combine")(combine_cmd.combine)
 app.command("export")(export_cmd.export)
 app.command("serve")(serve_cmd.serve)
 app.command("plan")(plan_cmd.plan)
+app.command("tune")(tune_cmd.tune)
 
 
 def main() -> None:

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.layers import QuantizedFormat, quantized_format
 
-__all__ = ["FORMATS", "QUANT_FORMATS", "BACKENDS", "TorchaoNF4Linear", "dequantize", "quantize",
-           "resident_bytes", "parse_dtype"]
+__all__ = ["FORMATS", "QUANT_FORMATS", "BACKENDS", "TorchaoNF4Linear", "dequantize", "quantize", "quantized_linear",
+           "requantize", "mark_for_transformers", "resident_bytes", "parse_dtype"]
 
 QUANT_FORMATS = ("nf4", "int8", "none")
 BACKENDS = ("bitsandbytes", "torchao")
@@ -160,23 +160,30 @@ def quantize(model: nn.Module, fmt: str = "nf4", *, double_quant: bool = True,
         raise ValueError("quantize the base model before attaching adapters: deltatune.quantize(model, ...) "
                          "then deltatune.attach(model, config)")
     dtype = parse_dtype(compute_dtype)
-    lib = _import(backend)
+    _import(backend)  # the one-line error naming what to install, before any layer changes
     skip = tuple(skip)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear
              and not any(n == s or n.endswith("." + s) for s in skip)]
     for name in names:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        linear = owner.get_submodule(leaf)
-        try:
-            new = _quantized(lib, backend, linear, fmt, double_quant, dtype, blocksize)
-        except (RuntimeError, NotImplementedError, AttributeError, AssertionError) as e:
-            device = linear.weight.device
-            raise RuntimeError(f"{backend} cannot quantize to {fmt} on {device.type} here ({type(e).__name__}: {e}); "
-                               f"install a {backend} build for this device, or try the other backend / "
-                               "quantize: none") from e
-        setattr(owner, leaf, new)
+        setattr(owner, leaf, quantized_linear(owner.get_submodule(leaf), fmt, double_quant=double_quant,
+                                              compute_dtype=dtype, backend=backend, blocksize=blocksize))
     return model
+
+
+def quantized_linear(linear: nn.Linear, fmt: str, *, double_quant: bool = True,
+                     compute_dtype: torch.dtype | str = torch.float32, backend: str = "bitsandbytes",
+                     blocksize: int = 64) -> nn.Module:
+    """A frozen ``fmt`` copy of one ``nn.Linear`` (what :func:`quantize` puts in its place)."""
+    lib = _import(backend)
+    try:
+        return _quantized(lib, backend, linear, fmt, double_quant, parse_dtype(compute_dtype), blocksize)
+    except (RuntimeError, NotImplementedError, AttributeError, AssertionError) as e:
+        device = linear.weight.device
+        raise RuntimeError(f"{backend} cannot quantize to {fmt} on {device.type} here ({type(e).__name__}: {e}); "
+                           f"install a {backend} build for this device, or try the other backend / "
+                           "quantize: none") from e
 
 
 def _quantized(lib: Any, backend: str, linear: nn.Linear, fmt: str, double_quant: bool,

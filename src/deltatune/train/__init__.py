@@ -11,7 +11,8 @@ Needs the ``cli`` extra (transformers, pydantic, pyyaml, tqdm, matplotlib). The 
   validation, checkpoints, the NaN stop), and the exact-resume checkpoints;
 - ``run``: one run from config to output directory; ``report``: metrics file and plot.
 - ``space`` / ``budget`` / ``probe`` / ``plan``: the search space the methods declare, resource
-  budgets, and ``deltatune plan``'s cost predictions from a short probe.
+  budgets, and ``deltatune plan``'s cost predictions from a short probe; ``tune`` / ``tune_report``:
+  ``deltatune tune``'s search (Optuna, in a database) and its reports.
 """
 
 from deltatune.train.config import TrainConfig, load_config, validate_config

@@ -47,6 +47,7 @@ import deltatune as dt
 from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.data import epoch_batches
 from deltatune.train.loop import _start, _step, make_runner, pick_device, resolve_precision
+from deltatune.train.memory import chunked_runner, quantize_base
 from deltatune.train.models import load_model, prepare, training_meta
 from deltatune.train.ranks import Ranks
 from deltatune.train.space import Candidate
@@ -159,7 +160,7 @@ class Prober:
         """A fresh copy of the base model (the previous candidate's copy is dropped first)."""
         release()
         torch.manual_seed(config.seed)  # as run_training: the new head starts from the seed
-        loaded = load_model(config.model, self.task, self.splits.labels)
+        loaded = load_model(config.model, self.task, self.splits.labels, config)
         touch(loaded.model)
         if not self.items:  # the first load: what loading costs, and the run's encoded data
             self.items = {n: self.task.encode(loaded.tokenizer, getattr(self.splits, n), config.max_length)
@@ -203,10 +204,13 @@ class Prober:
         start = self.meter.current()
         self.meter.reset()
         torch.manual_seed(config.seed)
+        quantize_base(loaded.model, config)  # as run_training: before the adapter attaches
         strategy = prepare(loaded, config)
         loaded.model.to(self.device)
         params = dt.parameter_report(loaded.model)
         train, task, run = self.items["train"], self.task, make_runner(self.device, self.precision)
+        if config.loss_chunk:
+            run = chunked_runner(run, config.loss_chunk)
         collate = lambda idx: task.collate([train[i] for i in idx], loaded.tokenizer)  # noqa: E731
         batches, mean_tokens = self.epoch(config)
         with tempfile.TemporaryDirectory(prefix="deltatune-probe-") as tmp:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import yaml
 
 import deltatune as dt
 from deltatune.core.files import write_text_atomic
-from deltatune.train.callbacks import History
+from deltatune.train.callbacks import Callback, History
 from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, to_yaml, validate_config
 from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision
@@ -72,12 +72,14 @@ def _dir_bytes(path: Path) -> int:
 
 
 def run_training(config: TrainConfig, resume: bool = False, progress: bool = True,
-                 overwrite: bool = False, recorded: TrainConfig | None = None) -> dict[str, Any]:
+                 overwrite: bool = False, recorded: TrainConfig | None = None,
+                 callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train as ``config`` says and write the results under its output directory. Returns the metrics.
 
     ``overwrite`` replaces a run already in the output directory (removing only what deltatune
     wrote there); without it, or ``resume``, such a directory is refused. ``recorded``: with
     ``resume``, the run's own config if the caller has read it (:func:`read_run_config`) already.
+    ``callbacks`` run in the loop after the built-in ones (``deltatune tune`` reports and prunes there).
     """
     out = config.resolved_output()
     # Rank 0 alone writes, so it alone claims the directory (before joining: a refusal ends torchrun).
@@ -88,7 +90,7 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
         ranks = start(config.device)  # under torchrun: join the process group (ranks.py)
         try:
             with dt.cpu_engine(config.cpu_engine):  # the fused kernels' CPU products, restored afterwards
-                return _run_training(config, resume, progress, ranks)
+                return _run_training(config, resume, progress, ranks, callbacks)
         finally:
             finish(ranks)
     finally:
@@ -100,7 +102,8 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
     pass
 
 
-def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Ranks = Ranks()) -> dict[str, Any]:
+def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Ranks = Ranks(),
+                  callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """The run itself; on several processes every rank trains, rank 0 alone reports and writes
     (the others return an empty dict)."""
     out, say = config.resolved_output(), print if ranks.main else _quiet
@@ -121,7 +124,8 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
     run = make_runner(device, precision)
     if config.loss_chunk:
         run = chunked_runner(run, config.loss_chunk)
-    history = fit(strategy, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks)
+    history = fit(strategy, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks,
+                  callbacks=callbacks)
     sharded = ranks.distributed and config.strategy == "fsdp"  # every forward and the save are collectives
     if not ranks.main and not sharded:
         ranks.barrier()  # rank 0 scores the test split and writes the results

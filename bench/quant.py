@@ -1,0 +1,253 @@
+"""Quantized frozen base (QLoRA-style): LoRA on an fp32, bf16, int8 and NF4 base, side by side.
+
+    python -m bench.quant                    # all-MiniLM-L6-v2 and SmolLM2-135M, step time + memory
+    python -m bench.quant --quality          # also short training runs: sentiment accuracy, chat loss
+    python -m bench.quant --quick            # tiny random models (a smoke test of this script)
+
+Per setup, one process holds every setup's model (the frozen base built once per setup):
+
+- ``resident``: bytes of the frozen model's tensors (``integrations.quantize.resident_bytes``:
+  parameters, buffers and quantization state), and the same for the quantizable linear layers alone
+  (the embedding table and the full-precision head are not quantized and dominate MiniLM's size);
+- ``tensor_peak``: the peak of tensors a training step creates (bench/measure.py), so
+  ``peak = resident + tensor_peak`` is the training peak with the weights included;
+- ``rss``: peak resident-set growth over two steps, each setup in a fresh process (``--rss``);
+- step time: interleaved rounds (bench/measure.py), medians, ratios to fp32.
+
+Setups: ``fp32``, ``bf16`` (the whole model in bfloat16), ``int8`` and ``nf4`` (bitsandbytes, double
+quantization, fp32 compute), ``nf4-torchao`` (torchao's NF4 tensor) and ``peft-nf4`` (Hugging Face PEFT's
+LoRA on the same bitsandbytes NF4 base). SmolLM2 runs batch 1 x 256 with gradient checkpointing and
+a chunked loss (``loss_chunk``: 256 tokens); MiniLM batch 32 x 128.
+
+Writes bench/results/quant.json (``--quick``: quant-quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import deltatune as dt
+from bench.measure import interleaved, median, rss_growth, tensor_peak
+from bench.workloads import WORKLOADS, Workload
+from deltatune.integrations.quantize import DEFAULT_SKIP, resident_bytes
+from deltatune.train.memory import chunked_runner
+
+warnings.filterwarnings("ignore", message="MatMul8bitLt")
+SETUPS = ["fp32", "bf16", "int8", "nf4", "nf4-torchao", "peft-nf4"]
+RSS_SETUPS = ["fp32", "int8", "nf4"]  # a fresh process each (imports + load): kept to the goal's rows
+RESULTS = Path(__file__).parent / "results"
+
+
+def _workload(name: str, quick: bool) -> Workload:
+    import dataclasses
+
+    w = WORKLOADS[("tiny-" if quick else "") + ("bert" if name == "minilm" and quick else
+                                                "llama" if quick else name)]
+    if name == "smollm2" and not quick:
+        w = dataclasses.replace(w, batch=1, length=256)  # the issue's goal: batch 1 x 256
+    return w
+
+
+def build(setup: str, w: Workload) -> tuple[nn.Module, Any]:
+    """The base in ``setup``'s storage with LoRA (rank 8) on ``w``'s targets; and its step function."""
+    model = w.build()
+    if setup == "bf16":
+        model.to(torch.bfloat16)
+    elif setup != "fp32":
+        fmt = "int8" if setup == "int8" else "nf4"
+        dt.quantize(model, fmt, backend="torchao" if setup == "nf4-torchao" else "bitsandbytes")
+    if setup == "peft-nf4":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=w.lora_target,
+                                                 modules_to_save=w.head or None))
+    else:
+        dt.attach(model, dt.LoraConfig(target=w.lora_target, rank=8, alpha=16, modules_to_save=tuple(w.head)))
+    if w.causal:
+        enable = getattr(model, "gradient_checkpointing_enable")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    batch = w.make_batch()
+    run = (lambda m, b: m(**b))
+    run = chunked_runner(run, 256) if w.causal else run
+
+    def step() -> float:
+        loss = run(model, batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+    return model, step
+
+
+def _linear_bytes(model: nn.Module) -> int:
+    """Resident bytes of the quantizable linear layers (all but the head), quantized or not."""
+    from deltatune.core.layers import describe
+
+    total = 0
+    for name, m in model.named_modules():
+        spec = describe(m)
+        if spec is not None and spec.kind == "linear" and not any(name.endswith(s) for s in DEFAULT_SKIP) \
+                and ".adapters." not in name and not isinstance(m, dt.AdaptedLayer):
+            total += resident_bytes(m)
+    return total
+
+
+def _frozen_bytes(model: nn.Module) -> int:
+    """Resident bytes of the frozen model: everything but the adapter's (and PEFT's) own tensors."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return resident_bytes(model) - trainable
+
+
+def measure(models: list[str], setups: list[str], quick: bool, rounds: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in models:
+        w = _workload(name, quick)
+        built, rows = {}, {}
+        for setup in setups:
+            try:
+                model, step = build(setup, w)
+            except Exception as e:  # e.g. torchao's block-size rule on a tiny model; recorded, not hidden
+                rows[setup] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                continue
+            step()  # warm-up (bitsandbytes and torchao build state on the first call)
+            peak = tensor_peak(step)["peak"]
+            frozen = _frozen_bytes(model)
+            linear = None if setup.startswith("peft") else _linear_bytes(model)  # PEFT wraps the layers its own way
+            rows[setup] = {"resident_bytes": frozen, "linear_bytes": linear, "tensor_peak": peak,
+                           "peak_with_weights": frozen + peak}
+            built[setup] = step
+            print(f"{name} {setup}: resident {frozen / 2**20:.1f} MiB, step tensor peak {peak / 2**20:.1f} MiB", flush=True)
+        times = interleaved(built, rounds=rounds, warmup=1)
+        for setup, t in times.items():
+            rows[setup]["step_s"] = median(t["wall"])
+            rows[setup]["step_cpu_s"] = median(t["cpu"])
+        base = rows.get("fp32", {})
+        for setup, row in rows.items():
+            if "error" in row or "resident_bytes" not in base:
+                continue
+            row["ratios_to_fp32"] = {k: row[k] / base[k] for k in
+                                     ("resident_bytes", "linear_bytes", "peak_with_weights", "step_s")
+                                     if base.get(k) and row.get(k) is not None}
+        out[name] = {"workload": {"model": w.name, "batch": w.batch, "length": w.length,
+                                  "gradient_checkpointing": w.causal, "loss_chunk": 256 if w.causal else None},
+                     "setups": rows}
+        del built
+    return out
+
+
+def rss(models: list[str], setups: list[str], quick: bool) -> dict[str, Any]:
+    """RSS growth of two steps, each setup in a fresh process (``--rss-one``)."""
+    out: dict[str, Any] = {}
+    for name in models:
+        for setup in setups:
+            if setup not in RSS_SETUPS:
+                continue
+            cmd = [sys.executable, "-m", "bench.quant", "--rss-one", name, setup] + (["--quick"] if quick else [])
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+            line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+            out.setdefault(name, {})[setup] = json.loads(line[-1]) if line else {"error": res.stderr[-300:]}
+    return out
+
+
+def quality(quick: bool) -> dict[str, Any]:
+    """Short real training runs through ``deltatune train``'s code (run_training), fp32 vs quantized."""
+    import tempfile
+
+    from deltatune.train import load_config, run_training
+
+    runs = {
+        "minilm-sentiment": (["model=all-minilm-l6-v2", "task=sentiment", "data.max_train_examples=2000",
+                              "data.max_eval_examples=1000", "epochs=1", "batch_size=32", "max_length=64"],
+                             ["none", "nf4"]),
+        "smollm2-chat": (["model=smollm2-135m", "task=chat", "data.max_train_examples=96", "data.max_eval_examples=96",
+                          "epochs=1", "batch_size=4", "max_length=128", "loss_chunk=256"], ["none", "nf4"]),
+    }
+    out: dict[str, Any] = {}
+    for name, (sets, formats) in runs.items():
+        for fmt in formats:
+            with tempfile.TemporaryDirectory() as tmp:
+                config = load_config(None, [*sets, f"quantize={fmt}", "tensorboard=false", f"output={tmp}/run",
+                                            "precision=fp32"])
+                if quick:
+                    continue
+                from deltatune.train.chat import ChatTask
+
+                ChatTask.samples = 0
+                t0 = time.perf_counter()
+                metrics = run_training(config, progress=False)
+                keep = {k: metrics[k] for k in ("test_accuracy", "test_loss", "test_macro_f1", "steps",
+                                                 "train_seconds", "peak_memory_mb") if k in metrics}
+                out.setdefault(name, {})[fmt] = keep | {"wall_s": round(time.perf_counter() - t0, 1)}
+                print(name, fmt, keep, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quality", action="store_true")
+    p.add_argument("--no-rss", action="store_true")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--models", default="minilm,smollm2")
+    p.add_argument("--setups", default=",".join(SETUPS))
+    p.add_argument("--rss-one", nargs=2, metavar=("MODEL", "SETUP"))
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    if args.rss_one:
+        model, step = build(args.rss_one[1], _workload(args.rss_one[0], args.quick))
+        step()
+        print(json.dumps(rss_growth(step)))
+        return
+    models, setups = args.models.split(","), args.setups.split(",")
+    result: dict[str, Any] = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                    "note": "shared 2-core machine under load from other jobs; CUDA figures not recorded (no GPU)"},
+        "versions": _versions(),
+        "speed_memory": measure(models, setups, args.quick, args.rounds),
+    }
+    if not args.no_rss:
+        result["rss_growth"] = rss(models, setups, args.quick)
+    if args.quality:
+        result["quality"] = quality(args.quick)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / ("quant-quick.json" if args.quick else "quant.json")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    for name, block in result["speed_memory"].items():
+        print(f"\n{name} ({block['workload']})")
+        for setup, row in block["setups"].items():
+            r = row.get("ratios_to_fp32", {})
+            print(f"  {setup:12s} " + (row["error"] if "error" in row else
+                  " ".join(f"{k} {v:.2f}x" for k, v in r.items()) + f"  step {row['step_s']:.3f}s"))
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("bitsandbytes", "torchao", "transformers", "peft"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+if __name__ == "__main__":
+    main()

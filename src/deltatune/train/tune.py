@@ -1,0 +1,350 @@
+"""``deltatune tune``: search methods x their settings under a budget, with early stopping, in a study
+that lives in a database.
+
+The search space is the one ``plan`` and ``compare --grid`` use (``space.py``: what each method
+declares beside its config), plus a learning-rate scale (log-uniform in [1/4, 4] around the
+method's starting rate) and, if asked, the number of epochs. Optuna's TPE sampler picks the next
+trial; a Hyperband (or ASHA) pruner stops weak trials at intermediate validations
+(multi-fidelity: the resource is the number of validations, ``rungs`` per run).
+
+Budgets are respected before any training. ``tune`` first runs (or reuses) ``plan`` on the same
+settings: methods and choices whose predicted cost is over the budget never enter the space, and a
+sampled combination is predicted from the plan's rows (the method's defaults plus the change each
+chosen setting made on its own; time scaled by epochs). One predicted over budget is not started:
+it is recorded as pruned with the reason.
+
+The study is an Optuna RDB storage: ``sqlite:///OUTPUT/study.db`` by default, or any Optuna storage
+URL. Optuna hands each trial number to exactly one process (``ask`` is a database insert), so
+several processes or machines can work on one study; a trial whose settings another process
+already finished reuses that result rather than training again, and one whose settings another
+process is training now is skipped. A killed process leaves its trial ``RUNNING``; after the
+heartbeat's grace period the next process marks it failed and retries its settings once
+(``RetryFailedTrialCallback``). Finished trials stay in the database, so ``--trials N`` run again
+continues until N trials have finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from deltatune.train.budget import Budget, parse_budget
+from deltatune.train.callbacks import Callback, State
+from deltatune.train.config import TrainConfig, validate_config
+from deltatune.train.space import FULL, candidate, method_space, parse_methods
+from deltatune.train.tasks import get_task
+
+STUDY_DB = "study.db"
+LOWER_IS_BETTER = ("loss", "perplexity")
+COST_KEYS = ("peak_memory_mb", "step_seconds", "trainable_parameters", "adapter_bytes")
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ValueError("deltatune tune needs Optuna: pip install 'deltatune[tune]' (or pip install optuna)") from None
+    return optuna
+
+
+class Pruned(Exception):
+    """Raised inside the training loop when the pruner stops a trial."""
+
+
+class Report(Callback):
+    """After each validation: report the headline metric to the trial (step = validation number),
+    and stop the run if the pruner says so."""
+
+    def __init__(self, trial: Any, metric: str) -> None:
+        self.trial, self.metric, self.seen = trial, metric, 0
+
+    def _check(self, s: State) -> None:
+        while self.seen < len(s.history.validation):
+            value = s.history.validation[self.seen][self.metric]
+            self.seen += 1
+            self.trial.report(value, self.seen)
+            self.trial.set_user_attr("train_seconds", round(s.history.seconds, 3))
+            self.trial.set_user_attr("examples", s.history.examples)
+            if self.trial.should_prune():
+                raise Pruned(f"pruned after validation {self.seen} ({self.metric} {value:.4f})")
+
+    def on_step(self, s: State) -> None:
+        self._check(s)
+
+    def on_epoch_end(self, s: State) -> None:
+        self._check(s)
+
+
+# --- the space and the predictions ---------------------------------------------------------------
+
+
+def predict(rows: dict[str, dict[str, Any]], method: str, choices: dict[str, str], epochs: int,
+            plan_epochs: int) -> dict[str, Any] | None:
+    """Predicted costs of ``method`` with ``choices`` from the plan's rows, which hold the method at its
+    defaults and with each setting changed on its own (exact for those). For several changes at once:
+    memory and step time add each change's difference; parameters and bytes multiply each change's
+    ratio (rank x targets compose as products). ``None`` if a row needed failed in the plan."""
+    base = rows.get(method)
+    if base is None or base["status"] != "ok":
+        return None
+    out = {k: base[k] for k in (*COST_KEYS, "total_parameters", "steps_per_epoch")}
+    first = {k: next(iter(v)) for k, v in method_space(method).items()}
+    for key, name in choices.items():
+        if name == first.get(key):
+            continue
+        row = rows.get(candidate(method, {key: name}).label)
+        if row is None or row["status"] != "ok":
+            return None
+        for k in ("peak_memory_mb", "step_seconds"):
+            out[k] = max(out[k] + row[k] - base[k], min(out[k], row[k]))
+        for k in ("trainable_parameters", "adapter_bytes"):
+            out[k] = out[k] * row[k] / base[k] if base[k] else row[k]
+    out["trainable_parameters"] = round(out["trainable_parameters"])
+    out["trainable_share"] = out["trainable_parameters"] / out["total_parameters"]
+    out["epoch_seconds"] = out["step_seconds"] * out["steps_per_epoch"]
+    out["train_seconds"] = out["epoch_seconds"] * epochs
+    return out
+
+
+def feasible_space(rows: dict[str, dict[str, Any]], methods: Sequence[str], budget: Budget, epochs: int,
+                   plan_epochs: int) -> dict[str, dict[str, list[str]]]:
+    """``{method: {field: [choice names]}}``: the choices the plan predicts fit (at ``epochs``) on their
+    own; a method enters if its defaults or one of its single changes fit."""
+    space = {}
+    for method in methods:
+        default_fits = predict_fits(rows, method, {}, budget, epochs, plan_epochs) is True
+        dims, any_fits = {}, default_fits
+        for key, choices in method_space(method).items():
+            first, *rest = choices
+            names = [first] if default_fits else []
+            names += [n for n in rest if predict_fits(rows, method, {key: n}, budget, epochs, plan_epochs)]
+            any_fits = any_fits or len(names) > (1 if default_fits else 0)
+            dims[key] = names or [first]
+        if any_fits:
+            space[method] = dims
+    return space
+
+
+def predict_fits(rows: dict[str, dict[str, Any]], method: str, choices: dict[str, str], budget: Budget,
+                 epochs: int, plan_epochs: int) -> bool | None:
+    cost = predict(rows, method, choices, epochs, plan_epochs)
+    return None if cost is None else not budget.over(cost)
+
+
+# --- the study -------------------------------------------------------------------------------------
+
+
+def open_study(storage: str, name: str, direction: str, pruner: str, rungs: int, seed: int,
+               heartbeat: int) -> Any:
+    optuna = _optuna()
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat, "grace_period": 2 * heartbeat,
+                              "failed_trial_callback": RetryFailedTrialCallback(max_retry=1)}
+    if storage.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # several processes wait for the lock
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
+    try:
+        store = RDBStorage(storage, **kwargs)
+    except Exception as err:  # a malformed URL, a missing driver, an unreachable server
+        raise ValueError(f"--storage {storage!r}: {err}") from None
+    pruners = {
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=rungs, reduction_factor=3),
+        "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+        "none": lambda: optuna.pruners.NopPruner(),
+    }
+    if pruner not in pruners:
+        raise ValueError(f"--pruner {pruner!r}: choose hyperband, asha or none")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(storage=store, study_name=name, direction=direction, load_if_exists=True,
+                               sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruners[pruner]())
+
+
+def _settings_key(base: dict[str, Any], methods: Sequence[str], budget: Budget, epochs: Sequence[int]) -> str:
+    text = json.dumps({"base": base, "methods": list(methods), "budget": budget.text, "epochs": list(epochs)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_settings(study: Any, key: str, shown: dict[str, Any]) -> None:
+    """A study keeps the settings it was started with; another search under its name is refused."""
+    recorded = study.user_attrs.get("settings_key")
+    if recorded is None:
+        study.set_user_attr("settings_key", key)
+        study.set_user_attr("settings", shown)
+    elif recorded != key:
+        raise ValueError(f"study {study.study_name!r} was started with other settings "
+                         f"({json.dumps(study.user_attrs.get('settings'))}); use the same settings to continue it, "
+                         "or another --study-name")
+
+
+def sample(trial: Any, space: dict[str, dict[str, list[str]]], epochs: Sequence[int]) -> tuple[str, dict[str, str], float, int]:
+    method = trial.suggest_categorical("method", sorted(space))
+    choices = {key: trial.suggest_categorical(f"{method}.{key}", names) for key, names in space[method].items()}
+    scale = trial.suggest_float("lr_scale", 0.25, 4.0, log=True)
+    n = trial.suggest_categorical("epochs", list(epochs)) if len(epochs) > 1 else epochs[0]
+    return method, choices, scale, n
+
+
+def trial_config(base: dict[str, Any], method: str, choices: dict[str, str], scale: float, epochs: int,
+                 output: str | None = None, eval_every: int | None = None) -> TrainConfig:
+    """The run a trial trains (or the best trial's recipe, without ``output``/``eval_every``)."""
+    cand = candidate(method, choices)
+    start = validate_config(cand.apply(base), source=cand.label)  # the method's starting lr, as `train` picks it
+    data = {**cand.apply(base), "lr": float(f"{start.lr * scale:.3g}"), "epochs": epochs}
+    if output is not None:
+        data["output"] = output
+    if eval_every is not None:
+        data["eval_every"] = eval_every
+    return validate_config(data, source=f"trial {cand.label}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    pa = {k: v for k, v in a.params.items() if k != "lr_scale"}
+    pb = {k: v for k, v in b.params.items() if k != "lr_scale"}
+    return pa == pb and math.isclose(a.params.get("lr_scale", 0), b.params.get("lr_scale", 0), rel_tol=1e-9)
+
+
+def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all", budget: str | Budget | None = None,
+             trials: int = 20, output: str | Path = "runs/tune", storage: str | None = None,
+             study_name: str | None = None, pruner: str = "hyperband", rungs: int = 4,
+             epochs: Sequence[int] | None = None, seed: int = 0, probe_steps: int = 3, heartbeat: int = 30,
+             keep_runs: bool = False, say: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Run trials until ``trials`` have finished in the study, then write the reports. Returns ``tune.json``'s dict."""
+    from deltatune.train.plan import PLAN_FILE, base_data, run_plan
+    from deltatune.train.run import run_training
+    from deltatune.train.tune_report import write_reports
+
+    optuna = _optuna()
+    if trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {trials}")
+    budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+    names = parse_methods(methods)
+    base = base_data(overrides)
+    first = validate_config(dict(base), source="tune")
+    epochs = list(epochs or [first.epochs])
+    if any(e < 1 for e in epochs):
+        raise ValueError(f"--epochs must be positive, got {epochs}")
+    task = get_task(first.task)
+    metric = task.headline
+    direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{(out / STUDY_DB).resolve()}"
+    key = _settings_key(base, names, budget, epochs)
+    study = open_study(storage, study_name or f"tune-{key}", direction, pruner, rungs, seed, heartbeat)
+    _check_settings(study, key, {"overrides": list(overrides), "methods": names, "budget": budget.text,
+                                 "epochs": epochs})
+
+    plan_file = out / PLAN_FILE
+    plan = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    if plan is None or plan.get("settings_key") != key:
+        say("tune: predicting every option's cost first (deltatune plan)")
+        plan = run_plan(overrides, names, "all", budget, probe_steps, None, say=say) | {"settings_key": key}
+        from deltatune.core.files import write_text_atomic
+
+        write_text_atomic(plan_file, json.dumps(plan, indent=2) + "\n")
+    rows = {r["label"]: r for r in plan["rows"]}
+    space = feasible_space(rows, names, budget, min(epochs), plan["epochs"])
+    if not space:
+        from deltatune.train.plan import no_fit_message
+
+        raise ValueError(no_fit_message(plan) or f"no method fits the budget {budget.text}")
+    say(f"tune: study {study.study_name!r} in {storage}; methods that fit: {', '.join(sorted(space))}")
+
+    def objective(trial: Any) -> float:
+        method, choices, scale, n_epochs = sample(trial, space, epochs)
+        label = candidate(method, choices).label
+        trial.set_user_attr("label", label)
+        trial.set_user_attr("pid", os.getpid())
+        for other in study.get_trials(deepcopy=False):
+            if other.number == trial.number or not _same(other, trial):
+                continue
+            if other.state == optuna.trial.TrialState.COMPLETE:  # finished elsewhere: reuse, do not retrain
+                trial.set_user_attr("duplicate_of", other.number)
+                for k in ("train_seconds", "examples", "trainable_parameters", "test_metric"):
+                    if k in other.user_attrs:
+                        trial.set_user_attr(k, other.user_attrs[k])
+                trial.set_user_attr("train_seconds_spent", 0.0)
+                say(f"trial {trial.number}: {label} lr x{scale:.3g} = trial {other.number}'s settings; reusing its result")
+                return other.value
+            if other.state == optuna.trial.TrialState.RUNNING:
+                trial.set_user_attr("skipped", f"trial {other.number} is training these settings now")
+                raise optuna.TrialPruned(f"trial {other.number} is training these settings")
+        cost = predict(rows, method, choices, n_epochs, plan["epochs"])
+        if cost is None or budget.over(cost):
+            why = "could not be predicted" if cost is None else f"predicted over budget on {', '.join(budget.over(cost))}"
+            trial.set_user_attr("skipped", why)
+            say(f"trial {trial.number}: {label}: not started, {why}")
+            raise optuna.TrialPruned(why)
+        trial.set_user_attr("predicted", {k: cost[k] for k in ("peak_memory_mb", "train_seconds")})
+        # What `deltatune train` runs for these settings: the best trial's becomes best.yaml.
+        trial.set_user_attr("recipe", trial_config(base, method, choices, scale, n_epochs).model_dump(mode="json"))
+        steps = cost["steps_per_epoch"] * n_epochs
+        run_dir = out / "trials" / f"{trial.number:04d}-{candidate(method, choices).slug}"
+        config = trial_config(base, method, choices, scale, n_epochs, str(run_dir), max(1, math.ceil(steps / rungs)))
+        say(f"trial {trial.number}: {label}, lr {config.lr:g}, {n_epochs} epoch(s) (process {os.getpid()})")
+        try:
+            metrics = run_training(config, progress=False, overwrite=True, callbacks=[Report(trial, metric)])
+        except Pruned as why:
+            say(f"trial {trial.number}: {why}")
+            trial.set_user_attr("train_seconds_spent", trial.user_attrs.get("train_seconds", 0.0))
+            raise optuna.TrialPruned(str(why)) from None
+        finally:
+            if not keep_runs:
+                shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+        value = metrics["validation"][-1][metric]
+        for k, v in (("train_seconds", metrics["train_seconds"]), ("train_seconds_spent", metrics["train_seconds"]),
+                     ("examples", round(metrics["examples_per_second"] * metrics["train_seconds"])),
+                     ("trainable_parameters", metrics["trainable_parameters"]),
+                     ("trainable_share", metrics["trainable_parameters"] / metrics["total_parameters"]),
+                     ("adapter_bytes", metrics["adapter_bytes"]), ("peak_memory_mb", metrics["peak_memory_mb"]),
+                     ("test_metric", metrics.get(f"test_{metric}")), ("lr", config.lr), ("run_dir", str(run_dir))):
+            trial.set_user_attr(k, v)
+        say(f"trial {trial.number}: validation {metric} {value:.4f}")
+        return value
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    if done < trials:
+        study.optimize(objective, n_trials=trials - done, catch=(),
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished)])
+    result = summarise(study, base, metric, direction, budget, storage, plan)
+    write_reports(result, out)
+    return result
+
+
+def summarise(study: Any, base: dict[str, Any], metric: str, direction: str, budget: Budget, storage: str,
+              plan: dict[str, Any]) -> dict[str, Any]:
+    """Every trial as a row, the Pareto front and the best trial's recipe settings."""
+    from deltatune.train.tune_report import pareto_front
+
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        rows.append({
+            "number": t.number, "state": t.state.name, "label": a.get("label"), "value": t.value,
+            "params": t.params, "lr": a.get("lr"), "trainable_parameters": a.get("trainable_parameters"),
+            "trainable_share": a.get("trainable_share"), "train_seconds": a.get("train_seconds"),
+            "train_seconds_spent": a.get("train_seconds_spent", a.get("train_seconds") or 0.0),
+            "examples": a.get("examples"), "test_metric": a.get("test_metric"), "skipped": a.get("skipped"),
+            "duplicate_of": a.get("duplicate_of"), "validations": len(t.intermediate_values), "pid": a.get("pid"),
+            "predicted": a.get("predicted"), "recipe": a.get("recipe"),
+        })
+    complete = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    sign = -1 if direction == "maximize" else 1
+    best = min(complete, key=lambda r: (sign * r["value"], r["number"])) if complete else None
+    return {
+        "study": study.study_name, "storage": storage, "metric": metric, "direction": direction,
+        "budget": budget.to_dict(), "base": base, "model": plan.get("model"), "task": plan.get("task"),
+        "trials": rows, "best": best, "pareto": [r["number"] for r in pareto_front(complete, direction)],
+        "compute": {"train_seconds": round(sum(r["train_seconds_spent"] or 0.0 for r in rows), 2),
+                    "examples": sum(r["examples"] or 0 for r in rows if r["duplicate_of"] is None)},
+    }

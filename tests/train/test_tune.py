@@ -1,0 +1,176 @@
+"""``deltatune tune`` on a tiny random BERT: a study in SQLite, budgets respected before training,
+the Pareto front and a best.yaml that ``deltatune train`` runs; a SIGKILLed search resumes without
+losing finished trials; two processes on one study never train the same trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+optuna = pytest.importorskip("optuna")
+
+from deltatune.cli import app  # noqa: E402
+from deltatune.train.budget import parse_budget  # noqa: E402
+from deltatune.train.tune import feasible_space, predict, run_tune  # noqa: E402
+from deltatune.train.tune_report import pareto_front  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shared(model: Path, data: Path) -> list[str]:
+    return [f"model={model}", "task=classification", f"data.path={data}", "epochs=1", "batch_size=8",
+            "precision=fp32"]
+
+
+def cli_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    sets = [a for s in shared(model, data)[1:] for a in ("--set", s)]
+    return ["tune", str(model), *sets, "--probe-steps", "1", "--rungs", "2", "-o", str(out), *extra]
+
+
+def test_tune_search_reports_and_recipe(tiny_bert: Path, tiny_csv: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "tune"
+    result = run_tune(shared(tiny_bert, tiny_csv), "lora,bitfit", "params=20%", trials=3, output=out, rungs=2,
+                      probe_steps=1, say=lambda _: None)
+    # lora at its defaults trains 28% of this tiny model: over the budget, never trained; bitfit (3.7%),
+    # lora rank=4 (16.5%) and lora on the attention's query and value (10.8%) fit.
+    plan = {r["label"]: r for r in json.loads((out / "plan.json").read_text())["rows"]}
+    assert not plan["lora"]["fits"] and plan["bitfit"]["fits"] and plan["lora rank=4"]["fits"]
+    trained = [t for t in result["trials"] if t["state"] == "COMPLETE"]
+    assert trained and all(t["trainable_share"] <= 0.2 for t in trained)
+    for t in result["trials"]:
+        if t["label"] and t["label"].startswith("lora"):
+            assert "rank=8 target=all-linear" not in t["label"]
+    assert (out / "study.db").is_file() and result["storage"].startswith("sqlite:///")
+    saved = json.loads((out / "tune.json").read_text())
+    assert len(saved["trials"]) >= 3 and saved["best"]["number"] == result["best"]["number"]
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Pareto front" in (out / "tune.md").read_text()
+    # best.yaml is a recipe `deltatune train` runs as is.
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke(app, ["train", str(out / "best.yaml"), "--output", str(tmp_path / "again"),
+                                   "--no-progress"])
+    assert run.exit_code == 0, run.output
+    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert metrics["trainable_parameters"] == result["best"]["trainable_parameters"]
+
+
+@pytest.fixture()
+def rows() -> dict:
+    base = {"status": "ok", "peak_memory_mb": 500.0, "step_seconds": 0.1, "trainable_parameters": 1000,
+            "adapter_bytes": 5000, "total_parameters": 100_000, "steps_per_epoch": 100}
+    return {
+        "lora": base,
+        "lora rank=4": {**base, "trainable_parameters": 500, "adapter_bytes": 2500},
+        "lora rank=16": {**base, "trainable_parameters": 2000, "adapter_bytes": 10_000, "step_seconds": 0.12},
+        "lora target=attention-qv": {**base, "trainable_parameters": 300, "adapter_bytes": 1500, "step_seconds": 0.08},
+        "bitfit": {**base, "trainable_parameters": 100, "adapter_bytes": 800, "step_seconds": 0.07},
+        "full": {**base, "peak_memory_mb": 900.0, "trainable_parameters": 100_000, "step_seconds": 0.3},
+    }
+
+
+def test_a_combination_is_predicted_from_the_plan(rows: dict) -> None:
+    cost = predict(rows, "lora", {"rank": "16", "target": "attention-qv"}, epochs=2, plan_epochs=1)
+    assert cost["trainable_parameters"] == 1000 * 2 * 0.3
+    assert cost["step_seconds"] == pytest.approx(0.1 + 0.02 - 0.02)
+    assert predict(rows, "lora", {"rank": "16"}, 1, 1)["trainable_parameters"] == 2000  # one change: its row
+    assert cost["train_seconds"] == pytest.approx(cost["step_seconds"] * 100 * 2)
+
+
+def test_only_what_fits_enters_the_space(rows: dict) -> None:
+    space = feasible_space(rows, ["full", "lora", "bitfit"], parse_budget("params=1500,memory=800MiB"), 1, 1)
+    assert sorted(space) == ["bitfit", "lora"]  # full is over on memory and parameters
+    assert space["lora"]["rank"] == ["8", "4"]  # rank 16 alone is over 1,500 parameters
+    space = feasible_space(rows, ["lora"], parse_budget("params=600"), 1, 1)  # the defaults are over
+    assert space == {"lora": {"rank": ["4"], "target": ["attention-qv"]}}
+    space = feasible_space(rows, ["lora"], parse_budget("time=15s"), 2, 1)  # 2 epochs of 100 steps at 0.1 s: 20 s
+    assert space == {}
+
+
+def test_a_budget_nothing_fits_is_refused_before_training(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no option fits the budget params=10; the cheapest is bitfit"):
+        run_tune(shared(tiny_bert, tiny_csv), "bitfit", "params=10", trials=2, output=tmp_path / "t",
+                 probe_steps=1, say=lambda _: None)
+    assert not (tmp_path / "t" / "trials").exists()
+
+
+def test_pareto_front_is_the_non_dominated_set() -> None:
+    rows = [{"number": 0, "value": 0.8, "trainable_parameters": 100, "train_seconds": 10},
+            {"number": 1, "value": 0.7, "trainable_parameters": 200, "train_seconds": 20},   # dominated by 0
+            {"number": 2, "value": 0.9, "trainable_parameters": 1000, "train_seconds": 5},
+            {"number": 3, "value": 0.6, "trainable_parameters": 10, "train_seconds": 50},
+            {"number": 4, "value": 0.9, "trainable_parameters": 1000, "train_seconds": 5, "duplicate_of": 2}]
+    assert [r["number"] for r in pareto_front(rows, "maximize")] == [2, 0, 3]
+
+
+def _study(out: Path) -> list:
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    names = optuna.study.get_all_study_names(storage)
+    return optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False)
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "deltatune", *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def test_killed_search_resumes_keeping_finished_trials(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    args = cli_args(tiny_bert, tiny_csv, out, "--methods", "bitfit,ln", "--heartbeat", "1", "--pruner", "none")
+    proc = _spawn([*args, "--trials", "6"], tmp_path / "first.log")
+    deadline = time.time() + 600
+    while time.time() < deadline:  # wait for a finished trial and one under way, then kill -9
+        if (out / "study.db").is_file():
+            try:
+                trials = _study(out)
+            except Exception:  # noqa: BLE001 - the study is being created
+                trials = []
+            states = [t.state.name for t in trials]
+            if "COMPLETE" in states and states[-1] == "RUNNING":
+                break
+        if proc.poll() is not None:
+            pytest.fail(f"tune ended before it could be killed: {(tmp_path / 'first.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t.value for t in _study(out) if t.state.name == "COMPLETE"}
+    assert before
+    time.sleep(2.5)  # past the heartbeat's grace period: the killed trial counts as failed
+    target = len(before) + 1
+    resumed = _spawn([*args, "--trials", str(target)], tmp_path / "second.log")
+    assert resumed.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    after = _study(out)
+    kept = {t.number: t.value for t in after if t.number in before}
+    assert kept == before  # finished trials survive the kill, unchanged
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after) == target
+    assert any(t.state.name == "FAIL" for t in after)  # the one killed mid-run
+
+
+def test_two_processes_never_run_the_same_trial(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    args = cli_args(tiny_bert, tiny_csv, out, "--methods", "bitfit", "--trials", "4", "--pruner", "none")
+    first = _spawn(args, tmp_path / "a.log")  # the first writes plan.json; give it a head start on the study
+    while not (out / "study.db").is_file() and first.poll() is None:
+        time.sleep(0.2)
+    second = _spawn(args, tmp_path / "b.log")
+    assert first.wait(timeout=900) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    assert second.wait(timeout=900) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    started = [set(map(int, re.findall(r"^trial (\d+): bitfit, lr", (tmp_path / f"{n}.log").read_text(), re.M)))
+               for n in "ab"]
+    assert not started[0] & started[1]  # no trial number trained by both
+    trials = _study(out)
+    trained = [t for t in trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    assert {t.number for t in trained} == started[0] | started[1]
+    settings = [json.dumps(t.params, sort_keys=True) for t in trained]
+    assert len(settings) == len(set(settings))  # and no settings trained twice
+    assert len({t.user_attrs["pid"] for t in trials}) == 2 and len(trials) >= 4
