@@ -27,6 +27,8 @@ $(BIN)/.installed: pyproject.toml $(LOCK) requirements/assets.txt
 	touch $@
 
 setup: $(BIN)/.installed
+	@# Fashion-MNIST for `task: image`, from Debian's dataset-fashion-mnist (apt-get download; no root)
+	$(BIN)/python -m deltatune.train.fashion_mnist || echo "warning: Fashion-MNIST not fetched; task: image needs data.path"
 
 ## Fine-tune all-MiniLM-L6-v2 with LoRA on tweet sentiment (5 to 9 minutes on 2 cores).
 demo: setup

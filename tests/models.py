@@ -1,4 +1,4 @@
-"""Tiny random-weight models for tests: an MLP, a CNN, and BERT / Llama / GPT-2 built from configs.
+"""Tiny random-weight models for tests: an MLP, a CNN, ResNet- and ViT-style image models, and BERT / Llama / GPT-2 built from configs.
 
 Each ``ZooModel`` builds a fresh model with a fixed seed (so two builds have identical weights),
 fixed inputs, and ``run(model)`` returning one float tensor to compare. ``extra_targets`` are
@@ -66,6 +66,22 @@ def _gpt2() -> nn.Module:
     return GPT2LMHeadModel(cfg)
 
 
+def _resnet() -> nn.Module:
+    from deltatune.train.image_models import TinyResNet
+
+    return TinyResNet(num_classes=4)
+
+
+def _vit() -> nn.Module:
+    from deltatune.train.image_models import TinyViT
+
+    return TinyViT(num_classes=4, image_size=16)
+
+
+def _pictures() -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
 def _quantized(factory: Callable[[], nn.Module], fmt: str) -> Callable[[], nn.Module]:
     """``factory``'s model with its linear layers (the classifier head aside) quantized to ``fmt``
     by bitsandbytes, as ``deltatune.quantize`` does before adapters attach."""
@@ -107,6 +123,9 @@ ZOO: dict[str, ZooModel] = {
     "mlp": ZooModel("mlp", MLP, lambda: torch.randn(4, 16, generator=torch.Generator().manual_seed(1))),
     "cnn": ZooModel("cnn", CNN, lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
                     extra_targets=[["conv1", "conv2", "conv3"]]),
+    # image models of train/image_models.py (ResNet- and ViT-style, random weights; BatchNorm statistics frozen)
+    "resnet": ZooModel("resnet", _resnet, _pictures, extra_targets=["all-conv"]),
+    "vit": ZooModel("vit", _vit, _pictures),
     "bert": ZooModel("bert", _bert, _ids, extra_targets=[["word_embeddings"]], transformers=True),
     "llama": ZooModel("llama", _llama, _ids, transformers=True),
     "gpt2": ZooModel("gpt2", _gpt2, _ids, transformers=True),

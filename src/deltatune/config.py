@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 from torch import nn
 
 # A target is a module name, a name suffix ("query" matches "encoder.layer.0.attention.self.query"),
-# a regular expression written "re:<pattern>" (full match), the keyword "all-linear", a list of
+# a regular expression written "re:<pattern>" (full match), the keyword "all-linear" or "all-conv", a list of
 # those, or a callable ``(name, module) -> bool``.
 Target = str | list[str] | tuple[str, ...] | Callable[[str, nn.Module], bool]
 

@@ -92,3 +92,24 @@ def test_saved_file_holds_only_bias_deltas(tmp_path):
 
     keys = sorted(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
     assert keys == ["conv1.bias_delta", "conv2.bias_delta", "conv3.bias_delta", "fc.bias_delta"]
+
+
+def test_batchnorm_shift_trains_as_a_delta_and_merges_exactly() -> None:
+    """Conv nets (MobileNet, ResNet) have bias-free convolutions: BitFit trains BatchNorm's β."""
+    import deltatune as dt
+    from deltatune.train.image_models import TinyResNet
+
+    torch.manual_seed(0)
+    model = TinyResNet(3).double().eval()
+    report = dt.attach(model, dt.BitFitConfig())
+    assert "bn1" in report.targets and "layers.0.bn2" in report.targets and "fc" not in report.targets
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        base = model(x).logits
+        for _, layer in dt.core.inject.adapted_layers(model):
+            layer.adapters["default"].bias_delta.normal_()
+        adapted = model(x).logits
+        dt.merge_and_unload(model)
+        merged = model(x).logits
+    assert not torch.allclose(base, adapted)
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-12)

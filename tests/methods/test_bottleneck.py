@@ -113,3 +113,26 @@ def test_cannot_merge_and_bad_config():
         dt.attach(ZOO["mlp"].build(), dt.BottleneckConfig())
     with pytest.raises(dt.NoMatchError, match="cannot adapt"):  # an embedding has no input to run beside
         dt.attach(ZOO["bert"].build(), dt.BottleneckConfig(target=["word_embeddings"], variant="parallel"))
+
+
+def test_bottleneck_on_conv_features_is_a_pair_of_1x1_convolutions():
+    """Conv-Adapter placement: after a conv block, acting on the channel axis of (N, C, H, W)."""
+    import torch.nn.functional as F
+
+    from deltatune.train.image_models import TinyResNet
+
+    torch.manual_seed(0)
+    model = TinyResNet(3).double().eval()
+    report = dt.attach(model, dt.BottleneckConfig(target=["layers.1", "re:conv1"], reduction_factor=4))
+    assert report.targets == ["conv1", "layers.1"]
+    adapter = model.layers[1].adapters["default"]
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_()
+    x = torch.randn(2, 8, 16, 16, dtype=torch.float64)
+    block = model.layers[1].base
+    h = block(x)
+    down = adapter.down.weight[:, :, None, None]  # the Linear as a 1×1 convolution
+    up = adapter.up.weight[:, :, None, None]
+    want = h + F.conv2d(F.relu(F.conv2d(h, down, adapter.down.bias)), up, adapter.up.bias)
+    torch.testing.assert_close(model.layers[1](x), want, rtol=0, atol=1e-12)

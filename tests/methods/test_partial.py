@@ -108,8 +108,10 @@ def test_stacked_adapter_sees_the_trained_copy(order):
 def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="not both"):
         dt.PartialConfig(last_n=1, layers=[0])
-    with pytest.raises(ValueError, match="positive"):
-        dt.PartialConfig(last_n=0)
+    with pytest.raises(ValueError, match="0 or more"):
+        dt.PartialConfig(last_n=-1)
+    with pytest.raises(dt.NoMatchError, match="modules_to_save"):
+        dt.attach(ZOO["bert"].build(), dt.PartialConfig(last_n=0))
     with pytest.raises(ValueError, match="only 2 blocks"):
         dt.attach(ZOO["bert"].build(), dt.PartialConfig(last_n=3))
     with pytest.raises(ValueError, match="do not exist"):
@@ -120,3 +122,12 @@ def test_errors_name_the_fix():
         dt.attach(ZOO["gpt2"].build(), dt.PartialConfig(target=["wte"]))
     # Named modules work on a model without blocks.
     assert dt.attach(ZOO["mlp"].build(), dt.PartialConfig(target=["fc2"])).targets == ["fc2"]
+
+
+def test_last_n_zero_is_a_linear_probe():
+    """``last_n=0`` trains no block: only the modules_to_save (a new head) train."""
+    model = ZOO["bert"].build()
+    report = dt.attach(model, dt.PartialConfig(last_n=0, modules_to_save=["classifier"]))
+    assert report.targets == [] and report.modules_to_save == ["classifier"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("classifier" in n for n in trainable)

@@ -44,7 +44,7 @@ def merge(
         if trained.adapter is None:
             raise ValueError(f"{adapter_dir} already holds a full model; there is nothing to merge")
         model, tokenizer = trained.model, trained.tokenizer
-        probe = tokenizer(_PROBE, padding=True, return_tensors="pt")
+        probe = trained.task.probe_batch(tokenizer) or tokenizer(_PROBE, padding=True, return_tensors="pt")
         with torch.no_grad():
             before = model(**probe).logits
             dt.merge_and_unload(dt.dequantize(model))  # dequantize: a no-op for a full-precision base

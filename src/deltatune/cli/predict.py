@@ -13,7 +13,7 @@ from deltatune.cli.common import fail_cleanly, parse_sets
 
 def predict(
     adapter_dir: Annotated[Path, typer.Argument(help="A run directory, its adapter/ folder, or a merged model.")],
-    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL/CSV with a text column, or .txt with one text per line.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL/CSV with a text column, or .txt with one text per line; for an image run also a picture or a folder of pictures.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write one JSON line per input.")],
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Change the recorded config, e.g. --set data.text_column=tweet.")] = None,
@@ -29,13 +29,15 @@ def predict(
         from deltatune.train.loop import make_runner, pick_device
         from deltatune.train.models import read_trained
 
-        numbered = read_numbered_records(input)  # read and check first: a bad file fails before the model loads
-        if not numbered:
-            raise ValueError(f"{input} holds no inputs")
-        records = [record for _, record in numbered]
         overrides = parse_sets(set_)
         recorded = read_trained(adapter_dir, overrides)
-        check_text_field(input, numbered, recorded.task.input_field(records, recorded.config))
+        own = recorded.task.read_inputs(input)  # e.g. pictures: one file or a folder
+        numbered = list(enumerate(own, 1)) if own is not None else read_numbered_records(input)
+        if not numbered:  # read and check first: a bad file fails before the model loads
+            raise ValueError(f"{input} holds no inputs")
+        records = [record for _, record in numbered]
+        if own is None:
+            check_text_field(input, numbered, recorded.task.input_field(records, recorded.config))
         trained = load_trained(adapter_dir, overrides)
         device = pick_device(trained.config.device)
         trained.model.to(device)

@@ -244,7 +244,7 @@ def _explicit(target: object) -> bool:
     if target is None or callable(target):
         return False
     patterns = (target,) if isinstance(target, str) else tuple(target)
-    return not any(p == "all-linear" or p.startswith("re:") for p in patterns)
+    return not any(p in ("all-linear", "all-conv") or p.startswith("re:") for p in patterns)
 
 
 def _build(config: AdapterConfig, names: list[str], modules: dict[str, nn.Module]) -> tuple[list, list[str]]:
@@ -255,7 +255,7 @@ def _build(config: AdapterConfig, names: list[str], modules: dict[str, nn.Module
             skipped.append(f"{module_name} ({type(modules[module_name]).__name__})")
         else:
             built.append((module_name, adapter))
-    if not built:
+    if names and not built:  # no names: the method chose none (a linear probe trains only its heads)
         raise NoMatchError(
             f"{config.method} cannot adapt any of the {len(names)} selected modules "
             f"(e.g. {skipped[0]}); target layers of a supported type instead"

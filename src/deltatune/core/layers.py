@@ -21,7 +21,9 @@ Weight layout per kind (``transposed`` flips the first two axes):
   that adds a table ``D`` adds ``bag_like(base, D, ids)``: the same reduction over ``D``;
 - ``norm``: LayerNorm- and RMSNorm-like layers (``nn.LayerNorm``, ``nn.RMSNorm`` and classes whose
   name ends in ``LayerNorm`` / ``RMSNorm``, as transformers names them); d_in = d_out = the number of
-  normalised features (0 if the layer keeps neither a ``normalized_shape`` nor a weight).
+  normalised features (0 if the layer keeps neither a ``normalized_shape`` nor a weight);
+- ``batch_norm``: ``nn.BatchNorm1d/2d/3d`` (any ``_BatchNorm``): per-channel statistics and affine
+  parameters on axis 1 of an (N, C, *spatial) input; d_in = d_out = C.
 
 Quantized linear layers (bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, deltatune's torchao NF4
 layer) are ``linear`` with ``quantized`` set to their storage format (``"nf4"``, ``"fp4"``, ``"int8"``).
@@ -42,11 +44,12 @@ from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from deltatune.core.layer import call_args
 
-Kind = Literal["linear", "conv", "embedding", "embedding_bag", "norm"]
+Kind = Literal["linear", "conv", "embedding", "embedding_bag", "norm", "batch_norm"]
 
 _NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
 
@@ -56,7 +59,7 @@ class LayerSpec:
     """One base layer, as methods see it (see the module docs for the weight layout of each kind).
 
     Attributes:
-        kind: linear | conv | embedding | embedding_bag | norm.
+        kind: linear | conv | embedding | embedding_bag | norm | batch_norm.
         d_in / d_out: input and output features (channels for a convolution; vocabulary and
             embedding size for a table; the normalised size for a norm).
         transposed: the weight is stored input-first (GPT-2 ``Conv1D``, ``nn.ConvTranspose*d``).
@@ -144,6 +147,8 @@ def describe(base: nn.Module) -> LayerSpec | None:
         return LayerSpec("embedding", base.num_embeddings, base.embedding_dim)
     if isinstance(base, nn.EmbeddingBag):
         return LayerSpec("embedding_bag", base.num_embeddings, base.embedding_dim)
+    if isinstance(base, _BatchNorm):
+        return LayerSpec("batch_norm", base.num_features, base.num_features)
     if isinstance(base, (nn.LayerNorm, nn.RMSNorm)) or type(base).__name__.endswith(_NORM_SUFFIXES):
         size = _normalised_size(base)
         return LayerSpec("norm", size, size)

@@ -6,6 +6,7 @@ Pattern syntax (used for ``target``, ``exclude``, ``modules_to_save`` and per-mo
 - ``"query"`` or ``"attention.self.query"``: a suffix on a ``.`` boundary;
 - ``"re:.*\\.(query|value)"``: a regular expression that must match the whole name;
 - ``"all-linear"``: every linear layer except the output head;
+- ``"all-conv"``: every convolution (``nn.Conv1d/2d/3d``, grouped and depthwise ones included);
 - a list of the above (any may match), or a callable ``(name, module) -> bool``.
 
 Layer indices (``layers=[4, 5]``) are read structurally: the index of the module's ancestor
@@ -28,6 +29,7 @@ from deltatune.core.layers import describe
 T = TypeVar("T")
 
 ALL_LINEAR = "all-linear"
+ALL_CONV = "all-conv"
 
 
 class NoMatchError(ValueError):
@@ -137,6 +139,9 @@ def select(
             return bool(target(name, module))
         if target == ALL_LINEAR:
             return _linear_like(module) and name not in heads
+        if target == ALL_CONV:
+            spec = describe(module)
+            return spec is not None and spec.kind == "conv" and not spec.transposed
         patterns = (target,) if isinstance(target, str) else tuple(target)
         return any_matches(name, patterns)
 

@@ -27,6 +27,7 @@ from deltatune.methods.vera import VeraConfig
 from deltatune.methods.prefix import PrefixConfig
 from deltatune.methods.prompt import PromptConfig
 from deltatune.methods.ptuning import PtuningConfig
+from deltatune.methods.visual_prompt import VisualPromptConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
     "lora": LoraConfig,
@@ -45,6 +46,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
     "prompt": PromptConfig,
     "prefix": PrefixConfig,
     "ptuning": PtuningConfig,
+    "visual_prompt": VisualPromptConfig,
 }
 
 

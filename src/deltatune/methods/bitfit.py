@@ -12,7 +12,8 @@ changing the base); the tests check the formula in float64 and that training the
 training the biases themselves ends.
 
 Supported layers (those with a bias): ``nn.Linear``, transformers' GPT-2 ``Conv1D``, convolutions
-(``nn.Conv1d/2d/3d`` and their transposes; the bias broadcasts over the channel axis) and
+(``nn.Conv1d/2d/3d`` and their transposes; the bias broadcasts over the channel axis), BatchNorm
+(the shift β, per channel; MobileNet's and ResNet's convolutions have no bias of their own) and
 normalisation layers (LayerNorm, and RMSNorm where it has a bias: the bias has the normalised shape). By default every such layer except the
 model's output head trains (a new head usually goes in ``modules_to_save``). Models without
 biases (Llama) have nothing to adapt.
@@ -32,6 +33,9 @@ from deltatune.core.layers import describe
 from deltatune.core.targeting import NoMatchError, output_head_names, select
 
 
+CHANNEL_FIRST = -1  # the bias is per channel on axis 1, whatever the number of spatial axes (BatchNorm)
+
+
 def _has_bias(module: nn.Module) -> bool:
     return isinstance(getattr(module, "bias", None), nn.Parameter)
 
@@ -44,6 +48,8 @@ def _bias_layout(module: nn.Module) -> int | None:
         return None
     if spec.kind == "conv":
         return spec.spatial
+    if spec.kind == "batch_norm":
+        return CHANNEL_FIRST
     return 0 if spec.kind in ("linear", "norm") else None
 
 
@@ -61,7 +67,8 @@ class BiasDelta(Adapter):
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
         h = base(x)                                              # (N, ..., C) or (N, C, *L)
-        b = self.bias_delta.view(-1, *(1,) * self.spatial) if self.spatial else self.bias_delta
+        spatial = h.dim() - 2 if self.spatial == CHANNEL_FIRST else self.spatial
+        b = self.bias_delta.view(-1, *(1,) * spatial) if spatial else self.bias_delta
         return h + b.to(h.dtype)
 
     @torch.no_grad()

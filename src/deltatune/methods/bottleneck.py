@@ -27,6 +27,10 @@ non-leaf module hides its linear layers from other adapters. So the default plac
 adapter beside the FFN's down-projection, fed with the FFN's hidden activation
 (``d_ff → r → d``); ``target=["mlp"]`` gives He et al.'s exact placement on Llama / GPT-2.
 
+Conv features (Conv-Adapter, Chen et al., 2022, arXiv:2208.07463): on a convolution, a
+BatchNorm or a block of them (a ResNet / MobileNet block), the same adapter acts on the channel axis
+of (N, C, H, W) features, i.e. as a pair of 1×1 convolutions ``C → r → C``.
+
 Not mergeable: the non-linearity cannot be folded into the base weights.
 """
 
@@ -36,6 +40,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig, Target
@@ -55,9 +60,9 @@ class Bottleneck(Adapter):
     """``h + s·up(f(down(h)))`` after ``base`` (sequential) or ``base(x) + s·up(f(down(x)))`` (parallel)."""
 
     def __init__(self, d_in: int, d_out: int, size: int, activation: str = "relu", scaling: float = 1.0,
-                 parallel: bool = False) -> None:
+                 parallel: bool = False, channels_first: bool = False) -> None:
         super().__init__()
-        self.parallel, self.scaling = parallel, scaling
+        self.parallel, self.scaling, self.channels_first = parallel, scaling, channels_first
         self.down = nn.Linear(d_in if parallel else d_out, size)  # (r, d)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(size, d_out)                          # (d, r)
@@ -67,17 +72,32 @@ class Bottleneck(Adapter):
             self.down.bias.zero_()
 
     def extra_repr(self) -> str:
-        return f"parallel={self.parallel}, scaling={self.scaling:g}"
+        return f"parallel={self.parallel}, scaling={self.scaling:g}" + (", channels_first" if self.channels_first else "")
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
-        h = base(x)                                              # (..., d_out)
+        h = base(x)                                              # (..., d_out) or (N, d_out, *spatial)
         z = x if self.parallel else h                            # (..., d_in) or (..., d_out)
-        return h + self.up(self.act(self.down(z.to(self.down.weight.dtype)))).to(h.dtype) * self.scaling
+        if self.channels_first:  # conv features: the bottleneck is a pair of 1×1 convolutions
+            flat = z.to(self.down.weight.dtype).flatten(2)                               # (N, d, L)
+            u = F.conv1d(self.act(F.conv1d(flat, self.down.weight[:, :, None], self.down.bias)),
+                         self.up.weight[:, :, None], self.up.bias)                        # (N, d_out, L)
+            return h + u.view(h.shape).to(h.dtype) * self.scaling
+        u = self.up(self.act(self.down(z.to(self.down.weight.dtype)))).to(h.dtype)
+        return h + u * self.scaling
 
 
 def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
     spec = describe(module)
     return (spec.d_in, spec.d_out) if spec is not None and spec.kind == "linear" else None
+
+
+def _conv_dims(module: nn.Module) -> tuple[int, int] | None:
+    """Channels in and out of a convolution or a BatchNorm (features laid out (N, C, *spatial))."""
+    spec = describe(module)
+    if spec is not None and ((spec.kind == "conv" and not spec.transposed)
+                             or spec.kind == "batch_norm"):
+        return spec.d_in, spec.d_out
+    return None
 
 
 def io_dims(module: nn.Module) -> tuple[int | None, int] | None:
@@ -90,6 +110,18 @@ def io_dims(module: nn.Module) -> tuple[int | None, int] | None:
         return None, spec.d_out
     inner = [d for m in module.modules() if m is not module and (d := _linear_dims(m)) is not None]
     return (inner[0][0], inner[-1][1]) if inner else None
+
+
+def conv_io_dims(module: nn.Module) -> tuple[int, int] | None:
+    """Channels in and out of a convolution, a BatchNorm, or a block of them (its first and last
+    convolutions: e.g. a ResNet or MobileNet block), for bottlenecks on conv features."""
+    own = _conv_dims(module)
+    if own is not None:
+        return own
+    inner = [d for m in module.modules() if m is not module and (d := _conv_dims(m)) is not None]
+    if not inner or any(_linear_dims(m) is not None for m in module.modules()):
+        return None
+    return inner[0][0], inner[-1][1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +167,12 @@ class BottleneckConfig(AdapterConfig):
         return ATTENTION_OUT + FEEDFORWARD_OUT if self.variant == "houlsby" else FEEDFORWARD_OUT
 
     def build(self, name: str, base: nn.Module) -> Adapter | None:
-        dims = io_dims(base)
+        dims, channels_first = io_dims(base), False
+        if dims is None:
+            dims, channels_first = conv_io_dims(base), True
         parallel = self.variant == "parallel"
-        if dims is None or (parallel and dims[0] is None):
+        if dims is None or (parallel and (dims[0] is None or channels_first)):  # parallel: linear layers only
             return None
         d_in, d_out = dims
         size = self.bottleneck_size or max(1, d_out // self.reduction_factor)
-        return Bottleneck(d_in or d_out, d_out, size, self.activation, self.scaling, parallel)
+        return Bottleneck(d_in or d_out, d_out, size, self.activation, self.scaling, parallel, channels_first)

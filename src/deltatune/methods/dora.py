@@ -199,6 +199,14 @@ class DoraConv(Dora):
     def _out_shape(self, weight: Tensor) -> tuple[int, ...]:
         return (-1,) + (1,) * (weight.dim() - 2)  # channels before the spatial dims
 
+    def _compute_norm(self, weight: Tensor) -> Tensor:
+        if self.lora.groups == 1:
+            return super()._compute_norm(weight)
+        # A grouped convolution's update is block-diagonal: form V = W + ΔW (a conv weight is small).
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        V = weight.to(dtype) + self.lora.delta_weight(weight).to(weight.device, dtype)  # (C_out, C_in/g, *k)
+        return torch.linalg.vector_norm(V.flatten(1), dim=1).clamp_min_(torch.finfo(dtype).tiny)
+
     def _weight_shape(self, weight: Tensor) -> tuple[int, ...]:
         return (-1,) + (1,) * (weight.dim() - 1)
 

@@ -16,7 +16,8 @@ bit-identical: the adapter keeps the initial factors A₀, B₀ as frozen buffer
 adapter applies to the original base; merging adds ``s·(B A − B₀ A₀)``.
 
 Supported layers: ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (weight stored transposed),
-``nn.Conv1d`` / ``nn.Conv2d`` (A is a convolution with the base kernel, B a 1×1 convolution) and
+``nn.Conv1d`` / ``nn.Conv2d`` (A is a convolution with the base kernel, B a 1×1 convolution; grouped
+and depthwise convolutions get one update per group, see :class:`LoraConv`) and
 ``nn.Embedding`` (A is looked up by token id; following PEFT, A starts at zero and B is Gaussian)
 and ``nn.EmbeddingBag`` in ``sum`` / ``mean`` mode (the bag of A's columns, then B: a bag is linear in
 its table, so ``bag(E + s·(BA)ᵀ) = bag(E) + s·bag(Aᵀ) Bᵀ``; PEFT has no LoRA for bags).
@@ -152,29 +153,58 @@ class LoraEmbeddingBag(LoraEmbedding):
 
 
 class LoraConv(Adapter):
-    """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A convolves like the base, B mixes channels (1×1)."""
+    """LoRA on ``nn.Conv1d``/``nn.Conv2d``: A convolves like the base, B mixes channels (1×1).
+
+    A grouped convolution (``groups = g``, depthwise when g = C_in) is g independent convolutions;
+    each group gets its own rank-r update, so A is a grouped convolution with r·g outputs and B a
+    grouped 1×1 convolution, and per group ``ΔW_j = s · B_j A_j``: still an exact merge. For g > 1,
+    r is capped at the rank a group's update can have, ``min(C_out/g, C_in/g · Πk)`` (1 for a
+    depthwise 3×3), and the scaling stays α / r of the rank asked for.
+    """
 
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, rank: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, rslora: bool = False) -> None:
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError("LoRA supports convolutions with groups=1 and padding_mode='zeros'")
-        self.rank, self.scaling = rank, lora_scaling(rank, alpha, rslora)
+        if conv.padding_mode != "zeros":
+            raise ValueError("LoRA supports convolutions with padding_mode='zeros'")
+        g = conv.groups
+        per_in, per_out = conv.in_channels // g, conv.out_channels // g
+        self.scaling = lora_scaling(rank, alpha, rslora)  # α/r with the rank asked for, as PEFT scales it
+        self.rank = min(rank, per_out, per_in * math.prod(conv.kernel_size)) if g > 1 else rank
+        self.groups = g
         self.conv = F.conv1d if len(conv.kernel_size) == 1 else F.conv2d
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         ones = (1,) * len(conv.kernel_size)
-        self.A = nn.Parameter(torch.empty(rank, conv.in_channels, *conv.kernel_size))  # (r, C_in, *k)
-        self.B = nn.Parameter(torch.zeros(conv.out_channels, rank, *ones))             # (C_out, r, *1)
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.A = nn.Parameter(torch.empty(self.rank * g, per_in, *conv.kernel_size))  # (g·r, C_in/g, *k)
+        self.B = nn.Parameter(torch.zeros(conv.out_channels, self.rank, *ones))        # (C_out, r, *1)
+        for a in self.A.view(g, self.rank, *self.A.shape[1:]):  # each group as a groups=1 LoRA would be
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, groups={self.groups}, scaling={self.scaling:g}"
+
     def forward(self, x: Tensor, base: Any) -> Tensor:
-        z = self.conv(self.dropout(x), self.A, None, self.stride, self.padding, self.dilation)  # (N, r, *L)
-        return base(x) + self.conv(z, self.B) * self.scaling
+        if self.groups > 1:
+            # A group's update is tiny ((C_out/g, C_in/g, *k)): convolve once with ΔW (from the
+            # factors, so gradients reach A and B) instead of running two grouped convolutions,
+            # which are slow on CPU; with a plain frozen base, with W + ΔW in one convolution.
+            delta = self.delta_weight(base).to(x.dtype)                  # (C_out, C_in/g, *k)
+            if not self.training or isinstance(self.dropout, nn.Identity):
+                if runs_like_its_weight(base) and type(base).forward in (nn.Conv1d.forward, nn.Conv2d.forward):
+                    return base._conv_forward(x, base.weight + delta, base.bias)
+            z = self.dropout(x)
+            return base(x) + self.conv(z, delta, None, self.stride, self.padding, self.dilation, self.groups)
+        A, B = self.A.to(x.dtype), self.B.to(x.dtype)
+        z = self.conv(self.dropout(x), A, None, self.stride, self.padding, self.dilation)  # (N, r, *L)
+        return base(x) + self.conv(z, B) * self.scaling                                   # (N, C_out, *L)
 
     def delta_weight(self, base: nn.Module) -> Tensor:
-        # ΔW[o, i, *k] = s · Σ_r B[o, r] A[r, i, *k]
-        flat = self.B.flatten(1) @ self.A.flatten(1)          # (C_out, C_in · Πk)
+        # Per group j: ΔW_j[o, i, *k] = s · Σ_r B_j[o, r] A_j[r, i, *k]
+        g, r = self.groups, self.rank
+        B = self.B.flatten(1).view(g, -1, r)                  # (g, C_out/g, r)
+        A = self.A.flatten(1).view(g, r, -1)                  # (g, r, C_in/g · Πk)
+        flat = torch.bmm(B, A).reshape(self.B.shape[0], -1)   # (C_out, C_in/g · Πk)
         return flat.view(self.B.shape[0], *self.A.shape[1:]) * self.scaling
 
 

@@ -111,6 +111,7 @@ class PartialConfig(AdapterConfig):
 
     Attributes:
         last_n: train the last N blocks of the model's block stack (its largest ``nn.ModuleList``).
+            ``0`` trains no block: with a new head in ``modules_to_save``, a linear probe.
         layers: train these blocks instead (indices into the block stack); not with ``last_n``.
         target: also train these modules (names, suffixes or ``re:`` patterns), whole subtrees,
             e.g. ``["classifier"]`` or ``["bert.pooler"]``.
@@ -127,8 +128,8 @@ class PartialConfig(AdapterConfig):
     last_n: int | None = None
 
     def validate(self) -> None:
-        if self.last_n is not None and (not isinstance(self.last_n, int) or self.last_n < 1):
-            raise ValueError(f"partial last_n must be a positive number of blocks, got {self.last_n!r}")
+        if self.last_n is not None and (not isinstance(self.last_n, int) or self.last_n < 0):
+            raise ValueError(f"partial last_n must be a number of blocks (0 or more), got {self.last_n!r}")
         if self.last_n is not None and self.layers is not None:
             raise ValueError("give partial either last_n (the last N blocks) or layers (block indices), not both")
 
@@ -156,7 +157,7 @@ class PartialConfig(AdapterConfig):
                 raise ValueError(
                     f"partial layers {bad} do not exist: the model has {n_blocks} blocks (0..{n_blocks - 1})")
             return set(self.layers), index
-        last_n = self.last_n or 1
+        last_n = 1 if self.last_n is None else self.last_n
         if last_n > n_blocks:
             raise ValueError(f"partial last_n={last_n} but the model has only {n_blocks} blocks")
         return set(range(n_blocks - last_n, n_blocks)), index
@@ -171,6 +172,11 @@ class PartialConfig(AdapterConfig):
                 continue
             if index.get(n) in blocks or any(n == r or n.startswith(r + ".") for r in roots):
                 names.append(n)
+        if not names and self.last_n == 0 and self.target is None:
+            if not self.modules_to_save:
+                raise NoMatchError("partial last_n=0 trains no block; name the head to train with "
+                                   "modules_to_save=[...] (a linear probe)")
+            return []  # a linear probe: only the modules_to_save (a new head) train
         if not names:
             raise NoMatchError(f"partial selected no module with parameters in {type(model).__name__}")
         nested = [n for n in names if any(o.startswith(n + ".") for o in names)]

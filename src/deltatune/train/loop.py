@@ -114,7 +114,7 @@ def fit(strategy: Strategy, task: Task, tokenizer: Any, items: dict[str, list], 
             hook.on_start(s)
         for s.epoch in range(s.step // s.steps_per_epoch, config.epochs):
             # The order of an epoch is a pure function of (seed, epoch): a resumed run skips what was done.
-            batches = epoch_batches([len(it["input_ids"]) for it in train], step_size, config.seed, s.epoch)
+            batches = epoch_batches([task.item_length(it) for it in train], step_size, config.seed, s.epoch)
             s.model.train()
             for indices in batches[s.step - s.epoch * s.steps_per_epoch:]:
                 _step(s, indices, collate, task.loss_weight, run, hooks)

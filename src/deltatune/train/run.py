@@ -135,6 +135,7 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
     if not ranks.main:
         ranks.barrier()
         return {}
+    task.write_run_files(out, artifact, tokenizer)
     metrics.update(_facts(strategy, artifact, history, device, precision, ranks, started, resume))
     write_metrics(out / "metrics.json", metrics)
     plot_history(out / "training.png", history, task.headline, f"{config.method} · {config.model} · {config.task}")

@@ -18,6 +18,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageConfig(_Strict):
+    """How ``task: image`` reads and transforms pictures (see ``train/image_task.py``).
+
+    Every image becomes RGB (grey replicated, alpha laid over white, 16-bit scaled to 8-bit), its
+    shorter side is resized to ``size`` and the centre ``size`` x ``size`` kept, then it is
+    normalised with ``mean`` / ``std``. Training alone adds the light augmentation: a random
+    horizontal ``flip`` and a random shift of up to ``shift`` pixels. ``batchnorm``: ``frozen``
+    (running statistics and affine parameters stay as the base has them; the default), ``affine``
+    (BatchNorm scale and shift train with the adapter, statistics frozen) or ``update``
+    (statistics re-estimated on the training data and saved with the adapter, affine trained).
+    """
+
+    size: int = Field(64, ge=8, le=1024)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    flip: bool = True
+    shift: int = Field(4, ge=0)
+    path_column: str = "path"
+    batchnorm: Literal["frozen", "affine", "update"] = "frozen"
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v <= 0 for v in value):
+            raise ValueError(f"std must be positive, got {value}")
+        return value
+
+
 class DataConfig(_Strict):
     """Where the examples come from (built-in tasks fill in their own files).
 
@@ -35,6 +67,7 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
+    image: ImageConfig = Field(default_factory=ImageConfig)  # task: image only
     # task recommend: the share of interactions (in time order) before the cutoff (default 0.7)
     cutoff: float | None = Field(None, gt=0, lt=1)
 

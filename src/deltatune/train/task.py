@@ -7,6 +7,7 @@ interface, so adding a task is one new class plus one registry line in ``tasks.p
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -89,6 +90,22 @@ class Task:
     def load_model(self, name: str, labels: list[str] | None, config: TrainConfig | None) -> tuple | None:
         """``(model, tokenizer, new module names)`` for a task that builds its own models; ``None``:
         load ``name`` with transformers (``auto_model_class``)."""
+        return None
+
+    def item_length(self, item: dict[str, Any]) -> int:
+        """An encoded item's cost, for batching items of similar length together."""
+        return len(item["input_ids"])
+
+    def probe_batch(self, tokenizer: Any) -> dict[str, torch.Tensor] | None:
+        """A fixed model input for ``merge`` to compare outputs before and after; ``None``: two texts."""
+        return None
+
+    def write_run_files(self, out: Path, artifact: Path, tokenizer: Any) -> None:
+        """Extra files a finished run writes into its directory and its adapter/model (e.g. preprocessing)."""
+
+    def read_inputs(self, path: Path) -> list[dict[str, Any]] | None:
+        """Input records for ``predict`` from a path this task reads itself (e.g. pictures); ``None``:
+        read ``path`` as a JSONL/CSV/TXT table."""
         return None
 
     def predict(self, model: nn.Module, tokenizer: Any, records: list[dict[str, Any]], config: TrainConfig,

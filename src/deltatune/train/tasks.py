@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from deltatune.train.chat import ChatTask
 from deltatune.train.classify import FileClassificationTask, SentimentTask
+from deltatune.train.image_task import ImageTask
 from deltatune.train.instruct import InstructTask
 from deltatune.train.recommend import RecommendTask
 from deltatune.train.task import Task
@@ -13,6 +14,7 @@ TASKS: dict[str, Task] = {
     "sentiment": SentimentTask(),
     "classification": FileClassificationTask(),
     "chat": ChatTask(),
+    "image": ImageTask(),
     "instruct": InstructTask(),
     "text": TextTask(),
     "recommend": RecommendTask(),
