@@ -55,6 +55,7 @@ def _schemas() -> dict[str, Any]:
         stream: bool = False
         stream_options: dict[str, Any] | None = None
         return_token_ids: bool = False  # deltatune's (and vLLM's) extra: the generated token ids
+        ignore_eos: bool = False        # vLLM's extra: generate max_tokens tokens whatever comes
 
     class Completion(Sampling):
         prompt: str | list[str] | list[int]
@@ -197,7 +198,7 @@ class Server:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
         job = Job(prompt=prompt, adapter=adapter, max_tokens=max_tokens, deliver=deliver, temperature=body.temperature,
-                  top_p=body.top_p, stop=stop, seed=body.seed)
+                  top_p=body.top_p, stop=stop, seed=body.seed, ignore_eos=body.ignore_eos)
         if adapter is not None:
             self.pool.prefetch(adapter)  # read it from disk now, off the engine thread
         try:

@@ -60,6 +60,7 @@ class Job:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (load tests; vLLM's extra of the same name)
     out: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the text delivered so far
     finish: str | None = None
@@ -274,7 +275,7 @@ class Engine:
         hits = [i for i in (text.find(s, job.sent) for s in job.stop) if i >= 0]
         if hits:
             job.finish, end = "stop", min(hits)
-        elif token in self.eos:
+        elif token in self.eos and not job.ignore_eos:
             job.finish, end = "stop", len(text)
         elif len(job.out) >= job.max_tokens:
             job.finish, end = "length", len(text)
