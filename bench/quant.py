@@ -40,7 +40,7 @@ from torch import nn
 import deltatune as dt
 from bench.measure import interleaved, median, rss_growth, tensor_peak
 from bench.workloads import WORKLOADS, Workload
-from deltatune.integrations.quantize import DEFAULT_SKIP, resident_bytes
+from deltatune.integrations.quantize import DEFAULT_SKIP, quantized_linear, resident_bytes
 from deltatune.train.memory import chunked_runner
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
@@ -125,14 +125,18 @@ def measure(models: list[str], setups: list[str], quick: bool, rounds: int) -> d
                 rows[setup] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 continue
             step()  # warm-up (bitsandbytes and torchao build state on the first call)
+            t0 = time.perf_counter()
+            step()
+            alone = time.perf_counter() - t0  # one step on its own (not interleaved): noisier
             peak = tensor_peak(step)["peak"]
             frozen = _frozen_bytes(model)
             linear = None if setup.startswith("peft") else _linear_bytes(model)  # PEFT wraps the layers its own way
             rows[setup] = {"resident_bytes": frozen, "linear_bytes": linear, "tensor_peak": peak,
-                           "peak_with_weights": frozen + peak}
+                           "peak_with_weights": frozen + peak, "step_alone_s": alone}
+            _partial(name, rows)
             built[setup] = step
             print(f"{name} {setup}: resident {frozen / 2**20:.1f} MiB, step tensor peak {peak / 2**20:.1f} MiB", flush=True)
-        times = interleaved(built, rounds=rounds, warmup=1)
+        times = interleaved(built, rounds=rounds, warmup=0) if rounds else {}
         for setup, t in times.items():
             rows[setup]["step_s"] = median(t["wall"])
             rows[setup]["step_cpu_s"] = median(t["cpu"])
@@ -141,12 +145,66 @@ def measure(models: list[str], setups: list[str], quick: bool, rounds: int) -> d
             if "error" in row or "resident_bytes" not in base:
                 continue
             row["ratios_to_fp32"] = {k: row[k] / base[k] for k in
-                                     ("resident_bytes", "linear_bytes", "peak_with_weights", "step_s")
+                                     ("resident_bytes", "linear_bytes", "peak_with_weights", "step_s", "step_alone_s")
                                      if base.get(k) and row.get(k) is not None}
         out[name] = {"workload": {"model": w.name, "batch": w.batch, "length": w.length,
                                   "gradient_checkpointing": w.causal, "loss_chunk": 256 if w.causal else None},
                      "setups": rows}
         del built
+    return out
+
+
+def _partial(name: str, rows: dict[str, Any]) -> None:
+    """What is measured so far, in case a slow machine ends the run early."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"quant-partial-{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def layer_speed(rounds: int = 20) -> dict[str, Any]:
+    """One linear layer (SmolLM2's MLP, 576 -> 1536, 256 rows), forward + backward to the input, one
+    thread, interleaved: the backends' kernels alone, without a model around them."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 1536, bias=False).requires_grad_(False)
+    layers = {"fp32": linear}
+    for name, fmt, backend in [("bnb-nf4", "nf4", "bitsandbytes"), ("bnb-int8", "int8", "bitsandbytes"),
+                               ("torchao-nf4", "nf4", "torchao")]:
+        layers[name] = quantized_linear(linear, fmt, backend=backend)
+    x = torch.randn(256, 576)
+
+    def call(m: nn.Module) -> Any:
+        def f() -> None:
+            xx = x.clone().requires_grad_(True)
+            m(xx).sum().backward()
+        return f
+    times = interleaved({k: call(m) for k, m in layers.items()}, rounds=rounds, warmup=2)
+    ms = {k: median(t["cpu"]) * 1e3 for k, t in times.items()}
+    return {"ms_cpu": ms, "ratio_to_fp32": {k: v / ms["fp32"] for k, v in ms.items()}}
+
+
+def sizes(models: list[str], quick: bool) -> dict[str, Any]:
+    """Resident bytes of the frozen model (no adapter, no training): whole model and linear layers."""
+    out: dict[str, Any] = {}
+    for name in models:
+        w = _workload(name, quick)
+        rows = {}
+        for setup in ["fp32", "bf16", "int8", "nf4", "nf4-no-dq", "nf4-torchao"]:
+            model = w.build()
+            if setup == "bf16":
+                model.to(torch.bfloat16)
+            elif setup != "fp32":
+                try:
+                    dt.quantize(model, "int8" if setup == "int8" else "nf4", double_quant=setup != "nf4-no-dq",
+                                backend="torchao" if setup == "nf4-torchao" else "bitsandbytes")
+                except Exception as e:
+                    rows[setup] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                    continue
+            rows[setup] = {"resident_bytes": resident_bytes(model), "linear_bytes": _linear_bytes(model)}
+        for row in rows.values():
+            if "error" not in row:
+                row["ratios_to_fp32"] = {k: row[k] / rows["fp32"][k] for k in ("resident_bytes", "linear_bytes")}
+        out[name] = rows
+        print(name, {k: v.get("ratios_to_fp32", v) for k, v in rows.items()}, flush=True)
     return out
 
 
@@ -206,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="minilm,smollm2")
     p.add_argument("--setups", default=",".join(SETUPS))
     p.add_argument("--rss-one", nargs=2, metavar=("MODEL", "SETUP"))
+    p.add_argument("--sizes-only", action="store_true", help="resident sizes only, no training steps")
+    p.add_argument("--layer-only", action="store_true", help="one linear layer's forward+backward per backend")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.rss_one:
@@ -214,6 +274,18 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rss_growth(step)))
         return
     models, setups = args.models.split(","), args.setups.split(",")
+    if args.layer_only:
+        res = layer_speed()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "quant-layer.json").write_text(json.dumps({"versions": _versions(), **res}, indent=2) + "\n")
+        print(json.dumps(res, indent=1))
+        return
+    if args.sizes_only:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / ("quant-sizes-quick.json" if args.quick else "quant-sizes.json")
+        path.write_text(json.dumps({"versions": _versions(), "sizes": sizes(models, args.quick)}, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     result: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available(),
@@ -234,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         for setup, row in block["setups"].items():
             r = row.get("ratios_to_fp32", {})
             print(f"  {setup:12s} " + (row["error"] if "error" in row else
-                  " ".join(f"{k} {v:.2f}x" for k, v in r.items()) + f"  step {row['step_s']:.3f}s"))
+                  " ".join(f"{k} {v:.2f}x" for k, v in r.items()) + f"  step {row.get('step_s', row['step_alone_s']):.3f}s"))
 
 
 def _versions() -> dict[str, str]:

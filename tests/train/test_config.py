@@ -30,7 +30,8 @@ def test_every_shipped_recipe_validates(path: Path) -> None:
         assert isinstance(config.adapter_config(), dt.METHODS[config.method])
 
 
-@pytest.mark.parametrize(("name", "overrides"), [("sentiment-lora.yaml", []), ("chat-lora.yaml", ["task=chat"])])
+@pytest.mark.parametrize(("name", "overrides"), [("sentiment-lora.yaml", []), ("chat-lora.yaml", ["task=chat"]),
+                                                 ("text-lora.yaml", ["task=text"])])
 def test_recipes_spell_out_the_task_defaults(name: str, overrides: list[str]) -> None:
     # `deltatune train` (no arguments) and `--set task=chat` run exactly what these recipes say.
     path = next(p for p in recipes() if p.name == name)

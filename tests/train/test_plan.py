@@ -91,3 +91,17 @@ def test_cli_plan_bad_input_fails_before_loading(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "the plan sets it for each option" in result.output
     result = CliRunner().invoke(app, ["plan", "--methods", "lorra"])
     assert result.exit_code == 2 and "unknown method 'lorra'" in result.output
+
+
+def test_compare_grid_runs_the_same_space(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    # compare --grid, plan and tune read one description: each method's declared search space.
+    from deltatune.train.compare import plan_comparison
+    from deltatune.train.space import candidates
+
+    sets = [s for s in shared(tiny_bert, tiny_csv) if not s.startswith("epochs")]
+    planned = plan_comparison("lora,bitfit", tmp_path, sets, grid=True)
+    assert [p.option for p in planned] == [c.label for c in candidates(["lora", "bitfit"])]
+    by = {p.option: p.config for p in planned}
+    assert by["lora rank=16"].adapter_config().rank == 16 and by["lora"].adapter_config().rank == 8
+    assert by["lora rank=16"].output == str(tmp_path / "lora-rank16") and by["bitfit"].output == str(tmp_path / "bitfit")
+    assert [p.option for p in plan_comparison("lora,bitfit", tmp_path, sets)] == ["lora", "bitfit"]

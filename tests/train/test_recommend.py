@@ -171,3 +171,36 @@ def test_cli_trains_lora_and_the_hybrid_on_the_task(tmp_path):
     saved = json.loads((tmp_path / "hybrid" / "adapter" / "adapter_config.json").read_text())
     assert [p["method"] for p in saved["config"]["parts"]] == ["lora", "tokens"]
     assert metrics["trainable_parameters"] < metrics["total_parameters"] * 0.2
+
+
+def test_compare_tables_show_the_task_columns_and_hybrid_is_a_method():
+    from deltatune.train.compare import family_of, parse_methods
+    from deltatune.train.compare_report import markdown_table, one_line
+
+    assert parse_methods("full,lora,hybrid")[0] == ["full", "lora", "hybrid"] and family_of("hybrid") == "hybrid"
+    assert "hybrid" not in parse_methods("all")[0]
+    row = {"method": "lora", "family": "reparameterization", "status": "ok", "error": None, "lr": 0.005,
+           "accuracy": None, "macro_f1": None, "scores": {"hr_10": 0.25, "ndcg_10": 0.125, "mrr": 0.0625},
+           "trainable_parameters": 10, "total_parameters": 1000, "trainable_share": 0.01, "adapter_bytes": 2048,
+           "train_seconds": 3.0, "peak_memory_mb": 100.0}
+    table = markdown_table({"rows": [row], "columns": [["hr_10", "HR@10"], ["ndcg_10", "NDCG@10"], ["mrr", "MRR"]]})
+    assert "| HR@10 | NDCG@10 | MRR |" in table and "| 0.2500 | 0.1250 | 0.0625 |" in table
+    assert one_line(row).startswith("hr_10 0.2500, ndcg_10 0.1250, mrr 0.0625")
+
+
+def test_predict_ranks_by_name_and_names_unknown_items(tmp_path):
+    from deltatune.train.recommend import RecommendTask
+    from deltatune.train.loop import make_runner
+
+    config = _config(tmp_path)
+    task = RecommendTask()
+    names = periods(config).names
+    model = task.load_model("sasrec", names, config)[0]
+    run = make_runner(torch.device("cpu"), "fp32")
+    out = task.predict(model, None, [{"history": "i01 i02"}, {"history": "i05"}], config, names, run)
+    assert len(out) == 2 and len(out[0]["items"]) == 10 and not {"i01", "i02"} & set(out[0]["items"])
+    assert out[0]["scores"] == sorted(out[0]["scores"], reverse=True)
+    with pytest.raises(ValueError, match="record 2: item 'nope' is not in the model's item table"):
+        task.predict(model, None, [{"history": "i01"}, {"history": "i01 nope"}], config, names, run)
+    with pytest.raises(ValueError, match="empty history"):
+        task.predict(model, None, [{"history": " "}], config, names, run)

@@ -27,6 +27,8 @@ def compare(
     isolate: Annotated[bool, typer.Option(
         "--isolate/--in-process", help="Train each method in a fresh process, so peak memory is per method.")] = True,
     keep_checkpoints: Annotated[bool, typer.Option(help="Keep each run's resume checkpoint.")] = False,
+    grid: Annotated[bool, typer.Option(
+        help="Also run each method with each setting of its search space changed in turn (as plan and tune see it).")] = False,
 ) -> None:
     """Train several methods on the same task, split and budget, then print and save their comparison.
 
@@ -41,7 +43,7 @@ def compare(
         if output is None:
             output = Path("runs") / f"compare-{task or 'sentiment'}"
         result = run_comparison(methods, output, overrides, set_method or [], isolate=isolate,
-                                keep_checkpoints=keep_checkpoints)
+                                keep_checkpoints=keep_checkpoints, grid=grid)
         typer.echo("")
         typer.echo(markdown_table(result))
         typer.echo(f"wrote {output / 'compare.json'}, {output / 'compare.md'} and {output / 'compare.png'}")

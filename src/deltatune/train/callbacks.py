@@ -65,6 +65,7 @@ class State:
     elapsed: float = 0.0             # seconds the last step took
     stop: bool = False               # set by a callback to end training after this step
     validations: int = 0             # validations run so far in this session (counted on every rank)
+    sharded: bool = False            # strategy fsdp under torchrun: every forward is a collective of all ranks
     say: Callable[[str], Any] = print
 
     @property
@@ -144,11 +145,12 @@ class Validation(Callback):
 
     def validate(self, s: State, epoch: float) -> None:
         s.validations += 1
-        if s.ranks.main:
+        if s.ranks.main or s.sharded:  # sharded: every rank runs the forward passes, rank 0 records
             t0 = time.perf_counter()
             s.model.eval()
             metrics = self.evaluate(s.model)
             s.model.train()
+        if s.ranks.main:
             s.history.seconds += time.perf_counter() - t0
             s.history.validation.append({"epoch": round(epoch, 4), "step": s.step, **metrics})
             s.say(f"epoch {epoch:.2f}/{s.config.epochs} (step {s.step}): "
@@ -167,6 +169,8 @@ class Checkpoint(Callback):
         self.save(s)
 
     def save(self, s: State) -> None:
+        if s.sharded:  # the parameters and the optimizer's moments are shards: not written (see options.py)
+            return
         bad = next((n for n, p in s.params.items() if not torch.isfinite(p).all()), None)
         if bad is not None:  # never replace the last good checkpoint with a diverged one
             raise diverged(s, s.step, f"parameter {bad!r} holds NaN or inf")

@@ -95,6 +95,7 @@ class Planned:
     method: str
     config: TrainConfig | None
     error: str | None = None
+    option: str | None = None  # with ``grid``: the method and its changed settings, e.g. "lora rank=16"
 
 
 def _per_method(assignments: Sequence[str], methods: list[str]) -> dict[str, list[str]]:
@@ -116,12 +117,16 @@ def _per_method(assignments: Sequence[str], methods: list[str]) -> dict[str, lis
 
 
 def plan_comparison(methods: str | Sequence[str], output: str | Path, overrides: Sequence[str] = (),
-                    method_overrides: Sequence[str] = ()) -> list[Planned]:
+                    method_overrides: Sequence[str] = (), grid: bool = False) -> list[Planned]:
     """Validate every run's config before any training. Bad input raises ``ValueError``.
 
     With ``methods="all"``, a method whose config does not validate for the task is a planned
-    error row instead (unless none validates: then the settings themselves are wrong).
+    error row instead (unless none validates: then the settings themselves are wrong). With
+    ``grid``, each method also runs with each setting of its declared search space changed in
+    turn (``space.candidates``: the rows ``deltatune plan`` predicts and ``tune`` searches).
     """
+    from deltatune.train.space import Candidate, candidates
+
     names, implied = parse_methods(methods)
     for assignment in overrides:
         key = assignment.partition("=")[0].strip()
@@ -137,16 +142,10 @@ def plan_comparison(methods: str | Sequence[str], output: str | Path, overrides:
             apply_override(data, assignment)
         for assignment in per_method.get(method, []):
             apply_override(data, assignment)
-        data["output"] = str(Path(output) / method)
-        try:
-            planned.append(Planned(method, validate_config(data, source=f"method {method}")))
-        except ValueError as err:
-            hint = ("; --set adapter.* applies to every adapter method, use --set-method METHOD.adapter.KEY=VALUE "
-                    "for one") if any(a.strip().startswith("adapter.") for a in overrides) else ""
-            if not implied:
-                raise ValueError(f"{err}{hint}") from None
-            planned.append(Planned(method, None, f"not applicable: {err}"))
+        for cand in candidates([method]) if grid else [Candidate(method)]:
+            planned.append(_planned(cand, data, output, overrides, implied))
     valid = [p.config for p in planned if p.config is not None]
+
     if not valid:
         raise ValueError(str(planned[0].error).removeprefix("not applicable: "))
     first = valid[0].model_dump(mode="json")
@@ -157,6 +156,19 @@ def plan_comparison(methods: str | Sequence[str], output: str | Path, overrides:
             raise ValueError(f"{differ[0]!r} differs between {valid[0].method} and {config.method}; "
                              "every method must share it")
     return planned
+
+
+def _planned(cand: Any, data: dict[str, Any], output: str | Path, overrides: Sequence[str], implied: bool) -> Planned:
+    method = cand.method
+    data = {**cand.apply(data), "output": str(Path(output) / cand.slug)}
+    try:
+        return Planned(method, validate_config(data, source=f"method {cand.label}"), option=cand.label)
+    except ValueError as err:
+        hint = ("; --set adapter.* applies to every adapter method, use --set-method METHOD.adapter.KEY=VALUE "
+                "for one") if any(a.strip().startswith("adapter.") for a in overrides) else ""
+        if not implied:
+            raise ValueError(f"{err}{hint}") from None
+        return Planned(method, None, f"not applicable: {err}", option=cand.label)
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -218,6 +230,7 @@ def _row(planned: Planned, outcome: dict[str, Any], wall: float, run_dir: Path |
     trainable, total = m.get("trainable_parameters"), m.get("total_parameters")
     return {
         "method": planned.method,
+        "option": planned.option or planned.method,
         "family": family_of(planned.method),
         "status": "ok" if m else "error",
         "error": outcome.get("error"),
@@ -240,7 +253,7 @@ def _row(planned: Planned, outcome: dict[str, Any], wall: float, run_dir: Path |
 
 def run_comparison(methods: str | Sequence[str], output: str | Path, overrides: Sequence[str] = (),
                    method_overrides: Sequence[str] = (), isolate: bool = True,
-                   keep_checkpoints: bool = False) -> dict[str, Any]:
+                   keep_checkpoints: bool = False, grid: bool = False) -> dict[str, Any]:
     """Plan, train each method in turn, and write ``compare.json``/``.md``/``.png`` to ``output``.
 
     ``isolate=False`` trains in this process (faster to start; peak memory then is not per method).
@@ -249,7 +262,7 @@ def run_comparison(methods: str | Sequence[str], output: str | Path, overrides: 
     from deltatune.train.tasks import get_task
 
     output = Path(output)
-    planned = plan_comparison(methods, output, overrides, method_overrides)
+    planned = plan_comparison(methods, output, overrides, method_overrides, grid)
     first = next(p.config for p in planned if p.config is not None)
     task = get_task(first.task)
     columns = [list(c) for c in getattr(task, "compare_columns", ())]  # a task's own quality columns, if any
@@ -257,12 +270,12 @@ def run_comparison(methods: str | Sequence[str], output: str | Path, overrides: 
     output.mkdir(parents=True, exist_ok=True)
     started, rows = time.time(), []
     for i, plan in enumerate(planned, 1):
-        head = f"[{i}/{len(planned)}] {plan.method}"
+        head = f"[{i}/{len(planned)}] {plan.option or plan.method}"
         if plan.config is None:
             print(f"{head}: {plan.error}")
             rows.append(_row(plan, {"error": plan.error}, 0.0, None, columns))
             continue
-        run_dir = output / plan.method
+        run_dir = Path(plan.config.output or output / plan.method)  # output/<method>, or output/<option> with grid
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"{head}: training in {'a fresh process' if isolate else 'this process'} (log: {run_dir / LOG_FILE})",
               flush=True)

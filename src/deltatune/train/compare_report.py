@@ -82,11 +82,11 @@ def markdown_table(result: dict[str, Any]) -> str:
     for r in rows:
         if r["status"] != "ok":
             error = " ".join(str(r["error"]).split()).replace("|", "\\|")
-            cells = [r["method"], r["family"], *["—"] * (5 + len(columns)), _num(r["lr"], "g"),
+            cells = [r.get("option") or r["method"], r["family"], *["—"] * (5 + len(columns)), _num(r["lr"], "g"),
                      f"error: {error[:200]}{'…' if len(error) > 200 else ''}"]
         else:
             ratio = f" ({r['train_seconds'] / full['train_seconds']:.2f}×)" if full and full["train_seconds"] else ""
-            cells = [r["method"], r["family"], *[_num(score(r, key), ".4f") for key, _ in columns],
+            cells = [r.get("option") or r["method"], r["family"], *[_num(score(r, key), ".4f") for key, _ in columns],
                      f"{r['trainable_parameters']:,}", _num(r["trainable_share"] and 100 * r["trainable_share"], ".3f") + "%",
                      _size(r["adapter_bytes"]), f"{r['train_seconds']:.1f} s{ratio}",
                      f"{r['peak_memory_mb']:,.0f} MiB", _num(r["lr"], "g")] + ([""] if notes else [])
@@ -172,7 +172,7 @@ def plot_comparison(result: dict[str, Any], path: Path) -> None:
     for i, r in enumerate(rows):
         if r["status"] != "ok":
             acc.text(0.01, i, "error (see compare.md)", va="center", color="tab:red", fontsize=8)
-    acc.set_yticks(range(len(rows)), [r["method"] for r in rows])
+    acc.set_yticks(range(len(rows)), [r.get("option") or r["method"] for r in rows])
     acc.set_ylim(len(rows) - 0.5, -0.5)  # table order, top to bottom
     families = list(dict.fromkeys(r["family"] for r in rows))
     handles = [Patch(color=FAMILY_COLORS[f], label=f) for f in families]

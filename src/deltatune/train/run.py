@@ -126,11 +126,15 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
         run = chunked_runner(run, config.loss_chunk)
     history = fit(strategy, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks,
                   callbacks=callbacks)
-    if not ranks.main:
+    sharded = ranks.distributed and config.strategy == "fsdp"  # every forward and the save are collectives
+    if not ranks.main and not sharded:
         ranks.barrier()  # rank 0 scores the test split and writes the results
         return {}
     metrics = task.final_metrics(strategy.model, splits, items, tokenizer, config, run)
     artifact = strategy.save(out, tokenizer, training_meta(config, splits.labels), config.save_format)
+    if not ranks.main:
+        ranks.barrier()
+        return {}
     task.write_run_files(out, artifact, tokenizer)
     metrics.update(_facts(strategy, artifact, history, device, precision, ranks, started, resume))
     write_metrics(out / "metrics.json", metrics)

@@ -166,7 +166,7 @@ def is_sasrec_dir(path: str | Path) -> bool:
 class Pretraining:
     """How the base is pretrained (part of the cache key)."""
 
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
@@ -217,7 +217,7 @@ def train_sasrec(model: SASRec, examples: list[tuple[list[int], list[int]]], how
             loss.backward()
             opt.step()
             total += loss.item()
-        if log and (epoch + 1) % 10 == 0:
+        if log and ((epoch + 1) % 5 == 0 or epoch == 0):
             log(f"  base epoch {epoch + 1}/{how.epochs}: loss {total / math.ceil(len(order) / how.batch_size):.3f}")
     model.eval()
 

@@ -121,6 +121,9 @@ class TrainConfig(_Strict):
     # Causal LMs: cross-entropy over this many target tokens at a time (the head recomputed in backward),
     # so full-vocabulary float32 logits for the whole batch never exist at once; None: the model's own loss.
     loss_chunk: int | None = Field(None, ge=1)
+    # Under torchrun: ddp replicates the model and averages gradients; fsdp (FSDP2) shards the frozen base
+    # and the adapter across the ranks (adapters only; no mid-run checkpoints). One process: ignored.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     tensorboard: bool | None = None  # event logs in OUTPUT/tensorboard; None: when the package is installed
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
@@ -151,6 +154,12 @@ class TrainConfig(_Strict):
         if path.exists() and not path.is_dir():
             raise ValueError(f"output {value!r} is a file, not a directory; choose another --output")
         return value
+
+    @model_validator(mode="after")
+    def _fsdp(self) -> TrainConfig:
+        if self.strategy == "fsdp" and self.method == "full":
+            raise ValueError("strategy fsdp shards a frozen base for an adapter; for method full use strategy ddp")
+        return self
 
     @model_validator(mode="after")
     def _early_stopping(self) -> TrainConfig:

@@ -162,6 +162,14 @@ class AdapterStrategy(Strategy):
 
     def save(self, out: Path, tokenizer: Any, meta: dict[str, Any], save_format: str = "deltatune") -> Path:
         artifact = out / "adapter"
+        if _is_sharded(self.model):  # FSDP2: every rank gathers the adapter's shards, rank 0 writes
+            from deltatune.integrations.distributed import is_main_process, save_on_rank0
+
+            save_on_rank0(self.model, artifact, self.name, format=save_format,
+                          extra={"training": meta} if save_format == "deltatune" else None)
+            if save_format == "peft" and is_main_process():
+                (artifact / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            return artifact
         if save_format == "peft":  # PEFT's config has no room for ours: the run's meta goes beside it
             with atomic_directory(artifact) as tmp:
                 dt.save_adapter(self.model, tmp, format="peft")
@@ -169,6 +177,16 @@ class AdapterStrategy(Strategy):
         else:
             dt.save_adapter(self.model, artifact, extra={"training": meta})
         return artifact
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    import sys
+
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def strategy_for(adapter_config: dt.AdapterConfig | None, name: str = "default") -> Strategy:

@@ -212,6 +212,10 @@ def _same(a: Any, b: Any) -> bool:
     return pa == pb and math.isclose(a.params.get("lr_scale", 0), b.params.get("lr_scale", 0), rel_tol=1e-9)
 
 
+def _steps_per_epoch(config: TrainConfig, examples: int) -> int:
+    return math.ceil(examples / (config.batch_size * config.gradient_accumulation))
+
+
 def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all", budget: str | Budget | None = None,
              trials: int = 20, output: str | Path = "runs/tune", storage: str | None = None,
              study_name: str | None = None, pruner: str = "hyperband", rungs: int = 4,
@@ -243,20 +247,28 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
     _check_settings(study, key, {"overrides": list(overrides), "methods": names, "budget": budget.text,
                                  "epochs": epochs})
 
-    plan_file = out / PLAN_FILE
-    plan = json.loads(plan_file.read_text()) if plan_file.is_file() else None
-    if plan is None or plan.get("settings_key") != key:
-        say("tune: predicting every option's cost first (deltatune plan)")
-        plan = run_plan(overrides, names, "all", budget, probe_steps, None, say=say) | {"settings_key": key}
-        from deltatune.core.files import write_text_atomic
+    plan: dict[str, Any] = {"model": first.model, "task": first.task, "epochs": first.epochs, "rows": []}
+    if budget:  # costs are predicted only to respect a budget: without one, no probe is spent
+        plan_file = out / PLAN_FILE
+        saved = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+        if saved is not None and saved.get("settings_key") == key:
+            plan = saved
+        else:
+            say("tune: predicting every option's cost first (deltatune plan)")
+            plan = run_plan(overrides, names, "all", budget, probe_steps, None, say=say) | {"settings_key": key}
+            from deltatune.core.files import write_text_atomic
 
-        write_text_atomic(plan_file, json.dumps(plan, indent=2) + "\n")
-    rows = {r["label"]: r for r in plan["rows"]}
-    space = feasible_space(rows, names, budget, min(epochs), plan["epochs"])
+            write_text_atomic(plan_file, json.dumps(plan, indent=2) + "\n")
+        rows = {r["label"]: r for r in plan["rows"]}
+        space = feasible_space(rows, names, budget, min(epochs), plan["epochs"])
+    else:
+        rows = {}
+        space = {m: {k: list(v) for k, v in method_space(m).items()} for m in names}
     if not space:
         from deltatune.train.plan import no_fit_message
 
         raise ValueError(no_fit_message(plan) or f"no method fits the budget {budget.text}")
+    per_epoch = _steps_per_epoch(first, len(task.load_splits(first).train))  # for the validations' spacing
     say(f"tune: study {study.study_name!r} in {storage}; methods that fit: {', '.join(sorted(space))}")
 
     def objective(trial: Any) -> float:
@@ -278,16 +290,17 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
             if other.state == optuna.trial.TrialState.RUNNING:
                 trial.set_user_attr("skipped", f"trial {other.number} is training these settings now")
                 raise optuna.TrialPruned(f"trial {other.number} is training these settings")
-        cost = predict(rows, method, choices, n_epochs, plan["epochs"])
-        if cost is None or budget.over(cost):
+        cost = predict(rows, method, choices, n_epochs, plan["epochs"]) if budget else None
+        if budget and (cost is None or budget.over(cost)):
             why = "could not be predicted" if cost is None else f"predicted over budget on {', '.join(budget.over(cost))}"
             trial.set_user_attr("skipped", why)
             say(f"trial {trial.number}: {label}: not started, {why}")
             raise optuna.TrialPruned(why)
-        trial.set_user_attr("predicted", {k: cost[k] for k in ("peak_memory_mb", "train_seconds")})
+        if cost is not None:
+            trial.set_user_attr("predicted", {k: cost[k] for k in ("peak_memory_mb", "train_seconds")})
         # What `deltatune train` runs for these settings: the best trial's becomes best.yaml.
         trial.set_user_attr("recipe", trial_config(base, method, choices, scale, n_epochs).model_dump(mode="json"))
-        steps = cost["steps_per_epoch"] * n_epochs
+        steps = per_epoch * n_epochs
         run_dir = out / "trials" / f"{trial.number:04d}-{candidate(method, choices).slug}"
         config = trial_config(base, method, choices, scale, n_epochs, str(run_dir), max(1, math.ceil(steps / rungs)))
         say(f"trial {trial.number}: {label}, lr {config.lr:g}, {n_epochs} epoch(s) (process {os.getpid()})")

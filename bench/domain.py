@@ -1,0 +1,94 @@
+"""Domain adaptation goals: held-out perplexity of the code default, and held-out reply loss of
+instruct on a user JSONL, each against the unadapted SmolLM2 base.
+
+    .venv/bin/python -m bench.domain --which text       # task text's built-in default (caps below)
+    .venv/bin/python -m bench.domain --which instruct   # a docstring Q&A JSONL built from the stdlib
+
+``instruct`` writes a small user data set first: for public functions of a few stdlib modules,
+``{"prompt": "What does <module>.<function>() do in Python?", "response": <the docstring's first
+sentence>}``, parsed from the source with ``ast`` (nothing imported). Each run is ``deltatune
+train`` in a subprocess; the figures come from its ``metrics.json`` and go to
+``bench/results/domain-<which>.json``. ``--train-blocks`` / ``--examples`` shrink a run for a
+loaded machine (say so when reporting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+MODULES = ("json", "textwrap", "shutil", "random", "statistics", "string", "fnmatch", "glob", "heapq", "bisect",
+           "calendar", "difflib", "base64", "csv", "gzip", "zipfile", "tarfile", "pathlib", "tempfile", "secrets",
+           "ipaddress", "fractions", "decimal", "copy", "pprint", "shlex", "filecmp", "operator", "functools")
+
+
+def docstring_qa(limit: int) -> list[dict[str, str]]:
+    """(prompt, response) pairs from public module-level functions' docstrings, in module order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rows = []
+    for name in MODULES:
+        path = root / f"{name}.py"
+        if not path.is_file():
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                if doc:
+                    first = " ".join(doc.split("\n\n")[0].split())
+                    sentence = first.split(". ")[0].rstrip(".") + "."
+                    if 20 <= len(sentence) <= 300:
+                        rows.append({"prompt": f"What does {name}.{node.name}() do in Python?",
+                                     "response": sentence})
+    return rows[:limit]
+
+
+def train(out: Path, settings: list[str]) -> dict:
+    command = [sys.executable, "-m", "deltatune", "train", "--no-progress", "--overwrite", "--output", str(out),
+               *(arg for s in settings for arg in ("--set", s))]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads((out / "metrics.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--which", choices=("text", "instruct"), required=True)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-domain"))
+    parser.add_argument("--train-blocks", type=int, default=None, help="text: cap the training blocks")
+    parser.add_argument("--eval-blocks", type=int, default=None, help="text: cap the held-out blocks")
+    parser.add_argument("--examples", type=int, default=400, help="instruct: Q&A pairs written")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    extra = [f"threads={args.threads}"] if args.threads else []
+    if args.which == "text":
+        caps = ([f"data.max_train_examples={args.train_blocks}"] if args.train_blocks else []) + (
+            [f"data.max_eval_examples={args.eval_blocks}"] if args.eval_blocks else [])
+        metrics = train(args.work / "text", ["task=text", *caps, *extra])
+        keys = ("test_perplexity", "base_test_perplexity", "perplexity_reduction", "train_tokens", "test_tokens")
+    else:
+        data = args.work / "docstring-qa.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        rows = docstring_qa(args.examples)
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"wrote {len(rows)} Q&A pairs to {data}")
+        metrics = train(args.work / "instruct", ["task=instruct", f"data.path={data}", "max_length=128",
+                                                 "data.validation_fraction=0.1", "data.test_fraction=0.15", *extra])
+        keys = ("test_loss", "base_test_loss", "test_perplexity", "base_test_perplexity", "sample_rouge_l",
+                "base_sample_rouge_l")
+    result = {k: metrics.get(k) for k in keys}
+    result.update(steps=metrics["steps"], train_seconds=metrics["train_seconds"], load_average=metrics["load_average"],
+                  cpu_count=metrics["cpu_count"], caps={"train_blocks": args.train_blocks, "examples": args.examples})
+    print(json.dumps(result, indent=2))
+    target = Path(__file__).parent / "results" / f"domain-{args.which}.json"
+    target.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()

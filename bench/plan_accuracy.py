@@ -1,0 +1,126 @@
+"""``python -m bench.plan_accuracy``: ``deltatune plan``'s predictions against measured runs, every method.
+
+For each model (all-MiniLM-L6-v2 on the tweet-sentiment task, SmolLM2-135M on the chat task, both
+on a reduced training set so a run takes seconds) this runs, in one session:
+
+1. ``plan`` for every method at its defaults (one process; a few probe steps per method);
+2. ``compare --methods all`` with the same settings: each method trained in a fresh process, as
+   ``deltatune train`` would, reporting its peak memory (process peak RSS on CPU) and its mean
+   step time (``train_seconds / steps``);
+
+and reports predicted / measured for peak memory and step time per method, against the goals
+(memory within 15 %, step time within 30 %). Writes ``bench/results/plan_accuracy.json``.
+The compare results (``runs/bench-plan/<model>/compare``) double as the grid for
+``bench.tune_vs_grid``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SETUPS: dict[str, list[str]] = {
+    # threads=1: on a shared, oversubscribed machine two OpenMP threads mostly wait for each other
+    "minilm": ["task=sentiment", "data.max_train_examples=960", "data.max_eval_examples=256", "threads=1"],
+    "smollm2": ["task=chat", "data.max_train_examples=96", "data.max_eval_examples=16", "threads=1"],
+}
+GOALS = {"memory": 0.15, "step": 0.30}
+
+
+def collected(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``--collect``: the plan and whichever compare runs have finished so far (an interrupted bench)."""
+    plan = json.loads((out / "plan" / "plan.json").read_text())
+    measured = {}
+    for metrics_file in sorted((out / "compare").glob("*/metrics.json")):
+        m = json.loads(metrics_file.read_text())
+        measured[metrics_file.parent.name] = {"status": "ok", "metrics": m, **{
+            k: m[k] for k in ("trainable_parameters", "adapter_bytes", "peak_memory_mb", "train_seconds")}}
+    return plan, measured
+
+
+def measure(name: str, out: Path, steps: int, collect: bool = False) -> dict[str, Any]:
+    from deltatune.train.compare import run_comparison
+    from deltatune.train.plan import run_plan
+
+    overrides = SETUPS[name]
+    t0 = time.time()
+    if collect:
+        plan, measured = collected(out)
+        compare = {"seconds": None}
+    else:
+        plan = run_plan(overrides, "all", "defaults", None, steps, out / "plan")
+        compare = run_comparison("all", out / "compare", overrides, isolate=True)
+        measured = {r["method"]: r for r in compare["rows"]}
+    plan_seconds = time.time() - t0
+    rows = []
+    for p in plan["rows"]:
+        m = measured.get(p["method"])
+        if p["status"] != "ok" or m is None or m["status"] != "ok":
+            rows.append({"method": p["method"], "status": "skipped",
+                         "why": p.get("error") or (m or {}).get("error") or "not measured (bench interrupted)"})
+            continue
+        step = m["metrics"]["train_seconds"] / m["metrics"]["steps"]
+        rows.append({
+            "method": p["method"], "status": "ok",
+            "params_exact": p["trainable_parameters"] == m["trainable_parameters"],
+            "adapter_bytes_predicted": p["adapter_bytes"], "adapter_bytes_measured": m["adapter_bytes"],
+            "memory_predicted_mb": p["peak_memory_mb"], "memory_measured_mb": m["peak_memory_mb"],
+            "memory_ratio": p["peak_memory_mb"] / m["peak_memory_mb"],
+            "step_predicted_s": p["step_seconds"], "step_measured_s": step,
+            "step_ratio": p["step_seconds"] / step,
+            "train_predicted_s": p["train_seconds"], "train_measured_s": m["train_seconds"],
+        })
+    ok = [r for r in rows if r["status"] == "ok"]
+    return {
+        "overrides": overrides, "probe_steps": steps, "plan_seconds": round(plan_seconds, 1),
+        "grid_seconds": compare["seconds"], "rows": rows,
+        "memory_within_goal": sum(abs(r["memory_ratio"] - 1) <= GOALS["memory"] for r in ok),
+        "step_within_goal": sum(abs(r["step_ratio"] - 1) <= GOALS["step"] for r in ok), "measured": len(ok),
+    }
+
+
+def table(name: str, result: dict[str, Any]) -> str:
+    lines = [f"{name}: memory within 15 %: {result['memory_within_goal']}/{result['measured']}, "
+             f"step time within 30 %: {result['step_within_goal']}/{result['measured']}",
+             f"{'method':10} {'params':>6} {'mem pred':>9} {'mem meas':>9} {'ratio':>6} {'step pred':>10} "
+             f"{'step meas':>10} {'ratio':>6}"]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['method']:10} skipped: {r['why']}")
+            continue
+        lines.append(f"{r['method']:10} {'exact' if r['params_exact'] else 'DIFF':>6} {r['memory_predicted_mb']:>7.0f}MB "
+                     f"{r['memory_measured_mb']:>7.0f}MB {r['memory_ratio']:>6.2f} {r['step_predicted_s']:>9.3f}s "
+                     f"{r['step_measured_s']:>9.3f}s {r['step_ratio']:>6.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="minilm,smollm2")
+    parser.add_argument("--steps", type=int, default=4, help="timed probe steps per method")
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench-plan"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/plan_accuracy.json"))
+    parser.add_argument("--collect", action="store_true",
+                        help="report from the plan and the compare runs already in --runs (no training)")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results["machine"] = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+                          "load_average_before": os.getloadavg()}
+    for name in args.models.split(","):
+        results[name] = measure(name, args.runs / name, args.steps, args.collect)
+        results["machine"]["load_average_after"] = os.getloadavg()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each model: a partial run keeps its figures
+        print(table(name, results[name]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""``python -m bench.tune_vs_grid``: ``deltatune tune`` against the full ``compare`` grid on tweet sentiment.
+
+The grid is ``compare --methods all`` (every method at its defaults and suggested learning rate) on
+all-MiniLM-L6-v2 with the settings of ``bench.plan_accuracy`` (960 training tweets, 256 for
+validation and test, one thread); its results are read from that bench's run if present, else trained here.
+``tune`` then searches the same task (methods x their declared settings x a learning-rate scale,
+Hyperband pruning at 4 validations per run, no budget) for ``--trials`` trials.
+
+Reported: the best test accuracy of the grid, the test accuracy of tune's pick (the trial with the
+best *validation* accuracy: tune never looks at test), and the compute each spent: training
+examples processed, training seconds, and wall-clock seconds. Goals: within 1 point of the grid's
+best row for at most 30 % of its compute. Writes ``bench/results/tune_vs_grid.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench.plan_accuracy import SETUPS  # noqa: E402
+
+
+def grid(runs: Path) -> dict[str, Any]:
+    saved = runs / "compare" / "compare.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    from deltatune.train.compare import run_comparison
+
+    return run_comparison("all", runs / "compare", SETUPS["minilm"], isolate=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench-plan/minilm"))
+    parser.add_argument("--tune-dir", type=Path, default=Path("runs/bench-tune/minilm"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/tune_vs_grid.json"))
+    parser.add_argument("--fresh", action="store_true", help="start a new study (else an existing one continues)")
+    args = parser.parse_args(argv)
+    from deltatune.train.tune import run_tune
+
+    g = grid(args.runs)
+    ok = [r for r in g["rows"] if r["status"] == "ok"]
+    best_row = max(ok, key=lambda r: r["accuracy"])
+    grid_examples = sum(round(r["metrics"]["examples_per_second"] * r["train_seconds"]) for r in ok)
+    grid_train = sum(r["train_seconds"] for r in ok)
+    if args.fresh:
+        shutil.rmtree(args.tune_dir, ignore_errors=True)
+    t0 = time.time()
+    t = run_tune(SETUPS["minilm"], "all", None, trials=args.trials, output=args.tune_dir, rungs=4)
+    wall = time.time() - t0
+    best = t["best"]
+    result = {
+        "settings": SETUPS["minilm"], "trials": args.trials,
+        "grid": {"best_method": best_row["method"], "best_test_accuracy": best_row["accuracy"],
+                 "rows": len(ok), "examples": grid_examples, "train_seconds": round(grid_train, 1),
+                 "wall_seconds": g["seconds"]},
+        "tune": {"pick": best["label"], "lr": best["lr"], "validation_accuracy": best["value"],
+                 "test_accuracy": best["test_metric"], "examples": t["compute"]["examples"],
+                 "train_seconds": t["compute"]["train_seconds"], "wall_seconds": round(wall, 1),
+                 "states": [r["state"] for r in t["trials"]]},
+    }
+    result["gap_points"] = round(100 * (best_row["accuracy"] - best["test_metric"]), 2)
+    result["compute_share_examples"] = round(t["compute"]["examples"] / grid_examples, 3)
+    result["compute_share_train_seconds"] = round(t["compute"]["train_seconds"] / grid_train, 3)
+    result["load_average"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"grid best: {best_row['method']} {best_row['accuracy']:.4f} ({len(ok)} runs, {grid_examples:,} examples, "
+          f"{grid_train:.0f} s training)")
+    print(f"tune pick: {best['label']} lr {best['lr']:.3g}: test {best['test_metric']:.4f} "
+          f"(validation {best['value']:.4f}); {t['compute']['examples']:,} examples "
+          f"({result['compute_share_examples']:.0%} of the grid's), {t['compute']['train_seconds']:.0f} s training "
+          f"({result['compute_share_train_seconds']:.0%}); gap {result['gap_points']:+.2f} points")
+
+
+if __name__ == "__main__":
+    main()
