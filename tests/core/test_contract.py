@@ -66,9 +66,15 @@ def test_describe_weight_layout_matches_the_weight():
     assert spec.spatial == 2
 
 
-@pytest.mark.parametrize("module", [nn.ReLU(), nn.Sequential(nn.Linear(2, 2)), nn.LSTM(2, 2), nn.BatchNorm1d(4)])
+@pytest.mark.parametrize("module", [nn.ReLU(), nn.Sequential(nn.Linear(2, 2)), nn.LSTM(2, 2), nn.GroupNorm(2, 4)])
 def test_describe_returns_none_for_other_modules(module):
     assert describe(module) is None
+
+
+@pytest.mark.parametrize("module", [nn.BatchNorm1d(4), nn.BatchNorm2d(4)])
+def test_batch_norm_is_its_own_kind_with_one_width(module):
+    spec = describe(module)
+    assert (spec.kind, spec.d_in, spec.d_out) == ("batch_norm", 4, 4)
 
 
 def test_capabilities_are_protocols_not_attribute_names():

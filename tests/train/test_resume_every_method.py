@@ -29,6 +29,7 @@ from deltatune.train.checkpoint import TENSORS, latest_checkpoint
 from deltatune.train.config import validate_config
 from deltatune.train.loop import fit
 from deltatune.train.strategy import AdapterStrategy, FullStrategy
+from deltatune.train.task import Task
 from tests.models import ZOO, ZooModel
 
 
@@ -51,8 +52,9 @@ def _first_model(method: str) -> str:
     raise AssertionError(f"{method} applies to no zoo model")
 
 
-class ZooTask:
-    """The least of a Task that ``fit`` needs: batches of zoo inputs, loss = mean square of the output."""
+class ZooTask(Task):
+    """The least of a Task that ``fit`` needs (the base class's defaults for the rest): batches of zoo
+    inputs, loss = mean square of the output."""
 
     def __init__(self, zoo: ZooModel) -> None:
         self.zoo = zoo

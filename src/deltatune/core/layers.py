@@ -31,7 +31,7 @@ The core never imports a quantization library: :data:`QUANTIZED_FORMATS` is a sm
 :class:`QuantizedFormat` entries (recognise a module, dequantize its weight), filled by
 ``integrations/quantize.py`` with one explicit statement in ``deltatune/__init__.py`` (as
 ``core/plumbing.py`` is). Their check runs before the ``nn.Linear`` one, since some subclass it.
-Methods that need the base weight itself (DoRA's column norms, a merge) read it through
+Methods that need the base weight itself (a weight-norm decomposition, a merge) read it through
 :func:`base_weight`, which dequantizes on the fly; the rest just call ``base(x)``.
 """
 
