@@ -142,6 +142,15 @@ def test_partial_refuses_a_quantized_layer():
         dt.attach(_llama("nf4"), dt.PartialConfig())
 
 
+def test_a_quantized_module_to_save_is_refused_before_anything_is_attached():
+    model = _llama("nf4")
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.o_proj' is stored quantized.*skip=\['o_proj'\]"):
+        dt.attach(model, dt.LoraConfig(target=["q_proj", "v_proj"], modules_to_save=["model.layers.0.self_attn.o_proj"]))
+    assert {n: type(m) for n, m in model.named_modules()} == before  # no half-attached adapter left behind
+    assert not dt.configs(model)
+
+
 def test_quantize_checks_its_input():
     with pytest.raises(ValueError, match="nf4, int8, none"):
         dt.quantize(LLAMA.build(), "nf3")

@@ -174,3 +174,27 @@ def test_two_processes_never_run_the_same_trial(tiny_bert: Path, tiny_csv: Path,
     settings = [json.dumps(t.params, sort_keys=True) for t in trained]
     assert len(settings) == len(set(settings))  # and no settings trained twice
     assert len({t.user_attrs["pid"] for t in trials}) == 2 and len(trials) >= 4
+
+
+_OPEN = """
+import sys, time
+from deltatune.train.tune import open_study
+start = float(sys.argv[2])
+while time.time() < start:  # both processes open the new database at the same moment
+    time.sleep(0.001)
+open_study(sys.argv[1], "s", "maximize", "none", 2, 0, 60)
+"""
+
+
+def test_two_processes_creating_one_new_study_both_succeed(tmp_path: Path) -> None:
+    """Without the lock, the second process's CREATE TABLE fails with "table ... already exists"."""
+    for attempt in range(2):
+        url = f"sqlite:///{tmp_path / f'study{attempt}.db'}"
+        start = str(time.time() + 3)  # after both interpreters have imported deltatune
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN, url, start], cwd=REPO, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                 for _ in range(2)]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-2000:]
+        assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["s"]

@@ -184,6 +184,10 @@ def _choose(model: nn.Module, name: str, config: AdapterConfig, modules: dict[st
     overlap = {n for names in part_names for n in names} & set(save_names)
     if overlap:
         raise ValueError(f"module {sorted(overlap)[0]!r} is both a target and in modules_to_save; keep it in one")
+    for module_name in save_names:  # checked here, before anything is installed
+        if (found := quantized_format(modules[module_name])) is not None:
+            raise ValueError(f"{module_name!r} is stored quantized ({found[1]}) and cannot train in full; keep it "
+                             f"in full precision (deltatune.quantize(..., skip=[{module_name.rsplit('.', 1)[-1]!r}]))")
     return part_names, save_names
 
 
@@ -214,9 +218,6 @@ def _install(model: nn.Module, name: str, built: dict[str, list[nn.Module]], sav
             adapter.to(device=ref.device, dtype=ref.dtype)
         _wrap(model, module_name).adapters[name] = adapter.train(modules[module_name].training)
     for module_name in save_names:
-        if (found := quantized_format(modules[module_name])) is not None:
-            raise ValueError(f"{module_name!r} is stored quantized ({found[1]}) and cannot train in full; keep it "
-                             f"in full precision (deltatune.quantize(..., skip=[{module_name.rsplit('.', 1)[-1]!r}]))")
         _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name]).train(modules[module_name].training)
 
 

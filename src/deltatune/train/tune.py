@@ -25,6 +25,8 @@ continues until N trials have finished.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -151,10 +153,32 @@ def open_study(storage: str, name: str, direction: str, pruner: str, rungs: int,
     if storage.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # several processes wait for the lock
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
-    try:
-        store = RDBStorage(storage, **kwargs)
-    except Exception as err:  # a malformed URL, a missing driver, an unreachable server
-        raise ValueError(f"--storage {storage!r}: {err}") from None
+    with _creating(storage):
+        try:
+            store = RDBStorage(storage, **kwargs)
+        except Exception as err:  # a malformed URL, a missing driver, an unreachable server
+            raise ValueError(f"--storage {storage!r}: {err}") from None
+        return _create(optuna, store, name, direction, pruner, rungs, seed)
+
+
+@contextlib.contextmanager
+def _creating(storage: str) -> Any:
+    """Hold an exclusive lock beside a SQLite study while its tables and the study are created:
+    two processes that open a new database at once otherwise both issue ``CREATE TABLE`` and the
+    second fails ("table ... already exists"). Server databases serialise this themselves."""
+    path = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else None
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}.lock", "a") as lock:  # appended to, never truncated: the lock file carries nothing
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _create(optuna: Any, store: Any, name: str, direction: str, pruner: str, rungs: int, seed: int) -> Any:
     pruners = {
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=rungs, reduction_factor=3),
         "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
