@@ -154,6 +154,44 @@ def measure(models: list[str], setups: list[str], quick: bool, rounds: int) -> d
     return out
 
 
+def step_times(models: list[str], setups: list[str], quick: bool, rounds: int, warmup: int,
+               minilm_batch: int) -> dict[str, Any]:
+    """Step time only: every setup built in one process, ``warmup`` untimed steps each, then
+    ``rounds`` interleaved timed steps (order reversed every other round); medians and ratios."""
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for name in models:
+        w = _workload(name, quick)
+        if name == "minilm" and minilm_batch:
+            w = dataclasses.replace(w, batch=minilm_batch)
+        built, errors = {}, {}
+        for setup in setups:
+            try:
+                built[setup] = build(setup, w)[1]
+            except Exception as e:  # recorded, not hidden
+                errors[setup] = f"{type(e).__name__}: {e}"[:300]
+        times = interleaved(built, rounds=rounds, warmup=warmup)
+        rows: dict[str, Any] = {s: {"error": e} for s, e in errors.items()}
+        for setup, t in times.items():
+            rows[setup] = {"step_s": median(t["wall"]), "step_cpu_s": median(t["cpu"]),
+                           "wall": t["wall"], "cpu": t["cpu"]}
+        base = rows.get("fp32", {})
+        for row in rows.values():
+            if "step_s" in row and "step_s" in base:
+                row["ratio_to_fp32"] = {"wall": row["step_s"] / base["step_s"],
+                                        "cpu": row["step_cpu_s"] / base["step_cpu_s"]}
+        if "nf4" in rows and "peft-nf4" in rows and "step_s" in rows["peft-nf4"] and "step_s" in rows["nf4"]:
+            rows["nf4"]["ratio_to_peft_nf4"] = {"wall": rows["nf4"]["step_s"] / rows["peft-nf4"]["step_s"],
+                                                "cpu": rows["nf4"]["step_cpu_s"] / rows["peft-nf4"]["step_cpu_s"]}
+        out[name] = {"workload": {"model": w.name, "batch": w.batch, "length": w.length,
+                                  "gradient_checkpointing": w.causal, "loss_chunk": 256 if w.causal else None,
+                                  "warmup": warmup, "rounds": rounds}, "setups": rows}
+        print(name, {s: (r.get("ratio_to_fp32"), r.get("step_s")) for s, r in rows.items()}, flush=True)
+        del built
+    return out
+
+
 def _partial(name: str, rows: dict[str, Any]) -> None:
     """What is measured so far, in case a slow machine ends the run early."""
     RESULTS.mkdir(exist_ok=True)
@@ -188,14 +226,15 @@ def sizes(models: list[str], quick: bool) -> dict[str, Any]:
     for name in models:
         w = _workload(name, quick)
         rows = {}
-        for setup in ["fp32", "bf16", "int8", "nf4", "nf4-no-dq", "nf4-torchao"]:
+        for setup in ["fp32", "bf16", "int8", "nf4", "nf4-no-dq", "nf4-torchao", "int8-bf16-rest", "nf4-bf16-rest"]:
             model = w.build()
             if setup == "bf16":
                 model.to(torch.bfloat16)
             elif setup != "fp32":
                 try:
-                    dt.quantize(model, "int8" if setup == "int8" else "nf4", double_quant=setup != "nf4-no-dq",
-                                backend="torchao" if setup == "nf4-torchao" else "bitsandbytes")
+                    dt.quantize(model, "int8" if setup.startswith("int8") else "nf4", double_quant=setup != "nf4-no-dq",
+                                backend="torchao" if setup == "nf4-torchao" else "bitsandbytes",
+                                rest_dtype=torch.bfloat16 if setup.endswith("bf16-rest") else None)
                 except Exception as e:
                     rows[setup] = {"error": f"{type(e).__name__}: {e}"[:200]}
                     continue
@@ -266,8 +305,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rss-one", nargs=2, metavar=("MODEL", "SETUP"))
     p.add_argument("--sizes-only", action="store_true", help="resident sizes only, no training steps")
     p.add_argument("--layer-only", action="store_true", help="one linear layer's forward+backward per backend")
+    p.add_argument("--time-only", action="store_true", help="interleaved step times only (no memory, no RSS)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--minilm-batch", type=int, default=0, help="MiniLM batch for --time-only (0: the workload's 32)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.rss_one:
         model, step = build(args.rss_one[1], _workload(args.rss_one[0], args.quick))
         step()
@@ -279,6 +324,15 @@ def main(argv: list[str] | None = None) -> None:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "quant-layer.json").write_text(json.dumps({"versions": _versions(), **res}, indent=2) + "\n")
         print(json.dumps(res, indent=1))
+        return
+    if args.time_only:
+        RESULTS.mkdir(exist_ok=True)
+        res = step_times(models, setups, args.quick, args.rounds, args.warmup, args.minilm_batch)
+        for name, block in res.items():
+            path = RESULTS / f"quant-steps-{name}{'-quick' if args.quick else ''}.json"
+            path.write_text(json.dumps({"versions": _versions(), "threads": torch.get_num_threads(),
+                                        "load_before": list(__import__("os").getloadavg()), **block}, indent=2) + "\n")
+            print(f"wrote {path}")
         return
     if args.sizes_only:
         RESULTS.mkdir(exist_ok=True)

@@ -104,6 +104,39 @@ def test_merge_refuses_a_quantized_base_and_works_after_dequantize():
     torch.testing.assert_close(LLAMA.run(plain), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_rest_dtype_stores_the_unquantized_parameters_in_bf16(compute, tmp_path):
+    """rest_dtype (QLoRA practice: load_in_4bit with torch_dtype=bfloat16): embeddings, norms and head
+    in bf16, outputs close to the fp32-rest model, the base bit-identical after training, save ->
+    load onto a freshly quantized base exact."""
+    def build():
+        return dt.quantize(LLAMA.build(), "nf4", compute_dtype=compute, rest_dtype=torch.bfloat16)
+
+    plain = dt.quantize(LLAMA.build(), "nf4", compute_dtype=compute)
+    model = build()
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    assert describe(model.model.layers[0].self_attn.q_proj).quantized == "nf4"
+    assert resident_bytes(model) < resident_bytes(plain)
+    # the same NF4 codes; only the rest is rounded to bf16 (8 mantissa bits): outputs close
+    torch.testing.assert_close(LLAMA.run(model).float(), LLAMA.run(plain).float(), rtol=0.05, atol=0.05)
+    dt.attach(model, dt.LoraConfig(target=["q_proj", "v_proj"]))
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # the adapter: fp32
+    _randomise(model)
+    model.train()
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    LLAMA.run(model).float().pow(2).mean().backward()
+    opt.step()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if ".adapters." not in k)
+    model.eval()
+    expected = LLAMA.run(model)
+    dt.save_adapter(model, tmp_path / "a")
+    fresh = build()
+    dt.load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(LLAMA.run(fresh), expected, rtol=0, atol=0)
+
+
 def test_partial_refuses_a_quantized_layer():
     with pytest.raises(ValueError, match="stored quantized"):
         dt.attach(_llama("nf4"), dt.PartialConfig())

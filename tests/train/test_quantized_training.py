@@ -86,6 +86,25 @@ def test_train_on_an_nf4_base_reload_and_merge(tiny_llama: Path, tmp_path: Path,
     assert dt.core.layers.describe(full.model.layers[0].self_attn.q_proj).quantized is None
 
 
+def test_train_with_a_bf16_rest_and_reload(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltatune.train.chat import ChatTask
+
+    monkeypatch.setattr(ChatTask, "samples", 0)
+    config = load_config(None, [f"model={tiny_llama}", "task=chat", "data.max_train_examples=8",
+                                "data.max_eval_examples=4", "epochs=1", "batch_size=4", "lr=1e-2",
+                                "precision=fp32", "threads=1", "tensorboard=false", "quantize=nf4",
+                                "quantize_rest_dtype=bfloat16", "compute_dtype=bfloat16", "loss_chunk=16",
+                                f"output={tmp_path / 'run'}"])
+    metrics = run_training(config, progress=False)
+    trained = load_trained(tmp_path / "run")
+    assert trained.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert dt.core.layers.describe(trained.model.model.layers[0].self_attn.q_proj.base).quantized == "nf4"
+    splits = trained.task.load_splits(trained.config, trained.labels)
+    items = trained.task.encode(trained.tokenizer, splits.test, trained.config.max_length)
+    again = trained.task.evaluate(trained.model, items, trained.tokenizer, 16, lambda m, b: m(**b))
+    assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
+
+
 def test_config_checks() -> None:
     with pytest.raises(ValueError, match="full fine-tuning trains every weight"):
         load_config(None, ["method=full", "quantize=nf4"])

@@ -133,7 +133,8 @@ FORMATS: list[QuantizedFormat] = [
 
 def quantize(model: nn.Module, fmt: str = "nf4", *, double_quant: bool = True,
              compute_dtype: torch.dtype | str = torch.float32, backend: str = "bitsandbytes",
-             skip: Iterable[str] = DEFAULT_SKIP, blocksize: int = 64) -> nn.Module:
+             skip: Iterable[str] = DEFAULT_SKIP, blocksize: int = 64,
+             rest_dtype: torch.dtype | str | None = None) -> nn.Module:
     """Replace ``model``'s ``nn.Linear`` layers by frozen ``fmt`` ones, in place; returns ``model``.
 
     Args:
@@ -144,6 +145,11 @@ def quantize(model: nn.Module, fmt: str = "nf4", *, double_quant: bool = True,
         backend: ``"bitsandbytes"`` (default) or ``"torchao"`` (NF4 only).
         skip: leave these modules (a name, or the last part(s) of one) in full precision.
         blocksize: NF4 block size (64 as in QLoRA).
+        rest_dtype: also store the parameters that stay unquantized (embeddings, norms, the head,
+            biases) in this dtype, as transformers does with ``load_in_4bit`` and
+            ``torch_dtype=torch.bfloat16`` (QLoRA practice). ``None`` (default): left as they are.
+            Buffers (e.g. rotary frequencies) are not touched. Pair bfloat16 with
+            ``compute_dtype=torch.bfloat16`` so the activations stay in one dtype.
     """
     if fmt not in QUANT_FORMATS:
         raise ValueError(f"quantize must be one of {', '.join(QUANT_FORMATS)}; got {fmt!r}")
@@ -160,6 +166,7 @@ def quantize(model: nn.Module, fmt: str = "nf4", *, double_quant: bool = True,
         raise ValueError("quantize the base model before attaching adapters: deltatune.quantize(model, ...) "
                          "then deltatune.attach(model, config)")
     dtype = parse_dtype(compute_dtype)
+    rest = None if rest_dtype is None else parse_dtype(rest_dtype)
     _import(backend)  # the one-line error naming what to install, before any layer changes
     skip = tuple(skip)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear
@@ -169,6 +176,22 @@ def quantize(model: nn.Module, fmt: str = "nf4", *, double_quant: bool = True,
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, leaf, quantized_linear(owner.get_submodule(leaf), fmt, double_quant=double_quant,
                                               compute_dtype=dtype, backend=backend, blocksize=blocksize))
+    if rest is not None:
+        cast_rest(model, rest)
+    return model
+
+
+def cast_rest(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store every floating-point parameter outside the quantized layers' weights in ``dtype``, in
+    place (tied parameters stay tied: each ``Parameter`` object is cast once, in place)."""
+    seen: set[int] = set()
+    for module in model.modules():
+        quantized = quantized_format(module) is not None
+        for name, p in module.named_parameters(recurse=False):
+            if p is None or id(p) in seen or (quantized and name == "weight") or not p.is_floating_point():
+                continue
+            seen.add(id(p))
+            p.data = p.data.to(dtype)
     return model
 
 

@@ -34,7 +34,8 @@ def quantize_base(model: nn.Module, config: Any) -> nn.Module:
     import deltatune as dt
 
     return dt.quantize(model, config.quantize, double_quant=config.double_quant,
-                       compute_dtype=config.compute_dtype, backend=config.quantize_backend)
+                       compute_dtype=config.compute_dtype, backend=config.quantize_backend,
+                       rest_dtype=getattr(config, "quantize_rest_dtype", None))
 
 
 def chunked_cross_entropy(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor], chunk: int) -> Tensor:

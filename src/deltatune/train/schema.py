@@ -118,6 +118,9 @@ class TrainConfig(_Strict):
     double_quant: bool = True  # nf4: quantize the per-block scales too (~0.4 bit/weight less)
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # what quantized weights dequantize to
     quantize_backend: Literal["bitsandbytes", "torchao"] = "bitsandbytes"  # torchao: nf4 only
+    # quantize: also store the unquantized frozen parameters (embeddings, norms, head) in this dtype, as
+    # transformers' load_in_4bit with torch_dtype=bfloat16 does; None: leave them as loaded (float32).
+    quantize_rest_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     # Causal LMs: cross-entropy over this many target tokens at a time (the head recomputed in backward),
     # so full-vocabulary float32 logits for the whole batch never exist at once; None: the model's own loss.
     loss_chunk: int | None = Field(None, ge=1)
