@@ -33,15 +33,30 @@ import torch
 from bench.measure import median
 
 
-def bench_run(run: Path, rounds: int, threads: int, examples: int, tmp: Path) -> dict[str, Any]:
+def limited(run: Path, max_test: int | None) -> dict[str, Any] | None:
+    """Config overrides scoring only the first ``max_test`` test examples (None: the whole split)."""
+    if not max_test:
+        return None
+    import dataclasses
+
+    from deltatune.train.models import read_trained
+
+    data = read_trained(run).config.data
+    data = dataclasses.asdict(data) if dataclasses.is_dataclass(data) else dict(data)
+    return {"data": {**data, "max_eval_examples": max_test}}
+
+
+def bench_run(run: Path, rounds: int, threads: int, examples: int, tmp: Path,
+              max_test: int | None = None) -> dict[str, Any]:
     import deltatune as dt
     from deltatune.export.onnx import export_onnx
     from deltatune.export.runtime import run_session, session
     from deltatune.train import load_trained
     from deltatune.train.loop import make_runner
 
-    facts = export_onnx(run, tmp / "onnx", "int8")
-    trained = load_trained(run)
+    overrides = limited(run, max_test)
+    facts = export_onnx(run, tmp / "onnx", "int8", overrides)
+    trained = load_trained(run, overrides)
     model, task, config, tokenizer = trained.model, trained.task, trained.config, trained.tokenizer
     if dt.configs(model):
         dt.merge_and_unload(model)
@@ -133,6 +148,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--max-test", type=int, default=None,
+                        help="score only the first N test examples (accuracy on a subset; latency unchanged)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/export.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,7 +157,7 @@ def main() -> None:
     results = []
     for run in args.runs:
         with tempfile.TemporaryDirectory() as tmp:
-            results.append(bench_run(run, args.rounds, args.threads, args.examples, Path(tmp)))
+            results.append(bench_run(run, args.rounds, args.threads, args.examples, Path(tmp), args.max_test))
         print(table(results[-1]))
     data = {"results": results, "threads": args.threads, "rounds": args.rounds, "cpu_count": os.cpu_count(),
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
