@@ -45,3 +45,19 @@ def test_image_classifier_exports_checked_with_preprocessing(tmp_path: Path) -> 
     with torch.no_grad():
         ref = dt.merge_and_unload(trained.model)(pixel_values=pixels).logits
     np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
+
+    # --quantize int8 on a conv model: static QDQ quantization calibrated on the run's own pictures.
+    assert facts["quantization"].startswith("onnxruntime quantize_static (QDQ), per-channel")
+    assert 0 < facts["calibration_pictures"] <= 36  # validation + training pictures of the 36
+    assert facts["files"]["model.int8.onnx"] < facts["files"]["model.onnx"]
+    int8 = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in __import__("onnx").load(str(out / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    from deltatune.export.tasks import _collate
+
+    test = trained.task.load_splits(trained.config, trained.labels).test
+    pictures = _collate(trained.task, trained.task.encode(trained.tokenizer, test, 64), trained.tokenizer)
+    a = sess.run(["logits"], {"pixel_values": pictures["pixel_values"].numpy()})[0]
+    b = int8.run(["logits"], {"pixel_values": pictures["pixel_values"].numpy()})[0]
+    # int8 activations and weights: within 10% of the logits' range of the fp32 file's logits.
+    assert np.abs(a - b).max() <= 0.1 * (a.max() - a.min()), (np.abs(a - b).max(), a.max() - a.min())

@@ -8,8 +8,12 @@
    past for decoders) and must give PyTorch's outputs: the largest difference is reported, and
    above tolerance nothing is written. A decoder must also generate, with its KV cache, the same
    greedy tokens as ``model.generate``.
-4. ``--quantize int8``: ONNX Runtime's dynamic quantization (int8 weights of MatMul/Gather, int8
-   activations computed per batch); the run's test split is scored by the task's own ``evaluate``
+4. ``--quantize int8``: for transformers, ONNX Runtime's dynamic quantization (int8 weights of
+   MatMul/Gather, int8 activations computed per batch); for image models (convolutions, whose spec
+   has ``calibrate``), ONNX Runtime's static quantization: ``quant_pre_process`` (shape inference,
+   BatchNorm folded into Conv), then QDQ with per-channel int8 weights and int8 activation ranges
+   calibrated on ``CALIBRATION_PICTURES`` pictures of the run's validation and training splits,
+   preprocessed by the task itself. The run's test split is scored by the task's own ``evaluate``
    through the fp32 and the int8 file (before / after).
 
 The directory is written whole or not at all (``atomic_directory``): ``model.onnx``,
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from deltatune.export.runtime import OrtModel, file_bytes, need_onnxruntime, run_ort, run_session, session
 from deltatune.export.spec import OnnxSpec
@@ -32,6 +37,7 @@ from deltatune.export.tasks import spec_for
 
 EXPORT_FILE = "export.json"
 QUANTIZE = ("int8",)
+CALIBRATION_PICTURES = 256
 
 
 def need_onnx() -> None:
@@ -60,7 +66,8 @@ def export_onnx(run: str | Path, output: Path, quantize: str | None = None,
     trained = load_trained(run, overrides)
     model, task, config = trained.model, trained.task, trained.config
     merged = _merge(model, dt)
-    examples = task.load_splits(config, trained.labels).test
+    splits = task.load_splits(config, trained.labels)
+    examples = splits.test
     spec = build(task, model, trained.tokenizer, trained.labels, config, examples)
     facts: dict[str, Any] = {"format": "onnx", "source": str(trained.source), "task": config.task,
                              "kind": spec.kind, "method": config.method, "adapter": merged, **spec.meta}
@@ -81,7 +88,9 @@ def export_onnx(run: str | Path, output: Path, quantize: str | None = None,
         facts["test"] = {"onnx_fp32": _score(task, sess, spec, model, trained.tokenizer, items, config)}
         say(f"test split ({len(items)} examples), ONNX fp32: {_metrics_line(facts['test']['onnx_fp32'])}")
         if quantize:
-            more, size, test = _quantize(tmp, spec, sess, model, task, trained.tokenizer, items, config, say)
+            calibration = (splits.validation + splits.train)[:CALIBRATION_PICTURES] if spec.calibrate else None
+            more, size, test = _quantize(tmp, spec, sess, model, task, trained.tokenizer, items, config, say,
+                                         calibration)
             facts.update(more)
             facts["files"]["model.int8.onnx"] = size
             facts["test"]["onnx_int8"] = test
@@ -148,15 +157,18 @@ def _metrics_line(metrics: dict[str, float]) -> str:
 
 
 def _quantize(tmp: Path, spec: OnnxSpec, sess: Any, model: torch.nn.Module, task: Any, tokenizer: Any,
-              items: list, config: Any, say: Any) -> tuple[dict[str, Any], int, dict[str, float]]:
-    """ONNX Runtime dynamic int8 quantization, and the test split before and after."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+              items: list, config: Any, say: Any,
+              calibration: list[tuple] | None = None) -> tuple[dict[str, Any], int, dict[str, float]]:
+    """ONNX Runtime int8 quantization (static if ``calibration`` examples, else dynamic), and the test split before and after."""
     source, target = tmp / "model.onnx", tmp / "model.int8.onnx"
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    if calibration is not None and spec.calibrate:
+        facts = _quantize_static(source, target, spec.calibrate(calibration), tmp)
+    else:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        facts = {"quantization": "onnxruntime quantize_dynamic, int8 weights (QInt8), int8 activations per batch"}
     int8 = session(target)
-    facts: dict[str, Any] = {"quantization": "onnxruntime quantize_dynamic, int8 weights (QInt8), "
-                                             "int8 activations per batch"}
     worst = 0.0
     with torch.no_grad():
         for feed in [spec.sample, *spec.checks]:
@@ -170,3 +182,31 @@ def _quantize(tmp: Path, spec: OnnxSpec, sess: Any, model: torch.nn.Module, task
     if spec.verify:
         facts["int8"] = spec.verify(int8)
     return facts, file_bytes(target), test
+
+
+def _quantize_static(source: Path, target: Path, feeds: list[dict[str, Tensor]], tmp: Path) -> dict[str, Any]:
+    """Static QDQ int8: per-channel int8 weights, activation ranges from ``feeds`` (MinMax)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not feeds:
+        raise ValueError("static int8 quantization needs calibration pictures; the run's training split is empty")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rest = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            feed = next(self.rest, None)
+            return None if feed is None else {k: v.numpy() for k, v in feed.items()}
+
+    prepared = tmp / "model.prepared.onnx"
+    try:
+        quant_pre_process(str(source), str(prepared))  # shape inference, BatchNorm folded into Conv
+        quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+    return {"quantization": f"onnxruntime quantize_static (QDQ), per-channel int8 weights (QInt8), uint8 "
+                            f"activations calibrated (MinMax) on {len(feeds)} training/validation pictures",
+            "calibration_pictures": len(feeds)}

@@ -28,12 +28,19 @@ def need_onnxruntime() -> Any:
     return onnxruntime
 
 
-def session(path: Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session on ``path``, with ``threads`` intra-op threads (default: torch's)."""
+def session(path: Path, threads: int | None = None, spin: bool = True) -> Any:
+    """An ONNX Runtime CPU session on ``path``, with ``threads`` intra-op threads (default: torch's).
+
+    ``spin=False``: idle pool threads sleep instead of spinning (ORT's default spins for a while
+    after each run, which takes the cores from anything else running beside it, e.g. PyTorch
+    in a side-by-side benchmark)."""
     ort = need_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

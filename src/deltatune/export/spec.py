@@ -51,6 +51,10 @@ class OnnxSpec:
     complete: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
     #: A further check run on the ONNX session (e.g. greedy generation equal to PyTorch's): -> facts.
     verify: Callable[[Any], dict[str, Any]] | None = None
+    #: Examples of the run's training/validation splits -> feeds (one picture each) through the task's
+    #: own preprocessing. When set, ``--quantize int8`` is ONNX Runtime's *static* quantization
+    #: calibrated on them (convolutions); otherwise dynamic quantization (transformers).
+    calibrate: Callable[[list[tuple]], list[dict[str, Tensor]]] | None = None
 
     def args(self, feed: dict[str, Tensor]) -> tuple:
         """``feed`` as the positional arguments of ``module.forward``."""

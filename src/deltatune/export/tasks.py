@@ -58,7 +58,10 @@ def classifier_spec(task: Any, model: nn.Module, tokenizer: Any, labels: list[st
     """A classifier: text (token ids) or images (``pixel_values``), as the task's own ``collate`` batches them."""
     items = task.encode(tokenizer, examples[:8], config.max_length) if examples else []
     if items and set(_collate(task, items[:1], tokenizer)) == {"pixel_values"}:
-        return image_spec(task, model, tokenizer, labels, items)
+        spec = image_spec(task, model, tokenizer, labels, items)
+        spec.calibrate = lambda some: [_collate(task, [item], tokenizer)
+                                       for item in task.encode(tokenizer, some, config.max_length)]
+        return spec
     return encoder_spec(model, tokenizer, labels, config, examples)
 
 
