@@ -142,14 +142,16 @@ def test_mobilenet_v2_loads_torchvision_weights_and_recognises_a_photo() -> None
     model10, new10 = pretrained_mobilenet_v2(10)
     assert new10 == ["classifier.1"]
     assert torch.equal(model10.features[5].conv[1][0].weight, model.features[5].conv[1][0].weight)
-    sklearn = pytest.importorskip("sklearn.datasets")
-    photo = torch.from_numpy(sklearn.load_sample_image("flower.jpg").copy()).permute(2, 0, 1)  # a daisy
+    sklearn = pytest.importorskip("sklearn.datasets")  # scikit-learn ships two real photos
+    photo = torch.from_numpy(sklearn.load_sample_image("china.jpg").copy()).permute(2, 0, 1)  # a temple roof
     pre = Preprocess(size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     from deltatune.train.image_task import _resize
 
     with torch.no_grad():
         logits = model.eval()(pixel_batch([_resize(photo, 224)], pre, augment=False)).logits
-    assert logits.argmax().item() == 985  # ImageNet class 985: daisy
+    top3 = set(logits.topk(3).indices[0].tolist())
+    assert {698, 663} <= top3  # ImageNet classes 698 "palace" and 663 "monastery"
+    # (its other photo, a close-up of florets, reads as 599 "honeycomb" - not a useful check)
 
 
 def test_batchnorm_statistics_stay_frozen_unless_asked() -> None:
