@@ -201,10 +201,7 @@ class FileClassificationTask(ClassificationTask):
         if not d.path and not d.train:
             raise ValueError("task 'classification' needs data.path (one file, split with the seed) "
                              "or data.train plus data.validation and data.test")
-        if d.path and (d.train or d.validation or d.test):
-            raise ValueError("give either data.path or data.train/validation/test, not both")
-        if d.train and not (d.validation and d.test):
-            raise ValueError("with data.train, also give data.validation and data.test")
+        D.check_data_files(d)
 
     def rows(self, config: TrainConfig) -> tuple[list, list | None, list | None]:
         d = config.data

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -188,6 +189,17 @@ def seeded_split(items: list, seed: int, validation: float, test: float) -> tupl
 def _split_sizes(n: int, validation: float, test: float) -> tuple[int, int, int]:
     n_val, n_test = round(n * validation), round(n * test)
     return n - n_val - n_test, n_val, n_test
+
+
+def check_data_files(data: Any) -> None:
+    """The file settings every task shares: one ``data.path`` to split with the seed, or
+    ``data.train`` with ``data.validation`` and ``data.test``, never a mix."""
+    if data.path and (data.train or data.validation or data.test):
+        raise ValueError("give either data.path or data.train/validation/test, not both")
+    if data.train and not (data.validation and data.test):
+        raise ValueError("with data.train, also give data.validation and data.test")
+    if not data.train and (data.validation or data.test):
+        raise ValueError("data.validation/test need data.train (or give one data.path to split)")
 
 
 def take(items: list, limit: int | None) -> list:

@@ -212,12 +212,7 @@ class ImageTask(ClassificationTask):
 
     def check_config(self, config: TrainConfig) -> None:
         d = config.data
-        if d.path and (d.train or d.validation or d.test):
-            raise ValueError("give either data.path or data.train/validation/test, not both")
-        if d.train and not (d.validation and d.test):
-            raise ValueError("with data.train, also give data.validation and data.test")
-        if (d.validation or d.test) and not d.train:
-            raise ValueError("data.validation / data.test need data.train too")
+        D.check_data_files(d)
 
     # data
     def _builtin(self, config: TrainConfig) -> bool:

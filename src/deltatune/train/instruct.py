@@ -190,12 +190,7 @@ class InstructTask(ChatTask):
 
     def check_config(self, config: TrainConfig) -> None:
         d = config.data
-        if d.path and (d.train or d.validation or d.test):
-            raise ValueError("give either data.path or data.train/validation/test, not both")
-        if d.train and not (d.validation and d.test):
-            raise ValueError("with data.train, also give data.validation and data.test")
-        if not d.train and (d.validation or d.test):
-            raise ValueError("data.validation/test need data.train (or give one data.path to split)")
+        D.check_data_files(d)
 
     def load_splits(self, config: TrainConfig, labels: list[str] | None = None) -> D.Splits:
         d = config.data
