@@ -113,7 +113,8 @@ def test_pareto_front_is_the_non_dominated_set() -> None:
 
 
 def _study(out: Path) -> list:
-    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    # A reader must not create the tables: racing the tune process's CREATE TABLE fails one of the two.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}", skip_table_creation=True)
     names = optuna.study.get_all_study_names(storage)
     return optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False)
 

@@ -19,7 +19,7 @@ several processes or machines can work on one study; a trial whose settings anot
 already finished reuses that result rather than training again, and one whose settings another
 process is training now is skipped. A killed process leaves its trial ``RUNNING``; after the
 heartbeat's grace period the next process marks it failed and retries its settings once
-(``RetryFailedTrialCallback``). Finished trials stay in the database, so ``--trials N`` run again
+(``RetryHeartbeatStaleTrialCallback``). Finished trials stay in the database, so ``--trials N`` run again
 continues until N trials have finished.
 """
 
@@ -146,13 +146,13 @@ def predict_fits(rows: dict[str, dict[str, Any]], method: str, choices: dict[str
 def open_study(storage: str, name: str, direction: str, pruner: str, rungs: int, seed: int,
                heartbeat: int) -> Any:
     optuna = _optuna()
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
     kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat, "grace_period": 2 * heartbeat,
-                              "failed_trial_callback": RetryFailedTrialCallback(max_retry=1)}
+                              "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
     if storage.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # several processes wait for the lock
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
     with _creating(storage):
         try:
             store = RDBStorage(storage, **kwargs)
