@@ -61,22 +61,52 @@ class _Stack:
     A and sBᵀ share one tensor so that a single gather fetches both for a batch.
     """
 
-    def __init__(self, layer: AdaptedLayer, names: list[str], tensors: list[Tensor]) -> None:
+    def __init__(self, layer: AdaptedLayer, names: list[str], tensors: list[Tensor],
+                 counts: list[int] | None = None, reuse: _Stack | None = None) -> None:
         self.index = {n: i for i, n in enumerate(names)}
         self.zero = len(names)  # slot of the bare base
         self._refs = [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors]
+        # Which of the refs belong to which name (so a later stack can reuse this one's rows).
+        self._by_name: dict[str, list] = {}
+        if counts is not None:
+            start = 0
+            for n, c in zip(names, counts):
+                self._by_name[n], start = self._refs[start:start + c], start + c
         self.trainable = any(t.requires_grad for t in tensors)
         with torch.no_grad():
-            factors = [layer.adapters[n].low_rank_factors() for n in names]
-            r = max(A.shape[0] for A, _, _ in factors)
-            A0, B0, _ = factors[0]
-            dtype = torch.promote_types(A0.dtype, B0.dtype)
-            self.d_in = A0.shape[1]
-            self.AB = A0.new_zeros((len(names) + 1, r, self.d_in + B0.shape[0]), dtype=dtype)
-            for i, (A, B, s) in enumerate(factors):
-                k = A.shape[0]
-                self.AB[i, :k, : self.d_in] = A
-                self.AB[i, :k, self.d_in :] = (B * s).t()
+            fresh = [n for n in names if reuse is None or not reuse._holds(n, self._by_name.get(n))]
+            factors = {n: layer.adapters[n].low_rank_factors() for n in fresh}
+            ranks = [A.shape[0] for A, _, _ in factors.values()] + ([reuse.AB.shape[1]] if reuse and len(fresh) < len(names) else [])
+            r = max(ranks)
+            if factors:
+                A0, B0, _ = next(iter(factors.values()))
+                dtype, self.d_in, d_out = torch.promote_types(A0.dtype, B0.dtype), A0.shape[1], B0.shape[0]
+                device = A0.device
+            else:
+                assert reuse is not None
+                dtype, self.d_in, d_out, device = reuse.AB.dtype, reuse.d_in, reuse.AB.shape[2] - reuse.d_in, reuse.AB.device
+            if reuse is not None and (reuse.AB.shape[1:] != (r, self.d_in + d_out) or reuse.AB.dtype != dtype
+                                      or reuse.AB.device != device):
+                fresh, reuse = names, None  # shapes differ: build every row anew
+                factors = {n: layer.adapters[n].low_rank_factors() for n in names}
+            self.AB = torch.zeros((len(names) + 1, r, self.d_in + d_out), dtype=dtype, device=device)
+            kept = [(i, reuse.index[n]) for i, n in enumerate(names) if n not in factors] if reuse is not None else []
+            if kept:  # rows of adapters unchanged since the previous stack: one gather, no Python per row
+                new_rows, old_rows = zip(*kept)
+                self.AB.index_copy_(0, torch.tensor(new_rows, device=device),
+                                    reuse.AB.index_select(0, torch.tensor(old_rows, device=device)))
+            for n in names:
+                if n in factors:
+                    A, B, s = factors[n]
+                    i, k = self.index[n], A.shape[0]
+                    self.AB[i, :k, : self.d_in] = A
+                    self.AB[i, :k, self.d_in :] = (B * s).t()
+
+    def _holds(self, name: str, refs: list | None) -> bool:
+        """Whether this stack's row for ``name`` was built from exactly these tensors, unedited."""
+        mine = self._by_name.get(name)
+        return (mine is not None and refs is not None and len(mine) == len(refs) and all(
+            a[0]() is not None and a[0]() is b[0]() and a[1] == b[1] and a[2] == b[2] for a, b in zip(mine, refs)))
 
     def current(self, tensors: list[Tensor]) -> bool:
         return len(tensors) == len(self._refs) and all(
@@ -111,16 +141,23 @@ def _tensors(module: nn.Module, out: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _stack(model: nn.Module, layer: AdaptedLayer) -> _Stack:
-    """The layer's stack, rebuilt only if an adapter was added, removed, replaced or edited."""
+def _stack(model: nn.Module, layer: AdaptedLayer, reuse: _Stack | None = None) -> _Stack:
+    """The layer's stack, rebuilt only if an adapter was added, removed, replaced or edited.
+
+    ``reuse``: an earlier stack of this layer (perhaps of other adapters) whose rows are copied
+    for the adapters it holds unchanged, so attaching one adapter among many costs one row.
+    """
     names = _low_rank_names(layer)
     tensors: list[Tensor] = []
+    counts: list[int] = []
     for n in names:
+        before = len(tensors)
         _tensors(layer.adapters[n], tensors)
+        counts.append(len(tensors) - before)
     key = (_Stack, layer)  # kept in the records of the adapters it stacks (core.inject.store)
     entry = cached(model, names, key)
     if entry is None or list(entry.index) != names or not entry.current(tensors):
-        entry = _Stack(layer, names, tensors)
+        entry = _Stack(layer, names, tensors, counts, reuse)
         store(model, names, key, entry)
     return entry
 
@@ -147,6 +184,15 @@ class _Route:
             device = self.stack.AB.device
             self.slots = torch.tensor([self.stack.index[k[0]] if k else self.stack.zero for k in keys], device=device)
         self._groups: dict[int, list[tuple[Key, Tensor]]] = {}
+
+    @classmethod
+    def planned(cls, keys: list[Key], uniform: Key | None, stack: _Stack | None, slots: Tensor | None) -> _Route:
+        """A route whose parts a :class:`Router` computed once for many layers alike."""
+        route = cls.__new__(cls)
+        route.keys, route.uniform, route.stack, route._groups = keys, uniform, stack, {}
+        if slots is not None:
+            route.slots = slots
+        return route
 
     def _repeat(self, rows: int) -> int:
         n = len(self.keys)
@@ -253,6 +299,82 @@ def routing(model: nn.Module, adapter_names: Sequence[Choice]) -> Iterator[nn.Mo
     finally:
         for layer, router in saved:
             layer.router = router
+
+
+class Router:
+    """``routing`` for a server that re-routes its rows every step: open once, :meth:`route` often.
+
+    Opening checks the layers (no merged adapters) and takes their routers over; :meth:`route`
+    points every routed layer at new per-row names, computing the keys and stack slots once per
+    group of layers that hold the same adapters, so changing the rows costs little more than one
+    layer's worth of work, however many layers there are. The stacks are checked (and built) on
+    first use in a router and then trusted: **attach, detach or edit no adapter while a router is
+    open**; :meth:`close` it first and open a new one afterwards. ``previous``: the router open
+    before (closed); its stacks lend the rows of adapters that are still attached and unchanged,
+    so attaching one adapter among many rebuilds one row per layer, not all of them.
+    """
+
+    def __init__(self, model: nn.Module, previous: Router | None = None) -> None:
+        self.model = model
+        self.layers = _unmerged_layers(model)
+        self._saved: list[tuple[AdaptedLayer, Any]] | None = [(layer, layer.router) for layer in self.layers]
+        self._stacks: dict[AdaptedLayer, _Stack] = {}
+        self._reuse = dict(previous._stacks) if previous is not None else {}
+        self._signature = {layer: (frozenset(layer.adapters._modules),
+                                   frozenset(n for n, a in layer.adapters._modules.items() if is_low_rank(a)))
+                           for layer in self.layers}
+        self.names: list[Choice] | None = None
+
+    def _stack_of(self, layer: AdaptedLayer) -> _Stack:
+        stack = self._stacks.get(layer)
+        if stack is None:
+            stack = self._stacks[layer] = _stack(self.model, layer, self._reuse.pop(layer, None))
+        return stack
+
+    def route(self, adapter_names: Sequence[Choice]) -> None:
+        """Row ``i`` of the next forward passes uses ``adapter_names[i]`` (as in ``routing``)."""
+        if self._saved is None:
+            raise RuntimeError("this router is closed; open a new one")
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
+            raise ValueError("adapter_names must be a non-empty list with one entry per example, e.g. ['a', None, 'b']")
+        keys = [_key(self.model, c) for c in adapter_names]
+        distinct = list(dict.fromkeys(keys))
+        plans: dict[tuple, tuple] = {}
+        for layer in self.layers:
+            have, low = self._signature[layer]
+            plan = plans.get((have, low))
+            if plan is None:
+                here = {k: tuple(n for n in k if n in have) for k in distinct}
+                layer_keys = [here[k] for k in keys]
+                seen = list(dict.fromkeys(layer_keys))
+                uniform = seen[0] if len(seen) == 1 else None
+                batched = uniform is None and all(len(k) == 0 or (len(k) == 1 and k[0] in low) for k in seen)
+                plan = plans[(have, low)] = (layer_keys, uniform, batched, {})
+            layer_keys, uniform, batched, slots_by = plan
+            stack, slots = None, None
+            if batched:
+                stack = self._stack_of(layer)
+                where = (stack.AB.device, tuple(stack.index))
+                slots = slots_by.get(where)
+                if slots is None:
+                    slots = slots_by[where] = torch.tensor(
+                        [stack.index[k[0]] if k else stack.zero for k in layer_keys], device=stack.AB.device)
+            layer.router = _Route.planned(layer_keys, uniform, stack, slots)
+        self.names = list(adapter_names)
+
+    def close(self) -> None:
+        """Give the layers their routers back (idempotent)."""
+        if self._saved is not None:
+            for layer, router in self._saved:
+                layer.router = router
+            self._saved = None
+        self._reuse.clear()
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 COMPOSITIONS = ("stack", "average")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltatune.core.inject import records
+from deltatune.core.inject import adapted_layers, records
 from deltatune.core.stored import StoredAdapter, install
 from deltatune.core.routing import delete_adapter
 from deltatune.formats import read
@@ -59,6 +59,7 @@ class Pool:
         self.loaded: OrderedDict[str, None] = OrderedDict()
         self.pins: Counter[str] = Counter()
         self.dropped: set[str] = set()  # unloaded while a request still ran on it: detach when it finishes
+        self.version = 0  # counts attachments and detachments (the engine re-opens its router on a change)
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
 
@@ -146,6 +147,7 @@ class Pool:
             with self._lock:
                 self.host.pop(name, None)
             raise AdapterError(f"adapter {name!r} could not be read: {err}") from None
+        self.version += 1
         try:
             # Normal tensors, though the engine runs under inference_mode: routing reads their version counters.
             with torch.inference_mode(False), torch.no_grad():
@@ -156,8 +158,10 @@ class Pool:
             delete_adapter(self.model, name)
             raise AdapterError(f"adapter {name!r} works through model-level hooks (prompt / prefix tuning), "
                                "which per-example routing cannot serve; serve a layer adapter (LoRA, DoRA, (IA)3, ...)")
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        for _, layer in adapted_layers(self.model):  # frozen: only the new adapter's tensors can be trainable
+            if name in layer.adapters:
+                for p in layer.adapters[name].parameters():
+                    p.requires_grad_(False)
         self.loaded[name] = None
         self.metrics.inc("deltatune_adapter_cache_misses_total")
         self.metrics.set("deltatune_adapters_loaded", len(self.loaded))
@@ -171,6 +175,7 @@ class Pool:
         return False
 
     def evict(self, name: str) -> None:
+        self.version += 1
         delete_adapter(self.model, name)
         del self.loaded[name]
         self.metrics.inc("deltatune_adapter_cache_evictions_total")
