@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -58,61 +58,80 @@ T = TypeVar("T")
 class _Stack:
     """All low-rank adapters of one layer, stacked: ``[A | sBᵀ]: (n+1, r, d_in + d_out)``.
 
-    A and sBᵀ share one tensor so that a single gather fetches both for a batch.
+    A and sBᵀ share one tensor so that a single gather fetches both for a batch. ``index`` maps
+    each name to its slot, ``zero`` is the bare base's slot (all zeros). Built from ``reuse``
+    (an earlier stack of the layer), rows of adapters it holds unchanged are copied, or, with as
+    many adapters as it had, its tensor is taken over and only the changed slots are written.
     """
 
-    def __init__(self, layer: AdaptedLayer, names: list[str], tensors: list[Tensor],
-                 counts: list[int] | None = None, reuse: _Stack | None = None) -> None:
-        self.index = {n: i for i, n in enumerate(names)}
-        self.zero = len(names)  # slot of the bare base
-        self._refs = [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors]
-        # Which of the refs belong to which name (so a later stack can reuse this one's rows).
-        self._by_name: dict[str, list] = {}
-        if counts is not None:
-            start = 0
-            for n, c in zip(names, counts):
-                self._by_name[n], start = self._refs[start:start + c], start + c
-        self.trainable = any(t.requires_grad for t in tensors)
+    def __init__(self, layer: AdaptedLayer, names: list[str], refs: dict[str, list[_Ref]],
+                 reuse: _Stack | None = None, trusted: frozenset[str] = frozenset()) -> None:
+        self.names = list(names)
+        self._by_name = refs  # per name: (weak ref, version, data pointer) of each of its tensors
         with torch.no_grad():
-            fresh = [n for n in names if reuse is None or not reuse._holds(n, self._by_name.get(n))]
-            factors = {n: layer.adapters[n].low_rank_factors() for n in fresh}
-            ranks = [A.shape[0] for A, _, _ in factors.values()] + ([reuse.AB.shape[1]] if reuse and len(fresh) < len(names) else [])
-            r = max(ranks)
+            kept = [n for n in names if reuse is not None and (n in trusted or reuse._holds(n, refs[n]))]
+            factors = {n: layer.adapters[n].low_rank_factors() for n in names if n not in kept}
             if factors:
                 A0, B0, _ = next(iter(factors.values()))
-                dtype, self.d_in, d_out = torch.promote_types(A0.dtype, B0.dtype), A0.shape[1], B0.shape[0]
-                device = A0.device
+                dtype, self.d_in, d_out, device = torch.promote_types(A0.dtype, B0.dtype), A0.shape[1], B0.shape[0], A0.device
+                r = max(A.shape[0] for A, _, _ in factors.values())
             else:
                 assert reuse is not None
                 dtype, self.d_in, d_out, device = reuse.AB.dtype, reuse.d_in, reuse.AB.shape[2] - reuse.d_in, reuse.AB.device
-            if reuse is not None and (reuse.AB.shape[1:] != (r, self.d_in + d_out) or reuse.AB.dtype != dtype
-                                      or reuse.AB.device != device):
-                fresh, reuse = names, None  # shapes differ: build every row anew
+                r = reuse.AB.shape[1]
+            if reuse is not None and kept and (r > reuse.AB.shape[1] or reuse.AB.shape[2] != self.d_in + d_out
+                                               or reuse.AB.dtype != dtype or reuse.AB.device != device):
+                kept = []  # shapes differ: build every row anew
                 factors = {n: layer.adapters[n].low_rank_factors() for n in names}
-            self.AB = torch.zeros((len(names) + 1, r, self.d_in + d_out), dtype=dtype, device=device)
-            kept = [(i, reuse.index[n]) for i, n in enumerate(names) if n not in factors] if reuse is not None else []
-            if kept:  # rows of adapters unchanged since the previous stack: one gather, no Python per row
-                new_rows, old_rows = zip(*kept)
-                self.AB.index_copy_(0, torch.tensor(new_rows, device=device),
-                                    reuse.AB.index_select(0, torch.tensor(old_rows, device=device)))
-            for n in names:
-                if n in factors:
-                    A, B, s = factors[n]
-                    i, k = self.index[n], A.shape[0]
-                    self.AB[i, :k, : self.d_in] = A
-                    self.AB[i, :k, self.d_in :] = (B * s).t()
+            self.trainable = any(ref().requires_grad for n in factors for ref, _, _ in refs[n]) or (
+                bool(kept) and reuse is not None and reuse.trainable)
+            if kept:
+                assert reuse is not None
+                r = reuse.AB.shape[1]
+            if reuse is not None and kept and len(reuse.index) == len(names):
+                # As many adapters as before (one swapped for another, as a server's cache does):
+                # take the previous stack's tensor over; kept rows stay in their slots, the others
+                # are written into the slots that were freed. The previous stack is retired.
+                self.AB, self.zero = reuse.AB, reuse.zero
+                self.index = {n: reuse.index[n] for n in kept}
+                free = [i for m, i in reuse.index.items() if m not in self.index]
+                self.index.update(zip([n for n in names if n in factors], free))
+                reuse._retire()
+                for n in factors:
+                    self.AB[self.index[n]].zero_()
+            else:
+                self.index = {n: i for i, n in enumerate(names)}
+                self.zero = len(names)  # slot of the bare base
+                self.AB = torch.zeros((len(names) + 1, r, self.d_in + d_out), dtype=dtype, device=device)
+                if reuse is not None and kept:  # rows unchanged since the previous stack: one gather
+                    self.AB.index_copy_(0, torch.tensor([self.index[n] for n in kept], device=device),
+                                        reuse.AB.index_select(0, torch.tensor([reuse.index[n] for n in kept], device=device)))
+            for n, (A, B, s) in factors.items():
+                i, k = self.index[n], A.shape[0]
+                self.AB[i, :k, : self.d_in] = A
+                self.AB[i, :k, self.d_in :] = (B * s).t()
 
-    def _holds(self, name: str, refs: list | None) -> bool:
+    def _retire(self) -> None:
+        """Another stack took this one's tensor: nothing may match or reuse it any more."""
+        self._by_name, self.index, self.names = {}, {}, []
+
+    def _holds(self, name: str, refs: list[_Ref] | None) -> bool:
         """Whether this stack's row for ``name`` was built from exactly these tensors, unedited."""
         mine = self._by_name.get(name)
-        return (mine is not None and refs is not None and len(mine) == len(refs) and all(
+        if mine is None or refs is None:
+            return False
+        return mine is refs or (len(mine) == len(refs) and all(
             a[0]() is not None and a[0]() is b[0]() and a[1] == b[1] and a[2] == b[2] for a, b in zip(mine, refs)))
 
-    def current(self, tensors: list[Tensor]) -> bool:
-        return len(tensors) == len(self._refs) and all(
-            ref() is t and t._version == version and t.data_ptr() == ptr
-            for (ref, version, ptr), t in zip(self._refs, tensors)
-        )
+    def current(self, names: list[str], refs: dict[str, list[_Ref]]) -> bool:
+        return self.names == names and all(self._holds(n, refs[n]) for n in names)
+
+
+_Ref = tuple[Any, int, int]  # (weakref.ref to a tensor, its version counter, its data pointer)
+
+
+def _refs(module: nn.Module) -> list[_Ref]:
+    return [(weakref.ref(t), t._version, t.data_ptr()) for t in _tensors(module, [])]
 
 
 def _low_rank_names(layer: AdaptedLayer) -> list[str]:
@@ -141,23 +160,22 @@ def _tensors(module: nn.Module, out: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _stack(model: nn.Module, layer: AdaptedLayer, reuse: _Stack | None = None) -> _Stack:
+def _stack(model: nn.Module, layer: AdaptedLayer, reuse: _Stack | None = None,
+           trusted: frozenset[str] = frozenset()) -> _Stack:
     """The layer's stack, rebuilt only if an adapter was added, removed, replaced or edited.
 
     ``reuse``: an earlier stack of this layer (perhaps of other adapters) whose rows are copied
     for the adapters it holds unchanged, so attaching one adapter among many costs one row.
+    ``trusted``: names the caller vouches are unchanged since ``reuse`` was built; their tensors
+    are not walked again.
     """
     names = _low_rank_names(layer)
-    tensors: list[Tensor] = []
-    counts: list[int] = []
-    for n in names:
-        before = len(tensors)
-        _tensors(layer.adapters[n], tensors)
-        counts.append(len(tensors) - before)
+    held = reuse._by_name if reuse is not None else {}
+    refs = {n: held[n] if n in trusted and n in held else _refs(layer.adapters[n]) for n in names}
     key = (_Stack, layer)  # kept in the records of the adapters it stacks (core.inject.store)
     entry = cached(model, names, key)
-    if entry is None or list(entry.index) != names or not entry.current(tensors):
-        entry = _Stack(layer, names, tensors, counts, reuse)
+    if entry is None or not entry.current(names, refs):
+        entry = _Stack(layer, names, refs, reuse, trusted)
         store(model, names, key, entry)
     return entry
 
@@ -311,15 +329,20 @@ class Router:
     first use in a router and then trusted: **attach, detach or edit no adapter while a router is
     open**; :meth:`close` it first and open a new one afterwards. ``previous``: the router open
     before (closed); its stacks lend the rows of adapters that are still attached and unchanged,
-    so attaching one adapter among many rebuilds one row per layer, not all of them.
+    so attaching one adapter among many rebuilds one row per layer, not all of them (and, with as
+    many adapters as before, its stack tensors are taken over: ``previous`` must not route again).
+    ``changed``: the names attached or edited since ``previous`` opened; the caller vouches that
+    every other adapter's tensors are as they were, so they are not walked and checked again.
     """
 
-    def __init__(self, model: nn.Module, previous: Router | None = None) -> None:
+    def __init__(self, model: nn.Module, previous: Router | None = None, changed: Iterable[str] | None = None) -> None:
         self.model = model
         self.layers = _unmerged_layers(model)
         self._saved: list[tuple[AdaptedLayer, Any]] | None = [(layer, layer.router) for layer in self.layers]
         self._stacks: dict[AdaptedLayer, _Stack] = {}
         self._reuse = dict(previous._stacks) if previous is not None else {}
+        # With ``changed`` given, every other adapter is vouched unchanged since ``previous``.
+        self._trusted = None if changed is None or previous is None else set(changed)
         self._signature = {layer: (frozenset(layer.adapters._modules),
                                    frozenset(n for n, a in layer.adapters._modules.items() if is_low_rank(a)))
                            for layer in self.layers}
@@ -328,7 +351,10 @@ class Router:
     def _stack_of(self, layer: AdaptedLayer) -> _Stack:
         stack = self._stacks.get(layer)
         if stack is None:
-            stack = self._stacks[layer] = _stack(self.model, layer, self._reuse.pop(layer, None))
+            reuse = self._reuse.pop(layer, None)
+            trusted = frozenset() if self._trusted is None or reuse is None else frozenset(
+                n for n in reuse.names if n not in self._trusted)
+            stack = self._stacks[layer] = _stack(self.model, layer, reuse, trusted)
         return stack
 
     def route(self, adapter_names: Sequence[Choice]) -> None:
@@ -354,7 +380,7 @@ class Router:
             stack, slots = None, None
             if batched:
                 stack = self._stack_of(layer)
-                where = (stack.AB.device, tuple(stack.index))
+                where = (stack.AB.device, tuple(stack.index.items()))
                 slots = slots_by.get(where)
                 if slots is None:
                     slots = slots_by[where] = torch.tensor(

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from deltatune.core.inject import adapted_layers, records
-from deltatune.core.stored import StoredAdapter, install
+from deltatune.core.stored import StoredAdapter, install, reinstall
 from deltatune.core.routing import delete_adapter
 from deltatune.formats import read
 from deltatune.serve.metrics import Metrics
@@ -60,6 +60,7 @@ class Pool:
         self.pins: Counter[str] = Counter()
         self.dropped: set[str] = set()  # unloaded while a request still ran on it: detach when it finishes
         self.version = 0  # counts attachments and detachments (the engine re-opens its router on a change)
+        self.changed: set[str] = set()  # attached since the engine last asked (take_changed)
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
 
@@ -131,6 +132,9 @@ class Pool:
     def ensure(self, name: str) -> bool:
         """Attach ``name`` if it is not, evicting the least recently used unpinned adapter when full.
 
+        An evicted adapter of the same config and modules hands its modules over (the new tensors
+        are copied into them: :func:`~deltatune.core.stored.reinstall`), so a swap costs a copy of
+        the adapter's tensors rather than a detach and an attach.
         False when every slot is pinned by running requests (try again after one finishes).
         Raises :class:`AdapterError` for an adapter that cannot be read or does not fit the base.
         """
@@ -138,8 +142,11 @@ class Pool:
             self.loaded.move_to_end(name)
             self.metrics.inc("deltatune_adapter_cache_hits_total")
             return True
-        if len(self.loaded) >= self.max_loaded and not self._evict_one():
-            return False
+        victim = None
+        if len(self.loaded) >= self.max_loaded:
+            victim = next((n for n in self.loaded if not self.pins[n]), None)
+            if victim is None:
+                return False
         future = self.prefetch(name)
         try:
             value = future.result()
@@ -148,6 +155,15 @@ class Pool:
                 self.host.pop(name, None)
             raise AdapterError(f"adapter {name!r} could not be read: {err}") from None
         self.version += 1
+        if victim is not None:
+            with torch.inference_mode(False), torch.no_grad():
+                swapped = victim not in self.dropped and reinstall(self.model, value, name, victim)
+            if swapped:
+                del self.loaded[victim]
+                self.metrics.inc("deltatune_adapter_cache_evictions_total")
+                self._attached(name)
+                return True
+            self.evict(victim)
         try:
             # Normal tensors, though the engine runs under inference_mode: routing reads their version counters.
             with torch.inference_mode(False), torch.no_grad():
@@ -162,17 +178,19 @@ class Pool:
             if name in layer.adapters:
                 for p in layer.adapters[name].parameters():
                     p.requires_grad_(False)
-        self.loaded[name] = None
-        self.metrics.inc("deltatune_adapter_cache_misses_total")
-        self.metrics.set("deltatune_adapters_loaded", len(self.loaded))
+        self._attached(name)
         return True
 
-    def _evict_one(self) -> bool:
-        for name in self.loaded:
-            if not self.pins[name]:
-                self.evict(name)
-                return True
-        return False
+    def take_changed(self) -> set[str]:
+        """The names attached since the last call (their tensors are new; all others are as they were)."""
+        changed, self.changed = self.changed, set()
+        return changed
+
+    def _attached(self, name: str) -> None:
+        self.loaded[name] = None
+        self.changed.add(name)
+        self.metrics.inc("deltatune_adapter_cache_misses_total")
+        self.metrics.set("deltatune_adapters_loaded", len(self.loaded))
 
     def evict(self, name: str) -> None:
         self.version += 1
