@@ -48,6 +48,7 @@ from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.data import epoch_batches
 from deltatune.train.loop import _start, _step, make_runner, pick_device, resolve_precision
 from deltatune.train.memory import chunked_runner, quantize_base
+from deltatune.train.metrics import process_peak_bytes, process_status_bytes
 from deltatune.train.models import load_model, prepare, training_meta
 from deltatune.train.ranks import Ranks
 from deltatune.train.space import Candidate
@@ -66,17 +67,10 @@ class Meter:
         self.measure = ("torch.cuda.max_memory_allocated" if self.cuda
                         else "peak resident set size of the process (VmHWM, reset per candidate)")
 
-    @staticmethod
-    def _status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        raise OSError(f"/proc/self/status has no {key}")
-
     def _clear_refs(self) -> bool:
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
-            self._status("VmHWM")
+            process_status_bytes("VmHWM")
             return True
         except OSError:
             return False
@@ -85,21 +79,14 @@ class Meter:
         if self.cuda:
             return torch.cuda.memory_allocated(self.device)
         try:
-            return self._status("VmRSS")
+            return process_status_bytes("VmRSS")
         except OSError:
             return 0
 
     def peak(self) -> int:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device)
-        try:
-            return self._status("VmHWM")
-        except OSError:  # not Linux: ru_maxrss never resets, so the first candidate's peak is the floor
-            import resource
-            import sys
-
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return rss if sys.platform == "darwin" else rss * 1024
+        return process_peak_bytes()[0]  # not Linux: ru_maxrss never resets; the first candidate's peak is the floor
 
     def reset(self) -> None:
         if self.cuda:
