@@ -61,3 +61,58 @@ def test_image_classifier_exports_checked_with_preprocessing(tmp_path: Path) -> 
     b = int8.run(["logits"], {"pixel_values": pictures["pixel_values"].numpy()})[0]
     # int8 activations and weights: within 10% of the logits' range of the fp32 file's logits.
     assert np.abs(a - b).max() <= 0.1 * (a.max() - a.min()), (np.abs(a - b).max(), a.max() - a.min())
+
+    # The convolutions' all-zero weight and bias zero points are gone, and ONNX Runtime still runs
+    # every convolution as int8 (DequantizeLinear -> Conv -> QuantizeLinear fused into QLinearConv).
+    graph = __import__("onnx").load(str(out / "model.int8.onnx")).graph
+    constants = {t.name for t in graph.initializer}
+    into_conv = {name for node in graph.node if node.op_type == "Conv" for name in node.input}
+    weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in into_conv
+               and n.input[0] in constants]
+    assert weights and all(len(n.input) == 2 for n in weights)
+    assert facts["zero_points_dropped"] == len(weights)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "model.int8.onnx"), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in __import__("onnx").load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert fused.count("QLinearConv") == sum(n.op_type == "Conv" for n in graph.node) and "Conv" not in fused
+
+
+def test_dropping_zero_points_keeps_the_model_exact(tmp_path: Path) -> None:
+    """``drop_zero_points``: same outputs, smaller file; a Gemm's zero points (QGemm needs them) stay."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deltatune.export.onnx import drop_zero_points
+
+    rng = np.random.default_rng(0)
+
+    def const(name: str, array: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(array, name)
+
+    inits = [const("w_q", rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)),
+             const("w_s", rng.uniform(0.01, 0.02, 4).astype(np.float32)), const("w_z", np.zeros(4, np.int8)),
+             const("b_q", rng.integers(-500, 500, 4).astype(np.int32)),
+             const("b_s", rng.uniform(1e-4, 2e-4, 4).astype(np.float32)), const("b_z", np.zeros(4, np.int32)),
+             const("g_q", rng.integers(-127, 128, (2, 16)).astype(np.int8)),
+             const("g_s", np.float32(0.01)), const("g_z", np.int8(0)), const("shape", np.array([1, 16], np.int64))]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=0),
+             helper.make_node("DequantizeLinear", ["b_q", "b_s", "b_z"], ["b"], axis=0),
+             helper.make_node("Conv", ["x", "w", "b"], ["c"]),                  # (1, 4, 2, 2)
+             helper.make_node("Reshape", ["c", "shape"], ["flat"]),             # (1, 16)
+             helper.make_node("DequantizeLinear", ["g_q", "g_s", "g_z"], ["g"]),
+             helper.make_node("Gemm", ["flat", "g"], ["y"], transB=1)]          # (1, 2)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    before, size = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0], path.stat().st_size
+
+    assert drop_zero_points(path) == 2
+    names = {t.name for t in onnx.load(str(path)).graph.initializer}
+    assert "w_z" not in names and "b_z" not in names and "g_z" in names
+    after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(before, after)
+    assert path.stat().st_size < size

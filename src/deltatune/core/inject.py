@@ -311,6 +311,31 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     return model
 
 
+def rename(model: nn.Module, old: str, new: str) -> None:
+    """Give attached adapter ``old`` the name ``new``: its record and its module in every layer
+    (it becomes the last attached, as if attached now). Caches built from it are dropped.
+    Refused for an adapter with model-level hooks (they may hold the name)."""
+    if not _NAME_RE.match(new):
+        raise ValueError(f"adapter name {new!r} must be an identifier such as 'default' or 'sentiment'")
+    if new in records(model):
+        raise ValueError(f"an adapter named {new!r} is already attached; detach it first or choose another name")
+    gone = records(model)[_known(model, old)]
+    if gone.handles:
+        raise ValueError(f"adapter {old!r} acts through model-level hooks and cannot be renamed; detach and attach it")
+    for key in list(gone.caches):
+        for other in records(model).values():
+            other.caches.pop(key, None)
+    gone.caches.clear()
+    for _, layer in adapted_layers(model):
+        if old in layer.adapters:
+            module = layer.adapters[old]
+            del layer.adapters[old]
+            layer.adapters[new] = module
+        layer.active = tuple(new if n == old else n for n in layer.active)
+        layer.merged = [new if n == old else n for n in layer.merged]
+    records(model)[new] = records(model).pop(old)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Replace every AdaptedLayer by its base module *as it is now* (merged or not) and forget the adapters."""
     for layer_name, layer in list(adapted_layers(model)):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -58,31 +58,80 @@ T = TypeVar("T")
 class _Stack:
     """All low-rank adapters of one layer, stacked: ``[A | sBᵀ]: (n+1, r, d_in + d_out)``.
 
-    A and sBᵀ share one tensor so that a single gather fetches both for a batch.
+    A and sBᵀ share one tensor so that a single gather fetches both for a batch. ``index`` maps
+    each name to its slot, ``zero`` is the bare base's slot (all zeros). Built from ``reuse``
+    (an earlier stack of the layer), rows of adapters it holds unchanged are copied, or, with as
+    many adapters as it had, its tensor is taken over and only the changed slots are written.
     """
 
-    def __init__(self, layer: AdaptedLayer, names: list[str], tensors: list[Tensor]) -> None:
-        self.index = {n: i for i, n in enumerate(names)}
-        self.zero = len(names)  # slot of the bare base
-        self._refs = [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors]
-        self.trainable = any(t.requires_grad for t in tensors)
+    def __init__(self, layer: AdaptedLayer, names: list[str], refs: dict[str, list[_Ref]],
+                 reuse: _Stack | None = None, trusted: frozenset[str] = frozenset()) -> None:
+        self.names = list(names)
+        self._by_name = refs  # per name: (weak ref, version, data pointer) of each of its tensors
         with torch.no_grad():
-            factors = [layer.adapters[n].low_rank_factors() for n in names]
-            r = max(A.shape[0] for A, _, _ in factors)
-            A0, B0, _ = factors[0]
-            dtype = torch.promote_types(A0.dtype, B0.dtype)
-            self.d_in = A0.shape[1]
-            self.AB = A0.new_zeros((len(names) + 1, r, self.d_in + B0.shape[0]), dtype=dtype)
-            for i, (A, B, s) in enumerate(factors):
-                k = A.shape[0]
+            kept = [n for n in names if reuse is not None and (n in trusted or reuse._holds(n, refs[n]))]
+            factors = {n: layer.adapters[n].low_rank_factors() for n in names if n not in kept}
+            if factors:
+                A0, B0, _ = next(iter(factors.values()))
+                dtype, self.d_in, d_out, device = torch.promote_types(A0.dtype, B0.dtype), A0.shape[1], B0.shape[0], A0.device
+                r = max(A.shape[0] for A, _, _ in factors.values())
+            else:
+                assert reuse is not None
+                dtype, self.d_in, d_out, device = reuse.AB.dtype, reuse.d_in, reuse.AB.shape[2] - reuse.d_in, reuse.AB.device
+                r = reuse.AB.shape[1]
+            if reuse is not None and kept and (r > reuse.AB.shape[1] or reuse.AB.shape[2] != self.d_in + d_out
+                                               or reuse.AB.dtype != dtype or reuse.AB.device != device):
+                kept = []  # shapes differ: build every row anew
+                factors = {n: layer.adapters[n].low_rank_factors() for n in names}
+            self.trainable = any(ref().requires_grad for n in factors for ref, _, _ in refs[n]) or (
+                bool(kept) and reuse is not None and reuse.trainable)
+            if kept:
+                assert reuse is not None
+                r = reuse.AB.shape[1]
+            if reuse is not None and kept and len(reuse.index) == len(names):
+                # As many adapters as before (one swapped for another, as a server's cache does):
+                # take the previous stack's tensor over; kept rows stay in their slots, the others
+                # are written into the slots that were freed. The previous stack is retired.
+                self.AB, self.zero = reuse.AB, reuse.zero
+                self.index = {n: reuse.index[n] for n in kept}
+                free = [i for m, i in reuse.index.items() if m not in self.index]
+                self.index.update(zip([n for n in names if n in factors], free))
+                reuse._retire()
+                for n in factors:
+                    self.AB[self.index[n]].zero_()
+            else:
+                self.index = {n: i for i, n in enumerate(names)}
+                self.zero = len(names)  # slot of the bare base
+                self.AB = torch.zeros((len(names) + 1, r, self.d_in + d_out), dtype=dtype, device=device)
+                if reuse is not None and kept:  # rows unchanged since the previous stack: one gather
+                    self.AB.index_copy_(0, torch.tensor([self.index[n] for n in kept], device=device),
+                                        reuse.AB.index_select(0, torch.tensor([reuse.index[n] for n in kept], device=device)))
+            for n, (A, B, s) in factors.items():
+                i, k = self.index[n], A.shape[0]
                 self.AB[i, :k, : self.d_in] = A
                 self.AB[i, :k, self.d_in :] = (B * s).t()
 
-    def current(self, tensors: list[Tensor]) -> bool:
-        return len(tensors) == len(self._refs) and all(
-            ref() is t and t._version == version and t.data_ptr() == ptr
-            for (ref, version, ptr), t in zip(self._refs, tensors)
-        )
+    def _retire(self) -> None:
+        """Another stack took this one's tensor: nothing may match or reuse it any more."""
+        self._by_name, self.index, self.names = {}, {}, []
+
+    def _holds(self, name: str, refs: list[_Ref] | None) -> bool:
+        """Whether this stack's row for ``name`` was built from exactly these tensors, unedited."""
+        mine = self._by_name.get(name)
+        if mine is None or refs is None:
+            return False
+        return mine is refs or (len(mine) == len(refs) and all(
+            a[0]() is not None and a[0]() is b[0]() and a[1] == b[1] and a[2] == b[2] for a, b in zip(mine, refs)))
+
+    def current(self, names: list[str], refs: dict[str, list[_Ref]]) -> bool:
+        return self.names == names and all(self._holds(n, refs[n]) for n in names)
+
+
+_Ref = tuple[Any, int, int]  # (weakref.ref to a tensor, its version counter, its data pointer)
+
+
+def _refs(module: nn.Module) -> list[_Ref]:
+    return [(weakref.ref(t), t._version, t.data_ptr()) for t in _tensors(module, [])]
 
 
 def _low_rank_names(layer: AdaptedLayer) -> list[str]:
@@ -111,16 +160,22 @@ def _tensors(module: nn.Module, out: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _stack(model: nn.Module, layer: AdaptedLayer) -> _Stack:
-    """The layer's stack, rebuilt only if an adapter was added, removed, replaced or edited."""
+def _stack(model: nn.Module, layer: AdaptedLayer, reuse: _Stack | None = None,
+           trusted: frozenset[str] = frozenset()) -> _Stack:
+    """The layer's stack, rebuilt only if an adapter was added, removed, replaced or edited.
+
+    ``reuse``: an earlier stack of this layer (perhaps of other adapters) whose rows are copied
+    for the adapters it holds unchanged, so attaching one adapter among many costs one row.
+    ``trusted``: names the caller vouches are unchanged since ``reuse`` was built; their tensors
+    are not walked again.
+    """
     names = _low_rank_names(layer)
-    tensors: list[Tensor] = []
-    for n in names:
-        _tensors(layer.adapters[n], tensors)
+    held = reuse._by_name if reuse is not None else {}
+    refs = {n: held[n] if n in trusted and n in held else _refs(layer.adapters[n]) for n in names}
     key = (_Stack, layer)  # kept in the records of the adapters it stacks (core.inject.store)
     entry = cached(model, names, key)
-    if entry is None or list(entry.index) != names or not entry.current(tensors):
-        entry = _Stack(layer, names, tensors)
+    if entry is None or not entry.current(names, refs):
+        entry = _Stack(layer, names, refs, reuse, trusted)
         store(model, names, key, entry)
     return entry
 
@@ -147,6 +202,15 @@ class _Route:
             device = self.stack.AB.device
             self.slots = torch.tensor([self.stack.index[k[0]] if k else self.stack.zero for k in keys], device=device)
         self._groups: dict[int, list[tuple[Key, Tensor]]] = {}
+
+    @classmethod
+    def planned(cls, keys: list[Key], uniform: Key | None, stack: _Stack | None, slots: Tensor | None) -> _Route:
+        """A route whose parts a :class:`Router` computed once for many layers alike."""
+        route = cls.__new__(cls)
+        route.keys, route.uniform, route.stack, route._groups = keys, uniform, stack, {}
+        if slots is not None:
+            route.slots = slots
+        return route
 
     def _repeat(self, rows: int) -> int:
         n = len(self.keys)
@@ -253,6 +317,90 @@ def routing(model: nn.Module, adapter_names: Sequence[Choice]) -> Iterator[nn.Mo
     finally:
         for layer, router in saved:
             layer.router = router
+
+
+class Router:
+    """``routing`` for a server that re-routes its rows every step: open once, :meth:`route` often.
+
+    Opening checks the layers (no merged adapters) and takes their routers over; :meth:`route`
+    points every routed layer at new per-row names, computing the keys and stack slots once per
+    group of layers that hold the same adapters, so changing the rows costs little more than one
+    layer's worth of work, however many layers there are. The stacks are checked (and built) on
+    first use in a router and then trusted: **attach, detach or edit no adapter while a router is
+    open**; :meth:`close` it first and open a new one afterwards. ``previous``: the router open
+    before (closed); its stacks lend the rows of adapters that are still attached and unchanged,
+    so attaching one adapter among many rebuilds one row per layer, not all of them (and, with as
+    many adapters as before, its stack tensors are taken over: ``previous`` must not route again).
+    ``changed``: the names attached or edited since ``previous`` opened; the caller vouches that
+    every other adapter's tensors are as they were, so they are not walked and checked again.
+    """
+
+    def __init__(self, model: nn.Module, previous: Router | None = None, changed: Iterable[str] | None = None) -> None:
+        self.model = model
+        self.layers = _unmerged_layers(model)
+        self._saved: list[tuple[AdaptedLayer, Any]] | None = [(layer, layer.router) for layer in self.layers]
+        self._stacks: dict[AdaptedLayer, _Stack] = {}
+        self._reuse = dict(previous._stacks) if previous is not None else {}
+        # With ``changed`` given, every other adapter is vouched unchanged since ``previous``.
+        self._trusted = None if changed is None or previous is None else set(changed)
+        self._signature = {layer: (frozenset(layer.adapters._modules),
+                                   frozenset(n for n, a in layer.adapters._modules.items() if is_low_rank(a)))
+                           for layer in self.layers}
+        self.names: list[Choice] | None = None
+
+    def _stack_of(self, layer: AdaptedLayer) -> _Stack:
+        stack = self._stacks.get(layer)
+        if stack is None:
+            reuse = self._reuse.pop(layer, None)
+            trusted = frozenset() if self._trusted is None or reuse is None else frozenset(
+                n for n in reuse.names if n not in self._trusted)
+            stack = self._stacks[layer] = _stack(self.model, layer, reuse, trusted)
+        return stack
+
+    def route(self, adapter_names: Sequence[Choice]) -> None:
+        """Row ``i`` of the next forward passes uses ``adapter_names[i]`` (as in ``routing``)."""
+        if self._saved is None:
+            raise RuntimeError("this router is closed; open a new one")
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
+            raise ValueError("adapter_names must be a non-empty list with one entry per example, e.g. ['a', None, 'b']")
+        keys = [_key(self.model, c) for c in adapter_names]
+        distinct = list(dict.fromkeys(keys))
+        plans: dict[tuple, tuple] = {}
+        for layer in self.layers:
+            have, low = self._signature[layer]
+            plan = plans.get((have, low))
+            if plan is None:
+                here = {k: tuple(n for n in k if n in have) for k in distinct}
+                layer_keys = [here[k] for k in keys]
+                seen = list(dict.fromkeys(layer_keys))
+                uniform = seen[0] if len(seen) == 1 else None
+                batched = uniform is None and all(len(k) == 0 or (len(k) == 1 and k[0] in low) for k in seen)
+                plan = plans[(have, low)] = (layer_keys, uniform, batched, {})
+            layer_keys, uniform, batched, slots_by = plan
+            stack, slots = None, None
+            if batched:
+                stack = self._stack_of(layer)
+                where = (stack.AB.device, tuple(stack.index.items()))
+                slots = slots_by.get(where)
+                if slots is None:
+                    slots = slots_by[where] = torch.tensor(
+                        [stack.index[k[0]] if k else stack.zero for k in layer_keys], device=stack.AB.device)
+            layer.router = _Route.planned(layer_keys, uniform, stack, slots)
+        self.names = list(adapter_names)
+
+    def close(self) -> None:
+        """Give the layers their routers back (idempotent)."""
+        if self._saved is not None:
+            for layer, router in self._saved:
+                layer.router = router
+            self._saved = None
+        self._reuse.clear()
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 COMPOSITIONS = ("stack", "average")

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from deltatune.config import AdapterConfig
 from deltatune.core.files import WEIGHTS_FILE
 from deltatune.core.fingerprint import differences, fingerprint
-from deltatune.core.inject import adapted_layers, attach, configs, detach, mark_trainable, placement
+from deltatune.core.inject import adapted_layers, attach, configs, detach, mark_trainable, placement, records, rename
 from deltatune.core.layer import FullCopy, logical_modules
 
 
@@ -185,15 +185,53 @@ def install(model: nn.Module, value: StoredAdapter, name: str | None = None, *, 
     except Exception:
         detach(model, name)
         raise
-    changed = differences(value.meta.get("base_fingerprint"),
-                          {n: layer.base for n, layer in adapted_layers(model) if name in layer.adapters})
-    if changed:
-        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        warnings.warn(f"{source.where}: this base model is not the one the adapter was saved with: {changed[0]}"
-                      f"{more}; it loads, but its outputs will differ from the trained run's", stacklevel=3)
+    _warn_other_base(model, value, name, source)
     if trainable:
         mark_trainable(model, [name])
     elif activate:
         for p in model.parameters():
             p.requires_grad_(False)
     return name
+
+
+def _warn_other_base(model: nn.Module, value: StoredAdapter, name: str, source: Source) -> None:
+    changed = differences(value.meta.get("base_fingerprint"),
+                          {n: layer.base for n, layer in adapted_layers(model) if name in layer.adapters})
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        warnings.warn(f"{source.where}: this base model is not the one the adapter was saved with: {changed[0]}"
+                      f"{more}; it loads, but its outputs will differ from the trained run's", stacklevel=4)
+
+
+def reinstall(model: nn.Module, value: StoredAdapter, name: str, old: str) -> bool:
+    """Install ``value`` as adapter ``name`` into the modules of attached adapter ``old``, which goes.
+
+    The same as ``detach(model, old)`` then ``install(model, value, name, activate=False)``, without
+    building, placing or freezing modules: the tensors are copied into ``old``'s, which are renamed.
+    For a server that swaps adapters of one shape in and out of a fixed number of slots. Returns
+    False, with the model untouched, when ``old``'s modules are not exactly what ``value`` needs
+    (another config, other modules, ``modules_to_save``, model-level hooks, merged or active,
+    other tensor shapes): then detach and install.
+    """
+    have = records(model)
+    gone = have.get(old)
+    if name in have:
+        raise ValueError(f"an adapter named {name!r} is already attached; detach it first or choose another name")
+    if (gone is None or gone.handles or gone.saved or value.modules_to_save or gone.config != value.config
+            or gone.placement != [list(p) for p in value.parts]):
+        return False
+    layers = {n: layer for n, layer in adapted_layers(model) if old in layer.adapters}
+    if any(old in layer.merged or old in layer.active for layer in layers.values()):
+        return False
+    current = {n: layer.adapters[old].state_dict(keep_vars=True) for n, layer in layers.items()}
+    expected = {f"{n}.{k}": t.shape for n, tensors in current.items() for k, t in tensors.items()}
+    if expected.keys() != value.tensors.keys() or any(tuple(value.tensors[k].shape) != tuple(shape)
+                                                      for k, shape in expected.items()):
+        return False
+    rename(model, old, name)
+    with torch.no_grad():
+        for n, tensors in current.items():
+            for k, t in tensors.items():
+                t.copy_(value.tensors[f"{n}.{k}"])
+    _warn_other_base(model, value, name, value.source or Source("adapter"))
+    return True

@@ -175,16 +175,27 @@ class DoraLinear(Dora):
         return (1, -1) if self.lora.transposed else (-1, 1)
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
-        # The fused kernel needs the frozen module itself (not stacked adapters) and no autocast.
+        # The fused kernel needs the frozen module itself (not stacked adapters).
         if (not isinstance(base, nn.Module) or not base.weight.is_floating_point() or base.weight.requires_grad
-                or torch.is_autocast_enabled(x.device.type) or describe(base).quantized):
+                or describe(base).quantized):
             return super().forward(x, base)
         lora = self.lora
         A, B = lora._factors()
         weight = base.weight.t() if lora.transposed else base.weight  # (d_out, d_in)
         dropout = lora.dropout
         xd = dropout(x) if self.training and isinstance(dropout, nn.Dropout) else None
-        return dora_linear(x, weight, base.bias, A, B, lora.scaling, self.scale(base.weight).to(x.dtype), xd)
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return dora_linear(x, weight, base.bias, A, B, lora.scaling, self.scale(base.weight).to(x.dtype), xd)
+        # Under autocast: the kernel runs in the autocast dtype, as autocast would run the products;
+        # the casts are autograd ops, so A, B and m get their gradients in their own dtype. The norm
+        # (and with it the scale) is taken in float32, outside autocast.
+        low = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            scale = self.scale(base.weight)
+            bias = None if base.bias is None else base.bias.to(low)
+            return dora_linear(x.to(low), weight.to(low), bias, A.to(low), B.to(low), lora.scaling, scale.to(low),
+                               None if xd is None else xd.to(low))
 
 
 class DoraConv(Dora):

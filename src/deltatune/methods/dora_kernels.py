@@ -36,11 +36,15 @@ _BLOCK = 256  # rows per block when reducing Σ_n g ⊙ u
 
 
 def _column_dot(g: Tensor, u: Tensor) -> Tensor:
-    """Σ_n g[n, :] ⊙ u[n, :] for (N, d) tensors, in row blocks (a (256, d) temporary at most)."""
-    out = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+    """Σ_n g[n, :] ⊙ u[n, :] for (N, d) tensors, in row blocks (a (256, d) temporary at most).
+
+    Accumulated in at least float32 (bf16 inputs under autocast: one rounding at the end), in g's dtype.
+    """
+    acc = torch.promote_types(g.dtype, torch.float32)
+    out = torch.zeros(g.shape[1], dtype=acc, device=g.device)
     for i in range(0, g.shape[0], _BLOCK):
-        out += (g[i:i + _BLOCK] * u[i:i + _BLOCK]).sum(0)
-    return out
+        out += (g[i:i + _BLOCK] * u[i:i + _BLOCK]).sum(0, dtype=acc)
+    return out.to(g.dtype)
 
 
 class _DoraLinear(torch.autograd.Function):

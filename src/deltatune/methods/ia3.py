@@ -63,6 +63,13 @@ class IA3(Adapter):
     def forward(self, x: Tensor, base: Any) -> Tensor:
         if self._fusable(x, base):  # one autograd node, the scaling folded into the weight
             return ia3_linear(x, base.weight, base.bias, self.scale.to(x.dtype), self.feedforward)
+        if self._fusable_under_autocast(base):
+            # The kernel in the autocast dtype (the product's dtype under autocast); the casts are
+            # autograd ops, so the vector's gradient arrives in its own dtype.
+            low = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                bias = None if base.bias is None else base.bias.to(low)
+                return ia3_linear(x.to(low), base.weight.to(low), bias, self.scale.to(low), self.feedforward)
         if self.feedforward:
             return base(x * self._channels(x))        # W (l ⊙ x) + b
         h = base(x)
@@ -73,6 +80,14 @@ class IA3(Adapter):
         return (self.layout == "linear" and plain_linear(base)
                 and base.weight.dtype == x.dtype and (base.bias is None or base.bias.dtype == x.dtype)
                 and not torch.is_autocast_enabled(x.device.type))
+
+    def _fusable_under_autocast(self, base: Any) -> bool:
+        """A plain frozen float32/bf16 ``nn.Linear`` under autocast (outside its CUDA/CPU dtypes: no)."""
+        if self.layout != "linear" or not plain_linear(base):
+            return False
+        device = base.weight.device.type
+        return (torch.is_autocast_enabled(device) and base.weight.dtype in (torch.float32, torch.bfloat16)
+                and torch.get_autocast_dtype(device) in (torch.bfloat16, torch.float16))
 
     def _weight_factor(self, weight: Tensor) -> Tensor:
         """``scale`` shaped to multiply ``weight`` along the scaled channel axis."""

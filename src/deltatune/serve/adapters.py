@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltatune.core.inject import records
-from deltatune.core.stored import StoredAdapter, install
+from deltatune.core.inject import adapted_layers, records
+from deltatune.core.stored import StoredAdapter, install, reinstall
 from deltatune.core.routing import delete_adapter
 from deltatune.formats import read
 from deltatune.serve.metrics import Metrics
@@ -59,6 +59,8 @@ class Pool:
         self.loaded: OrderedDict[str, None] = OrderedDict()
         self.pins: Counter[str] = Counter()
         self.dropped: set[str] = set()  # unloaded while a request still ran on it: detach when it finishes
+        self.version = 0  # counts attachments and detachments (the engine re-opens its router on a change)
+        self.changed: set[str] = set()  # attached since the engine last asked (take_changed)
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
 
@@ -130,6 +132,9 @@ class Pool:
     def ensure(self, name: str) -> bool:
         """Attach ``name`` if it is not, evicting the least recently used unpinned adapter when full.
 
+        An evicted adapter of the same config and modules hands its modules over (the new tensors
+        are copied into them: :func:`~deltatune.core.stored.reinstall`), so a swap costs a copy of
+        the adapter's tensors rather than a detach and an attach.
         False when every slot is pinned by running requests (try again after one finishes).
         Raises :class:`AdapterError` for an adapter that cannot be read or does not fit the base.
         """
@@ -137,8 +142,11 @@ class Pool:
             self.loaded.move_to_end(name)
             self.metrics.inc("deltatune_adapter_cache_hits_total")
             return True
-        if len(self.loaded) >= self.max_loaded and not self._evict_one():
-            return False
+        victim = None
+        if len(self.loaded) >= self.max_loaded:
+            victim = next((n for n in self.loaded if not self.pins[n]), None)
+            if victim is None:
+                return False
         future = self.prefetch(name)
         try:
             value = future.result()
@@ -146,6 +154,16 @@ class Pool:
             with self._lock:
                 self.host.pop(name, None)
             raise AdapterError(f"adapter {name!r} could not be read: {err}") from None
+        self.version += 1
+        if victim is not None:
+            with torch.inference_mode(False), torch.no_grad():
+                swapped = victim not in self.dropped and reinstall(self.model, value, name, victim)
+            if swapped:
+                del self.loaded[victim]
+                self.metrics.inc("deltatune_adapter_cache_evictions_total")
+                self._attached(name)
+                return True
+            self.evict(victim)
         try:
             # Normal tensors, though the engine runs under inference_mode: routing reads their version counters.
             with torch.inference_mode(False), torch.no_grad():
@@ -156,21 +174,26 @@ class Pool:
             delete_adapter(self.model, name)
             raise AdapterError(f"adapter {name!r} works through model-level hooks (prompt / prefix tuning), "
                                "which per-example routing cannot serve; serve a layer adapter (LoRA, DoRA, (IA)3, ...)")
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.loaded[name] = None
-        self.metrics.inc("deltatune_adapter_cache_misses_total")
-        self.metrics.set("deltatune_adapters_loaded", len(self.loaded))
+        for _, layer in adapted_layers(self.model):  # frozen: only the new adapter's tensors can be trainable
+            if name in layer.adapters:
+                for p in layer.adapters[name].parameters():
+                    p.requires_grad_(False)
+        self._attached(name)
         return True
 
-    def _evict_one(self) -> bool:
-        for name in self.loaded:
-            if not self.pins[name]:
-                self.evict(name)
-                return True
-        return False
+    def take_changed(self) -> set[str]:
+        """The names attached since the last call (their tensors are new; all others are as they were)."""
+        changed, self.changed = self.changed, set()
+        return changed
+
+    def _attached(self, name: str) -> None:
+        self.loaded[name] = None
+        self.changed.add(name)
+        self.metrics.inc("deltatune_adapter_cache_misses_total")
+        self.metrics.set("deltatune_adapters_loaded", len(self.loaded))
 
     def evict(self, name: str) -> None:
+        self.version += 1
         delete_adapter(self.model, name)
         del self.loaded[name]
         self.metrics.inc("deltatune_adapter_cache_evictions_total")

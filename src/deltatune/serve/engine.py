@@ -25,7 +25,6 @@ goes on with an empty batch: it never dies with the server still accepting reque
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import traceback
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.routing import routing
+from deltatune.core.routing import Router
 from deltatune.serve import kv
 from deltatune.serve.adapters import AdapterError, Pool
 from deltatune.serve.metrics import Metrics
@@ -92,8 +91,9 @@ class Engine:
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cv = threading.Condition()
         self._stopping = False
-        self._route: contextlib.ExitStack | None = None
-        self._route_names: list[str | None] | None = None
+        self._router: Router | None = None       # open while the attached adapters stay the same
+        self._router_version = -1                # the pool's attachment version it was opened at
+        self._last_router: Router | None = None  # closed; lends its stacks' rows to the next one
         self._thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
 
     # --- the HTTP side (any thread) ---------------------------------------------------------------
@@ -117,6 +117,11 @@ class Engine:
             self.waiting.append(job)
             self.metrics.set("deltatune_queue_waiting", len(self.waiting))
             self._cv.notify()
+        if job.adapter is not None and job.adapter not in self.pool.loaded:
+            # Admitted once read from disk: wake the engine then, rather than at its next timeout.
+            read = self.pool.prefetch(job.adapter)
+            if not read.done():
+                read.add_done_callback(lambda _: self.wake())
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` on the engine thread between two steps; its result (or error) in the future."""
@@ -312,17 +317,21 @@ class Engine:
     # --- routing block -------------------------------------------------------------------------------
 
     def _enter(self, names: list[str | None]) -> None:
-        if self._route_names == names:
-            return
-        self._leave()
-        stack = contextlib.ExitStack()
-        stack.enter_context(routing(self.model, names))
-        self._route, self._route_names = stack, list(names)
+        """Route the next forward pass's rows through ``names``. The router stays open while the
+        attached adapters stay the same; re-routing other rows costs one pass over the layers."""
+        if self._router is not None and self._router_version != self.pool.version:
+            self._leave()  # an adapter was attached or detached since it opened
+        if self._router is None:
+            self._router = Router(self.model, previous=self._last_router, changed=self.pool.take_changed())
+            self._last_router = None
+            self._router_version = self.pool.version
+        if self._router.names != names:
+            self._router.route(names)
 
     def _leave(self) -> None:
-        if self._route is not None:
-            self._route.close()
-        self._route, self._route_names = None, None
+        if self._router is not None:
+            self._router.close()
+            self._last_router, self._router = self._router, None
 
     def _fail_all(self, message: str) -> None:
         self._leave()

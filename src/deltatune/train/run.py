@@ -33,6 +33,8 @@ from deltatune.train.callbacks import Callback, History
 from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, to_yaml, validate_config
 from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision
+from deltatune.train.frozen import applies as frozen_applies
+from deltatune.train.frozen import frozen_runner
 from deltatune.train.memory import chunked_runner, quantize_base
 from deltatune.train.metrics import peak_memory_mb
 from deltatune.train.models import load_model, prepare, training_meta
@@ -122,6 +124,8 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run = make_runner(device, precision)
+    if frozen_applies(config, precision, ranks.distributed):  # frozen linear weights in bf16, made once (frozen.py)
+        run = frozen_runner(run)
     if config.loss_chunk:
         run = chunked_runner(run, config.loss_chunk)
     history = fit(strategy, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks,

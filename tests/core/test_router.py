@@ -1,0 +1,150 @@
+"""``Router``: routing for a server that changes its rows every step; equal to ``routing``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.core.layer import AdaptedLayer
+from deltatune.core.routing import Router, delete_adapter, routing
+from tests.core.test_routing import ATOL, SPECS, ScaleConfig, _alone, _randomise, _with_adapters
+from tests.models import ZOO
+
+
+def _check(model, names, inputs, mixed) -> None:
+    for i, choice in enumerate(names):
+        torch.testing.assert_close(mixed[i], _alone("bert", model, choice, inputs)[i], atol=ATOL, rtol=0)
+
+
+def test_rerouting_an_open_router_equals_routing_each_time():
+    model = _with_adapters("bert", SPECS)
+    inputs = ZOO["bert"].inputs()
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer)]
+    with Router(model) as router:
+        for names in (["b", None, "a"], ["a", "a", "a"], [None, "c", "b"], [None, None, None]):
+            router.route(names)
+            mixed = ZOO["bert"].run(model, inputs)
+            with routing(model, names):
+                reference = ZOO["bert"].run(model, inputs)
+            torch.testing.assert_close(mixed, reference, atol=0, rtol=0)
+            _check(model, names, inputs, mixed)
+    assert all(m.router is None for m in layers)
+    with pytest.raises(RuntimeError, match="closed"):
+        router.route(["a", "b", "c"])
+
+
+def test_other_methods_fall_back_to_grouping_through_a_router():
+    model = _with_adapters("bert", {"a": SPECS["a"], "b": SPECS["b"]})
+    dt.attach(model, ScaleConfig(target=["query", "value", "dense"]), "s", activate=False)
+    _randomise(model, "s", seed=3)
+    inputs = ZOO["bert"].inputs()
+    names = ["s", ["a", "b"], "a"]
+    with Router(model) as router:
+        router.route(names)
+        assert model.bert.encoder.layer[0].attention.self.query.router.stack is None
+        mixed = ZOO["bert"].run(model, inputs)
+    _check(model, names, inputs, mixed)
+
+
+def _opened(model, names, inputs, previous=None, changed=None):
+    router = Router(model, previous=previous, changed=changed)
+    router.route(names)
+    out = ZOO["bert"].run(model, inputs)
+    router.close()
+    return router, out
+
+
+def test_a_swap_takes_the_previous_stack_over_and_rewrites_only_changed_slots():
+    """Swap one adapter for another (a cache eviction) and edit another in place: the next router
+    takes the previous stack tensor over, keeps the untouched rows in their slots and rewrites the
+    rest; outputs stay exact, and plain ``routing`` agrees afterwards."""
+    model = _with_adapters("bert", SPECS)
+    inputs = ZOO["bert"].inputs()
+    query = model.bert.encoder.layer[0].attention.self.query
+    first, _ = _opened(model, ["a", "b", "c"], inputs)
+    old = first._stacks[query]
+    tensor, slots = old.AB, dict(old.index)
+    delete_adapter(model, "b")
+    dt.attach(model, dt.LoraConfig(rank=8, alpha=4.0), "d", activate=False)
+    _randomise(model, "d", seed=42)
+    _randomise(model, "c", seed=43)  # in place: the previous row of c is stale
+    second, mixed = _opened(model, ["d", "c", "a"], inputs, previous=first)
+    stack = second._stacks[query]
+    assert stack.AB is tensor and stack.index["a"] == slots["a"]  # a kept its row; c and d took the other two
+    assert {stack.index["c"], stack.index["d"]} == {slots["b"], slots["c"]} and stack.zero == old.zero == 3
+    assert old.index == {} and old.names == [] and old.zero == 3  # retired: it can be neither matched nor reused
+    _check(model, ["d", "c", "a"], inputs, mixed)
+    with routing(model, ["d", "c", "a"]):
+        torch.testing.assert_close(ZOO["bert"].run(model, inputs), mixed, atol=0, rtol=0)
+
+
+def test_a_new_adapter_beside_the_old_ones_copies_their_rows():
+    model = _with_adapters("bert", {"a": SPECS["a"], "b": SPECS["b"]})
+    inputs = ZOO["bert"].inputs()
+    first, _ = _opened(model, ["a", "b", None], inputs)
+    dt.attach(model, dt.LoraConfig(**SPECS["c"]), "c", activate=False)
+    _randomise(model, "c", seed=7)
+    second, mixed = _opened(model, ["c", "b", "a"], inputs, previous=first)
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert second._stacks[query].AB is not first._stacks[query].AB
+    _check(model, ["c", "b", "a"], inputs, mixed)
+
+
+def test_changed_names_are_the_only_ones_walked_again(monkeypatch):
+    """With ``changed``, a router checks only those adapters' tensors; the others are vouched for."""
+    from deltatune.core import routing as routing_module
+
+    model = _with_adapters("bert", SPECS)
+    inputs = ZOO["bert"].inputs()
+    first, _ = _opened(model, ["a", "b", "c"], inputs)
+    delete_adapter(model, "b")
+    dt.attach(model, dt.LoraConfig(rank=8, alpha=4.0), "d", activate=False)
+    _randomise(model, "d", seed=42)
+    walked: list[object] = []
+    real = routing_module._refs
+    monkeypatch.setattr(routing_module, "_refs", lambda module: walked.append(module) or real(module))
+    _, mixed = _opened(model, ["d", "c", "a"], inputs, previous=first, changed={"d"})
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer)]
+    assert walked and all(any(module is layer.adapters["d"] for layer in layers) for module in walked)
+    _check(model, ["d", "c", "a"], inputs, mixed)
+
+
+def test_reinstall_renames_an_adapter_and_copies_new_tensors_in():
+    """``reinstall`` = detach + install for an adapter of the same config and modules; else it
+    refuses and leaves the model untouched."""
+    from deltatune.core.inject import records
+    from deltatune.core.stored import capture, reinstall
+
+    model = _with_adapters("bert", {"a": SPECS["a"], "b": SPECS["b"], "a2": SPECS["a"]})
+    value = capture(model, "a2")
+    reference = _alone("bert", model, "a2", ZOO["bert"].inputs())
+    delete_adapter(model, "a2")
+    query = model.bert.encoder.layer[0].attention.self.query
+    module = query.adapters["a"]
+    assert not reinstall(model, value, "new", "b")  # rank 8 vs 4: another config
+    assert list(records(model)) == ["a", "b"] and "new" not in query.adapters
+    assert reinstall(model, value, "new", "a")
+    assert list(records(model)) == ["b", "new"] and query.adapters["new"] is module and "a" not in query.adapters
+    torch.testing.assert_close(_alone("bert", model, "new", ZOO["bert"].inputs()), reference, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="already attached"):
+        reinstall(model, value, "b", "new")
+
+
+def test_a_name_swapped_out_and_back_in_within_one_change_is_rebuilt():
+    """A server's cache can evict ``b`` and bring it back into another adapter's slot before the
+    next router opens: ``b`` is among the changed names, so its row is not taken from the previous
+    stack (where it is the old ``b``'s, whose modules now hold ``d``)."""
+    from deltatune.core.stored import capture, reinstall
+
+    model = _with_adapters("bert", {"a": SPECS["a"], "b": SPECS["a"], "c": SPECS["c"], "x": SPECS["a"], "y": SPECS["a"]})
+    inputs = ZOO["bert"].inputs()
+    d_value, b_value = capture(model, "x"), capture(model, "y")
+    delete_adapter(model, "x")
+    delete_adapter(model, "y")
+    b_before = _alone("bert", model, "b", inputs)
+    first, _ = _opened(model, ["a", "b", "c"], inputs)
+    assert reinstall(model, d_value, "d", "b") and reinstall(model, b_value, "b", "a")
+    second, mixed = _opened(model, ["b", "c", "d"], inputs, previous=first, changed={"d", "b"})
+    _check(model, ["b", "c", "d"], inputs, mixed)
+    assert not torch.allclose(mixed[0], b_before[0])
