@@ -109,7 +109,8 @@ def matmul_peak(shapes: list[tuple[int, int]], rows: int, dtype: torch.dtype, re
     return {"gflops": max(rates.values()), "per_shape": rates}
 
 
-def run_workload(workload: Workload, libs: list[str], rounds: int) -> dict[str, Any]:
+def run_workload(workload: Workload, libs: list[str], rounds: int,
+                 only: list[str] | None = None) -> dict[str, Any]:
     base = workload.build()
     batch = workload.make_batch()
     rows = workload.batch * workload.length
@@ -119,6 +120,8 @@ def run_workload(workload: Workload, libs: list[str], rounds: int) -> dict[str, 
     info: dict[str, dict[str, Any]] = {}
     built: dict[str, setups.Setup] = {}
     for label, name, precision, frozen16 in variants(libs):
+        if only and label.split(" ", 1)[1] not in only:
+            continue
         if name not in built:
             built[name] = setups.build(name, workload, base)
         # one model per setup; its variants share it (they only differ in how a step runs)
@@ -140,6 +143,8 @@ def run_workload(workload: Workload, libs: list[str], rounds: int) -> dict[str, 
     best = {}
     for lib in libs:
         mine = [label for label in info if info[label]["setup"] == lib]
+        if not mine:
+            continue
         fastest = min(mine, key=lambda label: info[label]["step_s"])
         best[lib] = {"variant": fastest, "step_s": info[fastest]["step_s"]}
     del built, steps
@@ -151,8 +156,8 @@ def run_workload(workload: Workload, libs: list[str], rounds: int) -> dict[str, 
 
 def table(res: dict[str, Any]) -> str:
     info, best = res["setups"], res["best"]
-    floor_best = best.get("floor", {}).get("step_s")
-    peft_best = best.get("peft-lora", {}).get("step_s")
+    floor_best = best.get("floor", {}).get("step_s") or float("nan")
+    peft_best = best.get("peft-lora", {}).get("step_s") or float("nan")
     lines = ["| setup | precision | step ms | GFLOP | GFLOP/s | % of matmul peak | vs PEFT best | vs floor best |",
              "|---|---|--:|--:|--:|--:|--:|--:|"]
     for label, r in info.items():
@@ -173,7 +178,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m bench.bf16", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", nargs="+", default=["minilm"], choices=sorted(WORKLOADS))
-    p.add_argument("--setups", nargs="+", default=LIBS, choices=LIBS)
+    p.add_argument("--setups", nargs="+", default=LIBS, choices=[*LIBS, "deltatune-lora-aten"],
+                   help="deltatune-lora-aten: the fused kernel on torch's products only (the engine off)")
+    p.add_argument("--variants", nargs="+", choices=["fp32", "bf16", "bf16+frozen16"],
+                   help="only these precisions (default: all)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, help="JSON (default bench/results/bf16-<workload>.json)")
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in args.workloads:
         load0 = os.getloadavg()
         print(f"bench.bf16 {key}: {torch.get_num_threads()} threads, load {load0[0]:.2f}", flush=True)
-        res = run_workload(WORKLOADS[key], args.setups, args.rounds)
+        res = run_workload(WORKLOADS[key], args.setups, args.rounds, args.variants)
         import peft
         import transformers
 

@@ -11,7 +11,7 @@ per process), taking turns:
   (``TokensConfig(original_vocab_size=1M)``, ``TokenRowsBag``): new IDs, old rows frozen.
 
 Memory is measured two ways: the process's peak resident set growth from just after the table is
-built to the end of training (``ru_maxrss``), and the bytes of every tensor training adds (trainable
+built to the end of training (``VmHWM``), and the bytes of every tensor training adds (trainable
 parameters of an adapter, gradients, optimizer state), counted after the last step. The goal of
 issue #15: the adapter's training uses <= 10 % of full-table fine-tuning's memory.
 
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -37,7 +36,9 @@ SETUPS = ["full", "lora-r4", "lora-r8", "new-rows-1k"]
 
 
 def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    from deltatune.train.metrics import process_peak_bytes
+
+    return process_peak_bytes()[0] / 2**20
 
 
 def worker(setup: str, rows: int) -> dict:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args.worker, args.rows)))
         return
     results = {}
-    for setup in SETUPS:  # one process each: ru_maxrss never goes down
+    for setup in SETUPS:  # one process each: the peak never goes down
         out = subprocess.run([sys.executable, "-m", "bench.large_table", "--worker", setup, "--rows", str(args.rows)],
                              capture_output=True, text=True, check=True)
         results[setup] = json.loads(out.stdout.strip().splitlines()[-1])

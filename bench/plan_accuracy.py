@@ -3,10 +3,10 @@
 For each model (all-MiniLM-L6-v2 on the tweet-sentiment task, SmolLM2-135M on the chat task, both
 on a reduced training set so a run takes seconds) this runs, in one session:
 
-1. ``plan`` for every method at its defaults (one process; a few probe steps per method);
-2. ``compare --methods all`` with the same settings: each method trained in a fresh process, as
+1. per method, ``plan`` at its defaults (a few probe steps);
+2. ``compare`` of that one method with the same settings: trained in a fresh process, as
    ``deltatune train`` would, reporting its peak memory (process peak RSS on CPU) and its mean
-   step time (``train_seconds / steps``);
+   step time (``train_seconds / steps``), right after its probe (so both see the same load);
 
 and reports predicted / measured for peak memory and step time per method, against the goals
 (memory within 15 %, step time within 30 %). Writes ``bench/results/plan_accuracy.json``.
@@ -36,29 +36,31 @@ GOALS = {"memory": 0.15, "step": 0.30}
 
 
 def collected(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """``--collect``: the plan and whichever compare runs have finished so far (an interrupted bench)."""
-    plan = json.loads((out / "plan" / "plan.json").read_text())
-    measured = {}
-    for metrics_file in sorted((out / "compare").glob("*/metrics.json")):
+    """``--collect``: the plans and whichever compare runs have finished so far (an interrupted bench)."""
+    rows, measured = [], {}
+    for plan_file in sorted((out / "plan").glob("*/plan.json")):
+        rows += json.loads(plan_file.read_text())["rows"]
+    for metrics_file in sorted((out / "compare").glob("*/*/metrics.json")):
         m = json.loads(metrics_file.read_text())
         measured[metrics_file.parent.name] = {"status": "ok", "metrics": m, **{
             k: m[k] for k in ("trainable_parameters", "adapter_bytes", "peak_memory_mb", "train_seconds")}}
-    return plan, measured
+    return {"rows": rows}, measured
 
 
-def measure(name: str, out: Path, steps: int, collect: bool = False) -> dict[str, Any]:
+def measure(name: str, out: Path, steps: int, methods: list[str], collect: bool = False) -> dict[str, Any]:
+    """Per method, the plan's probe and then the real run, before the next method: the two see the
+    same machine load (minutes apart at most), which matters on a shared machine."""
     from deltatune.train.compare import run_comparison
     from deltatune.train.plan import run_plan
 
     overrides = SETUPS[name]
     t0 = time.time()
-    if collect:
-        plan, measured = collected(out)
-        compare = {"seconds": None}
-    else:
-        plan = run_plan(overrides, "all", "defaults", None, steps, out / "plan")
-        compare = run_comparison("all", out / "compare", overrides, isolate=True)
-        measured = {r["method"]: r for r in compare["rows"]}
+    if not collect:
+        for method in methods:
+            run_plan(overrides, [method], "defaults", None, steps, out / "plan" / method)
+            run_comparison([method], out / "compare" / method, overrides, isolate=True)
+    plan, measured = collected(out)
+    compare = {"seconds": None}
     plan_seconds = time.time() - t0
     rows = []
     for p in plan["rows"]:
@@ -103,9 +105,12 @@ def table(name: str, result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from deltatune.train.space import parse_methods
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,smollm2")
     parser.add_argument("--steps", type=int, default=4, help="timed probe steps per method")
+    parser.add_argument("--methods", default="all", help="comma-separated methods, or 'all'")
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-plan"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/plan_accuracy.json"))
     parser.add_argument("--collect", action="store_true",
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     results["machine"] = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
                           "load_average_before": os.getloadavg()}
     for name in args.models.split(","):
-        results[name] = measure(name, args.runs / name, args.steps, args.collect)
+        results[name] = measure(name, args.runs / name, args.steps, parse_methods(args.methods), args.collect)
         results["machine"]["load_average_after"] = os.getloadavg()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each model: a partial run keeps its figures

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
-from deltatune.train.metrics import accuracy, macro_f1, peak_memory_mb
+import deltatune
+from deltatune.train.metrics import accuracy, macro_f1, peak_memory_mb, process_status_bytes
 
 
 def test_accuracy_and_macro_f1_by_hand() -> None:
@@ -26,4 +31,25 @@ def test_macro_f1_of_a_constant_prediction() -> None:
 
 def test_peak_memory_on_cpu_is_the_process_peak_rss() -> None:
     mib, what = peak_memory_mb(torch.device("cpu"))
-    assert 50 < mib < 1_000_000 and "ru_maxrss" in what
+    assert 50 < mib < 1_000_000 and "VmHWM" in what
+
+
+_CHILD = """
+import torch
+from deltatune.train.metrics import peak_memory_mb
+print(peak_memory_mb(torch.device("cpu"))[0])
+"""
+
+
+def test_a_subprocess_reports_its_own_peak_not_its_launchers() -> None:
+    """ru_maxrss survives execve: a run that compare, tune or a notebook starts from a large process
+    would report that process's memory. The child here is about the size of torch; the parent holds
+    1 GiB more than that when it starts the child."""
+    held = bytearray(1 << 30)
+    held[::4096] = b"\x01" * len(held[::4096])  # touch every page: resident, not just reserved
+    parent = process_status_bytes("VmRSS") / 2**20
+    out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(deltatune.__file__).parents[1])})
+    child = float(out.stdout.strip().splitlines()[-1])
+    del held
+    assert parent > 1024 and child < parent - 512, (parent, child)

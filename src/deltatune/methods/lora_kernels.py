@@ -73,6 +73,18 @@ def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tens
     return torch.addmm(weight.to(dtype), B.to(dtype), A.to(dtype), alpha=scaling)
 
 
+def _merged_in(weight: Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+    """``W + s·B A`` in the compute dtype ``dtype``.
+
+    A weight already stored in a lower compute dtype (bf16 frozen weights under autocast,
+    ``core/frozen_dtype.py``) gets the update in one product in that dtype (its accumulation in
+    float32 inside the BLAS): one pass over W instead of a cast up, a float32 sum and a cast down.
+    """
+    if weight.dtype == dtype and dtype in (torch.bfloat16, torch.float16) and A.dtype != dtype:
+        return torch.addmm(weight, B.to(dtype), A.to(dtype), alpha=scaling)
+    return _merged_weight(weight, A, B, scaling).to(dtype)
+
+
 def _dropped(x: Tensor, mask: Tensor | None, keep: float) -> Tensor:
     return x if mask is None else (x * mask).mul_(1.0 / keep)
 
@@ -88,7 +100,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tenso
         # Taken first, while x is fresh in cache from the layer that produced it.
         xa_t = _project_t(_dropped(xc, mask, keep).reshape(-1, x.shape[-1]), A.to(dtype))  # (r, N)
     if merged:
-        return _linear(xc, _merged_weight(weight, A, B, scaling).to(dtype), b), xa_t
+        return _linear(xc, _merged_in(weight, A, B, scaling, dtype), b), xa_t
     out = _linear(xc, weight.to(dtype), b)                                       # (..., d_out)
     out.view(-1, out.shape[-1]).addmm_(xa_t.t(), B.to(dtype).t(), alpha=scaling)  # += s·(x_d Aᵀ) Bᵀ
     return out, xa_t
@@ -137,7 +149,7 @@ def _backward(grad: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, xa_
         grad_B = _thin_mm(xa_t.to(dtype), g).mul_(s).t().to(B.dtype)      # ((r, N) @ (N, d_out))ᵀ
     if need_x:
         if merged:
-            grad_x = _mm(g, _merged_weight(weight, A, B, s).to(dtype))        # g (W + s·B A)
+            grad_x = _mm(g, _merged_in(weight, A, B, s, dtype))                # g (W + s·B A)
         else:
             grad_x = _mm(g, weight.to(dtype))                                 # (N, d_in)
             if m2 is None:

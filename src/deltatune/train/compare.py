@@ -14,8 +14,8 @@ adapter method); ``--set-method lora.adapter.rank=16`` to one method. A per-meth
 key in :data:`SHARED_KEYS` is refused up front, so the budget stays the same for all.
 
 Each method trains in a fresh Python process by default (:func:`worker`). On CPU the only peak
-memory we can read is the process's peak resident set size (``ru_maxrss``), which never goes
-down: in one shared process every row after the first would report the largest peak so far.
+memory we can read is the process's peak resident set size (``VmHWM``), which never goes down:
+in one shared process every row after the first would report the largest peak so far.
 The runs stay in ``OUTPUT/<method>/`` as ``deltatune train`` leaves them (minus the resume
 checkpoint, plus ``log.txt``); the comparison goes to ``compare.json`` (every metric of every
 run), ``compare.md`` (the table) and ``compare.png`` (the chart); ``compare_report`` draws them.

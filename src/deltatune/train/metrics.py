@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,16 +31,37 @@ def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> floa
     return sum(scores) / len(scores) if scores else float("nan")
 
 
+def process_status_bytes(key: str) -> int:
+    """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in bytes; OSError if there is none."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+def process_peak_bytes() -> tuple[int, str]:
+    """This process's peak resident set size in bytes, and which counter gave it.
+
+    Linux: ``VmHWM``, the high-water mark of this process's own address space. Not ``ru_maxrss``:
+    the kernel carries that across ``execve`` from the process that launched this one, so a run
+    started by a large parent (``compare``'s workers, ``tune``, a notebook's ``subprocess``) would
+    report the parent's memory. Elsewhere ``ru_maxrss`` is all there is.
+    """
+    try:
+        return process_status_bytes("VmHWM"), "peak resident set size of the process (VmHWM)"
+    except (OSError, ValueError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (rss if sys.platform == "darwin" else rss * 1024), "peak resident set size of the process (ru_maxrss)"
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """Peak memory in MiB and what the number means.
 
     On CUDA: the most memory torch's allocator held for tensors (``max_memory_allocated``). On CPU:
-    the peak resident set size of this whole process (``ru_maxrss``): Python, libraries, model,
-    data and activations together, since the CPU allocator keeps no separate count.
+    the peak resident set size of this whole process (:func:`process_peak_bytes`): Python,
+    libraries, model, data and activations together, since the CPU allocator keeps no separate count.
     """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-    return mib, "peak resident set size of the process (ru_maxrss)"
+    peak, what = process_peak_bytes()
+    return peak / 2**20, what
