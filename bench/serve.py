@@ -176,13 +176,14 @@ class DeltatuneSetup:
 
         job = Job(prompt=prompt, adapter=adapter, max_tokens=max_tokens, deliver=deliver, temperature=0.0,
                   ignore_eos=True)
-        self.jobs.append(job)
+        self.jobs.append((job, rec))
         self.engine.submit(job)
         return rec
 
     def cancel_all(self) -> None:
-        for job in self.jobs:
+        for job, rec in self.jobs:
             job.cancel()
+            rec.finish("cancelled")  # no-op for the finished ones
         self.jobs = []
         self.engine.wake()
         # Wait until the engine has let every cancelled row go (the next row starts from an empty batch).
@@ -255,6 +256,8 @@ class PeftSetup:
 
     def _ensure(self, names: list[str]) -> None:
         for name in names:
+            if self.abort:  # cancel_all: do not finish loading a batch's adapters
+                raise RuntimeError("cancelled")
             if name in self.loaded:
                 self.loaded.move_to_end(name)
                 continue
@@ -358,9 +361,7 @@ def drive(setup: Any, plan: list[tuple[str | None, list[int], int]], clients: in
             rec = setup.submit(prompt, adapter, want)
             with lock:
                 records.append(rec)
-            while not rec.done.wait(0.05):
-                if stop.is_set():
-                    return
+            rec.done.wait()  # no polling: the clients stay off the GIL; cancel_all finishes every record
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
@@ -374,6 +375,7 @@ def drive(setup: Any, plan: list[tuple[str | None, list[int], int]], clients: in
     setup.cancel_all()
     for t in threads:
         t.join(timeout=60)
+    setup.cancel_all()  # a request sent between the stop and the first cancel_all
     tokens = sum(t0 <= t < t1 for r in taken for t in r.times)
     finished = [r for r in taken if r.end is not None and t0 <= r.end < t1 and r.error is None]
     # Latency and time to first token: requests that finished in the window, less the first burst
