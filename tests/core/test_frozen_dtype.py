@@ -276,3 +276,15 @@ def test_chunked_loss_under_bf16_with_bf16_frozen_weights_never_makes_full_float
     for g, r in zip(grads, ref_grads):
         assert (g - r).abs().max() <= 5e-2 * r.abs().max() + 1e-6
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_copies_first_made_under_inference_mode_still_train():
+    model = _frozen_but_head(_mlp())
+    frozen = FrozenInDtype(BF16)
+    x = torch.randn(4, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=BF16), frozen(model):
+        model(x)  # an evaluation before the first step makes the copies
+    with torch.autocast("cpu", dtype=BF16), frozen(model):
+        out = model(x.requires_grad_())
+    out.float().sum().backward()  # the copies can be saved for backward
+    assert x.grad is not None and model[4].weight.grad is not None
