@@ -225,3 +225,66 @@ def test_frozen_runner_in_training_setup():
     assert not applies(c, "bf16", distributed=False)
     c.gradient_checkpointing, c.frozen_dtype = False, "float32"
     assert not applies(c, "bf16", distributed=False)
+
+
+def test_chunked_loss_under_bf16_with_bf16_frozen_weights_never_makes_full_float32_logits():
+    """``loss_chunk`` + bf16 precision + ``frozen_dtype: auto``: the loss and the adapter's gradients
+    within bf16 tolerance of the float32 run, and no float32 tensor as large as the (B, T, V) logits."""
+    pytest.importorskip("transformers")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune.train.memory import chunked_runner
+
+    torch.manual_seed(0)
+    vocab, B, T = 512, 4, 32  # (B, T, V) logits: 65,536 numbers; the (V, d) head weight: 16,384
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    dt.attach(model, dt.METHODS["lora"](target=("q_proj", "v_proj", "down_proj"), rank=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    ids = torch.randint(1, vocab, (B, T), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(run):
+        for p in trainable:
+            p.grad = None
+        loss = run(model, batch).loss
+        loss.backward()
+        return loss.detach().float(), [p.grad.clone() for p in trainable]
+
+    ref_loss, ref_grads = loss_and_grads(make_runner(torch.device("cpu"), "fp32"))
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    run = chunked_runner(frozen_runner(make_runner(torch.device("cpu"), "bf16")), 8)
+    with Largest():
+        loss, grads = loss_and_grads(run)
+    assert Largest.biggest < B * T * vocab // 2  # chunks of 8 targets: (8, V) float32 logits at most
+    assert abs(loss.item() - ref_loss.item()) <= 2e-2 * abs(ref_loss.item())
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() <= 5e-2 * r.abs().max() + 1e-6
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_copies_first_made_under_inference_mode_still_train():
+    model = _frozen_but_head(_mlp())
+    frozen = FrozenInDtype(BF16)
+    x = torch.randn(4, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=BF16), frozen(model):
+        model(x)  # an evaluation before the first step makes the copies
+    with torch.autocast("cpu", dtype=BF16), frozen(model):
+        out = model(x.requires_grad_())
+    out.float().sum().backward()  # the copies can be saved for backward
+    assert x.grad is not None and model[4].weight.grad is not None

@@ -204,3 +204,24 @@ def test_predict_ranks_by_name_and_names_unknown_items(tmp_path):
         task.predict(model, None, [{"history": "i01"}, {"history": "i01 nope"}], config, names, run)
     with pytest.raises(ValueError, match="empty history"):
         task.predict(model, None, [{"history": " "}], config, names, run)
+
+
+def test_defaults_are_the_measured_recipe_and_lora_trains_at_most_5_percent(tmp_path):
+    """The task's defaults (bench/recommend_sweep.py, README): 10 epochs with the linear decay, LoRA rank 2 on
+    attention and 4 on the item table at lr 1e-2; on MovieLens-100K's SASRec that is <= 5 % trainable."""
+    from deltatune.train.recommend import ATTENTION, TABLE
+    from deltatune.train.sasrec import SASRec, SasrecSpec
+
+    data = {"path": str(tiny_data(tmp_path / "tiny.inter")), "cutoff": 0.625}
+    config = validate_config({"task": "recommend", "method": "lora", "data": data})
+    assert (config.epochs, config.lr_schedule, config.lr, config.warmup_ratio) == (10, "linear", 1e-2, 0.0)
+    assert config.adapter == {"target": [*ATTENTION, TABLE], "rank": 2, "alpha": 8.0, "rank_pattern": {TABLE: 4}}
+    hybrid = validate_config({"task": "recommend", "method": "hybrid", "data": data})
+    assert hybrid.adapter["parts"][0] == {"method": "lora", **config.adapter} and hybrid.lr == 1e-2
+    full = validate_config({"task": "recommend", "method": "full", "data": data})
+    assert (full.lr, full.epochs, full.lr_schedule) == (1e-3, 10, "linear")  # the same budget for every method
+    model = SASRec(SasrecSpec(num_items=1 + 1682))  # MovieLens-100K's table (padding row + 1,682 movies)
+    dt.attach(model, dt.LoraConfig(**config.adapter))
+    report = dt.parameter_report(model)
+    assert report.trainable == 8 * 2 * (64 + 64) + 4 * (1683 + 64)
+    assert report.trainable / report.total <= 0.05

@@ -18,7 +18,8 @@ def export(
     format: Annotated[str | None, typer.Option("--format", "-f", help="onnx (merged model) or gguf (llama.cpp LoRA adapter).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="onnx: a directory; gguf: a .gguf file.")] = None,
     quantize: Annotated[str | None, typer.Option(
-        "--quantize", help="onnx only: int8 (ONNX Runtime dynamic quantization; test split scored before and after).")] = None,
+        "--quantize", help="onnx only: int8 (ONNX Runtime: dynamic for transformers, static calibrated QDQ "
+                           "for image models; test split scored before and after).")] = None,
     list_: Annotated[bool, typer.Option("--list", help="Say which formats apply to which runs (and why not).")] = False,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Change the recorded config, e.g. --set data.max_eval_examples=500.")] = None,

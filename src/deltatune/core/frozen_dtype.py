@@ -72,7 +72,10 @@ class FrozenInDtype:
     def _copy_of(self, p: nn.Parameter) -> nn.Parameter:
         hit = self._copies.get(id(p))
         if hit is None or hit[0] is not p or hit[1] != p._version:
-            copy = nn.Parameter(p.detach().to(self.dtype), requires_grad=False)
+            # Made outside inference mode even when first asked for there (an evaluation before
+            # training): an inference tensor could not be saved for backward by a later step.
+            with torch.inference_mode(False):
+                copy = nn.Parameter(p.detach().to(self.dtype), requires_grad=False)
             hit = (p, p._version, copy)
             self._copies[id(p)] = hit
         return hit[2]
