@@ -20,6 +20,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,13 +53,14 @@ def measure(name: str, out: Path, steps: int, methods: list[str], collect: bool 
     """Per method, the plan's probe and then the real run, before the next method: the two see the
     same machine load (minutes apart at most), which matters on a shared machine."""
     from deltatune.train.compare import run_comparison
-    from deltatune.train.plan import run_plan
 
     overrides = SETUPS[name]
     t0 = time.time()
     if not collect:
-        for method in methods:
-            run_plan(overrides, [method], "defaults", None, steps, out / "plan" / method)
+        for method in methods:  # plan in a fresh process, as a user runs it: its baseline is a new process's
+            subprocess.run([sys.executable, "-m", "deltatune", "plan", "--methods", method, "--variants", "defaults",
+                            "--steps", str(steps), "--output", str(out / "plan" / method),
+                            *[arg for o in overrides for arg in ("--set", o)]], check=False)
             run_comparison([method], out / "compare" / method, overrides, isolate=True)
     plan, measured = collected(out)
     compare = {"seconds": None}

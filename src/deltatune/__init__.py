@@ -28,7 +28,7 @@ from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.merge import merge, merge_and_unload, unmerge
 from deltatune.core.products import cpu_engine, set_cpu_engine
 from deltatune.core.combine import combine
-from deltatune.core.routing import composed, delete_adapter, routing, run_grouped, set_composition
+from deltatune.core.routing import Router, composed, delete_adapter, routing, run_grouped, set_composition
 from deltatune.core.targeting import NoMatchError, select
 from deltatune.methods import METHODS, config_from_dict
 from deltatune.methods.dora import DoraConfig
@@ -126,6 +126,7 @@ __all__ = [
     "hotswap_adapter",
     "load_adapters",
     "routing",
+    "Router",
     "run_grouped",
     "set_composition",
 ]

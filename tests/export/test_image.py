@@ -70,6 +70,8 @@ def test_image_classifier_exports_checked_with_preprocessing(tmp_path: Path) -> 
     weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in into_conv
                and n.input[0] in constants]
     assert weights and all(len(n.input) == 2 for n in weights)
+    int32 = __import__("onnx").TensorProto.INT32
+    assert not [t.name for t in graph.initializer if t.data_type == int32]  # biases stay float32
     assert facts["zero_points_dropped"] == len(weights)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")

@@ -20,6 +20,10 @@ def serve(
     max_loaded: Annotated[int, typer.Option(help="Adapters attached at once; the least recently used goes first.")] = 32,
     max_batch: Annotated[int, typer.Option(help="Requests running together in one batch.")] = 64,
     max_queue: Annotated[int, typer.Option(help="Requests waiting for a place; more are refused with 429.")] = 256,
+    prefill_batch: Annotated[int, typer.Option(help="While requests decode, newcomers are prefilled together once "
+                                               "this many are ready (or as many as are running); 1: each at once.")] = 4,
+    prefill_wait: Annotated[int, typer.Option(help="...or once the oldest newcomer has waited this many decode "
+                                              "steps.")] = 4,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = 1 << 20,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -43,12 +47,13 @@ def serve(
             raise ValueError(f"--dtype must be one of {', '.join(dtypes)}; got {dtype!r}")
         if adapter_dir is not None and not adapter_dir.is_dir():
             raise ValueError(f"--adapter-dir {adapter_dir} is not a directory")
-        if max_loaded < 1 or max_batch < 1 or max_queue < 0:
-            raise ValueError("--max-loaded and --max-batch must be at least 1, --max-queue at least 0")
+        if max_loaded < 1 or max_batch < 1 or max_queue < 0 or prefill_batch < 1 or prefill_wait < 0:
+            raise ValueError("--max-loaded, --max-batch and --prefill-batch must be at least 1, --max-queue and "
+                             "--prefill-wait at least 0")
         named = _named_dirs(adapter or [])
         where = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
         served = load_served(model, named, where, dtypes[dtype])
         server = Server(served, named, adapter_dir, max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue,
-                        limits=Limits(max_body=max_body_bytes))
+                        limits=Limits(max_body=max_body_bytes), prefill_batch=prefill_batch, prefill_wait=prefill_wait)
         typer.echo(f"serving {served.name} ({served.kind}) and {len(server.pool.names())} adapters on http://{host}:{port}")
     uvicorn.run(server.app(), host=host, port=port, log_level="warning")

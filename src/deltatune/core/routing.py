@@ -202,12 +202,13 @@ class _Route:
             device = self.stack.AB.device
             self.slots = torch.tensor([self.stack.index[k[0]] if k else self.stack.zero for k in keys], device=device)
         self._groups: dict[int, list[tuple[Key, Tensor]]] = {}
+        self._gathered: Tensor | None = None  # the rows' factors, gathered from the stack once
 
     @classmethod
     def planned(cls, keys: list[Key], uniform: Key | None, stack: _Stack | None, slots: Tensor | None) -> _Route:
         """A route whose parts a :class:`Router` computed once for many layers alike."""
         route = cls.__new__(cls)
-        route.keys, route.uniform, route.stack, route._groups = keys, uniform, stack, {}
+        route.keys, route.uniform, route.stack, route._groups, route._gathered = keys, uniform, stack, {}, None
         if slots is not None:
             route.slots = slots
         return route
@@ -228,7 +229,13 @@ class _Route:
         repeat = self._repeat(x.shape[0])
         if self.stack is not None and not layer.training and not (self.stack.trainable and torch.is_grad_enabled()):
             slots = self.slots if repeat == 1 else self.slots.repeat_interleave(repeat)
-            return _batched(_base_output(layer.base, x, args, kwargs), x, self.stack, slots)
+            AB = self._gathered
+            if AB is None or AB.dtype != x.dtype or AB.shape[0] != slots.shape[0]:
+                AB = self.stack.AB.index_select(0, slots).to(x.dtype)  # (b, r, d_in + d_out)
+                # Kept for the next call with these rows (a server's decode steps), if small.
+                if not torch.is_grad_enabled() and AB.numel() * AB.element_size() <= _GATHERED_BYTES:
+                    self._gathered = AB
+            return _batched(_base_output(layer.base, x, args, kwargs), x, self.stack, slots, AB)
         return self._grouped(layer, x, repeat, args, kwargs)
 
     def _grouped(self, layer: AdaptedLayer, x: Tensor, repeat: int, args: tuple, kwargs: dict) -> Tensor:
@@ -258,10 +265,15 @@ def _base_output(base: Any, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
     return base(x, *args, **kwargs)
 
 
-def _batched(out: Tensor, x: Tensor, stack: _Stack, slots: Tensor) -> Tensor:
-    """``out[i] += s_i · (x[i] A_iᵀ) B_iᵀ`` for every row i, with (A_i, B_i, s_i) its slot's factors."""
+_GATHERED_BYTES = 4 << 20  # a route keeps its rows' gathered factors up to this size per layer
+
+
+def _batched(out: Tensor, x: Tensor, stack: _Stack, slots: Tensor, AB: Tensor | None = None) -> Tensor:
+    """``out[i] += s_i · (x[i] A_iᵀ) B_iᵀ`` for every row i, with (A_i, B_i, s_i) its slot's factors
+    (``AB``: those factors already gathered, ``stack.AB[slots]``)."""
     rows, d_out = x.shape[0], out.shape[-1]
-    AB = stack.AB.index_select(0, slots).to(x.dtype)            # (b, r, d_in + d_out)
+    if AB is None:
+        AB = stack.AB.index_select(0, slots).to(x.dtype)        # (b, r, d_in + d_out)
     A, Bt = AB[..., : stack.d_in], AB[..., stack.d_in :]        # (b, r, d_in), (b, r, d_out): strided views
     # A xᵀ rather than x Aᵀ: with r small, this operand order runs about twice as fast on CPU BLAS.
     ax = torch.bmm(A, x.reshape(rows, -1, x.shape[-1]).transpose(1, 2))  # (b, r, d_in) @ (b, d_in, L) -> (b, r, L)

@@ -88,7 +88,8 @@ class Server:
     """The served model, its adapter pool and engine, and the FastAPI app over them."""
 
     def __init__(self, served: Served, adapters: dict[str, Any] | None = None, adapter_dir: Any = None,
-                 max_loaded: int = 32, max_batch: int = 64, max_queue: int = 256, limits: Limits | None = None) -> None:
+                 max_loaded: int = 32, max_batch: int = 64, max_queue: int = 256, limits: Limits | None = None,
+                 prefill_batch: int = 4, prefill_wait: int = 4) -> None:
         from pathlib import Path
 
         self.served = served
@@ -99,7 +100,7 @@ class Server:
         for name, path in {**served.adapters, **(adapters or {})}.items():
             self.pool.register(name, path)
         self.engine = Engine(served.model, served.tokenizer, self.pool, self.metrics, max_batch=max_batch,
-                             max_queue=max_queue)
+                             max_queue=max_queue, prefill_batch=prefill_batch, prefill_wait=prefill_wait)
         self.schemas = _schemas()
         self.created = int(time.time())
 

@@ -5,16 +5,19 @@ Each loop of the engine thread, in order:
 1. runs the calls queued by HTTP handlers that must touch the model (classification, adapter
    load / unload), so the model is only ever used by this thread;
 2. drops the rows whose client went away, and the finished ones;
-3. admits waiting requests (up to ``max_batch`` running): their adapter is attached if it is not
+3. admits waiting requests (up to ``max_batch`` running; while rows decode, only once a few
+   are ready or the oldest has waited a few steps, so that newcomers share one prefill pass:
+   :meth:`Engine._worth_prefilling`): their adapter is attached if it is not
    (:class:`~deltatune.serve.adapters.Pool`), and all of them are prefilled in *one* forward pass,
-   left-padded, under :func:`deltatune.routing` with one adapter name per row (requests for
-   different adapters share it); their caches join the running batch (:mod:`.kv`);
+   left-padded, routed with one adapter name per row (requests for different adapters share it);
+   their caches join the running batch (:mod:`.kv`);
 4. runs one decode step for every running row: one forward pass, one token each, again routed
    per row, so a batch mixes adapters (and the bare base) freely.
 
-The routing block stays entered between steps and is rebuilt only when the rows' adapters
-change (a request joins or leaves, or an adapter is attached or detached): a step with the same
-rows costs what the model costs. Inside it, a layer whose rows all use one adapter runs that
+The rows are routed by a :class:`deltatune.core.routing.Router` that stays open while the
+attached adapters stay the same: a request joining or leaving re-routes the layers (computed once
+per group of alike layers), and only attaching or detaching an adapter re-opens it (rewriting the
+swapped adapters' rows of the stacked factors, nothing else). Inside it, a layer whose rows all use one adapter runs that
 adapter's ordinary forward; a mixed layer gathers each row's stacked low-rank factors (see
 :mod:`deltatune.core.routing`).
 
@@ -67,6 +70,7 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     generator: torch.Generator | None = None
+    arrived_step: int = 0  # the engine's decode step count when it was queued
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -74,11 +78,17 @@ class Job:
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, pool: Pool, metrics: Metrics, max_batch: int = 64,
-                 max_queue: int = 256, max_prefill_tokens: int = 8192) -> None:
+                 max_queue: int = 256, max_prefill_tokens: int = 8192, prefill_batch: int = 4,
+                 prefill_wait: int = 4) -> None:
         from deltatune.integrations.transformers_cache import cache_keyword
 
         self.model, self.tokenizer, self.pool, self.metrics = model, tokenizer, pool, metrics
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
+        # A prefill is one more pass through every weight; while rows are decoding, waiting requests
+        # are prefilled together once prefill_batch of them (or as many as are running) wait, or the
+        # oldest has waited prefill_wait decode steps: see _worth_prefilling.
+        self.prefill_batch, self.prefill_wait = max(1, prefill_batch), max(0, prefill_wait)
+        self.steps = 0  # decode steps run
         self.device = next(model.parameters()).device
         self.cache_key = cache_keyword(model)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -114,6 +124,7 @@ class Engine:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
             if job.seed is not None:
                 job.generator = torch.Generator().manual_seed(job.seed)
+            job.arrived_step = self.steps
             self.waiting.append(job)
             self.metrics.set("deltatune_queue_waiting", len(self.waiting))
             self._cv.notify()
@@ -177,11 +188,35 @@ class Engine:
 
     # --- admission and prefill ---------------------------------------------------------------------
 
+    def _worth_prefilling(self, candidates: list[Job]) -> bool:
+        """Whether to prefill now rather than after another decode step.
+
+        On hardware where a pass costs about the same for 1 row as for 16 (a CPU reading every
+        weight from memory once per pass), prefilling one newcomer per step costs a whole pass
+        for one row; waiting a few steps lets several share it. So, while rows are decoding,
+        prefill once ``prefill_batch`` requests are ready, or as many as are running (a small
+        batch gains more from growing than it loses to one more pass), or the oldest ready one
+        has waited ``prefill_wait`` decode steps. With nothing running, prefill at once.
+        """
+        if not self.running or self.prefill_batch <= 1:
+            return True
+        ready = [j for j in candidates if not j.cancelled and (j.adapter is None or self.pool.ready(j.adapter))]
+        if not ready:
+            return False
+        if len(ready) >= min(self.prefill_batch, len(self.running)):
+            return True
+        return self.steps - min(j.arrived_step for j in ready) >= self.prefill_wait
+
     def _admit(self) -> list[Job]:
         admitted: list[Job] = []
         tokens = 0
         with self._cv:
             candidates = list(self.waiting)
+        if not self._worth_prefilling(candidates):
+            for job in candidates:
+                if job.cancelled:
+                    self._unqueue(job)
+            return admitted
         for job in candidates:
             if len(self.running) + len(admitted) >= self.max_batch or tokens >= self.max_prefill_tokens:
                 break
@@ -259,6 +294,7 @@ class Engine:
         logits = self._forward([j.adapter for j in self.running], ids, mask, self.positions[:, None], self.batch.cache)
         self.batch.mask = mask
         self.positions = self.positions + 1
+        self.steps += 1
         self._take(self.running, logits)
 
     def _take(self, jobs: list[Job], logits: Tensor) -> None:

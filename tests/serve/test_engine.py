@@ -89,3 +89,51 @@ def test_six_adapters_through_two_slots_swap_in_place_and_stay_exact(tmp_path, m
     assert all(outs == [expected[k]] * 2 for k, outs in got.items()) and len(got) == len(expected)
     assert swaps, "adapters of one config should be swapped into an evicted one's modules"
     assert metrics.value("deltatune_adapter_cache_evictions_total") >= len(swaps)
+
+
+def test_newcomers_wait_a_few_steps_to_share_one_prefill(tmp_path):
+    """While rows decode, one newcomer waits (up to ``prefill_wait`` steps) for others to share
+    its prefill pass; ``prefill_batch`` ready requests go at once; an idle engine admits at once.
+    The tokens are the same as when every newcomer is prefilled alone."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.train.models import load_tokenizer
+
+    base = make_tiny_llama(tmp_path / "llama")
+
+    def run(prefill_batch: int) -> tuple[list[list[int]], list[int]]:
+        model = AutoModelForCausalLM.from_pretrained(base).eval()
+        metrics = Metrics()
+        engine = Engine(model, load_tokenizer(base), Pool(model, metrics), metrics, max_batch=16,
+                        prefill_batch=prefill_batch, prefill_wait=3)
+        outs: list[list[int]] = []
+        admitted: list[int] = []  # rows running after each step
+
+        def submit(prompt: list[int], n: int) -> None:
+            out: list[int] = []
+            outs.append(out)
+            engine.submit(Job(prompt=prompt, adapter=None, max_tokens=n, temperature=0.0, ignore_eos=True,
+                              deliver=lambda e, out=out: out.append(e[2]) if e[0] == "delta" else None))
+
+        def step() -> None:
+            with torch.inference_mode():
+                engine._step([])
+            admitted.append(len(engine.running))
+
+        for i in range(4):
+            submit(PROMPTS[i % 3], 12)
+        step()                    # idle: all four at once
+        submit([3, 4, 5], 6)
+        step(), step(), step()    # one newcomer among four running rows waits...
+        step()                    # ...until it has waited prefill_wait decode steps
+        for i in range(4):
+            submit(PROMPTS[i % 3][::-1], 4)
+        step()                    # four ready: at once
+        while engine.running or engine.waiting:
+            step()
+        return outs, admitted
+
+    gated, counts = run(4)
+    alone, counts_alone = run(1)
+    assert gated == alone and all(len(o) for o in gated)
+    assert counts[:6] == [4, 4, 4, 4, 5, 9] and counts_alone[:2] == [4, 5]
