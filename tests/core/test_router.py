@@ -148,3 +148,16 @@ def test_a_name_swapped_out_and_back_in_within_one_change_is_rebuilt():
     second, mixed = _opened(model, ["b", "c", "d"], inputs, previous=first, changed={"d", "b"})
     _check(model, ["b", "c", "d"], inputs, mixed)
     assert not torch.allclose(mixed[0], b_before[0])
+
+
+def test_stack_uniform_routes_one_adapter_everywhere_through_the_stack():
+    model = _with_adapters("bert", SPECS)
+    inputs = ZOO["bert"].inputs()
+    with Router(model, stack_uniform=True) as router:
+        router.route(["b", "b", "b"])
+        query = model.bert.encoder.layer[0].attention.self.query
+        assert query.router.uniform is None and query.router.stack is not None
+        routed = ZOO["bert"].run(model, inputs)
+        router.route([None, None, None])  # the bare base stays the plain forward
+        assert query.router.uniform == ()
+    torch.testing.assert_close(routed, _alone("bert", model, "b", inputs), atol=ATOL, rtol=0)

@@ -347,8 +347,12 @@ class Router:
     every other adapter's tensors are as they were, so they are not walked and checked again.
     """
 
-    def __init__(self, model: nn.Module, previous: Router | None = None, changed: Iterable[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, previous: Router | None = None, changed: Iterable[str] | None = None,
+                 stack_uniform: bool = False) -> None:
         self.model = model
+        # Rows that all use one low-rank adapter take the stacked path too (equal up to float
+        # rounding, not bit for bit; on CPU it runs a little faster than the ordinary forward).
+        self.stack_uniform = stack_uniform
         self.layers = _unmerged_layers(model)
         self._saved: list[tuple[AdaptedLayer, Any]] | None = [(layer, layer.router) for layer in self.layers]
         self._stacks: dict[AdaptedLayer, _Stack] = {}
@@ -386,7 +390,10 @@ class Router:
                 layer_keys = [here[k] for k in keys]
                 seen = list(dict.fromkeys(layer_keys))
                 uniform = seen[0] if len(seen) == 1 else None
-                batched = uniform is None and all(len(k) == 0 or (len(k) == 1 and k[0] in low) for k in seen)
+                low_rank = all(len(k) == 0 or (len(k) == 1 and k[0] in low) for k in seen)
+                if uniform and low_rank and self.stack_uniform:
+                    uniform = None
+                batched = uniform is None and low_rank
                 plan = plans[(have, low)] = (layer_keys, uniform, batched, {})
             layer_keys, uniform, batched, slots_by = plan
             stack, slots = None, None

@@ -358,7 +358,8 @@ class Engine:
         if self._router is not None and self._router_version != self.pool.version:
             self._leave()  # an adapter was attached or detached since it opened
         if self._router is None:
-            self._router = Router(self.model, previous=self._last_router, changed=self.pool.take_changed())
+            self._router = Router(self.model, previous=self._last_router, changed=self.pool.take_changed(),
+                                  stack_uniform=True)
             self._last_router = None
             self._router_version = self.pool.version
         if self._router.names != names:
