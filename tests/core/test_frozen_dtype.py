@@ -214,7 +214,7 @@ def test_frozen_runner_in_training_setup():
     assert fast.frozen.copies_bytes() > 0
 
     class Config:
-        frozen_dtype = "auto"
+        frozen_dtype = "bfloat16"
         gradient_checkpointing = False
 
     c = Config()
@@ -228,7 +228,7 @@ def test_frozen_runner_in_training_setup():
 
 
 def test_chunked_loss_under_bf16_with_bf16_frozen_weights_never_makes_full_float32_logits():
-    """``loss_chunk`` + bf16 precision + ``frozen_dtype: auto``: the loss and the adapter's gradients
+    """``loss_chunk`` + bf16 precision + ``frozen_dtype: bfloat16``: the loss and the adapter's gradients
     within bf16 tolerance of the float32 run, and no float32 tensor as large as the (B, T, V) logits."""
     pytest.importorskip("transformers")
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -124,10 +124,12 @@ class TrainConfig(_Strict):
     # Causal LMs: cross-entropy over this many target tokens at a time (the head recomputed in backward),
     # so full-vocabulary float32 logits for the whole batch never exist at once; None: the model's own loss.
     loss_chunk: int | None = Field(None, ge=1)
-    # bf16 precision: auto uses the frozen base's linear weights in bf16, copied once instead of cast by autocast
-    # every step (outputs unchanged; the float32 base is back in place outside each forward: train/frozen.py);
-    # float32: autocast casts them every step. Not with gradient_checkpointing or under torchrun.
-    frozen_dtype: Literal["auto", "float32"] = "auto"
+    # bf16 precision: bfloat16 uses the frozen base's linear weights in bf16, copied once instead of cast by
+    # autocast every step (outputs unchanged; the float32 base is back in place outside each forward:
+    # train/frozen.py). Off by default: it holds the copies beside the float32 base (+half the frozen linear
+    # weights' memory) and measured no faster for LoRA (README "Fast bf16 training"). Not with
+    # gradient_checkpointing or under torchrun.
+    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
     # Under torchrun: ddp replicates the model and averages gradients; fsdp (FSDP2) shards the frozen base
     # and the adapter across the ranks (adapters only; no mid-run checkpoints). One process: ignored.
     strategy: Literal["ddp", "fsdp"] = "ddp"
