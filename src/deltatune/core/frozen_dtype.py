@@ -14,7 +14,7 @@ bf16 copy (made on first use, remade only if the float32 weight was modified in 
 - **bit-identical results**: autocast would round those weights to bf16 for the product anyway
   (``Tensor.to`` rounds to nearest even either way), so a plain ``nn.Linear`` computes exactly what
   it computed before. Adapter kernels that read the frozen weight themselves see the bf16 values
-  (LoRA's merged weight ``W + s·B A`` is then formed from bf16 W in float32 and rounded once more):
+  (a low-rank update's merged weight ``W + s·B A`` is then formed from bf16 W in float32 and rounded once more):
   different rounding, within bf16 tolerance (``tests/core/test_frozen_dtype.py``);
 - **the base is never changed**: outside the block the module holds its original float32
   ``Parameter`` object (the same object, bit for bit), so ``merge``, ``save_adapter``, evaluation
@@ -22,7 +22,7 @@ bf16 copy (made on first use, remade only if the float32 weight was modified in 
   happen outside a forward, so no update is ever rounded into a bf16 weight;
 - **only inside autocast**: a bf16 weight meeting a float32 input without autocast is a dtype
   error, so enter the block only around a forward that runs under autocast of ``dtype``;
-- gradients of everything that trains (adapters, heads, biases under BitFit) are unaffected:
+- gradients of everything that trains (adapters, heads, trained biases) are unaffected:
   only frozen tensors are swapped, and the optimizer never holds them.
 
 Memory: the float32 originals stay (nothing else may need them: see above), so the resident model
