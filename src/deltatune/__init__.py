@@ -28,7 +28,8 @@ from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.merge import merge, merge_and_unload, unmerge
 from deltatune.core.products import cpu_engine, set_cpu_engine
 from deltatune.core.combine import combine
-from deltatune.core.routing import Router, composed, delete_adapter, routing, run_grouped, set_composition
+from deltatune.core.composition import composed, set_composition
+from deltatune.core.routing import Router, delete_adapter, routing, run_grouped
 from deltatune.core.targeting import NoMatchError, select
 from deltatune.methods import METHODS, config_from_dict
 from deltatune.methods.dora import DoraConfig

@@ -16,13 +16,8 @@ from deltatune.config import AdapterConfig
 from deltatune.core import routing as routing_module
 from deltatune.core.inject import records
 from deltatune.core.layer import Adapter, AdaptedLayer
-from deltatune.core.routing import (
-    composed,
-    delete_adapter,
-    routing,
-    run_grouped,
-    set_composition,
-)
+from deltatune.core.composition import composed, set_composition
+from deltatune.core.routing import delete_adapter, routing, run_grouped
 from deltatune.formats import load_adapters
 from tests.models import ZOO
 

@@ -1,4 +1,5 @@
-"""Many adapters on one base: per-example routing in a mixed batch, composition, load / delete.
+"""Many adapters on one base: per-example routing in a mixed batch, load / delete (combining
+several active adapters on a layer: ``core/composition.py``).
 
 One frozen base serves many tasks. Adapters are attached (or loaded) side by side under their
 names; switching is ``set_active`` / ``using`` (no module is re-injected), and in a *mixed batch*
@@ -420,34 +421,6 @@ class Router:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-COMPOSITIONS = ("stack", "average")
-
-
-def set_composition(model: nn.Module, how: str) -> None:
-    """How several active adapters combine on a layer: ``stack`` (in order, the default) or
-    ``average`` (mean of the outputs of each adapter applied alone; adapters absent from a layer
-    take no part in its mean)."""
-    if how not in COMPOSITIONS:
-        raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)}; got {how!r}")
-    for _, layer in adapted_layers(model):
-        layer.composition = how
-
-
-@contextlib.contextmanager
-def composed(model: nn.Module, names: Sequence[str], how: str = "average") -> Iterator[nn.Module]:
-    """Run with ``names`` active and combined as ``how``; restores both afterwards."""
-    if how not in COMPOSITIONS:
-        raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)}; got {how!r}")
-    saved = [(layer, layer.composition) for _, layer in adapted_layers(model)]
-    try:
-        set_composition(model, how)
-        with using(model, names):
-            yield model
-    finally:
-        for layer, how_before in saved:
-            layer.composition = how_before
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
