@@ -93,16 +93,3 @@ def chunked_runner(run: Callable[[nn.Module, dict[str, Tensor]], Any], chunk: in
         return out
 
     return run_chunked
-
-
-def training_runner(config: Any, device: torch.device, precision: str, distributed: bool = False) -> Callable[..., Any]:
-    """The forward a training run uses (``run_training`` and ``plan``'s probe alike): autocast for
-    ``precision``, bf16 copies of the frozen weights when ``frozen_dtype`` asks (train/frozen.py),
-    and the chunked loss when ``loss_chunk`` is set."""
-    from deltatune.train.frozen import applies, frozen_runner
-    from deltatune.train.loop import make_runner
-
-    run = make_runner(device, precision)
-    if applies(config, precision, distributed):
-        run = frozen_runner(run)
-    return chunked_runner(run, config.loss_chunk) if config.loss_chunk else run

@@ -51,8 +51,10 @@ import torch
 import deltatune as dt
 from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.data import epoch_batches
-from deltatune.train.loop import _start, _step, pick_device, resolve_precision
-from deltatune.train.memory import quantize_base, training_runner
+from deltatune.train.frozen import applies as frozen_applies
+from deltatune.train.frozen import frozen_runner
+from deltatune.train.loop import _start, _step, make_runner, pick_device, resolve_precision
+from deltatune.train.memory import chunked_runner, quantize_base
 from deltatune.train.metrics import process_peak_bytes, process_status_bytes
 from deltatune.train.models import load_model, prepare, training_meta
 from deltatune.train.ranks import Ranks
@@ -209,8 +211,11 @@ class Prober:
         strategy = prepare(loaded, config)
         loaded.model.to(self.device)
         params = dt.parameter_report(loaded.model)
-        train, task = self.items["train"], self.task
-        run = training_runner(config, self.device, self.precision)  # the forward run_training uses
+        train, task, run = self.items["train"], self.task, make_runner(self.device, self.precision)
+        if frozen_applies(config, self.precision, False):  # as run_training: bf16 copies of the frozen weights
+            run = frozen_runner(run)
+        if config.loss_chunk:
+            run = chunked_runner(run, config.loss_chunk)
         collate = lambda idx: task.collate([train[i] for i in idx], loaded.tokenizer)  # noqa: E731
         batches, mean_tokens = self.epoch(config)
         with tempfile.TemporaryDirectory(prefix="deltatune-probe-") as tmp:

@@ -32,8 +32,10 @@ from deltatune.core.files import write_text_atomic
 from deltatune.train.callbacks import Callback, History
 from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, to_yaml, validate_config
-from deltatune.train.loop import fit, pick_device, resolve_precision
-from deltatune.train.memory import quantize_base, training_runner
+from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision
+from deltatune.train.frozen import applies as frozen_applies
+from deltatune.train.frozen import frozen_runner
+from deltatune.train.memory import chunked_runner, quantize_base
 from deltatune.train.metrics import peak_memory_mb
 from deltatune.train.models import load_model, prepare, training_meta
 from deltatune.train.output import claim_output, remove_run
@@ -121,7 +123,11 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
     _begin_output(out, config, resume, ranks, say)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run = training_runner(config, device, precision, ranks.distributed)
+    run = make_runner(device, precision)
+    if frozen_applies(config, precision, ranks.distributed):  # frozen linear weights in bf16, made once (frozen.py)
+        run = frozen_runner(run)
+    if config.loss_chunk:
+        run = chunked_runner(run, config.loss_chunk)
     history = fit(strategy, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks,
                   callbacks=callbacks)
     sharded = ranks.distributed and config.strategy == "fsdp"  # every forward and the save are collectives
