@@ -9,7 +9,10 @@ on a reduced training set so a run takes seconds) this runs, in one session:
    step time (``train_seconds / steps``), right after its probe (so both see the same load);
 
 and reports predicted / measured for peak memory and step time per method, against the goals
-(memory within 15 %, step time within 30 %). Writes ``bench/results/plan_accuracy.json``.
+(memory within 15 %, step time within 30 %). Step time is compared twice: as wall time (the goal's
+measure; on a shared machine it moves with the load, which can change between probe and run) and
+as the process's CPU time per step (the step's work, load aside), with the CPU share (CPU / wall)
+and load average of each side. Writes ``bench/results/plan_accuracy.json``.
 The compare results (``runs/bench-plan/<model>/compare``) double as the grid for
 ``bench.tune_vs_grid``.
 """

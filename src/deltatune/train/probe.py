@@ -29,7 +29,11 @@ Then the model:
   leftovers do not hide the next's.
 - **step time**: the median over the timed steps of seconds per padded token, times the mean padded
   tokens of a batch over the run's epoch (batches hold texts of similar length, so they differ);
-  the warm-up step is not timed. **Epoch and run time**: step time x steps per epoch x epochs,
+  the warm-up step is not timed. This is wall time at the machine's load while the probe ran; the
+  same from the process's CPU time (``step_cpu_seconds``: the step's work, whatever else runs) and
+  the probe's CPU share (CPU / wall) say how much of it was waiting for a core. A run reports the
+  same pair (``train_seconds``, ``train_cpu_seconds``), so predictions can be checked on a shared
+  machine whose load changes between the probe and the run. **Epoch and run time**: step time x steps per epoch x epochs,
   comparable with ``train_seconds`` (step time only: validation is not counted there either).
 """
 
