@@ -40,7 +40,8 @@ def test_run_writes_adapter_metrics_config_and_plot(tiny_bert: Path, tiny_csv: P
     # Step times: the steps' CPU time (the work, whatever else runs) and each step's wall time, in brief.
     times = metrics["step_times"]
     assert metrics["train_cpu_seconds"] > 0 and 0 < times["first"] and 0 < times["median"] <= metrics["train_seconds"]
-    assert times["mean_after_first"] * 11 + times["first"] == pytest.approx(metrics["train_seconds"], abs=0.02)
+    # train_seconds also counts the two validations; the steps alone take less.
+    assert times["mean_after_first"] * 11 + times["first"] < metrics["train_seconds"] + 0.01
     # The adapter holds LoRA tensors plus the new classifier head, and nothing of the frozen base.
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(k.startswith("classifier.") for k in saved)

@@ -33,8 +33,8 @@ Then the model:
   same from the process's CPU time (``step_cpu_seconds``: the step's work, whatever else runs) and
   the probe's CPU share (CPU / wall) say how much of it was waiting for a core. A run reports the
   same pair (``train_seconds``, ``train_cpu_seconds``), so predictions can be checked on a shared
-  machine whose load changes between the probe and the run. **Epoch and run time**: step time x steps per epoch x epochs,
-  comparable with ``train_seconds`` (step time only: validation is not counted there either).
+  machine whose load changes between the probe and the run. **Epoch and run time**: step time x steps per epoch x epochs:
+  the steps alone (a run's ``train_seconds`` also counts its validations; its ``step_times`` do not).
 """
 
 from __future__ import annotations
