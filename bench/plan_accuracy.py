@@ -9,7 +9,10 @@ on a reduced training set so a run takes seconds) this runs, in one session:
    step time (``train_seconds / steps``), right after its probe (so both see the same load);
 
 and reports predicted / measured for peak memory and step time per method, against the goals
-(memory within 15 %, step time within 30 %). Writes ``bench/results/plan_accuracy.json``.
+(memory within 15 %, step time within 30 %). Step time is compared twice: as wall time (the goal's
+measure; on a shared machine it moves with the load, which can change between probe and run) and
+as the process's CPU time per step (the step's work, load aside), with the CPU share (CPU / wall)
+and load average of each side. Writes ``bench/results/plan_accuracy.json``.
 The compare results (``runs/bench-plan/<model>/compare``) double as the grid for
 ``bench.tune_vs_grid``.
 """
@@ -72,19 +75,12 @@ def measure(name: str, out: Path, steps: int, methods: list[str], collect: bool 
             rows.append({"method": p["method"], "status": "skipped",
                          "why": p.get("error") or (m or {}).get("error") or "not measured (bench interrupted)"})
             continue
-        step = m["metrics"]["train_seconds"] / m["metrics"]["steps"]
-        rows.append({
-            "method": p["method"], "status": "ok",
-            "params_exact": p["trainable_parameters"] == m["trainable_parameters"],
-            "adapter_bytes_predicted": p["adapter_bytes"], "adapter_bytes_measured": m["adapter_bytes"],
-            "memory_predicted_mb": p["peak_memory_mb"], "memory_measured_mb": m["peak_memory_mb"],
-            "memory_ratio": p["peak_memory_mb"] / m["peak_memory_mb"],
-            "step_predicted_s": p["step_seconds"], "step_measured_s": step,
-            "step_ratio": p["step_seconds"] / step,
-            "train_predicted_s": p["train_seconds"], "train_measured_s": m["train_seconds"],
-        })
+        rows.append(compare_row(p, m))
     ok = [r for r in rows if r["status"] == "ok"]
+    timed = [r for r in ok if r.get("step_cpu_ratio") is not None]
     return {
+        "step_cpu_within_goal": sum(abs(r["step_cpu_ratio"] - 1) <= GOALS["step"] for r in timed),
+        "step_cpu_measured": len(timed),
         "overrides": overrides, "probe_steps": steps, "plan_seconds": round(plan_seconds, 1),
         "grid_seconds": compare["seconds"], "rows": rows,
         "memory_within_goal": sum(abs(r["memory_ratio"] - 1) <= GOALS["memory"] for r in ok),
@@ -92,19 +88,75 @@ def measure(name: str, out: Path, steps: int, methods: list[str], collect: bool 
     }
 
 
+def measured_step(metrics: dict[str, Any]) -> tuple[float, str]:
+    """The run's mean step time and what it counts. ``train_seconds`` also counts validation (the
+    loop adds each validation's time to it), which plan's step time leaves out; runs that record
+    their step times give the mean of the steps alone."""
+    steps, times = metrics["steps"], metrics.get("step_times")
+    if times:
+        return (times["first"] + times["mean_after_first"] * (steps - 1)) / steps, "mean of the steps"
+    return metrics["train_seconds"] / steps, "train_seconds / steps (validation included)"
+
+
+def compare_row(p: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
+    """Predicted against measured for one method: ``p`` its plan row, ``m`` its run."""
+    step, counted = measured_step(m["metrics"])
+    return {
+        "method": p["method"], "status": "ok",
+        "params_exact": p["trainable_parameters"] == m["trainable_parameters"],
+        "adapter_bytes_predicted": p["adapter_bytes"], "adapter_bytes_measured": m["adapter_bytes"],
+        "memory_predicted_mb": p["peak_memory_mb"], "memory_measured_mb": m["peak_memory_mb"],
+        "memory_ratio": p["peak_memory_mb"] / m["peak_memory_mb"],
+        "step_predicted_s": p["step_seconds"], "step_measured_s": step, "step_measured_counts": counted,
+        "step_ratio": p["step_seconds"] / step,
+        "step_measured_with_validation_s": m["metrics"]["train_seconds"] / m["metrics"]["steps"],
+        "train_predicted_s": p["train_seconds"], "train_measured_s": m["train_seconds"],
+        **cpu_columns(p, m["metrics"]),
+    }
+
+
+def cpu_columns(plan_row: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Step time as CPU seconds (the step's work, whatever else ran on the machine) predicted and
+    measured, the CPU share each side got (CPU / wall: how loaded the machine was), the load average
+    at each end, and the run's step times without its first step. Runs and plans from before these
+    were recorded give ``None``."""
+    cpu = metrics.get("train_cpu_seconds")
+    measured = cpu / metrics["steps"] if cpu is not None else None
+    predicted = plan_row.get("step_cpu_seconds")
+    times = metrics.get("step_times") or {}
+    return {
+        "step_cpu_predicted_s": predicted, "step_cpu_measured_s": measured,
+        "step_cpu_ratio": predicted / measured if predicted and measured else None,
+        "cpu_share_probe": plan_row.get("cpu_share"),
+        "cpu_share_run": round(cpu / metrics["train_seconds"], 3) if cpu is not None else None,
+        "load_average_probe": plan_row.get("load_average"), "load_average_run": metrics.get("load_average"),
+        "step_measured_first_s": times.get("first"), "step_measured_after_first_s": times.get("mean_after_first"),
+        "step_ratio_after_first": (plan_row["step_seconds"] / times["mean_after_first"]
+                                   if times.get("mean_after_first") else None),
+    }
+
+
 def table(name: str, result: dict[str, Any]) -> str:
     lines = [f"{name}: memory within 15 %: {result['memory_within_goal']}/{result['measured']}, "
-             f"step time within 30 %: {result['step_within_goal']}/{result['measured']}",
+             f"step time within 30 %: {result['step_within_goal']}/{result['measured']} (wall), "
+             f"{result.get('step_cpu_within_goal')}/{result.get('step_cpu_measured')} (CPU)",
              f"{'method':10} {'params':>6} {'mem pred':>9} {'mem meas':>9} {'ratio':>6} {'step pred':>10} "
-             f"{'step meas':>10} {'ratio':>6}"]
+             f"{'step meas':>10} {'ratio':>6} {'cpu pred':>9} {'cpu meas':>9} {'ratio':>6} {'share p/r':>10}"]
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"{r['method']:10} skipped: {r['why']}")
             continue
         lines.append(f"{r['method']:10} {'exact' if r['params_exact'] else 'DIFF':>6} {r['memory_predicted_mb']:>7.0f}MB "
                      f"{r['memory_measured_mb']:>7.0f}MB {r['memory_ratio']:>6.2f} {r['step_predicted_s']:>9.3f}s "
-                     f"{r['step_measured_s']:>9.3f}s {r['step_ratio']:>6.2f}")
+                     f"{r['step_measured_s']:>9.3f}s {r['step_ratio']:>6.2f}" + _cpu_cells(r))
     return "\n".join(lines)
+
+
+def _cpu_cells(r: dict[str, Any]) -> str:
+    if r.get("step_cpu_ratio") is None:
+        return ""
+    return (f" {r['step_cpu_predicted_s']:>8.3f}s {r['step_cpu_measured_s']:>8.3f}s {r['step_cpu_ratio']:>6.2f}"
+            f" {r['cpu_share_probe']:>4.2f}/{r['cpu_share_run']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:

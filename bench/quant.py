@@ -261,8 +261,9 @@ def rss(models: list[str], setups: list[str], quick: bool) -> dict[str, Any]:
     return out
 
 
-def quality(quick: bool) -> dict[str, Any]:
-    """Short real training runs through ``deltatune train``'s code (run_training), fp32 vs quantized."""
+def quality(quick: bool, only: str | None = None) -> dict[str, Any]:
+    """Short real training runs through ``deltatune train``'s code (run_training), fp32 vs quantized
+    (``only``: the runs whose name starts with it, e.g. ``smollm2``)."""
     import tempfile
 
     from deltatune.train import load_config, run_training
@@ -276,6 +277,8 @@ def quality(quick: bool) -> dict[str, Any]:
     }
     out: dict[str, Any] = {}
     for name, (sets, formats) in runs.items():
+        if only is not None and not name.startswith(only):
+            continue
         for fmt in formats:
             with tempfile.TemporaryDirectory() as tmp:
                 config = load_config(None, [*sets, f"quantize={fmt}", "tensorboard=false", f"output={tmp}/run",
@@ -298,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--quality", action="store_true")
+    p.add_argument("--quality-only", choices=["minilm", "smollm2"],
+                   help="only the quality runs of this model; writes bench/results/quant-quality-<model>.json")
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--models", default="minilm,smollm2")
@@ -333,6 +338,15 @@ def main(argv: list[str] | None = None) -> None:
             path.write_text(json.dumps({"versions": _versions(), "threads": torch.get_num_threads(),
                                         "load_before": list(__import__("os").getloadavg()), **block}, indent=2) + "\n")
             print(f"wrote {path}")
+        return
+    if args.quality_only:
+        RESULTS.mkdir(exist_ok=True)
+        load = list(__import__("os").getloadavg())
+        runs = quality(args.quick, args.quality_only)
+        path = RESULTS / f"quant-quality-{args.quality_only}{'-quick' if args.quick else ''}.json"
+        path.write_text(json.dumps({"versions": _versions(), "threads": torch.get_num_threads(), "load_before": load,
+                                    "load_after": list(__import__("os").getloadavg()), "runs": runs}, indent=2) + "\n")
+        print(f"wrote {path}")
         return
     if args.sizes_only:
         RESULTS.mkdir(exist_ok=True)

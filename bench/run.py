@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 LORA = ["full", "floor", "deltatune-lora", "peft-lora", "deltatune-lora-thin"]
-ALL = [*LORA, "deltatune-lora-aten", "deltatune-dora", "peft-dora", "deltatune-ia3", "peft-ia3"]
+ALL = [*LORA, "deltatune-lora-aten", "deltatune-lora-onednn", "deltatune-dora", "peft-dora", "deltatune-ia3", "peft-ia3"]
 # workload -> setups trained; DoRA and (IA)³ run on the small model only, to keep the run short.
 PLAN = {"minilm": ALL, "smollm2": LORA, "tiny-bert": ALL, "tiny-llama": LORA}
 # Fresh-process RSS runs cost a model load and two steps each: the goal-relevant setups, and by

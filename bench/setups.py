@@ -28,6 +28,7 @@ SETUPS: dict[str, tuple[str, str]] = {
     "deltatune-lora": ("deltatune", "lora"),
     "deltatune-lora-aten": ("deltatune", "lora"),
     "deltatune-lora-thin": ("deltatune", "lora"),
+    "deltatune-lora-onednn": ("deltatune", "lora"),
     "peft-lora": ("peft", "lora"),
     "deltatune-dora": ("deltatune", "dora"),
     "peft-dora": ("peft", "dora"),
@@ -47,9 +48,10 @@ class Setup:
     trainable: list[nn.Parameter]
 
     def engine(self) -> contextlib.AbstractContextManager:
-        """The fused LoRA kernel's CPU engine: the default, or the one a "-aten"/"-thin" suffix names."""
+        """The fused LoRA kernel's CPU engine: the default ("auto"), or the one a "-aten"/"-thin"/"-onednn"
+        suffix names."""
         suffix = self.name.rsplit("-", 1)[-1]
-        if suffix not in ("aten", "thin"):
+        if suffix not in ("aten", "thin", "onednn"):
             return contextlib.nullcontext()
         from deltatune.core.products import cpu_engine
 

@@ -93,7 +93,7 @@ def test_a_new_adapter_beside_the_old_ones_copies_their_rows():
 
 def test_changed_names_are_the_only_ones_walked_again(monkeypatch):
     """With ``changed``, a router checks only those adapters' tensors; the others are vouched for."""
-    from deltatune.core import routing as routing_module
+    from deltatune.core import stacking
 
     model = _with_adapters("bert", SPECS)
     inputs = ZOO["bert"].inputs()
@@ -102,8 +102,8 @@ def test_changed_names_are_the_only_ones_walked_again(monkeypatch):
     dt.attach(model, dt.LoraConfig(rank=8, alpha=4.0), "d", activate=False)
     _randomise(model, "d", seed=42)
     walked: list[object] = []
-    real = routing_module._refs
-    monkeypatch.setattr(routing_module, "_refs", lambda module: walked.append(module) or real(module))
+    real = stacking._refs
+    monkeypatch.setattr(stacking, "_refs", lambda module: walked.append(module) or real(module))
     _, mixed = _opened(model, ["d", "c", "a"], inputs, previous=first, changed={"d"})
     layers = [m for m in model.modules() if isinstance(m, AdaptedLayer)]
     assert walked and all(any(module is layer.adapters["d"] for layer in layers) for module in walked)

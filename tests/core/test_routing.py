@@ -60,13 +60,13 @@ def _alone(zoo: str, model: nn.Module, choice: Any, inputs: Any) -> torch.Tensor
 def batched_calls(monkeypatch) -> list[int]:
     """Counts the calls of the batched low-rank path (the alternative, grouping, is exact too)."""
     calls: list[int] = []
-    real = routing_module._batched
+    real = routing_module.batched
 
     def spy(*args: Any) -> torch.Tensor:
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(routing_module, "_batched", spy)
+    monkeypatch.setattr(routing_module, "batched", spy)
     return calls
 
 

@@ -177,18 +177,34 @@ def test_dropout_saves_a_boolean_mask_not_a_copy():
     assert any(t.dtype == torch.bool for t in saved)
 
 
-@pytest.mark.parametrize("engine", ["aten", "thin", "onednn"])
+@pytest.mark.parametrize("engine", ["auto", "aten", "thin", "onednn"])
 def test_cpu_engines_agree_with_the_formula(path, engine, monkeypatch):
     """Both CPU engines give the plain formula's numbers (oneDNN forced on for small shapes)."""
     monkeypatch.setattr(products, "_ONEDNN_MIN_WORK", 0)
     with products.cpu_engine(engine):
         check_against_plain(torch.float32, 2e-5, True, (2, 5))
-    assert products.current_engine() == "onednn"  # the default comes back
+    assert products.current_engine() == "auto"  # the default comes back
 
 
 def test_unknown_engine_is_rejected():
-    with pytest.raises(ValueError, match="'aten', 'thin' or 'onednn'"):
+    with pytest.raises(ValueError, match="'auto', 'aten', 'thin' or 'onednn'"):
         products.set_cpu_engine("mkl")
+
+
+@pytest.mark.parametrize("vendor, engine", [("AuthenticAMD", "onednn"), ("GenuineIntel", "aten"), ("", "aten")])
+def test_auto_engine_is_onednn_on_amd_only(vendor, engine, monkeypatch):
+    """``"auto"`` takes oneDNN where MKL is slow (AMD) and torch's products elsewhere, read once."""
+    monkeypatch.setattr(products, "_AUTO", None)
+    monkeypatch.setattr(products, "_cpu_vendor", lambda: vendor)
+    assert products.auto_engine() == engine
+    monkeypatch.setattr(products, "_cpu_vendor", lambda: "changed")
+    assert products.auto_engine() == engine
+    calls = []
+    monkeypatch.setattr(products, "onednn_linear", lambda *a: calls.append(1) or F.linear(*a))
+    x, weight = torch.randn(4096, 320), torch.randn(64, 320)   # above _ONEDNN_MIN_WORK
+    with products.cpu_engine("auto"):
+        products.linear(x, weight)
+    assert len(calls) == (engine == "onednn")
 
 
 def test_adapted_layer_uses_the_kernel_only_where_it_equals_calling_the_base(monkeypatch):
@@ -218,9 +234,9 @@ def test_adapted_layer_uses_the_kernel_only_where_it_equals_calling_the_base(mon
 @pytest.mark.parametrize("engine", ["thin", "onednn"])
 def test_engines_at_a_size_that_takes_the_onednn_path(engine):
     """With B = 0 and a batch big enough for oneDNN: ``"thin"`` (rank-r products only) still gives
-    exactly ``nn.Linear``'s output; the default ``"onednn"`` gives it to float32 rounding. Both
-    give the formula's gradients."""
-    assert products.current_engine() == "onednn"
+    exactly ``nn.Linear``'s output; ``"onednn"`` gives it to float32 rounding. Both give the
+    formula's gradients."""
+    assert products.current_engine() == "auto"
     x = torch.randn(4096, 320, requires_grad=True)          # products above _ONEDNN_MIN_WORK
     weight, A = torch.randn(64, 320), torch.randn(R, 320, requires_grad=True)
     B = torch.zeros(64, R, requires_grad=True)

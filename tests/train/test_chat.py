@@ -61,6 +61,25 @@ def test_evaluate_matches_the_models_own_loss(tiny_llama: Path) -> None:
     assert metrics["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
 
 
+def test_evaluate_with_virtual_tokens_scores_the_text_positions(tiny_llama: Path) -> None:
+    """Prompt tuning puts N virtual tokens before the text: the logits have N more positions than
+    the labels, and the loss is over the text's (as the model's own loss, which pads labels with -100)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import deltatune as dt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    dt.attach(model, dt.PromptConfig(num_virtual_tokens=5))
+    torch.nn.init.normal_(next(p for p in model.parameters() if p.requires_grad))  # a prompt that matters
+    task = get_task("chat")
+    items = task.encode(tokenizer, [("hello", "hi there how are you"), ("a", "b c")], 64)
+    metrics = task.evaluate(model, items, tokenizer, 4, lambda m, b: m(**b))
+    with torch.no_grad():
+        expected = model(**task.collate(items, tokenizer)).loss.item()
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_chat_run_on_a_tiny_llama(tiny_llama: Path, tmp_path: Path) -> None:
     config = load_config(None, ["task=chat", f"model={tiny_llama}", f"output={tmp_path / 'run'}",
                                 "data.max_train_examples=24", "data.max_eval_examples=6", "batch_size=8",

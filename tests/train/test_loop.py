@@ -37,6 +37,11 @@ def test_run_writes_adapter_metrics_config_and_plot(tiny_bert: Path, tiny_csv: P
     assert load_config(out / "config.yaml").model_dump() == tiny_config(tiny_bert, tiny_csv, out).model_dump()
     assert [v["epoch"] for v in metrics["validation"]] == [1, 2]
     assert metrics["steps"] == 2 * 6  # 48 training texts / 8 per step, twice
+    # Step times: the steps' CPU time (the work, whatever else runs) and each step's wall time, in brief.
+    times = metrics["step_times"]
+    assert metrics["train_cpu_seconds"] > 0 and 0 < times["first"] and 0 < times["median"] <= metrics["train_seconds"]
+    # train_seconds also counts the two validations; the steps alone take less.
+    assert times["mean_after_first"] * 11 + times["first"] < metrics["train_seconds"] + 0.01
     # The adapter holds LoRA tensors plus the new classifier head, and nothing of the frozen base.
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(k.startswith("classifier.") for k in saved)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import deltatune
-from deltatune.train.metrics import accuracy, macro_f1, peak_memory_mb, process_status_bytes
+from deltatune.train.metrics import accuracy, macro_f1, peak_memory_mb, process_status_bytes, step_times
 
 
 def test_accuracy_and_macro_f1_by_hand() -> None:
@@ -53,3 +53,10 @@ def test_a_subprocess_reports_its_own_peak_not_its_launchers() -> None:
     child = float(out.stdout.strip().splitlines()[-1])
     del held
     assert parent > 1024 and child < parent - 512, (parent, child)
+
+
+def test_step_times_set_the_first_step_apart() -> None:
+    times = step_times([3.0, 1.0, 2.0, 1.5])
+    assert times == {"first": 3.0, "median": 1.75, "mean_after_first": 1.5}
+    assert step_times([2.0]) == {"first": 2.0, "median": 2.0, "mean_after_first": 2.0}
+    assert step_times([]) is None

@@ -39,7 +39,8 @@ def test_plan_rows_are_exact_where_they_can_be(planned: dict, tiny_bert: Path, t
     assert rows["lora"]["adapter_bytes"] == metrics["adapter_bytes"]
     assert rows["lora"]["steps_per_epoch"] == metrics["steps"] // 2 == 6  # 48 training examples / 8
     for r in rows.values():
-        assert r["peak_memory_mb"] > 0 and r["step_seconds"] > 0
+        assert r["peak_memory_mb"] > 0 and r["step_seconds"] > 0 and r["step_cpu_seconds"] > 0
+        assert 0 < r["cpu_share"] and len(r["load_average"]) == 3  # how loaded the machine was while it probed
         assert r["epoch_seconds"] == pytest.approx(r["step_seconds"] * 6)
         assert r["train_seconds"] == pytest.approx(r["epoch_seconds"] * 2)
         assert r["fits"] is True and r["reason"].startswith("fits; tightest is ")

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_ENGINE = "onednn"            # matrix-product engine on CPU for float32: "aten", "thin" or "onednn"
+_ENGINE = "auto"              # matrix-product engine on CPU for float32: "auto", "aten", "thin" or "onednn"
+_ENGINES = ("auto", "aten", "thin", "onednn")
+_AUTO: str | None = None      # what "auto" stands for on this CPU, read once
 _ONEDNN_WORKS: bool | None = None
 _ONEDNN_MIN_WORK = 1 << 23  # multiply-adds; below, oneDNN's per-call setup (~0.2 ms) outweighs its speed
 
@@ -29,12 +31,14 @@ _ONEDNN_MIN_WORK = 1 << 23  # multiply-adds; below, oneDNN's per-call setup (~0.
 def set_cpu_engine(name: str) -> str:
     """Choose how the fused kernels multiply float32 matrices on CPU; returns the previous choice.
 
-    ``"onednn"`` (default) runs every product of an adapted layer on oneDNN's linear (a private
-    torch op, probed before first use, with aten as fallback). On the AMD EPYC these figures come
-    from, where MKL takes slower code paths, that makes the layer's float32 products 1.4-2x faster
-    (a MiniLM rank-8 training step fell from 0.78x to 0.50x of full fine-tuning; bench/README.md). The
-    price: an adapted layer's output differs from the wrapped ``nn.Linear``'s by float32
-    rounding (about 1e-7 relative), also while the adapter is still the identity.
+    ``"auto"`` (default) is ``"onednn"`` on AMD CPUs and ``"aten"`` on every other one (``auto_engine``).
+    ``"onednn"`` runs every product of an adapted layer on oneDNN's linear (a private torch op,
+    probed before first use, with aten as fallback). On an AMD EPYC, where MKL takes slower code
+    paths, that makes the layer's float32 products 1.4-2x faster (a MiniLM rank-8 training step fell
+    from 0.78x to 0.50x of full fine-tuning; bench/README.md); on an Intel Xeon, where MKL is at
+    home, oneDNN's products were 10-25 % slower. The price: an adapted layer's output differs from
+    the wrapped ``nn.Linear``'s by float32 rounding (about 1e-7 relative), also while the adapter is
+    still the identity.
     ``"thin"`` moves only the adapter's rank-r products to oneDNN and leaves the base layer's own
     product on aten, so the base output stays bit-identical to ``nn.Linear``'s.
     ``"aten"`` uses torch's own products (MKL on x86) throughout.
@@ -42,8 +46,8 @@ def set_cpu_engine(name: str) -> str:
     ``_ONEDNN_MIN_WORK`` multiply-adds, where oneDNN's per-call setup outweighs its speed.
     """
     global _ENGINE
-    if name not in ("aten", "thin", "onednn"):
-        raise ValueError(f"cpu engine must be 'aten', 'thin' or 'onednn', got {name!r}")
+    if name not in _ENGINES:
+        raise ValueError(f"cpu engine must be 'auto', 'aten', 'thin' or 'onednn', got {name!r}")
     previous, _ENGINE = _ENGINE, name
     return previous
 
@@ -61,7 +65,8 @@ def cpu_engine(name: str) -> Iterator[None]:
 def _use_onednn(a: Tensor, b: Tensor, out_features: int, thin: bool = False) -> bool:
     """Whether ``a`` (…, k) times a (k, out_features) matrix ``b`` (either layout) runs on oneDNN."""
     global _ONEDNN_WORKS
-    if _ENGINE == "aten" or (_ENGINE == "thin" and not thin):
+    engine = auto_engine() if _ENGINE == "auto" else _ENGINE
+    if engine == "aten" or (engine == "thin" and not thin):
         return False
     if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
         return False
@@ -103,8 +108,28 @@ def project_t(x: Tensor, A: Tensor) -> Tensor:
 
 
 def current_engine() -> str:
-    """The CPU engine in use: ``"onednn"``, ``"thin"`` or ``"aten"``."""
+    """The CPU engine chosen: ``"auto"``, ``"onednn"``, ``"thin"`` or ``"aten"``."""
     return _ENGINE
+
+
+def auto_engine() -> str:
+    """What ``"auto"`` runs on this machine: ``"onednn"`` on an AMD CPU (``vendor_id`` in
+    ``/proc/cpuinfo``: ``AuthenticAMD``), where torch's MKL products are the slower ones, else ``"aten"``."""
+    global _AUTO
+    if _AUTO is None:
+        _AUTO = "onednn" if _cpu_vendor() == "AuthenticAMD" else "aten"
+    return _AUTO
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux: no oneDNN advantage known there
+        pass
+    return ""
 
 
 def plain_linear(module: Any) -> bool:

@@ -13,13 +13,12 @@ How a routed layer computes (chosen per layer, once per ``routing`` block):
 
 - every example names the same adapters there: the ordinary forward (fused kernels and all);
 - each example names at most one adapter and all of them are *low-rank* (see ``core.contract.LowRank``):
-  one batched path. The layer's low-rank adapters are stacked once, ranks zero-padded, scaling
-  folded in, side by side: ``[A | (sB)ᵀ]: (n + 1, r, d_in + d_out)``; slot ``n`` is zero and
-  serves the bare base. Per call: gather one slot per example and add two ``bmm`` products to the
-  base output. No Python loop over adapters. The stack is cached per layer in the records of the
-  adapters it holds (``core.inject.AdapterRecord.caches``), dropped when any of them is detached,
-  and rebuilt when an adapter tensor is replaced or edited in place (weak references plus version
-  counters); it is a copy, so it costs as much memory again as the layer's low-rank adapters;
+  one batched path. The layer's low-rank adapters are stacked once (``core/stacking.py``: ranks
+  zero-padded, scaling folded in, slot ``n`` zero for the bare base); per call, gather one slot
+  per example and add two ``bmm`` products to the base output, no Python loop over adapters. The
+  stack is cached per layer, dropped when any of its adapters is detached and rebuilt when one is
+  replaced or edited in place; it is a copy, so it costs as much memory again as the layer's
+  low-rank adapters;
 - anything else (other methods, ``modules_to_save`` heads, several adapters per example, a layer
   in training mode, or gradients wanted for the adapters): the examples are grouped by adapter
   and each group runs the ordinary forward on its rows. Serve under ``torch.inference_mode()``
@@ -35,108 +34,22 @@ Model-level adapters that act through forward hooks rather than layers are not r
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.inject import _known, adapted_layers, cached, configs, detach, store, using
 from deltatune.core import products
+from deltatune.core.inject import _known, detach, using
 from deltatune.core.contract import is_low_rank
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.products import plain_linear
+from deltatune.core.stacking import Stack, batched, stack_of
 
 Key = tuple[str, ...]  # the adapters one example runs through on one layer, innermost first
 Choice = str | None | Sequence[str]
 T = TypeVar("T")
-
-
-# --- the stacked factors of one layer ---------------------------------------------------------
-
-
-class _Stack:
-    """All low-rank adapters of one layer, stacked: ``[A | sBᵀ]: (n+1, r, d_in + d_out)``.
-
-    A and sBᵀ share one tensor so that a single gather fetches both for a batch. ``index`` maps
-    each name to its slot, ``zero`` is the bare base's slot (all zeros). Built from ``reuse``
-    (an earlier stack of the layer), rows of adapters it holds unchanged are copied, or, with as
-    many adapters as it had, its tensor is taken over and only the changed slots are written.
-    """
-
-    def __init__(self, layer: AdaptedLayer, names: list[str], refs: dict[str, list[_Ref]],
-                 reuse: _Stack | None = None, trusted: frozenset[str] = frozenset()) -> None:
-        self.names = list(names)
-        self._by_name = refs  # per name: (weak ref, version, data pointer) of each of its tensors
-        with torch.no_grad():
-            kept = [n for n in names if reuse is not None and (n in trusted or reuse._holds(n, refs[n]))]
-            factors = {n: layer.adapters[n].low_rank_factors() for n in names if n not in kept}
-            if factors:
-                A0, B0, _ = next(iter(factors.values()))
-                dtype, self.d_in, d_out, device = torch.promote_types(A0.dtype, B0.dtype), A0.shape[1], B0.shape[0], A0.device
-                r = max(A.shape[0] for A, _, _ in factors.values())
-            else:
-                assert reuse is not None
-                dtype, self.d_in, d_out, device = reuse.AB.dtype, reuse.d_in, reuse.AB.shape[2] - reuse.d_in, reuse.AB.device
-                r = reuse.AB.shape[1]
-            if reuse is not None and kept and (r > reuse.AB.shape[1] or reuse.AB.shape[2] != self.d_in + d_out
-                                               or reuse.AB.dtype != dtype or reuse.AB.device != device):
-                kept = []  # shapes differ: build every row anew
-                factors = {n: layer.adapters[n].low_rank_factors() for n in names}
-            self.trainable = any(ref().requires_grad for n in factors for ref, _, _ in refs[n]) or (
-                bool(kept) and reuse is not None and reuse.trainable)
-            if kept:
-                assert reuse is not None
-                r = reuse.AB.shape[1]
-            if reuse is not None and kept and len(reuse.index) == len(names):
-                # As many adapters as before (one swapped for another, as a server's cache does):
-                # take the previous stack's tensor over; kept rows stay in their slots, the others
-                # are written into the slots that were freed. The previous stack is retired.
-                self.AB, self.zero = reuse.AB, reuse.zero
-                self.index = {n: reuse.index[n] for n in kept}
-                free = [i for m, i in reuse.index.items() if m not in self.index]
-                self.index.update(zip([n for n in names if n in factors], free))
-                reuse._retire()
-                for n in factors:
-                    self.AB[self.index[n]].zero_()
-            else:
-                self.index = {n: i for i, n in enumerate(names)}
-                self.zero = len(names)  # slot of the bare base
-                self.AB = torch.zeros((len(names) + 1, r, self.d_in + d_out), dtype=dtype, device=device)
-                if reuse is not None and kept:  # rows unchanged since the previous stack: one gather
-                    self.AB.index_copy_(0, torch.tensor([self.index[n] for n in kept], device=device),
-                                        reuse.AB.index_select(0, torch.tensor([reuse.index[n] for n in kept], device=device)))
-            for n, (A, B, s) in factors.items():
-                i, k = self.index[n], A.shape[0]
-                self.AB[i, :k, : self.d_in] = A
-                self.AB[i, :k, self.d_in :] = (B * s).t()
-
-    def _retire(self) -> None:
-        """Another stack took this one's tensor: nothing may match or reuse it any more."""
-        self._by_name, self.index, self.names = {}, {}, []
-
-    def _holds(self, name: str, refs: list[_Ref] | None) -> bool:
-        """Whether this stack's row for ``name`` was built from exactly these tensors, unedited."""
-        mine = self._by_name.get(name)
-        if mine is None or refs is None:
-            return False
-        return mine is refs or (len(mine) == len(refs) and all(
-            a[0]() is not None and a[0]() is b[0]() and a[1] == b[1] and a[2] == b[2] for a, b in zip(mine, refs)))
-
-    def current(self, names: list[str], refs: dict[str, list[_Ref]]) -> bool:
-        return self.names == names and all(self._holds(n, refs[n]) for n in names)
-
-
-_Ref = tuple[Any, int, int]  # (weakref.ref to a tensor, its version counter, its data pointer)
-
-
-def _refs(module: nn.Module) -> list[_Ref]:
-    return [(weakref.ref(t), t._version, t.data_ptr()) for t in _tensors(module, [])]
-
-
-def _low_rank_names(layer: AdaptedLayer) -> list[str]:
-    return [n for n, a in layer.adapters.items() if is_low_rank(a)]
 
 
 def _layers(model: nn.Module) -> list[AdaptedLayer]:
@@ -150,35 +63,6 @@ def _layers(model: nn.Module) -> list[AdaptedLayer]:
         else:
             todo.extend(m for m in module._modules.values() if m is not None)
     return found
-
-
-def _tensors(module: nn.Module, out: list[Tensor]) -> list[Tensor]:
-    """Parameters and buffers of ``module`` (a plain walk: ``parameters()`` costs more, per layer)."""
-    out.extend(t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None)
-    for child in module._modules.values():
-        if child is not None:
-            _tensors(child, out)
-    return out
-
-
-def _stack(model: nn.Module, layer: AdaptedLayer, reuse: _Stack | None = None,
-           trusted: frozenset[str] = frozenset()) -> _Stack:
-    """The layer's stack, rebuilt only if an adapter was added, removed, replaced or edited.
-
-    ``reuse``: an earlier stack of this layer (perhaps of other adapters) whose rows are copied
-    for the adapters it holds unchanged, so attaching one adapter among many costs one row.
-    ``trusted``: names the caller vouches are unchanged since ``reuse`` was built; their tensors
-    are not walked again.
-    """
-    names = _low_rank_names(layer)
-    held = reuse._by_name if reuse is not None else {}
-    refs = {n: held[n] if n in trusted and n in held else _refs(layer.adapters[n]) for n in names}
-    key = (_Stack, layer)  # kept in the records of the adapters it stacks (core.inject.store)
-    entry = cached(model, names, key)
-    if entry is None or not entry.current(names, refs):
-        entry = _Stack(layer, names, refs, reuse, trusted)
-        store(model, names, key, entry)
-    return entry
 
 
 # --- the router of one layer ------------------------------------------------------------------
@@ -195,18 +79,18 @@ class _Route:
         self.keys = keys
         distinct = list(dict.fromkeys(keys))
         self.uniform: Key | None = distinct[0] if len(distinct) == 1 else None
-        self.stack: _Stack | None = None
+        self.stack: Stack | None = None
         if self.uniform is None and all(
             len(k) == 0 or (len(k) == 1 and is_low_rank(layer.adapters[k[0]])) for k in distinct
         ):
-            self.stack = _stack(model, layer)
+            self.stack = stack_of(model, layer)
             device = self.stack.AB.device
             self.slots = torch.tensor([self.stack.index[k[0]] if k else self.stack.zero for k in keys], device=device)
         self._groups: dict[int, list[tuple[Key, Tensor]]] = {}
         self._gathered: Tensor | None = None  # the rows' factors, gathered from the stack once
 
     @classmethod
-    def planned(cls, keys: list[Key], uniform: Key | None, stack: _Stack | None, slots: Tensor | None) -> _Route:
+    def planned(cls, keys: list[Key], uniform: Key | None, stack: Stack | None, slots: Tensor | None) -> _Route:
         """A route whose parts a :class:`Router` computed once for many layers alike."""
         route = cls.__new__(cls)
         route.keys, route.uniform, route.stack, route._groups, route._gathered = keys, uniform, stack, {}, None
@@ -236,7 +120,7 @@ class _Route:
                 # Kept for the next call with these rows (a server's decode steps), if small.
                 if not torch.is_grad_enabled() and AB.numel() * AB.element_size() <= _GATHERED_BYTES:
                     self._gathered = AB
-            return _batched(_base_output(layer.base, x, args, kwargs), x, self.stack, slots, AB)
+            return batched(_base_output(layer.base, x, args, kwargs), x, self.stack, slots, AB)
         return self._grouped(layer, x, repeat, args, kwargs)
 
     def _grouped(self, layer: AdaptedLayer, x: Tensor, repeat: int, args: tuple, kwargs: dict) -> Tensor:
@@ -267,22 +151,6 @@ def _base_output(base: Any, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
 
 
 _GATHERED_BYTES = 4 << 20  # a route keeps its rows' gathered factors up to this size per layer
-
-
-def _batched(out: Tensor, x: Tensor, stack: _Stack, slots: Tensor, AB: Tensor | None = None) -> Tensor:
-    """``out[i] += s_i · (x[i] A_iᵀ) B_iᵀ`` for every row i, with (A_i, B_i, s_i) its slot's factors
-    (``AB``: those factors already gathered, ``stack.AB[slots]``)."""
-    rows, d_out = x.shape[0], out.shape[-1]
-    if AB is None:
-        AB = stack.AB.index_select(0, slots).to(x.dtype)        # (b, r, d_in + d_out)
-    A, Bt = AB[..., : stack.d_in], AB[..., stack.d_in :]        # (b, r, d_in), (b, r, d_out): strided views
-    # A xᵀ rather than x Aᵀ: with r small, this operand order runs about twice as fast on CPU BLAS.
-    ax = torch.bmm(A, x.reshape(rows, -1, x.shape[-1]).transpose(1, 2))  # (b, r, d_in) @ (b, d_in, L) -> (b, r, L)
-    if (not torch.is_grad_enabled() and out.is_contiguous() and out.dtype == ax.dtype == Bt.dtype
-            and out.data_ptr() != x.data_ptr()):
-        out.view(rows, -1, d_out).baddbmm_(ax.transpose(1, 2), Bt)      # in place: no (b, L, d_out) temporary
-        return out
-    return out + torch.bmm(ax.transpose(1, 2), Bt).view(out.shape).to(out.dtype)
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -356,7 +224,7 @@ class Router:
         self.stack_uniform = stack_uniform
         self.layers = _unmerged_layers(model)
         self._saved: list[tuple[AdaptedLayer, Any]] | None = [(layer, layer.router) for layer in self.layers]
-        self._stacks: dict[AdaptedLayer, _Stack] = {}
+        self._stacks: dict[AdaptedLayer, Stack] = {}
         self._reuse = dict(previous._stacks) if previous is not None else {}
         # With ``changed`` given, every other adapter is vouched unchanged since ``previous``.
         self._trusted = None if changed is None or previous is None else set(changed)
@@ -365,13 +233,13 @@ class Router:
                            for layer in self.layers}
         self.names: list[Choice] | None = None
 
-    def _stack_of(self, layer: AdaptedLayer) -> _Stack:
+    def _stack_of(self, layer: AdaptedLayer) -> Stack:
         stack = self._stacks.get(layer)
         if stack is None:
             reuse = self._reuse.pop(layer, None)
             trusted = frozenset() if self._trusted is None or reuse is None else frozenset(
                 n for n in reuse.names if n not in self._trusted)
-            stack = self._stacks[layer] = _stack(self.model, layer, reuse, trusted)
+            stack = self._stacks[layer] = stack_of(self.model, layer, reuse, trusted)
         return stack
 
     def route(self, adapter_names: Sequence[Choice]) -> None:

@@ -15,12 +15,13 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from deltatune.serve.adapters import AdapterError, Pool
 from deltatune.serve.engine import Engine, Job, QueueFull
 from deltatune.serve.loading import Served, recorded_labels
 from deltatune.serve.metrics import Metrics
+from deltatune.serve.protocol import DONE, Chunks, HTTPFail, completion, error_body, schemas
 
 
 @dataclass
@@ -28,60 +29,6 @@ class Limits:
     max_body: int = 1 << 20          # bytes of a request body
     max_tokens_default: int = 256    # chat completions without max_tokens
     retry_after: int = 1             # seconds, with 429
-
-
-class HTTPFail(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-
-def _schemas() -> dict[str, Any]:
-    """Request bodies as pydantic models (built on first use: pydantic comes with fastapi)."""
-    from pydantic import BaseModel, ConfigDict, Field
-
-    class Sampling(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        model: str
-        max_tokens: int | None = Field(None, ge=1)
-        max_completion_tokens: int | None = Field(None, ge=1)
-        temperature: float = Field(1.0, ge=0.0, le=2.0)
-        top_p: float = Field(1.0, gt=0.0, le=1.0)
-        n: int = 1
-        stop: str | list[str] | None = None
-        seed: int | None = None
-        stream: bool = False
-        stream_options: dict[str, Any] | None = None
-        return_token_ids: bool = False  # deltatune's (and vLLM's) extra: the generated token ids
-        ignore_eos: bool = False        # vLLM's extra: generate max_tokens tokens whatever comes
-
-    class Completion(Sampling):
-        prompt: str | list[str] | list[int]
-        max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-
-    class Message(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        role: Literal["system", "user", "assistant", "developer", "tool"]
-        content: str | list[dict[str, Any]] | None = None
-
-    class Chat(Sampling):
-        messages: list[Message] = Field(min_length=1)
-
-    class Classify(BaseModel):
-        model: str
-        input: str | list[str]
-
-    class LoadAdapter(BaseModel):
-        lora_name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_\-.]*$")
-        lora_path: str
-
-    class UnloadAdapter(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        lora_name: str
-
-    return {"completion": Completion, "chat": Chat, "classify": Classify, "load": LoadAdapter, "unload": UnloadAdapter}
 
 
 class Server:
@@ -101,7 +48,7 @@ class Server:
             self.pool.register(name, path)
         self.engine = Engine(served.model, served.tokenizer, self.pool, self.metrics, max_batch=max_batch,
                              max_queue=max_queue, prefill_batch=prefill_batch, prefill_wait=prefill_wait)
-        self.schemas = _schemas()
+        self.schemas = schemas()
         self.created = int(time.time())
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -241,57 +188,32 @@ class Server:
                 finish, usage = event[1], event[2]
             else:
                 raise HTTPFail(event[1], event[2], type_="server_error" if event[1] >= 500 else "invalid_request_error")
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": "".join(text)}
-        else:
-            choice["text"] = "".join(text)
-        if body.return_token_ids:
-            choice["token_ids"] = ids
         self.metrics.inc("deltatune_requests_total", endpoint=endpoint, status="200")
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": body.model, "choices": [choice], "usage": usage})
+        return JSONResponse(completion(rid, body.model, chat, "".join(text), ids if body.return_token_ids else None,
+                                       finish, usage))
 
     async def _stream(self, job: Job, queue: asyncio.Queue, rid: str, model: str, chat: bool, include_usage: bool,
                       endpoint: str) -> AsyncIterator[str]:
-        created = int(time.time())
-
-        def chunk(delta: str | None, finish: str | None, ids: list[int] | None = None) -> str:
-            if chat:
-                choice: dict[str, Any] = {"index": 0, "delta": {} if delta is None else {"content": delta},
-                                          "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            if ids is not None:
-                choice["token_ids"] = ids
-            data = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                    "model": model, "choices": [choice]}
-            return f"data: {json.dumps(data)}\n\n"
-
+        sse = Chunks(rid, model, chat)
         done = False
         try:
             if chat:
-                first = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                                      "logprobs": None}]}
-                yield f"data: {json.dumps(first)}\n\n"
+                yield sse.role()
             while True:
                 event = await queue.get()
                 if event[0] == "delta":
                     if event[1]:
-                        yield chunk(event[1], None)
+                        yield sse.delta(event[1], None)
                 elif event[0] == "end":
-                    yield chunk(None if chat else "", event[1])
+                    yield sse.delta(None if chat else "", event[1])
                     if include_usage:
-                        usage = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                                 "created": created, "model": model, "choices": [], "usage": event[2]}
-                        yield f"data: {json.dumps(usage)}\n\n"
-                    yield "data: [DONE]\n\n"
+                        yield sse.usage(event[2])
+                    yield DONE
                     done = True
                     self.metrics.inc("deltatune_requests_total", endpoint=endpoint, status="200")
                     return
                 else:
-                    yield f"data: {json.dumps(_error_body(event[2], 'server_error'))}\n\n"
+                    yield sse.error(event[2])
                     done = True
                     self.metrics.inc("deltatune_requests_total", endpoint=endpoint, status=str(event[1]))
                     return
@@ -406,7 +328,7 @@ class Server:
         @app.exception_handler(HTTPFail)
         async def _fail(request: Request, err: HTTPFail) -> JSONResponse:
             self.metrics.inc("deltatune_requests_total", endpoint=request.url.path, status=str(err.status))
-            return JSONResponse(_error_body(err.message, err.type, err.param, err.code), status_code=err.status,
+            return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status,
                                 headers=err.headers)
 
         @app.post("/v1/completions")
@@ -444,7 +366,3 @@ class Server:
 
         return app
 
-
-def _error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-                code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -143,7 +143,8 @@ class ChatTask(Task):
         for idx in D.length_sorted_batches([len(it["input_ids"]) for it in items], batch_size):
             batch = self.collate([items[i] for i in idx], tokenizer)
             labels = batch.pop("labels")
-            logits = run(model, batch).logits.float().cpu()                     # (B, T, V)
+            logits = run(model, batch).logits.float().cpu()                     # (B, N + T, V)
+            logits = logits[:, logits.shape[1] - labels.shape[1]:]  # (B, T, V): virtual tokens (N) come first
             # position t predicts token t+1
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
                                    reduction="sum")

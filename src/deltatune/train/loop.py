@@ -183,7 +183,7 @@ def _step(s: State, indices: list[int], collate: Callable[[list[int]], dict[str,
           weigh: Callable[[dict[str, torch.Tensor]], int], run: Runner, hooks: Sequence[Callback]) -> None:
     """One optimizer step on the global batch ``indices`` (this rank's share of it), in
     ``gradient_accumulation`` micro-batches of at most ``batch_size`` examples."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     mine = s.ranks.share(indices)
     size = s.config.batch_size
     micro = [collate(mine[i:i + size]) for i in range(0, len(mine), size)]
@@ -216,6 +216,8 @@ def _step(s: State, indices: list[int], collate: Callable[[list[int]], dict[str,
     s.elapsed, s.examples = time.perf_counter() - t0, len(indices)
     s.history.loss.append(s.loss)
     s.history.seconds += s.elapsed
+    s.history.cpu_seconds += time.process_time() - c0
+    s.history.step_seconds.append(round(s.elapsed, 4))
     s.history.examples += len(indices)
     for hook in hooks:
         hook.on_step(s)

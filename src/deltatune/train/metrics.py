@@ -65,3 +65,16 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
         return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
     peak, what = process_peak_bytes()
     return peak / 2**20, what
+
+
+def step_times(seconds: list[float]) -> dict[str, float] | None:
+    """A run's per-step wall times in brief: the first step (it pays one-off costs: lazy kernel
+    setup, first-touch page faults), the median, and the mean of the steps after the first."""
+    if not seconds:
+        return None
+    rest = seconds[1:] or seconds
+    ordered = sorted(seconds)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {"first": round(seconds[0], 4), "median": round(median, 4),
+            "mean_after_first": round(sum(rest) / len(rest), 4)}

@@ -29,8 +29,12 @@ Then the model:
   leftovers do not hide the next's.
 - **step time**: the median over the timed steps of seconds per padded token, times the mean padded
   tokens of a batch over the run's epoch (batches hold texts of similar length, so they differ);
-  the warm-up step is not timed. **Epoch and run time**: step time x steps per epoch x epochs,
-  comparable with ``train_seconds`` (step time only: validation is not counted there either).
+  the warm-up step is not timed. This is wall time at the machine's load while the probe ran; the
+  same from the process's CPU time (``step_cpu_seconds``: the step's work, whatever else runs) and
+  the probe's CPU share (CPU / wall) say how much of it was waiting for a core. A run reports the
+  same pair (``train_seconds``, ``train_cpu_seconds``), so predictions can be checked on a shared
+  machine whose load changes between the probe and the run. **Epoch and run time**: step time x steps per epoch x epochs:
+  the steps alone (a run's ``train_seconds`` also counts its validations; its ``step_times`` do not).
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ import contextlib
 import ctypes
 import gc
 import math
+import os
 import statistics
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +143,24 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def time_steps(s: Any, batches: list[list[int]], collate: Callable, weigh: Callable, run: Any,
+               tokens: Callable[[list[int]], int]) -> dict[str, Any]:
+    """Take one optimizer step per batch; per step the wall and the CPU seconds per padded token.
+
+    CPU time (``time.process_time``, all the process's threads) is the step's work whatever else
+    runs on the machine; wall time is that work divided by the share of the CPU the process got.
+    ``cpu_share`` (CPU / wall over the steps) says how loaded the machine was while the probe ran."""
+    rates, cpu_rates, wall, cpu = [], [], 0.0, 0.0
+    for batch in batches:
+        c0 = time.process_time()
+        _step(s, batch, collate, weigh, run, [])
+        used = time.process_time() - c0
+        wall, cpu = wall + s.elapsed, cpu + used
+        rates.append(s.elapsed / tokens(batch))
+        cpu_rates.append(used / tokens(batch))
+    return {"rates": rates, "cpu_rates": cpu_rates, "cpu_share": round(cpu / wall, 3) if wall else None}
+
+
 class Prober:
     """Probes candidates on one task and data set; the data and the first model load happen once."""
 
@@ -178,7 +202,7 @@ class Prober:
         """The run's batches of epoch 0 and their mean padded tokens."""
         train = self.items["train"]
         step_size = config.batch_size * config.gradient_accumulation  # examples per optimizer step, as fit()
-        batches = epoch_batches([len(it["input_ids"]) for it in train], step_size, config.seed, 0)
+        batches = epoch_batches([self.task.item_length(it) for it in train], step_size, config.seed, 0)
         return batches, sum(_tokens(train, b) for b in batches) / len(batches)
 
     def probe(self, cand: Candidate) -> dict[str, Any]:
@@ -191,7 +215,8 @@ class Prober:
             return {**row, "status": "not applicable", "error": str(err)}
         row["lr"] = config.lr
         try:
-            row.update(self._measure(config))
+            with dt.cpu_engine(config.cpu_engine):  # as run_training: the fused kernels' CPU products
+                row.update(self._measure(config))
         except ValueError as err:  # the method does not fit this model (its target matched nothing, ...)
             return {**row, "status": "not applicable", "error": f"{type(err).__name__}: {err}"}
         except Exception as err:  # noqa: BLE001 - a failing candidate is a row, not the end of the plan
@@ -200,6 +225,14 @@ class Prober:
         finally:
             release()
         return row
+
+    def _runner(self, config: TrainConfig) -> Any:
+        run = make_runner(self.device, self.precision)
+        if frozen_applies(config, self.precision, False):  # as run_training: bf16 copies of the frozen weights
+            run = frozen_runner(run)
+        if config.loss_chunk:
+            run = chunked_runner(run, config.loss_chunk)
+        return run
 
     def _measure(self, config: TrainConfig) -> dict[str, Any]:
         loaded = self._load(config)
@@ -211,55 +244,56 @@ class Prober:
         strategy = prepare(loaded, config)
         loaded.model.to(self.device)
         params = dt.parameter_report(loaded.model)
-        train, task, run = self.items["train"], self.task, make_runner(self.device, self.precision)
-        if frozen_applies(config, self.precision, False):  # as run_training: bf16 copies of the frozen weights
-            run = frozen_runner(run)
-        if config.loss_chunk:
-            run = chunked_runner(run, config.loss_chunk)
+        train, task, run = self.items["train"], self.task, self._runner(config)
         collate = lambda idx: task.collate([train[i] for i in idx], loaded.tokenizer)  # noqa: E731
         batches, mean_tokens = self.epoch(config)
         with tempfile.TemporaryDirectory(prefix="deltatune-probe-") as tmp:
             s = _start(strategy, config, len(train), Path(tmp) / "checkpoint", False, Ranks())
-            longest = sorted(range(len(train)), key=lambda i: len(train[i]["input_ids"]))[-len(batches[0]):]
+            longest = sorted(range(len(train)), key=lambda i: task.item_length(train[i]))[-len(batches[0]):]
             s.model.train()
             _step(s, longest, collate, task.loss_weight, run, [])  # warm-up, and the largest activations of the run
-            rates = []
-            for batch in (batches * self.steps)[:self.steps]:
-                _step(s, batch, collate, task.loss_weight, run, [])
-                rates.append(s.elapsed / _tokens(train, batch))
+            timing = time_steps(s, (batches * self.steps)[:self.steps], collate, task.loss_weight, run,
+                                lambda b: _tokens(train, b))
             s.model.eval()
             held = self.items["validation"] or self.items["test"]
             if held:
-                worst = sorted(held, key=lambda it: len(it["input_ids"]))[-config.eval_batch_size:]
+                worst = sorted(held, key=task.item_length)[-config.eval_batch_size:]
                 task.evaluate(s.model, worst, loaded.tokenizer, config.eval_batch_size, run)
             artifact = strategy.save(Path(tmp), loaded.tokenizer, training_meta(config, self.splits.labels),
                                      config.save_format)
             adapter_bytes = _dir_bytes(artifact)
-        rise = self.meter.peak() - start
-        release()  # what stays after the steps (optimizer state, gradients' storage, the adapter) is live memory
-        kept = max(0, self.meter.current() - start)
-        transient = max(0, rise - kept)  # activations, the step's temporaries, one evaluation batch
-        steps_per_epoch = len(batches)
-        growth = heap_growth(steps_per_epoch * config.epochs)
-        peak = self.meter.peak() if self.meter.cuda else max(
-            self.load_peak, self.after_load + kept + growth * transient)
-        step = statistics.median(rates) * mean_tokens
         del s, strategy, loaded
+        steps_per_epoch = len(batches)
+        step = statistics.median(timing["rates"]) * mean_tokens
         return {
             "trainable_parameters": params.trainable,
             "total_parameters": params.total,
             "trainable_share": params.trainable / params.total if params.total else None,
             "adapter_bytes": adapter_bytes,
-            "peak_memory_mb": round(peak / MiB, 1),
-            "memory_parts_mb": {"after_load": round(self.after_load / MiB, 1), "kept": round(kept / MiB, 1),
-                                "transient": round(transient / MiB, 1),
-                                "heap_growth": None if self.meter.cuda else round(growth, 3)},
+            **self._memory(start, steps_per_epoch * config.epochs),
             "step_seconds": step,
+            "step_cpu_seconds": statistics.median(timing["cpu_rates"]) * mean_tokens,  # the step's work, load aside
+            "cpu_share": timing["cpu_share"],
             "steps_per_epoch": steps_per_epoch,
             "epoch_seconds": step * steps_per_epoch,
             "train_seconds": step * steps_per_epoch * config.epochs,
-            "probe_rates": rates,
+            "probe_rates": timing["rates"],
+            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         }
+
+    def _memory(self, start: int, run_steps: int) -> dict[str, Any]:
+        """Predicted peak memory of a run of ``run_steps`` steps, from the probe's rise over ``start``."""
+        rise = self.meter.peak() - start
+        release()  # what stays after the steps (optimizer state, gradients' storage, the adapter) is live memory
+        kept = max(0, self.meter.current() - start)
+        transient = max(0, rise - kept)  # activations, the step's temporaries, one evaluation batch
+        growth = heap_growth(run_steps)
+        peak = self.meter.peak() if self.meter.cuda else max(
+            self.load_peak, self.after_load + kept + growth * transient)
+        return {"peak_memory_mb": round(peak / MiB, 1),
+                "memory_parts_mb": {"after_load": round(self.after_load / MiB, 1), "kept": round(kept / MiB, 1),
+                                    "transient": round(transient / MiB, 1),
+                                    "heap_growth": None if self.meter.cuda else round(growth, 3)}}
 
     def facts(self) -> dict[str, Any]:
         """What every row shares: device, precision, data sizes, how memory was measured."""

@@ -36,7 +36,7 @@ from deltatune.train.loop import fit, make_runner, pick_device, resolve_precisio
 from deltatune.train.frozen import applies as frozen_applies
 from deltatune.train.frozen import frozen_runner
 from deltatune.train.memory import chunked_runner, quantize_base
-from deltatune.train.metrics import peak_memory_mb
+from deltatune.train.metrics import peak_memory_mb, step_times
 from deltatune.train.models import load_model, prepare, training_meta
 from deltatune.train.output import claim_output, remove_run
 from deltatune.train.ranks import Ranks, finish, start
@@ -194,6 +194,8 @@ def _facts(strategy: Strategy, artifact: Path, history: History, device: torch.d
         "total_parameters": params.total,
         "adapter_bytes": _dir_bytes(artifact),
         "train_seconds": round(history.seconds, 2),
+        "train_cpu_seconds": round(history.cpu_seconds, 2),  # the process's CPU time in the steps (all threads)
+        "step_times": step_times(history.step_seconds),
         "total_seconds": round(time.perf_counter() - started, 2),
         "steps": len(history.loss),
         "steps_per_second": round(len(history.loss) / seconds, 3),

@@ -136,8 +136,9 @@ class TrainConfig(_Strict):
     tensorboard: bool | None = None  # event logs in OUTPUT/tensorboard; None: when the package is installed
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
-    # CPU float32 products of LoRA/DoRA layers: onednn (fastest), thin (base output bit-identical), aten
-    cpu_engine: Literal["onednn", "thin", "aten"] = "onednn"
+    # CPU float32 products of LoRA/DoRA layers: auto (onednn on AMD, aten elsewhere: the faster one there),
+    # onednn, thin (base output bit-identical), aten
+    cpu_engine: Literal["auto", "onednn", "thin", "aten"] = "auto"
     output: str | None = None
     save_format: Literal["deltatune", "peft"] = "deltatune"  # adapter file format; peft: Hugging Face PEFT's
     # Why ``lr`` has its value when the user gave none (``train`` prints it); None: given explicitly.
