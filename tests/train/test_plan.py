@@ -106,3 +106,25 @@ def test_compare_grid_runs_the_same_space(tiny_bert: Path, tiny_csv: Path, tmp_p
     assert by["lora rank=16"].adapter_config().rank == 16 and by["lora"].adapter_config().rank == 8
     assert by["lora rank=16"].output == str(tmp_path / "lora-rank16") and by["bitfit"].output == str(tmp_path / "bitfit")
     assert [p.option for p in plan_comparison("lora,bitfit", tmp_path, sets)] == ["lora", "bitfit"]
+
+
+def test_what_stays_is_measured_while_the_runs_state_is_alive(tiny_bert: Path, tiny_csv: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # "kept" (optimizer state, the adapter, gradients' storage) is the resident memory left after the
+    # steps: read once everything else is freed, but before the model and its optimizer are dropped.
+    import gc
+
+    import torch
+
+    from deltatune.train.probe import Prober
+
+    alive = []
+    memory = Prober._memory
+
+    def spy(self: Prober, start: int, run_steps: int) -> dict:
+        alive.append(sum(isinstance(o, torch.optim.Optimizer) for o in gc.get_objects()))
+        return memory(self, start, run_steps)
+
+    monkeypatch.setattr(Prober, "_memory", spy)
+    [row] = run_plan(shared(tiny_bert, tiny_csv), "full", "defaults", steps=1, say=lambda _: None)["rows"]
+    assert row["status"] == "ok" and alive == [1]

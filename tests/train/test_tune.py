@@ -20,7 +20,7 @@ optuna = pytest.importorskip("optuna")
 
 from deltatune.cli import app  # noqa: E402
 from deltatune.train.budget import parse_budget  # noqa: E402
-from deltatune.train.tune import feasible_space, predict, run_tune  # noqa: E402
+from deltatune.train.tune import enqueue_default, feasible_space, predict, run_tune  # noqa: E402
 from deltatune.train.tune_report import pareto_front  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +62,31 @@ def test_tune_search_reports_and_recipe(tiny_bert: Path, tiny_csv: Path, tmp_pat
     assert run.exit_code == 0, run.output
     metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert metrics["trainable_parameters"] == result["best"]["trainable_parameters"]
+
+
+def test_first_trial_is_what_train_runs(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """Trial 0 of a new study is the config's method at its defaults and its starting lr: the reference
+    every later trial meets at the pruner's rungs, so the pick is never worse than not tuning (on validation)."""
+    from deltatune.train.config import load_config
+
+    result = run_tune(shared(tiny_bert, tiny_csv), "lora,bitfit", None, trials=2, output=tmp_path / "t",
+                      rungs=2, pruner="none", seed=3, say=lambda _: None)
+    first = result["trials"][0]
+    assert first["label"] == "lora rank=8 target=all-linear" and first["params"]["lr_scale"] == 1.0
+    assert first["lr"] == load_config(None, shared(tiny_bert, tiny_csv)).lr
+    assert result["trials"][1]["params"] != first["params"]  # then the sampler's own choices
+
+
+def test_default_trial_is_enqueued_once_and_only_within_the_space() -> None:
+    study = optuna.create_study(direction="maximize")
+    space = {"lora": {"rank": ["4"], "target": ["all-linear"]}, "bitfit": {}}  # lora's usual rank 8 is over budget
+    assert not enqueue_default(study, space, "lora", [1], 1)
+    assert not enqueue_default(study, {"bitfit": {}}, "lora", [1], 1)  # the method itself is out
+    space["lora"]["rank"] = ["8", "4"]
+    assert enqueue_default(study, space, "lora", [1, 2], 2)
+    assert study.get_trials()[0].system_attrs["fixed_params"] == {"method": "lora", "lora.rank": "8", "lora.target": "all-linear",
+                                            "lr_scale": 1.0, "epochs": 2}
+    assert not enqueue_default(study, space, "lora", [1, 2], 2)  # a study with trials keeps them
 
 
 @pytest.fixture()

@@ -262,15 +262,16 @@ class Prober:
             artifact = strategy.save(Path(tmp), loaded.tokenizer, training_meta(config, self.splits.labels),
                                      config.save_format)
             adapter_bytes = _dir_bytes(artifact)
-        del s, strategy, loaded
         steps_per_epoch = len(batches)
+        memory = self._memory(start, steps_per_epoch * config.epochs)  # while the run's state is alive
+        del s, strategy, loaded
         step = statistics.median(timing["rates"]) * mean_tokens
         return {
             "trainable_parameters": params.trainable,
             "total_parameters": params.total,
             "trainable_share": params.trainable / params.total if params.total else None,
             "adapter_bytes": adapter_bytes,
-            **self._memory(start, steps_per_epoch * config.epochs),
+            **memory,
             "step_seconds": step,
             "step_cpu_seconds": statistics.median(timing["cpu_rates"]) * mean_tokens,  # the step's work, load aside
             "cpu_share": timing["cpu_share"],

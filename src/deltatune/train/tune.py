@@ -209,6 +209,28 @@ def _check_settings(study: Any, key: str, shown: dict[str, Any]) -> None:
                          "or another --study-name")
 
 
+def enqueue_default(study: Any, space: dict[str, dict[str, list[str]]], method: str, epochs: Sequence[int],
+                    default_epochs: int) -> bool:
+    """Make a new study's first trial what ``deltatune train`` runs on these settings: the config's method
+    at its declared defaults and its starting learning rate (scale 1). Every later trial is then measured
+    against a sound reference (the pruner's first rung value), and the pick is never worse on validation
+    than not tuning. Skipped when the study has trials already or the defaults are not in the space
+    (over the budget). Returns whether it enqueued."""
+    if study.get_trials(deepcopy=False) or method not in space:
+        return False
+    params: dict[str, Any] = {"method": method}
+    for key, choices in method_space(method).items():
+        usual = next(iter(choices))
+        if usual not in space[method].get(key, ()):
+            return False
+        params[f"{method}.{key}"] = usual
+    params["lr_scale"] = 1.0
+    if len(epochs) > 1:
+        params["epochs"] = default_epochs if default_epochs in epochs else epochs[0]
+    study.enqueue_trial(params, skip_if_exists=True)
+    return True
+
+
 def sample(trial: Any, space: dict[str, dict[str, list[str]]], epochs: Sequence[int]) -> tuple[str, dict[str, str], float, int]:
     method = trial.suggest_categorical("method", sorted(space))
     choices = {key: trial.suggest_categorical(f"{method}.{key}", names) for key, names in space[method].items()}
@@ -248,7 +270,7 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
     """Run trials until ``trials`` have finished in the study, then write the reports. Returns ``tune.json``'s dict."""
     from deltatune.train.plan import PLAN_FILE, base_data, run_plan
     from deltatune.train.run import run_training
-    from deltatune.train.tune_report import write_reports
+    from deltatune.train.tune_report import summarise, write_reports
 
     optuna = _optuna()
     if trials < 1:
@@ -293,6 +315,8 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
 
         raise ValueError(no_fit_message(plan) or f"no method fits the budget {budget.text}")
     per_epoch = _steps_per_epoch(first, len(task.load_splits(first).train))  # for the validations' spacing
+    if enqueue_default(study, space, first.method, epochs, first.epochs):
+        say(f"tune: trial 0 is what `deltatune train` runs here ({first.method} at its defaults, lr {first.lr:g})")
     say(f"tune: study {study.study_name!r} in {storage}; methods that fit: {', '.join(sorted(space))}")
 
     def objective(trial: Any) -> float:
@@ -353,35 +377,7 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
     if done < trials:
         study.optimize(objective, n_trials=trials - done, catch=(),
                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished)])
-    result = summarise(study, base, metric, direction, budget, storage, plan)
+    result = summarise(study, base, metric, direction, budget, storage, plan)  # tune_report
     write_reports(result, out)
     return result
 
-
-def summarise(study: Any, base: dict[str, Any], metric: str, direction: str, budget: Budget, storage: str,
-              plan: dict[str, Any]) -> dict[str, Any]:
-    """Every trial as a row, the Pareto front and the best trial's recipe settings."""
-    from deltatune.train.tune_report import pareto_front
-
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
-        rows.append({
-            "number": t.number, "state": t.state.name, "label": a.get("label"), "value": t.value,
-            "params": t.params, "lr": a.get("lr"), "trainable_parameters": a.get("trainable_parameters"),
-            "trainable_share": a.get("trainable_share"), "train_seconds": a.get("train_seconds"),
-            "train_seconds_spent": a.get("train_seconds_spent", a.get("train_seconds") or 0.0),
-            "examples": a.get("examples"), "test_metric": a.get("test_metric"), "skipped": a.get("skipped"),
-            "duplicate_of": a.get("duplicate_of"), "validations": len(t.intermediate_values), "pid": a.get("pid"),
-            "predicted": a.get("predicted"), "recipe": a.get("recipe"),
-        })
-    complete = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
-    sign = -1 if direction == "maximize" else 1
-    best = min(complete, key=lambda r: (sign * r["value"], r["number"])) if complete else None
-    return {
-        "study": study.study_name, "storage": storage, "metric": metric, "direction": direction,
-        "budget": budget.to_dict(), "base": base, "model": plan.get("model"), "task": plan.get("task"),
-        "trials": rows, "best": best, "pareto": [r["number"] for r in pareto_front(complete, direction)],
-        "compute": {"train_seconds": round(sum(r["train_seconds_spent"] or 0.0 for r in rows), 2),
-                    "examples": sum(r["examples"] or 0 for r in rows if r["duplicate_of"] is None)},
-    }

@@ -1,5 +1,6 @@
 """What ``deltatune tune`` writes: ``tune.json`` (every trial), ``tune.md`` (the Pareto front and the
-trials), ``pareto.png`` and ``best.yaml`` (the best trial as a recipe ``deltatune train`` runs as is).
+trials), ``pareto.png`` and ``best.yaml`` (the best trial as a recipe ``deltatune train`` runs as is),
+all from :func:`summarise`'s dict of the study.
 
 The Pareto front: trials no other trial beats on all three of the validation metric, trainable
 parameters and training time (and beats on at least one). All of it is drawn from the result
@@ -16,7 +17,34 @@ from typing import Any
 import yaml
 
 from deltatune.core.files import write_text_atomic
-from deltatune.train.budget import format_seconds
+from deltatune.train.budget import Budget, format_seconds
+
+
+def summarise(study: Any, base: dict[str, Any], metric: str, direction: str, budget: Budget, storage: str,
+              plan: dict[str, Any]) -> dict[str, Any]:
+    """Every trial as a row, the Pareto front and the best trial's recipe settings."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        rows.append({
+            "number": t.number, "state": t.state.name, "label": a.get("label"), "value": t.value,
+            "params": t.params, "lr": a.get("lr"), "trainable_parameters": a.get("trainable_parameters"),
+            "trainable_share": a.get("trainable_share"), "train_seconds": a.get("train_seconds"),
+            "train_seconds_spent": a.get("train_seconds_spent", a.get("train_seconds") or 0.0),
+            "examples": a.get("examples"), "test_metric": a.get("test_metric"), "skipped": a.get("skipped"),
+            "duplicate_of": a.get("duplicate_of"), "validations": len(t.intermediate_values), "pid": a.get("pid"),
+            "predicted": a.get("predicted"), "recipe": a.get("recipe"),
+        })
+    complete = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    sign = -1 if direction == "maximize" else 1
+    best = min(complete, key=lambda r: (sign * r["value"], r["number"])) if complete else None
+    return {
+        "study": study.study_name, "storage": storage, "metric": metric, "direction": direction,
+        "budget": budget.to_dict(), "base": base, "model": plan.get("model"), "task": plan.get("task"),
+        "trials": rows, "best": best, "pareto": [r["number"] for r in pareto_front(complete, direction)],
+        "compute": {"train_seconds": round(sum(r["train_seconds_spent"] or 0.0 for r in rows), 2),
+                    "examples": sum(r["examples"] or 0 for r in rows if r["duplicate_of"] is None)},
+    }
 
 
 def _objectives(row: dict[str, Any], direction: str) -> tuple[float, float, float]:
