@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         main_rows = compare("table", TABLE_METHODS, runs / "table", shared,
                             [f"full.lr={full_lr}", "partial.adapter.last_n=0"])
         for r in main_rows:
-            if r["method"] == "partial":
-                r["label"] = "linear probe (partial, last_n 0)"
+            r["label"] = "linear probe (partial, last_n 0)" if r["method"] == "partial" else r["method"]
         last_n = compare("last-3", "partial", runs / "last-3", shared, ["partial.adapter.last_n=3"])
         for r in last_n:
             r["label"] = "last 3 blocks (partial, last_n 3)"
