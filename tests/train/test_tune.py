@@ -89,6 +89,19 @@ def test_default_trial_is_enqueued_once_and_only_within_the_space() -> None:
     assert not enqueue_default(study, space, "lora", [1, 2], 2)  # a study with trials keeps them
 
 
+def test_default_pruner_is_one_successive_halving_ladder(tmp_path: Path) -> None:
+    """ASHA by default (the reason beside DEFAULT_PRUNER); the command line and the library agree."""
+    import inspect
+
+    from deltatune.cli.tune import tune
+    from deltatune.train.tune import DEFAULT_PRUNER, open_study
+
+    assert DEFAULT_PRUNER == "asha" == inspect.signature(tune).parameters["pruner"].default
+    assert inspect.signature(run_tune).parameters["pruner"].default == DEFAULT_PRUNER
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", "maximize", DEFAULT_PRUNER, 4, 0, 60)
+    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+
+
 @pytest.fixture()
 def rows() -> dict:
     base = {"status": "ok", "peak_memory_mb": 500.0, "step_seconds": 0.1, "trainable_parameters": 1000,
