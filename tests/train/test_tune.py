@@ -77,6 +77,16 @@ def test_first_trial_is_what_train_runs(tiny_bert: Path, tiny_csv: Path, tmp_pat
     assert result["trials"][1]["params"] != first["params"]  # then the sampler's own choices
 
 
+def test_a_method_that_does_not_apply_is_recorded_not_fatal(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """Without a budget no plan weeds out methods with nothing to attach to (visual_prompt on a text
+    model): such a trial is recorded as not started, with the reason, and the search goes on."""
+    result = run_tune(shared(tiny_bert, tiny_csv), "visual_prompt", None, trials=1, output=tmp_path / "t",
+                      rungs=2, say=lambda _: None)
+    (trial,) = result["trials"]
+    assert trial["state"] == "PRUNED" and trial["skipped"].startswith("does not apply: visual_prompt found no")
+    assert result["best"] is None
+
+
 def test_default_trial_is_enqueued_once_and_only_within_the_space() -> None:
     study = optuna.create_study(direction="maximize")
     space = {"lora": {"rank": ["4"], "target": ["all-linear"]}, "bitfit": {}}  # lora's usual rank 8 is over budget

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from deltatune.core.targeting import NoMatchError
 from deltatune.train.budget import Budget, parse_budget
 from deltatune.train.callbacks import Callback, State
 from deltatune.train.config import TrainConfig, validate_config
@@ -364,6 +365,10 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
             say(f"trial {trial.number}: {why}")
             trial.set_user_attr("train_seconds_spent", trial.user_attrs.get("train_seconds", 0.0))
             raise optuna.TrialPruned(str(why)) from None
+        except NoMatchError as err:  # the method has nothing to attach to in this model (no plan ran to say so)
+            trial.set_user_attr("skipped", f"does not apply: {err}")
+            say(f"trial {trial.number}: {label} does not apply to this model: {err}")
+            raise optuna.TrialPruned(f"does not apply: {err}") from None
         finally:
             if not keep_runs:
                 shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
