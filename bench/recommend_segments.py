@@ -1,117 +1,231 @@
-"""``python -m bench.recommend_segments``: one adapter per user segment vs one shared adapter.
+"""``python -m bench.recommend_segments``: one adapter per user segment vs one shared adapter, over seeds.
 
 On the recommend task's data (MovieLens-100K, cutoff 0.7, the cached SASRec base with its table grown
-for the new items):
+for the new items), once per seed:
 
-1. a shared LoRA (the task's defaults: attention projections + item table, rank 4) trains on every
-   user's interactions after the cutoff, then is merged into the base (``merge_and_unload``);
-2. one LoRA per age band (under 25, 25-34, 35 and over, from ``ml-100k.user``) on the attention
-   projections attaches on top, starting at zero (so each starts as the shared adapter) and trains
-   briefly on its own segment's interactions;
-3. every test user is scored in **one batch** with per-example routing (``deltatune.routing``: each
-   row through its own segment's adapter), and again with no segment adapter (the shared one alone);
-   the routed batch is checked against running each segment's adapter on its own rows.
+1. the shared adapter is the task's own LoRA, trained by a real ``deltatune train --set task=recommend
+   --set method=lora`` (``run_training``, the task's defaults: attention rank 2 + item table rank 4,
+   lr 1e-2, 10 epochs, linear decay), then merged into the base (``merge_and_unload``);
+2. per segmentation (age bands, gender, ...) and per variant, one LoRA per segment (rank 4 on the
+   attention projections and the feed-forward layers) attaches on top of that merged model, starting
+   at zero, so each starts as the shared adapter. Variants: ``own@LR`` trains on the segment's own
+   windows only; ``weightedK@LR`` on every window with the segment's own repeated K times (the others
+   keep the shared behaviour in view). Each trains at a constant rate for up to ``--epochs`` epochs with
+   **early stopping on the segment's validation users** (epoch 0, the shared adapter alone, included:
+   a segment whose validation score never improves keeps a zero adapter);
+3. every validation and test user is scored in **one batch** with per-example routing
+   (``deltatune.routing``: each row through its own segment's adapter), and with no segment adapter
+   (the shared one alone); the routed batch is checked equal to running each segment alone.
 
-Segment adapters live on the attention layers only: routing follows the batch dimension, and the
+Segment adapters live on the attention and feed-forward layers only: routing follows the batch, and the
 item table is also read for every candidate item (a batch of all items), which no per-user route fits.
 
-Reports HR@10 / NDCG@10 / MRR per segment, both ways; writes ``bench/results/recommend_segments.json``.
+The variant is chosen per segmentation on the **validation** users (the routed validation NDCG@10 minus
+the shared one, mean over seeds); the README reports that choice's test figures: per segment, mean ±
+standard error over seeds of shared and segment NDCG@10, and the paired difference (over seeds, and over
+users on the seed-averaged per-user differences). Writes ``bench/results/recommend_segments.json`` after
+every variant (ranks included, so the summary can be recomputed with ``--summarise``).
 The goal (issue #15): segment adapters beat the shared adapter on their own segments.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 import deltatune as dt
 from deltatune.core.routing import routing
+from deltatune.train.callbacks import Callback, State
 from deltatune.train.config import validate_config
 from deltatune.train.interactions import movielens_100k, read_users
 from deltatune.train.loop import make_runner
 from deltatune.train.recommend import ATTENTION, RecommendTask, held_out, periods, scores
-from deltatune.train.sasrec import Pretraining, train_sasrec
+from deltatune.train.run import run_training
+from deltatune.train.sasrec import collate
+
+from bench.recommend_segments_report import summarise
+
+FFN = ["fc1", "fc2"]
+#: name -> (column of ml-100k.user, value -> segment)
+SEGMENTATIONS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "age3": ("age", lambda v: "age_under_25" if int(v) < 25 else "age_25_34" if int(v) < 35 else "age_35_plus"),
+    "age2": ("age", lambda v: "age_under_30" if int(v) < 30 else "age_30_plus"),
+    "gender": ("gender", lambda v: f"gender_{v}"),
+}
+RUN = make_runner(torch.device("cpu"), "fp32")
 
 
-def band(age: str) -> str:
-    a = int(age)
-    return "age_under_25" if a < 25 else "age_25_34" if a < 35 else "age_35_plus"
+class Keep(Callback):
+    """Keeps a copy of the trained model (adapter attached) when the run ends."""
+
+    model: torch.nn.Module | None = None
+
+    def on_end(self, s: State) -> None:
+        self.model = copy.deepcopy(s.model)
+
+
+def shared_model(seed: int, tmp: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The task's LoRA on its defaults, trained by ``run_training``, merged into the base."""
+    config = validate_config({"task": "recommend", "method": "lora", "seed": seed, "threads": 1,
+                              "output": f"{tmp}/shared-{seed}"})
+    keep = Keep()
+    metrics = run_training(config, overwrite=True, progress=False, callbacks=[keep])
+    assert keep.model is not None
+    return dt.merge_and_unload(keep.model).eval(), metrics
+
+
+def ranks_of(task: RecommendTask, model: torch.nn.Module, items: list[dict], route: list[str | None] | None,
+             ) -> torch.Tensor:
+    """0-based ranks of every item's target in one batch, each row through ``route[row]`` (or the active)."""
+    model.eval()
+    with torch.inference_mode():
+        if route is None:
+            return task.ranks(model, items, 4096, RUN)
+        with routing(model, route):
+            return task.ranks(model, items, 4096, RUN)
+
+
+def train_segment(task: RecommendTask, model: torch.nn.Module, name: str, windows: list, val: list[dict],
+                  lr: float, epochs: int, seed: int) -> dict[str, Any]:
+    """Train adapter ``name`` on ``windows`` (AdamW, constant rate, batch 64, clip 1.0), keeping the epoch
+    (0 = the zero adapter) with the best NDCG@10 on ``val``, the segment's validation users."""
+    dt.set_active(model, name)  # only this adapter is applied and trains
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+
+    def score() -> float:
+        return scores(ranks_of(task, model, val, None))["ndcg_10"]
+
+    curve = [score()]
+    best = (curve[0], 0, [p.detach().clone() for p in params])
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(windows), generator=generator).tolist()
+        for i in range(0, len(order), 64):
+            batch = collate([windows[j] for j in order[i:i + 64]], model.spec.max_len)
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        curve.append(score())
+        if curve[-1] > best[0]:
+            best = (curve[-1], epoch, [p.detach().clone() for p in params])
+    with torch.no_grad():
+        for p, kept in zip(params, best[2]):
+            p.copy_(kept)
+    return {"val_curve": curve, "best_epoch": best[1], "windows": len(windows)}
+
+
+def parse_variant(text: str) -> tuple[str, int, float]:
+    """``own@2e-3`` -> ("own", 1, 2e-3); ``weighted3@2e-3`` -> ("weighted", 3, 2e-3)."""
+    kind, _, lr = text.partition("@")
+    if kind == "own":
+        return "own", 1, float(lr)
+    if kind.startswith("weighted") and kind[8:].isdigit():
+        return "weighted", int(kind[8:]), float(lr)
+    raise SystemExit(f"variant {text!r}: use own@LR or weightedK@LR (K: how many times the own windows count)")
+
+
+def run_variant(task: RecommendTask, shared: torch.nn.Module, data: dict[str, Any], seg: dict[str, list],
+                variant: str, epochs: int, seed: int) -> dict[str, Any]:
+    """Segment adapters of one variant on a copy of ``shared``; routed validation and test ranks."""
+    kind, weight, lr = parse_variant(variant)
+    model = copy.deepcopy(shared)
+    segments = sorted(set(seg["test"]))
+    for s in segments:
+        dt.attach(model, dt.LoraConfig(target=[*ATTENTION, *FFN], rank=4, alpha=8.0), s)
+    trained = {}
+    for s in segments:
+        own = [w for w, g in zip(data["train"], seg["train"]) if g == s]
+        windows = own if kind == "own" else data["train"] + own * (weight - 1)
+        val = [it for it, g in zip(data["validation"], seg["validation"]) if g == s]
+        trained[s] = train_segment(task, model, s, windows, val, lr, epochs, seed)
+    out = {"variant": variant, "segments": trained,
+           "val_ranks": ranks_of(task, model, data["validation"], seg["validation"]).tolist(),
+           "test_ranks": ranks_of(task, model, data["test"], seg["test"])}
+    for s in segments:  # the mixed batch equals each segment's adapter run on its own rows
+        rows = [i for i, g in enumerate(seg["test"]) if g == s]
+        with dt.using(model, s):
+            alone = ranks_of(task, model, [data["test"][i] for i in rows], None)
+        assert torch.equal(alone, out["test_ranks"][rows]), f"routing differs from running segment {s} alone"
+    out["test_ranks"] = out["test_ranks"].tolist()
+    return out
+
+
+def segment_lists(data: dict[str, Any], column: str, rule: Callable[[str], str]) -> dict[str, list]:
+    users = {u: rule(v) for u, v in read_users(movielens_100k("user"), column).items()}
+    return {"train": [users[u] for u in data["train_users"]],
+            "validation": [users[it["user"]] for it in data["validation"]],
+            "test": [users[it["user"]] for it in data["test"]]}
+
+
+def load_data(task: RecommendTask) -> dict[str, Any]:
+    config = validate_config({"task": "recommend", "method": "lora"})
+    splits = task.load_splits(config)
+    train_users = held_out(periods(config), config.max_length)["train_users"][:len(splits.train)]
+    return {"train": splits.train, "train_users": train_users,
+            "validation": task.encode(None, splits.validation, config.max_length),
+            "test": task.encode(None, splits.test, config.max_length)}
+
+
+def write(record: dict[str, Any], out: Path) -> None:
+    record["summary"] = summarise(record)
+    record["load_average"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared-epochs", type=int, default=5)
-    parser.add_argument("--segment-epochs", type=int, default=3)
-    parser.add_argument("--segment-lr", type=float, default=2e-3)
-    parser.add_argument("--shared-lr", type=float, default=5e-3, help="the shared adapter's (the README's figures)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--segmentations", default="age3,age2,gender", help=f"of {', '.join(SEGMENTATIONS)}")
+    parser.add_argument("--variants", default="own@2e-3,own@5e-3,weighted3@2e-3")
+    parser.add_argument("--epochs", type=int, default=4, help="at most; early stopping on validation picks")
     parser.add_argument("--out", default="bench/results/recommend_segments.json")
+    parser.add_argument("--summarise", action="store_true", help="only recompute the summary of --out")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    record: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    if args.summarise:
+        write(record, out)
+        print(json.dumps(record["summary"]["chosen"], indent=1))
+        return
+    record = record if "runs" in record else {"runs": [], "shared": {}}
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    task = RecommendTask()
-    config = validate_config({"task": "recommend", "method": "lora"})
-    p = periods(config)
-    splits = task.load_splits(config)
-    train = splits.train
-    test = task.encode(None, splits.test, config.max_length)
-    users = read_users(movielens_100k("user"), "age")
-    train_users = held_out(p, config.max_length)["train_users"][:len(train)]
-    segment_of_test = [band(users[it["user"]]) for it in test]
-    segments = sorted(set(segment_of_test))
-
-    model = task.load_model("sasrec", splits.labels, config)[0]
-    dt.attach(model, dt.LoraConfig(target=config.adapter["target"], rank=4, alpha=8.0), "shared")
-    torch.manual_seed(0)
-    train_sasrec(model, train, Pretraining(epochs=args.shared_epochs, batch_size=64, lr=args.shared_lr, seed=0), log=None)
-    model = dt.merge_and_unload(model)
-    print(f"shared adapter trained in {time.perf_counter() - t0:.0f} s")
-
-    for s in segments:
-        dt.attach(model, dt.LoraConfig(target=ATTENTION, rank=4, alpha=8.0), s)
-    for s in segments:
-        windows = [w for w, u in zip(train, train_users) if band(users[u]) == s]
-        dt.set_active(model, s)  # trains only this segment's adapter
-        train_sasrec(model, windows, Pretraining(epochs=args.segment_epochs, batch_size=64, lr=args.segment_lr,
-                                                 seed=0), log=None)
-        print(f"segment {s}: {len(windows)} training windows")
-    model.eval()
-    run = make_runner(torch.device("cpu"), "fp32")
-
-    def ranks_with(names: list[str | None]) -> torch.Tensor:
-        with torch.inference_mode(), routing(model, names):
-            return task.ranks(model, test, 1024, run)
-
-    shared = ranks_with([None] * len(test))
-    routed = ranks_with(segment_of_test)
-    # The mixed batch equals each segment's adapter run on its own rows.
-    for s in segments:
-        rows = [i for i, seg in enumerate(segment_of_test) if seg == s]
-        with torch.inference_mode(), dt.using(model, s):
-            alone = task.ranks(model, [test[i] for i in rows], 1024, run)
-        assert torch.equal(alone, routed[rows]), f"routing differs from running segment {s} alone"
-    table = {}
-    print(f"{'segment':<12} {'users':>5}  {'shared NDCG@10':>14} {'segment NDCG@10':>15}  {'shared HR@10':>12} "
-          f"{'segment HR@10':>13}")
-    for s in segments:
-        rows = torch.tensor([i for i, seg in enumerate(segment_of_test) if seg == s])
-        a, b = scores(shared[rows]), scores(routed[rows])
-        table[s] = {"users": len(rows), "shared": a, "segment": b, "segment_beats_shared": b["ndcg_10"] > a["ndcg_10"]}
-        print(f"{s:<12} {len(rows):>5}  {a['ndcg_10']:>14.4f} {b['ndcg_10']:>15.4f}  {a['hr_10']:>12.4f} "
-              f"{b['hr_10']:>13.4f}")
-    overall = {"shared": scores(shared), "segment": scores(routed)}
-    print(f"{'all':<12} {len(test):>5}  {overall['shared']['ndcg_10']:>14.4f} {overall['segment']['ndcg_10']:>15.4f}")
-    record = {"segments": table, "overall": overall, "shared_epochs": args.shared_epochs,
-              "segment_epochs": args.segment_epochs, "segment_lr": args.segment_lr, "shared_lr": args.shared_lr,
-              "routing_equals_separate_runs": True, "seconds": round(time.perf_counter() - t0, 1),
-              "load_average": os.getloadavg(), "goal": "segment adapters beat the shared adapter on their own segments"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    task, t0 = RecommendTask(), time.perf_counter()
+    data = load_data(task)
+    for v in args.variants.split(","):
+        parse_variant(v)
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in (int(x) for x in args.seeds.split(",")):
+            shared, metrics = shared_model(seed, tmp)
+            record["shared"][str(seed)] = {
+                "val_ranks": ranks_of(task, shared, data["validation"], None).tolist(),
+                "test_ranks": ranks_of(task, shared, data["test"], None).tolist(),
+                "test_ndcg_10": metrics["test_ndcg_10"], "base_test_ndcg_10": metrics["test_base_ndcg_10"]}
+            for name in args.segmentations.split(","):
+                seg = segment_lists(data, *SEGMENTATIONS[name])
+                for variant in args.variants.split(","):
+                    result = run_variant(task, shared, data, seg, variant, args.epochs, seed)
+                    record["runs"].append({"seed": seed, "segmentation": name, **result,
+                                           "test_segments": seg["test"], "val_segments": seg["validation"]})
+                    write(record, out)
+                    print(f"seed {seed} {name} {variant}: best epochs "
+                          f"{ {s: r['best_epoch'] for s, r in result['segments'].items()} } "
+                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(json.dumps(record["summary"]["chosen"], indent=1))
 
 
 if __name__ == "__main__":

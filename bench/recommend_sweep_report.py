@@ -31,7 +31,8 @@ def settings(record: dict[str, Any], epoch: int) -> list[dict[str, Any]]:
         if len(s["seeds"]) < 3 or s["epochs"] < epoch or (s["schedule"] != "constant" and s["epochs"] != epoch):
             continue
         row = s["by_epoch"][epoch - 1]
-        out.append({"setting": key, "preset": s["preset"], "family": "full" if s["preset"].startswith("full") else "lora",
+        family = "full" if s["preset"].startswith("full") else "lora"
+        out.append({"setting": key, "preset": s["preset"], "family": family,
                     "trainable_share": s["trainable_share"], "val": (row["val_ndcg_10"], row["val_se"]),
                     "gain": (row["test_gain"], row["test_se"]), "epochs": s["epochs"], "schedule": s["schedule"]})
     return sorted(out, key=lambda r: -r["val"][0])
@@ -39,7 +40,9 @@ def settings(record: dict[str, Any], epoch: int) -> list[dict[str, Any]]:
 
 def paired(record: dict[str, Any], a: str, b: str) -> dict[str, float]:
     """Mean and standard error over test users of (b - a), seed-averaged, at each run's last epoch."""
-    pick = lambda k: [r for r in record["runs"] if f"{r['preset']} {r['epochs']} epochs {r['schedule']}" == k]  # noqa: E731
+    def pick(key: str) -> list[dict[str, Any]]:
+        return [r for r in record["runs"] if f"{r['preset']} {r['epochs']} epochs {r['schedule']}" == key]
+
     d = [y - x for x, y in zip(per_user(pick(a)), per_user(pick(b)))]
     return {"mean": statistics.fmean(d), "se": statistics.stdev(d) / math.sqrt(len(d))}
 

@@ -267,3 +267,31 @@ def test_fashion_mnist_unpacks_from_the_deb_without_dpkg(tmp_path: Path, monkeyp
     assert x.shape == (20, 28, 28) and y.tolist() == [i % 10 for i in range(20)]
     splits = get_task("image").load_splits(validate_config({"task": "image"}))
     assert splits.labels == fm.LABELS and len(splits.test) == 10 and splits.train[0][0].shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "affine", "update"])
+def test_base_stays_bit_identical_in_every_batchnorm_mode(folder: Path, mode: str) -> None:
+    """``affine`` / ``update`` train *copies* of the BatchNorm layers (``modules_to_save``): the base's own
+    weights and running statistics are bit-identical after training and detach in all three modes."""
+    import deltatune as dt
+
+    cfg = validate_config({"task": "image", "model": "tiny-resnet", "method": "lora",
+                           "data": {"path": str(folder), "image": {"size": 16, "batchnorm": mode}}})
+    model, _, new = get_task("image").load_model("tiny-resnet", ["a", "b", "c"], cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dt.attach(model, dt.LoraConfig(target="all-conv", rank=2, modules_to_save=tuple(new)))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(4, 3, 16, 16), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed_copy = [n for n, m in model.named_modules() if type(m).__name__ == "AdaptedLayer" and "bn" in n]
+    assert bool(changed_copy) == (mode != "frozen")  # the norm layers are saved with the adapter unless frozen
+    stats = [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    dt.detach(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    base_stats = [v for k, v in after.items() if k.endswith("running_mean")]
+    moved = any(not any(torch.equal(s, b) for b in base_stats) for s in stats)
+    assert moved == (mode == "update")  # only `update` re-estimates statistics, and only in the copies

@@ -1,0 +1,93 @@
+"""The summary of ``bench.recommend_segments``: per segmentation and variant, per segment, shared vs segment
+NDCG@10 over seeds, their paired difference, and the variant chosen on the validation users."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+
+def ndcg(ranks: list[int]) -> list[float]:
+    """Per-user NDCG@10 of 0-based ranks (one relevant item: 1 / log2(rank + 2) inside the top 10)."""
+    return [1.0 / math.log2(r + 2.0) if r < 10 else 0.0 for r in ranks]
+
+
+def mean_se(values: list[float]) -> dict[str, float]:
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": statistics.fmean(values), "se": se}
+
+
+def _pick(values: list[float], segments: list[str], s: str | None) -> list[float]:
+    return [v for v, g in zip(values, segments) if s is None or g == s]
+
+
+def compare(runs: list[dict[str, Any]], shared: dict[str, Any], split: str, s: str | None) -> dict[str, Any]:
+    """Shared vs segment NDCG@10 on segment ``s`` (None: every user) of ``split`` (val / test), over seeds:
+    means ± standard errors, the paired difference over seeds and over users (seed-averaged per user)."""
+    key, seg_key = f"{split}_ranks", f"{split}_segments"
+    a = [_pick(ndcg(shared[str(r["seed"])][key]), r[seg_key], s) for r in runs]  # per seed, per user
+    b = [_pick(ndcg(r[key]), r[seg_key], s) for r in runs]
+    per_seed = [statistics.fmean(y) - statistics.fmean(x) for x, y in zip(a, b)]
+    per_user = [statistics.fmean(col) for col in zip(*[[y - x for x, y in zip(xs, ys)] for xs, ys in zip(a, b)])]
+    return {"users": len(a[0]), "shared": mean_se([statistics.fmean(x) for x in a]),
+            "segment": mean_se([statistics.fmean(y) for y in b]), "difference": mean_se(per_seed),
+            "difference_over_users": mean_se(per_user), "difference_per_seed": per_seed}
+
+
+def summarise(record: dict[str, Any]) -> dict[str, Any]:
+    """Per (segmentation, variant): per segment and overall, validation and test comparisons; per
+    segmentation, the variant with the best mean validation gain over the shared adapter (all seeds)."""
+    runs, shared = record.get("runs", []), record.get("shared", {})
+    out: dict[str, Any] = {"variants": {}, "chosen": {}}
+    for key in dict.fromkeys((r["segmentation"], r["variant"]) for r in runs):
+        mine = [r for r in runs if (r["segmentation"], r["variant"]) == key]
+        segments = sorted(set(mine[0]["test_segments"]))
+        row = {"segmentation": key[0], "variant": key[1], "seeds": [r["seed"] for r in mine],
+               "validation": compare(mine, shared, "val", None), "test": compare(mine, shared, "test", None),
+               "best_epochs": {s: [r["segments"][s]["best_epoch"] for r in mine] for s in segments},
+               "windows": {s: mine[0]["segments"][s]["windows"] for s in segments},
+               "segments": {s: {"validation": compare(mine, shared, "val", s), "test": compare(mine, shared, "test", s)}
+                            for s in segments}}
+        row["segments_beating_shared_on_test"] = sum(v["test"]["difference"]["mean"] > 0
+                                                     for v in row["segments"].values())
+        out["variants"][f"{key[0]} {key[1]}"] = row
+    for name in dict.fromkeys(r["segmentation"] for r in runs):
+        rows = [v for v in out["variants"].values() if v["segmentation"] == name]
+        most = max(len(v["seeds"]) for v in rows)
+        best = max((v for v in rows if len(v["seeds"]) == most), key=lambda v: v["validation"]["difference"]["mean"])
+        out["chosen"][name] = {"variant": best["variant"], "seeds": best["seeds"], "table": markdown(best)}
+    out["overview"] = overview(out)
+    return out
+
+
+def overview(out: dict[str, Any]) -> str:
+    """One line per (segmentation, variant): every user, validation and test, and segments ahead on test."""
+    d = lambda v: f"{v['mean']:+.4f} ± {v['se']:.4f}"  # noqa: E731
+    lines = ["| segmentation | variant | seeds | validation difference | test difference (over seeds) | "
+             "test difference (over users) | segments ahead on test |", "|:--|:--|--:|--:|--:|--:|--:|"]
+    for v in out["variants"].values():
+        chosen = out["chosen"].get(v["segmentation"], {}).get("variant") == v["variant"]
+        lines.append(f"| {v['segmentation']} | {v['variant']}{' (chosen)' if chosen else ''} | {len(v['seeds'])} | "
+                     f"{d(v['validation']['difference'])} | {d(v['test']['difference'])} | "
+                     f"{d(v['test']['difference_over_users'])} | {v['segments_beating_shared_on_test']} of "
+                     f"{len(v['segments'])} |")
+    return "\n".join(lines)
+
+
+def markdown(row: dict[str, Any]) -> str:
+    """The README's table for one (segmentation, variant)."""
+    f = lambda v: f"{v['mean']:.4f} ± {v['se']:.4f}"  # noqa: E731
+    d = lambda v: f"{v['mean']:+.4f} ± {v['se']:.4f}"  # noqa: E731
+    lines = ["| segment | test users | windows | stopped at epoch | shared NDCG@10 | segment NDCG@10 | "
+             "difference (over seeds) | difference (over users) | validation difference |",
+             "|:--|--:|--:|:--|--:|--:|--:|--:|--:|"]
+    for s, v in row["segments"].items():
+        t = v["test"]
+        lines.append(f"| {s} | {t['users']} | {row['windows'][s]} | {', '.join(map(str, row['best_epochs'][s]))} | "
+                     f"{f(t['shared'])} | {f(t['segment'])} | {d(t['difference'])} | "
+                     f"{d(t['difference_over_users'])} | {d(v['validation']['difference'])} |")
+    t = row["test"]
+    lines.append(f"| all (one routed batch) | {t['users']} | — | — | {f(t['shared'])} | {f(t['segment'])} | "
+                 f"{d(t['difference'])} | {d(t['difference_over_users'])} | {d(row['validation']['difference'])} |")
+    return "\n".join(lines)
