@@ -105,7 +105,7 @@ def score_all_held_out(run_dir: Path, threads: int | None) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--which", choices=("text", "instruct"), required=True)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-domain"))
@@ -115,7 +115,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--from-run", type=Path, default=None, help="use this finished run's metrics.json")
     parser.add_argument("--all-held-out", action="store_true", help="text: also score every held-out block")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/domain-WHICH.json)")
+    args = parser.parse_args(argv)
     extra = [f"threads={args.threads}"] if args.threads else []
     run_dir = args.from_run
     if run_dir is not None:
@@ -146,9 +147,10 @@ def main() -> None:
     if args.which == "text" and args.all_held_out:
         result["all_held_out"] = score_all_held_out(run_dir, args.threads)
     print(json.dumps(result, indent=2))
-    target = Path(__file__).parent / "results" / f"domain-{args.which}.json"
+    target = args.out or Path(__file__).parent / "results" / f"domain-{args.which}.json"
     target.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {target}")
+    return result
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Per seed (the split, the training seed and the sampler's seed), on all-MiniLM-L6
 
 * the default: ``deltatune train --set task=classification --set data.train=...`` with nothing else
   set, i.e. the method, rank, targets, learning rate and epochs a user gets by default (LoRA);
-* tune: ``deltatune tune`` on the same files for ``--trials`` trials (every method, Hyperband), then
+* tune: ``deltatune tune`` on the same files for ``--trials`` trials (every method, its default pruner), then
   its pick (best *validation* accuracy) is scored on the test split, which tune never selects on.
 
 Reports test accuracy of both, the gain in points, and tune's compute (training examples and
@@ -108,7 +108,7 @@ def default_run(sets: list[str], out: Path) -> dict[str, Any]:
 
 
 def one_seed(seed: int, trials: int, directory: Path) -> dict[str, Any]:
-    from deltatune.train.tune import run_tune
+    from deltatune.train.tune import DEFAULT_PRUNER, run_tune
 
     data = build(directory / f"data-{seed}", seed)
     sets = overrides(data, seed)
@@ -118,7 +118,7 @@ def one_seed(seed: int, trials: int, directory: Path) -> dict[str, Any]:
     t0 = time.time()
     t = run_tune(sets, "all", None, trials=trials, output=directory / f"tune-{seed}", seed=seed, rungs=4)
     best = t["best"]
-    tuned = {"pick": best["label"], "lr": best["lr"], "validation_accuracy": best["value"],
+    tuned = {"pruner": DEFAULT_PRUNER, "pick": best["label"], "lr": best["lr"], "validation_accuracy": best["value"],
              "test_accuracy": best["test_metric"], "examples": t["compute"]["examples"],
              "train_seconds": t["compute"]["train_seconds"], "wall_seconds": round(time.time() - t0, 1),
              "states": [r["state"] for r in t["trials"]]}

@@ -6,7 +6,7 @@ all-MiniLM-L6-v2 with the settings of ``bench.plan_accuracy`` (960 training twee
 tweets. Its results are read from ``--runs``'s ``compare/compare.json`` if that ran with the same
 settings, else trained there first.
 ``tune`` then searches the same task (methods x their declared settings x a learning-rate scale,
-Hyperband pruning at 4 validations per run, no budget) for ``--trials`` trials.
+tune's default pruner, ASHA, or ``--pruner``, at 4 validations per run, no budget) for ``--trials`` trials.
 
 Reported: the best test accuracy of the grid (and, as tune picks, the test accuracy of the grid's
 best row by *validation*: picking the best of 17 by test favours the grid), the test accuracy of tune's pick (the trial with the
@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-tune/grid"))
     parser.add_argument("--tune-dir", type=Path, default=Path("runs/bench-tune/minilm"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/tune_vs_grid.json"))
+    parser.add_argument("--pruner", default=None, help="tune's --pruner (default: tune's own)")
     parser.add_argument("--fresh", action="store_true", help="start a new study (else an existing one continues)")
     args = parser.parse_args(argv)
-    from deltatune.train.tune import run_tune
+    from deltatune.train.tune import DEFAULT_PRUNER, run_tune
 
     overrides = settings(args.eval_examples)
     g = grid(args.runs, overrides)
@@ -74,11 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.fresh:
         shutil.rmtree(args.tune_dir, ignore_errors=True)
     t0 = time.time()
-    t = run_tune(overrides, "all", None, trials=args.trials, output=args.tune_dir, rungs=4)
+    pruner = args.pruner or DEFAULT_PRUNER
+    t = run_tune(overrides, "all", None, trials=args.trials, output=args.tune_dir, rungs=4, pruner=pruner)
     wall = time.time() - t0
     best = t["best"]
     result = {
-        "settings": overrides, "trials": args.trials, "splits": g.get("splits"),
+        "settings": overrides, "trials": args.trials, "pruner": pruner, "splits": g.get("splits"),
         "grid": {"best_method": best_row["method"], "best_test_accuracy": best_row["accuracy"],
                  "best_by_validation": {"method": by_validation["method"], "test_accuracy": by_validation["accuracy"],
                                         "validation_accuracy": validation_accuracy(by_validation)},

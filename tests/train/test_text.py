@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from deltatune.train import load_config, run_training
+from deltatune.train.models import read_trained
 from deltatune.train.chat import chatterbot_pairs
 from deltatune.train.tasks import get_task
 from deltatune.train.text import pack, read_documents, stdlib_modules
@@ -91,3 +92,20 @@ def test_text_run_on_a_tiny_llama(tiny_llama: Path, tmp_path: Path) -> None:
     assert metrics["test_perplexity"] < metrics["base_test_perplexity"]
     assert 0 < metrics["perplexity_reduction"] < 1
     assert "lower after training" in get_task("text").summary(metrics)
+    # `deltatune eval RUN --set data.max_eval_examples=N` keeps the recorded data.path (a flat update of
+    # the recorded config dropped it and scored the built-in stdlib data instead); new files replace it.
+    kept = read_trained(tmp_path / "run", {"data": {"max_eval_examples": 5}}).config.data
+    assert (kept.path, kept.max_eval_examples, kept.max_train_examples) == (str(data), 5, 48)
+    other = read_trained(tmp_path / "run", {"data": {"path": str(tmp_path / "more")}}).config.data
+    assert (other.path, other.max_train_examples) == (str(tmp_path / "more"), 48)
+
+
+def test_scoring_overrides_merge_into_the_recorded_config_and_data_files_replace_as_a_set() -> None:
+    from deltatune.train.models import _over_recorded
+
+    recorded = {"task": "classification", "data": {"path": "all.csv", "label_column": "y", "max_eval_examples": 9}}
+    assert _over_recorded(recorded, {"data": {"max_eval_examples": 5}})["data"] == {
+        "path": "all.csv", "label_column": "y", "max_eval_examples": 5}
+    files = {"train": "a.csv", "validation": "b.csv", "test": "c.csv"}
+    assert _over_recorded(recorded, {"data": files})["data"] == {"label_column": "y", "max_eval_examples": 9, **files}
+    assert _over_recorded(recorded, {"model": "m"}) == {**recorded, "model": "m"}

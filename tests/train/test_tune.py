@@ -77,6 +77,16 @@ def test_first_trial_is_what_train_runs(tiny_bert: Path, tiny_csv: Path, tmp_pat
     assert result["trials"][1]["params"] != first["params"]  # then the sampler's own choices
 
 
+def test_a_method_that_does_not_apply_is_recorded_not_fatal(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """Without a budget no plan weeds out methods with nothing to attach to (visual_prompt on a text
+    model): such a trial is recorded as not started, with the reason, and the search goes on."""
+    result = run_tune(shared(tiny_bert, tiny_csv), "visual_prompt", None, trials=1, output=tmp_path / "t",
+                      rungs=2, say=lambda _: None)
+    (trial,) = result["trials"]
+    assert trial["state"] == "PRUNED" and trial["skipped"].startswith("does not apply: visual_prompt found no")
+    assert result["best"] is None
+
+
 def test_default_trial_is_enqueued_once_and_only_within_the_space() -> None:
     study = optuna.create_study(direction="maximize")
     space = {"lora": {"rank": ["4"], "target": ["all-linear"]}, "bitfit": {}}  # lora's usual rank 8 is over budget
@@ -87,6 +97,19 @@ def test_default_trial_is_enqueued_once_and_only_within_the_space() -> None:
     assert study.get_trials()[0].system_attrs["fixed_params"] == {"method": "lora", "lora.rank": "8", "lora.target": "all-linear",
                                             "lr_scale": 1.0, "epochs": 2}
     assert not enqueue_default(study, space, "lora", [1, 2], 2)  # a study with trials keeps them
+
+
+def test_default_pruner_is_one_successive_halving_ladder(tmp_path: Path) -> None:
+    """ASHA by default (the reason beside DEFAULT_PRUNER); the command line and the library agree."""
+    import inspect
+
+    from deltatune.cli.tune import tune
+    from deltatune.train.tune import DEFAULT_PRUNER, open_study
+
+    assert DEFAULT_PRUNER == "asha" == inspect.signature(tune).parameters["pruner"].default
+    assert inspect.signature(run_tune).parameters["pruner"].default == DEFAULT_PRUNER
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", "maximize", DEFAULT_PRUNER, 4, 0, 60)
+    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
 
 
 @pytest.fixture()

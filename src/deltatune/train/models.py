@@ -27,6 +27,7 @@ import deltatune as dt
 from deltatune.core.files import remove_leftovers, temp_dir
 from deltatune.train.cache import cache_dir
 from deltatune.train.config import TrainConfig, validate_config
+from deltatune.train.config import _merge as merge_settings
 from deltatune.train.strategy import TRAINING_FILE, Strategy, strategy_for
 from deltatune.train.task import Task
 from deltatune.train.tasks import get_task
@@ -244,12 +245,25 @@ def read_trained(path: str | Path, overrides: dict[str, Any] | None = None) -> R
     if not recorded and meta.get("base_model_name_or_path"):
         recorded["model"] = meta["base_model_name_or_path"]
     recorded.pop("output", None)
-    config = validate_config({**recorded, **(overrides or {})}, source=str(meta_file))
+    config = validate_config(_over_recorded(recorded, overrides or {}), source=str(meta_file))
     task = get_task(config.task)
     # A bare adapter (PEFT's files only) records no label names: they come from the data, sorted,
     # as training sorts them.
     labels = training.get("labels") or task.fixed_labels() or task.data_labels(config)
     return Recorded(kind=kind, where=where, config=config, task=task, labels=labels)
+
+
+DATA_FILES = ("path", "train", "validation", "test")
+
+
+def _over_recorded(recorded: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` over the recorded config, mapping by mapping: ``--set data.max_eval_examples=N``
+    keeps the recorded ``data.path`` (a flat update scored the built-in data instead). Data files
+    given (``path`` / ``train`` / ``validation`` / ``test``) replace the recorded ones as a set."""
+    data = overrides.get("data")
+    if isinstance(data, dict) and any(k in data for k in DATA_FILES) and isinstance(recorded.get("data"), dict):
+        recorded = {**recorded, "data": {k: v for k, v in recorded["data"].items() if k not in DATA_FILES}}
+    return merge_settings(recorded, overrides)
 
 
 def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
