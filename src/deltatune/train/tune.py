@@ -51,7 +51,7 @@ COST_KEYS = ("peak_memory_mb", "step_seconds", "trainable_parameters", "adapter_
 #: brackets, each with its own ladder whose first trials always run to the end, and Optuna's sampler then
 #: learns from one bracket's trials only. At the tens of trials a CPU search affords that is most of the
 #: study: on sentiment (bench.tune_vs_grid, 10 trials) Hyperband ran 7 of 10 trials to the end (52 % of
-#: the compare grid's training examples); the same trials under ASHA would have stopped 8 at the first rung.
+#: the compare grid's training examples), ASHA 4 of 10 (42 %) with the same sampled settings.
 DEFAULT_PRUNER = "asha"
 
 
