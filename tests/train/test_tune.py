@@ -20,7 +20,7 @@ optuna = pytest.importorskip("optuna")
 
 from deltatune.cli import app  # noqa: E402
 from deltatune.train.budget import parse_budget  # noqa: E402
-from deltatune.train.tune import enqueue_default, feasible_space, predict, run_tune  # noqa: E402
+from deltatune.train.tune import _creating, enqueue_default, feasible_space, predict, run_tune  # noqa: E402
 from deltatune.train.tune_report import pareto_front  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,8 +161,13 @@ def test_pareto_front_is_the_non_dominated_set() -> None:
 
 
 def _study(out: Path) -> list:
-    # A reader must not create the tables: racing the tune process's CREATE TABLE fails one of the two.
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}", skip_table_creation=True)
+    # Opening a storage is not read-only: even with skip_table_creation, optuna writes the schema's
+    # version rows (version_info, alembic_version) when they are missing, which races the tune
+    # process's own creation ("UNIQUE constraint failed: alembic_version"). So the reader takes the
+    # lock tune holds while it creates the database.
+    url = f"sqlite:///{(out / 'study.db').resolve()}"
+    with _creating(url):
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
     names = optuna.study.get_all_study_names(storage)
     return optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False)
 
