@@ -86,10 +86,10 @@ def _with_task_defaults(data: Any) -> Any:
     if not isinstance(data, dict) or data.get("task", "sentiment") not in TASKS:
         return data
     task = TASKS[data.get("task", "sentiment")]
-    data = _merge(task.defaults, data)
+    data = merge_settings(task.defaults, data)
     method_defaults = task.method_defaults.get(data.get("method", "lora"))
     if method_defaults:
-        data = _merge({"adapter": method_defaults}, data)
+        data = merge_settings({"adapter": method_defaults}, data)
     return data
 
 
@@ -99,12 +99,12 @@ def _check_task(config: TrainConfig) -> None:
     TASKS[config.task].check_config(config)
 
 
-def _merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+def merge_settings(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """``given`` over ``defaults``, mapping by mapping (``--set data.x=1`` keeps the other data defaults)."""
     out = dict(defaults)
     for key, value in given.items():
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merge(out[key], value) if both else value
+        out[key] = merge_settings(out[key], value) if both else value
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 from pathlib import Path
 
@@ -73,8 +74,5 @@ def step_times(seconds: list[float]) -> dict[str, float] | None:
     if not seconds:
         return None
     rest = seconds[1:] or seconds
-    ordered = sorted(seconds)
-    mid = len(ordered) // 2
-    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-    return {"first": round(seconds[0], 4), "median": round(median, 4),
+    return {"first": round(seconds[0], 4), "median": round(statistics.median(seconds), 4),
             "mean_after_first": round(sum(rest) / len(rest), 4)}

@@ -26,8 +26,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.core.files import remove_leftovers, temp_dir
 from deltatune.train.cache import cache_dir
-from deltatune.train.config import TrainConfig, validate_config
-from deltatune.train.config import _merge as merge_settings
+from deltatune.train.config import TrainConfig, merge_settings, validate_config
 from deltatune.train.strategy import TRAINING_FILE, Strategy, strategy_for
 from deltatune.train.task import Task
 from deltatune.train.tasks import get_task
