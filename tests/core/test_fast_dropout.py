@@ -229,3 +229,12 @@ def test_config_key_and_where_it_applies():
     assert not applies(TrainConfig(), cuda)
     with pytest.raises(ValueError):
         TrainConfig(dropout_kernel="bits")
+
+
+def test_a_fully_masked_row_gives_zeros_as_torch():
+    q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 2, :] = False  # query 2 may see no key
+    plain = attention(q, k, v, mask, 0.0)
+    assert torch.equal(plain[..., 2, :], torch.zeros_like(plain[..., 2, :]))
+    assert torch.allclose(plain, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-6)

@@ -94,12 +94,17 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     if is_causal:
         causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
         attn_mask = causal if attn_mask is None else attn_mask & causal
+    empty_rows = False
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+            scores = scores.masked_fill_(~attn_mask, float("-inf"))
+            empty_rows = bool((~attn_mask.any(-1)).any())  # on the (small) mask, not the (B, H, L, S) scores
         else:  # autocast casts a float mask to the product's dtype, as it does for torch's own call
             scores = scores + attn_mask.to(scores.dtype)
-    probs = torch.ops.aten._safe_softmax(scores, -1)  # a fully masked row gives zeros, as torch's math path
+            empty_rows = True  # -inf in a float mask: only the scores tell
+    # torch's math path takes _safe_softmax (a row with every key masked gives zeros, not NaN); with
+    # no such row it equals the plain softmax, without a pass over the scores looking for one
+    probs = torch.ops.aten._safe_softmax(scores, -1) if empty_rows else torch.softmax(scores, -1)
     return dropout(probs, dropout_p, True) @ value                              # (..., L, Ev)
 
 
