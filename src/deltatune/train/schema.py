@@ -70,6 +70,10 @@ class DataConfig(_Strict):
     image: ImageConfig = Field(default_factory=ImageConfig)  # task: image only
     # task recommend: the share of interactions (in time order) before the cutoff (default 0.7)
     cutoff: float | None = Field(None, gt=0, lt=1)
+    # task recommend: how many of each user's last interactions before the test one are held out for
+    # validation (those after the cutoff; default 1, the field's leave-one-out). More positions give a
+    # less noisy validation signal for choosing settings; none of them is trained on.
+    validation_positions: int | None = Field(None, ge=1, le=50)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
