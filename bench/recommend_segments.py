@@ -25,6 +25,9 @@ the shared one, mean over seeds); the README reports that choice's test figures:
 standard error over seeds of shared and segment NDCG@10, and the paired difference (over seeds, and over
 users on the seed-averaged per-user differences). Writes ``bench/results/recommend_segments.json`` after
 every variant (ranks included, so the summary can be recomputed with ``--summarise``).
+``--positions 5`` holds out each user's five interactions before the test one for validation (1,899 items
+instead of 393; ``data.validation_positions``): the shared and the segment adapters train without them,
+and test is read on those models (nothing added back).
 The goal (issue #15): segment adapters beat the shared adapter on their own segments.
 """
 
@@ -72,10 +75,11 @@ class Keep(Callback):
         self.model = copy.deepcopy(s.model)
 
 
-def shared_model(seed: int, tmp: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The task's LoRA on its defaults, trained by ``run_training``, merged into the base."""
+def shared_model(seed: int, tmp: str, positions: int = 1) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The task's LoRA on its defaults, trained by ``run_training``, merged into the base; ``positions``
+    validation interactions per user held out (``data.validation_positions``), never trained on."""
     config = validate_config({"task": "recommend", "method": "lora", "seed": seed, "threads": 1,
-                              "output": f"{tmp}/shared-{seed}"})
+                              "data": {"validation_positions": positions}, "output": f"{tmp}/shared-{seed}"})
     keep = Keep()
     metrics = run_training(config, overwrite=True, progress=False, callbacks=[keep])
     assert keep.model is not None
@@ -169,10 +173,10 @@ def segment_lists(data: dict[str, Any], column: str, rule: Callable[[str], str])
             "test": [users[it["user"]] for it in data["test"]]}
 
 
-def load_data(task: RecommendTask) -> dict[str, Any]:
-    config = validate_config({"task": "recommend", "method": "lora"})
+def load_data(task: RecommendTask, positions: int = 1) -> dict[str, Any]:
+    config = validate_config({"task": "recommend", "method": "lora", "data": {"validation_positions": positions}})
     splits = task.load_splits(config)
-    train_users = held_out(periods(config), config.max_length)["train_users"][:len(splits.train)]
+    train_users = held_out(periods(config), config.max_length, positions)["train_users"][:len(splits.train)]
     return {"train": splits.train, "train_users": train_users,
             "validation": task.encode(None, splits.validation, config.max_length),
             "test": task.encode(None, splits.test, config.max_length)}
@@ -193,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--segmentations", default="age3,age2,gender", help=f"of {', '.join(SEGMENTATIONS)}")
     parser.add_argument("--variants", default="own@2e-3,own@5e-3,weighted3@2e-3")
     parser.add_argument("--epochs", type=int, default=4, help="at most; early stopping on validation picks")
+    parser.add_argument("--positions", type=int, default=1,
+                        help="validation interactions per user (data.validation_positions): early stopping and "
+                             "the variant's choice read them; neither adapter trains on them")
     parser.add_argument("--out", default="bench/results/recommend_segments.json")
     parser.add_argument("--summarise", action="store_true", help="only recompute the summary of --out")
     args = parser.parse_args(argv)
@@ -202,15 +209,17 @@ def main(argv: list[str] | None = None) -> None:
         write(record, out)
         print(json.dumps(record["summary"]["chosen"], indent=1))
         return
-    record = record if "runs" in record else {"runs": [], "shared": {}}
+    record = record if "runs" in record else {"runs": [], "shared": {}, "positions": args.positions}
+    if record.get("positions", 1) != args.positions:
+        raise SystemExit(f"{out} holds runs with {record.get('positions', 1)} validation positions; pass another --out")
     torch.set_num_threads(1)
     task, t0 = RecommendTask(), time.perf_counter()
-    data = load_data(task)
+    data = load_data(task, args.positions)
     for v in args.variants.split(","):
         parse_variant(v)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(x) for x in args.seeds.split(",")):
-            shared, metrics = shared_model(seed, tmp)
+            shared, metrics = shared_model(seed, tmp, args.positions)
             record["shared"][str(seed)] = {
                 "val_ranks": ranks_of(task, shared, data["validation"], None).tolist(),
                 "test_ranks": ranks_of(task, shared, data["test"], None).tolist(),

@@ -100,6 +100,45 @@ def test_time_split_and_leave_last_out(tmp_path):
     assert n_targets == after - len(ex["test"]) - len(ex["validation"])  # every later interaction, once
 
 
+def test_several_validation_positions_are_held_out_without_leakage(tmp_path):
+    """``data.validation_positions``: the last k interactions before the test one (after the cutoff) are
+    validation, each from the history before it; training never sees them; the split is deterministic
+    (another row order in the file gives the same split) and keeps users' names."""
+    config = _config(tmp_path, data={"path": str(tiny_data(tmp_path / "tiny.inter")), "cutoff": 0.625,
+                                     "validation_positions": 3})
+    p = periods(config)
+    one, ex = held_out(p, config.max_length), held_out(p, config.max_length, 3)
+    index = {n: i + 1 for i, n in enumerate(p.names)}
+    assert ex["test"] == one["test"]  # test is untouched
+    assert len(one["validation"]) == 24 and len(ex["validation"]) == 48  # 3 asked, 2 after the cutoff
+    by_user: dict[str, list] = {}
+    for user, history, target in ex["validation"]:
+        by_user.setdefault(user, []).append((history, target))
+    for user, held in by_user.items():
+        h = p.data.histories[user]
+        rows = [index[r.item] for r in h]
+        assert [t for _, t in held] == rows[-3:-1] and all(r.time >= p.cutoff for r in h[-3:-1])
+        assert [hist for hist, _ in held] == [rows[:-3], rows[:-2]]
+    for (inputs, labels), user in zip(ex["train"], ex["train_users"]):
+        rows = [index[r.item] for r in p.data.histories[user]]
+        assert list(inputs) + [labels[-1]] == rows[:len(inputs) + 1] and len(inputs) + 1 <= len(rows) - 3
+    n_targets = sum(t != -100 for _, y in ex["train"] for t in y)
+    assert n_targets == sum(r.time >= p.cutoff for r in p.data.rows) - 24 - 48
+    assert {u for u, _, _ in ex["validation"]} <= set(p.data.histories)  # users by name, "user7", not a number
+    other = validate_config({"task": "recommend", "max_length": 8, "data": {
+        "path": str(tiny_data(tmp_path / "b.inter", seed=5)), "cutoff": 0.625, "validation_positions": 3}})
+    def by_name(split):  # users come in file order; each user's examples must be the same
+        return {k: sorted(map(repr, zip(v, split["train_users"]) if k == "train" else v)) for k, v in split.items()}
+
+    assert held_out(p, config.max_length, 3) == ex  # deterministic
+    assert by_name(held_out(periods(other), config.max_length, 3)) == by_name(ex)  # row order does not matter
+    from deltatune.train.recommend import RecommendTask
+    splits = RecommendTask().load_splits(config)
+    assert splits.validation == ex["validation"] and splits.test == ex["test"]
+    with pytest.raises(Exception, match="validation_positions"):
+        _config(tmp_path, data={"validation_positions": 0})
+
+
 def test_metrics_follow_their_definitions():
     logits = torch.tensor([[-math.inf, 5.0, 4.0, 3.0, 2.0], [-math.inf, 1.0, 2.0, 3.0, 4.0]])
     r = ranks(logits, torch.tensor([3, 1]), [[1], [2]])  # row 0: item 1 is history, removed; row 1: item 2

@@ -115,9 +115,17 @@ def base_model(config: TrainConfig, p: Periods) -> SASRec:
     return model
 
 
-def held_out(p: Periods, max_len: int) -> dict[str, list[Any]]:
+def held_out(p: Periods, max_len: int, positions: int = 1) -> dict[str, list[Any]]:
     """Leave-last-out examples: ``train`` (inputs, targets) windows (``train_users``: whose),
-    ``validation``/``test`` (user, history rows, target row)."""
+    ``validation``/``test`` (user, history rows, target row).
+
+    Test is each user's last interaction. Validation is the ``positions`` interactions before it (1: the
+    penultimate one, as SASRec and BERT4Rec do), each predicted from the history before it, as long as
+    they lie after the cutoff and leave a history of at least one item. Training stops before the first
+    held-out interaction: no validation or test item is a training input or target. With more positions
+    the validation signal has less noise (MovieLens-100K, cutoff 0.7: 393 validation items at 1, 1,899
+    at 5); a final fit of the chosen setting at ``positions=1`` trains on all but the last two again.
+    """
     index = item_index(p.names)
     out: dict[str, list[Any]] = {"train": [], "validation": [], "test": [], "train_users": []}
     for user, h in p.data.histories.items():
@@ -127,9 +135,9 @@ def held_out(p: Periods, max_len: int) -> dict[str, list[Any]]:
             continue  # nothing to evaluate: no history before the last item, or inactive after the cutoff
         out["test"].append((user, rows[:-1], rows[-1]))
         end = len(rows) - 1
-        if len(rows) >= 3 and recent[-2]:
-            out["validation"].append((user, rows[:-2], rows[-2]))
-            end -= 1
+        while end - 1 >= 1 and recent[end - 1] and len(rows) - 1 - end < positions:
+            end -= 1  # hold out rows[end] for validation
+        out["validation"] += [(user, rows[:j], rows[j]) for j in range(end, len(rows) - 1)]  # oldest first
         seq = rows[:end]
         targets = [t if recent[i] else -100 for i, t in enumerate(seq)]  # only the new period is trained on
         for s, e in spans(len(seq), max_len):
@@ -227,7 +235,7 @@ class RecommendTask(Task):
         if labels is not None and list(labels) != p.names:
             raise ValueError(f"the model knows {len(labels):,} items but this data gives {len(p.names):,}; "
                              "evaluate it on the data and cutoff it was trained with")
-        ex = held_out(p, config.max_length)
+        ex = held_out(p, config.max_length, config.data.validation_positions or 1)
         d = config.data
         if d.max_train_examples:
             ex["train"] = ex["train"][:d.max_train_examples]

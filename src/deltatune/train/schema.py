@@ -70,6 +70,10 @@ class DataConfig(_Strict):
     image: ImageConfig = Field(default_factory=ImageConfig)  # task: image only
     # task recommend: the share of interactions (in time order) before the cutoff (default 0.7)
     cutoff: float | None = Field(None, gt=0, lt=1)
+    # task recommend: how many of each user's last interactions before the test one are held out for
+    # validation (those after the cutoff; default 1, the field's leave-one-out). More positions give a
+    # less noisy validation signal for choosing settings; none of them is trained on.
+    validation_positions: int | None = Field(None, ge=1, le=50)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -130,6 +134,10 @@ class TrainConfig(_Strict):
     # weights' memory) and measured no faster for LoRA (README "Fast bf16 training"). Not with
     # gradient_checkpointing or under torchrun.
     frozen_dtype: Literal["float32", "bfloat16"] = "float32"
+    # The model's own dropout in training on the CPU: fast draws each mask as 31-bit random integers (same keep
+    # probability to 2**-32, exact 1/(1-p) scaling, boolean mask for backward; also attention dropout), about a
+    # fifth of torch's cost; torch: torch's own dropout (the random stream of earlier runs). train/dropout.py
+    dropout_kernel: Literal["fast", "torch"] = "fast"
     # Under torchrun: ddp replicates the model and averages gradients; fsdp (FSDP2) shards the frozen base
     # and the adapter across the ranks (adapters only; no mid-run checkpoints). One process: ignored.
     strategy: Literal["ddp", "fsdp"] = "ddp"
