@@ -238,3 +238,22 @@ def test_a_fully_masked_row_gives_zeros_as_torch():
     plain = attention(q, k, v, mask, 0.0)
     assert torch.equal(plain[..., 2, :], torch.zeros_like(plain[..., 2, :]))
     assert torch.allclose(plain, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-6)
+
+
+def test_a_model_without_dropout_runs_without_the_mode():
+    from deltatune.train.dropout import has_dropout
+
+    seen = []
+    run = fast_dropout_runner(lambda model, batch: seen.append(torch._C._is_torch_function_mode_enabled()))
+    plain = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0)).train()
+    run(plain, {})
+    run(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1)).train(), {})
+    run(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1)).eval(), {})
+    assert seen == [False, True, False]
+    assert not has_dropout(plain) and has_dropout(_tiny_bert())
+    from transformers import LlamaConfig
+
+    class WithConfig(nn.Module):
+        config = LlamaConfig(attention_dropout=0.1)
+
+    assert has_dropout(WithConfig())

@@ -4,7 +4,7 @@ Torch's CPU dropout (``F.dropout``, and the math path of ``F.scaled_dot_product_
 attention dropout forces) fills a tensor of the input's dtype with ``bernoulli_``, divides it by
 ``1 - p`` in that dtype and keeps it for backward. Measured on this CPU that is 13 ms for a
 (32, 40, 384) bf16 activation on one thread, most of it the float Bernoulli draw; the model's own
-dropout was the largest single item of a bf16 LoRA step (18-27 %, README "Fast bf16 training").
+dropout was the largest single item of a bf16 adapter training step (18-27 %, README "Fast bf16 training").
 
 :func:`dropout` draws the mask instead as 31-bit random integers from torch's default generator
 (``Tensor.random_`` on ``int64``: 63 random bits each, cut into two uniform 31-bit integers) and
