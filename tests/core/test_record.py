@@ -81,7 +81,7 @@ def test_holding_finds_an_adapters_layers_from_its_record_as_a_walk_does():
     avoids walking the model) equals a walk for plain, hybrid and ``modules_to_save`` adapters,
     and falls back to the walk when the record does not account for every layer."""
     from deltatune.config import HybridConfig
-    from deltatune.core.inject import holding
+    from deltatune.core.stored import holding
 
     model = ZOO["bert"].build()
     dt.attach(model, dt.LoraConfig(rank=4), "plain", activate=False)

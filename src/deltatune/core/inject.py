@@ -57,7 +57,7 @@ class AdapterRecord:
     saved: list[str] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     caches: dict[Hashable, Any] = field(default_factory=dict)
-    layer_count: int | None = None  # how many layers hold it, counted by one walk (checks holding())
+    layer_count: int | None = None  # how many layers hold it, counted once (checks core.stored.holding)
 
 
 def records(model: nn.Module) -> dict[str, AdapterRecord]:
@@ -312,35 +312,11 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     return model
 
 
-def holding(model: nn.Module, name: str) -> list[AdaptedLayer]:
-    """The adapted layers that hold adapter ``name``, found from its record (the modules each part
-    was built on, and ``modules_to_save``) rather than by walking the model; a walk when the record
-    does not account for every layer (an adapter placed by other means)."""
-    return _holding(model, name, record(model, name))
-
-
-def _holding(model: nn.Module, name: str, rec: AdapterRecord) -> list[AdaptedLayer]:
-    found: dict[int, AdaptedLayer] = {}
-    for module_name in (*(n for part in rec.placement for n in part), *rec.saved):
-        try:
-            layer = logical_get(model, module_name)
-        except KeyError:
-            break
-        if isinstance(layer, AdaptedLayer) and name in layer.adapters._modules:
-            found[id(layer)] = layer
-    else:
-        if rec.layer_count is None:  # once per record: the modules don't change while it is attached
-            rec.layer_count = sum(name in layer.adapters._modules for _, layer in adapted_layers(model))
-        if rec.layer_count == len(found):
-            return list(found.values())
-    return [layer for _, layer in adapted_layers(model) if name in layer.adapters._modules]
-
-
 def rename(model: nn.Module, old: str, new: str, layers: list[AdaptedLayer] | None = None) -> None:
     """Give attached adapter ``old`` the name ``new``: its record and its module in every layer
     (it becomes the last attached, as if attached now). Caches built from it are dropped.
     Refused for an adapter with model-level hooks (they may hold the name). ``layers``: the layers
-    that hold ``old``, when the caller has them (:func:`holding`)."""
+    that hold ``old``, when the caller has them (``core.stored.holding``)."""
     if not _NAME_RE.match(new):
         raise ValueError(f"adapter name {new!r} must be an identifier such as 'default' or 'sentiment'")
     if new in records(model):
@@ -352,7 +328,7 @@ def rename(model: nn.Module, old: str, new: str, layers: list[AdaptedLayer] | No
         for other in records(model).values():
             other.caches.pop(key, None)
     gone.caches.clear()
-    for layer in _holding(model, old, gone) if layers is None else layers:
+    for layer in (layer for _, layer in adapted_layers(model)) if layers is None else layers:
         if old in layer.adapters:
             module = layer.adapters[old]
             del layer.adapters[old]

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from deltatune.config import AdapterConfig
 from deltatune.core.files import WEIGHTS_FILE
 from deltatune.core.fingerprint import differences, fingerprint
-from deltatune.core.inject import (adapted_layers, attach, configs, detach, holding, mark_trainable, placement, records,
-                                   rename)
-from deltatune.core.layer import FullCopy, logical_get, logical_modules
+from deltatune.core.inject import (AdapterRecord, adapted_layers, attach, configs, detach, mark_trainable, placement,
+                                   record, records, rename)
+from deltatune.core.layer import AdaptedLayer, FullCopy, logical_get, logical_modules
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,30 @@ def _warn_other_base(model: nn.Module, value: StoredAdapter, name: str, source: 
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         warnings.warn(f"{source.where}: this base model is not the one the adapter was saved with: {changed[0]}"
                       f"{more}; it loads, but its outputs will differ from the trained run's", stacklevel=4)
+
+
+def holding(model: nn.Module, name: str) -> list[AdaptedLayer]:
+    """The adapted layers that hold adapter ``name``, found from its record (the modules each part
+    was built on, and ``modules_to_save``) rather than by walking the model; a walk when the record
+    does not account for every layer (an adapter placed by other means)."""
+    return _holding(model, name, record(model, name))
+
+
+def _holding(model: nn.Module, name: str, rec: AdapterRecord) -> list[AdaptedLayer]:
+    found: dict[int, AdaptedLayer] = {}
+    for module_name in (*(n for part in rec.placement for n in part), *rec.saved):
+        try:
+            layer = logical_get(model, module_name)
+        except KeyError:
+            break
+        if isinstance(layer, AdaptedLayer) and name in layer.adapters._modules:
+            found[id(layer)] = layer
+    else:
+        if rec.layer_count is None:  # once per record: the modules don't change while it is attached
+            rec.layer_count = sum(name in layer.adapters._modules for _, layer in adapted_layers(model))
+        if rec.layer_count == len(found):
+            return list(found.values())
+    return [layer for _, layer in adapted_layers(model) if name in layer.adapters._modules]
 
 
 def reinstall(model: nn.Module, value: StoredAdapter, name: str, old: str) -> bool:
