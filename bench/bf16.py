@@ -9,7 +9,12 @@ Every setup runs in float32 and under bf16 autocast, all interleaved step by ste
 - in bf16, setups with a frozen base run twice more where it applies: ``+frozen16`` holds the
   frozen linear weights in bf16 once (``deltatune.core.frozen_dtype.FrozenInDtype``, what
   ``deltatune train`` does under bf16 by default) instead of letting autocast cast them each step.
-  PEFT and the floor get the same treatment, so "best" is each one's fastest variant.
+  PEFT and the floor get the same treatment, so "best" is each one's fastest variant;
+- ``bf16+fastdrop``: bf16 autocast with the model's own dropout (and attention dropout) drawing its
+  masks as random bits (``deltatune.core.fast_dropout.FastDropout``, what ``deltatune train`` does by
+  default: ``dropout_kernel: fast``). Every setup runs it, so like can be compared with like, but
+  PEFT's *best* is taken over the variants a PEFT user has (not this one): dropout is the training
+  loop's, and a PEFT run keeps torch's.
 
 Best against best: each of deltatune, PEFT, full FT and the floor in its fastest variant, and the
 ratios between those. Roofline: the step's matrix-multiply FLOPs are counted once per setup
@@ -48,18 +53,26 @@ from bench.workloads import WORKLOADS, Workload  # noqa: E402
 LIBS = ["full", "floor", "deltatune-lora", "peft-lora"]
 
 
-def variants(libs: list[str]) -> list[tuple[str, str, str, bool]]:
-    """(label, setup, precision, frozen16) for every setup: fp32, bf16, and bf16 with bf16 frozen weights."""
+#: variants that a library's "best" is not taken over (``peft-lora``: a PEFT run keeps torch's dropout)
+NOT_OFFERED = {"peft-lora": {"bf16+fastdrop"}}
+
+
+def variants(libs: list[str]) -> list[tuple[str, str, str, bool, bool]]:
+    """(label, setup, precision, frozen16, fastdrop) for every setup: fp32, bf16, bf16 with bf16 frozen
+    weights, and bf16 with the fast dropout."""
     out = []
     for lib in libs:
-        out.append((f"{lib} fp32", lib, "fp32", False))
-        out.append((f"{lib} bf16", lib, "bf16", False))
+        out.append((f"{lib} fp32", lib, "fp32", False, False))
+        out.append((f"{lib} bf16", lib, "bf16", False, False))
         if lib != "full":  # full fine-tuning has no frozen weights
-            out.append((f"{lib} bf16+frozen16", lib, "bf16", True))
+            out.append((f"{lib} bf16+frozen16", lib, "bf16", True, False))
+        out.append((f"{lib} bf16+fastdrop", lib, "bf16", False, True))
     return out
 
 
-def _step_fn(setup: setups.Setup, batch: dict[str, torch.Tensor], precision: str, frozen16: bool):
+def _step_fn(setup: setups.Setup, batch: dict[str, torch.Tensor], precision: str, frozen16: bool,
+             fastdrop: bool = False):
+    from deltatune.core.fast_dropout import FastDropout
     from deltatune.core.frozen_dtype import FrozenInDtype
 
     opt = setup.optimizer()
@@ -68,7 +81,8 @@ def _step_fn(setup: setups.Setup, batch: dict[str, torch.Tensor], precision: str
     def step() -> float:
         amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
         swap = frozen(setup.model) if frozen is not None else contextlib.nullcontext()
-        with setup.engine(), amp, swap:
+        drop = FastDropout() if fastdrop else contextlib.nullcontext()
+        with setup.engine(), amp, swap, drop:
             loss = setup.model(**batch).loss
         loss.backward()
         opt.step()
@@ -119,14 +133,14 @@ def run_workload(workload: Workload, libs: list[str], rounds: int,
     steps: dict[str, Any] = {}
     info: dict[str, dict[str, Any]] = {}
     built: dict[str, setups.Setup] = {}
-    for label, name, precision, frozen16 in variants(libs):
+    for label, name, precision, frozen16, fastdrop in variants(libs):
         if only and label.split(" ", 1)[1] not in only:
             continue
         if name not in built:
             built[name] = setups.build(name, workload, base)
         # one model per setup; its variants share it (they only differ in how a step runs)
-        steps[label] = _step_fn(built[name], batch, precision, frozen16)
-        info[label] = {"setup": name, "precision": precision, "frozen16": frozen16,
+        steps[label] = _step_fn(built[name], batch, precision, frozen16, fastdrop)
+        info[label] = {"setup": name, "precision": precision, "frozen16": frozen16, "fastdrop": fastdrop,
                        "flops": count_flops(steps[label])}   # also the first warm-up step
         steps[label]()                                        # second warm-up (optimizer state exists)
         print(f"  [{workload.name}] {label}: {info[label]['flops'] / 1e9:.1f} GFLOP per step", flush=True)
@@ -142,7 +156,8 @@ def run_workload(workload: Workload, libs: list[str], rounds: int,
         r["of_peak"] = r["gflops_achieved"] / peak[dtype]
     best = {}
     for lib in libs:
-        mine = [label for label in info if info[label]["setup"] == lib]
+        mine = [label for label in info if info[label]["setup"] == lib
+                and label.split(" ", 1)[1] not in NOT_OFFERED.get(lib, ())]
         if not mine:
             continue
         fastest = min(mine, key=lambda label: info[label]["step_s"])
@@ -169,6 +184,9 @@ def table(res: dict[str, Any]) -> str:
     peak = res["matmul_peak_gflops"]
     lines.append(f"\nmatrix-multiply peak (F.linear over the model's layer shapes, best): "
                  f"float32 {peak['float32']:.0f} GFLOP/s, bfloat16 {peak['bfloat16']:.0f} GFLOP/s")
+    like = [(info.get(f"deltatune-lora {v}"), info.get(f"peft-lora {v}")) for v in ("bf16", "bf16+fastdrop")]
+    lines += [f"like with like ({a['precision']}{' + fast dropout' if a['fastdrop'] else ''}): deltatune-lora / "
+              f"peft-lora {a['step_s'] / b['step_s']:.2f}" for a, b in like if a and b]
     lines.append("best against best: " + ", ".join(f"{lib} {b['step_s'] * 1000:.0f} ms ({b['variant'].split(' ', 1)[1]})"
                                                    for lib, b in best.items()))
     return "\n".join(lines)
@@ -180,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--workloads", nargs="+", default=["minilm"], choices=sorted(WORKLOADS))
     p.add_argument("--setups", nargs="+", default=LIBS, choices=[*LIBS, "deltatune-lora-aten"],
                    help="deltatune-lora-aten: the fused kernel on torch's products only (the engine off)")
-    p.add_argument("--variants", nargs="+", choices=["fp32", "bf16", "bf16+frozen16"],
+    p.add_argument("--variants", nargs="+", choices=["fp32", "bf16", "bf16+frozen16", "bf16+fastdrop"],
                    help="only these precisions (default: all)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)

@@ -184,6 +184,11 @@ def step_times(models: list[str], setups: list[str], quick: bool, rounds: int, w
         if "nf4" in rows and "peft-nf4" in rows and "step_s" in rows["peft-nf4"] and "step_s" in rows["nf4"]:
             rows["nf4"]["ratio_to_peft_nf4"] = {"wall": rows["nf4"]["step_s"] / rows["peft-nf4"]["step_s"],
                                                 "cpu": rows["nf4"]["step_cpu_s"] / rows["peft-nf4"]["step_cpu_s"]}
+        for row in rows.values():  # the median of per-round ratios: each pair ran back to back
+            for other in ("fp32", "peft-nf4"):
+                if "wall" in row and "wall" in rows.get(other, {}):
+                    row[f"paired_ratio_to_{other}"] = {k: median([a / b for a, b in zip(row[k], rows[other][k])])
+                                                       for k in ("wall", "cpu")}
         out[name] = {"workload": {"model": w.name, "batch": w.batch, "length": w.length,
                                   "gradient_checkpointing": w.causal, "loss_chunk": 256 if w.causal else None,
                                   "warmup": warmup, "rounds": rounds}, "setups": rows}

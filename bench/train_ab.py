@@ -48,7 +48,8 @@ def run_once(src: Path, out: Path, sets: list[str], threads: int) -> dict:
         raise RuntimeError(f"train failed with {src}:\n{done.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     return {"wall_s": wall, "train_s": metrics["train_seconds"], "precision": metrics.get("precision"),
-            "accuracy": metrics.get("test", {}).get("accuracy", metrics.get("accuracy"))}
+            "accuracy": metrics.get("test_accuracy"), "macro_f1": metrics.get("test_macro_f1"),
+            "total_s": metrics.get("total_seconds"), "train_cpu_s": metrics.get("train_cpu_seconds")}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -72,10 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
                 r = run_once(srcs[k], Path(tmp) / f"run-{k}", sets, args.threads)
                 runs[k].append(r)
                 print(f"{k} ({getattr(args, k)}): {r}", flush=True)
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "train_s")} for k, v in runs.items()}
+    # train_cpu_s: the steps' process CPU time (all threads), less moved by other load than wall time;
+    # only where both commits record it
+    measures = [m for m in ("wall_s", "train_s", "train_cpu_s") if all(r.get(m) for v in runs.values() for r in v)]
+    med = {k: {m: statistics.median(r[m] for r in v) for m in measures} for k, v in runs.items()}
     res = {"old": args.old, "new": args.new, "sets": sets, "threads": args.threads, "runs": runs, "median": med,
-           "ratio_new_over_old": {m: med["new"][m] / med["old"][m] for m in ("wall_s", "train_s")},
-           "speedup": {m: med["old"][m] / med["new"][m] for m in ("wall_s", "train_s")},
+           "ratio_new_over_old": {m: med["new"][m] / med["old"][m] for m in measures},
+           "speedup": {m: med["old"][m] / med["new"][m] for m in measures},
            "loadavg_start": load0, "loadavg_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(json.dumps({k: res[k] for k in ("median", "speedup", "loadavg_start", "loadavg_end")}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

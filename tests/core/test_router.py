@@ -161,3 +161,101 @@ def test_stack_uniform_routes_one_adapter_everywhere_through_the_stack():
         router.route([None, None, None])  # the bare base stays the plain forward
         assert query.router.uniform == ()
     torch.testing.assert_close(routed, _alone("bert", model, "b", inputs), atol=ATOL, rtol=0)
+
+
+@pytest.fixture
+def paths(monkeypatch) -> list[str]:
+    """Which stacked path each routed layer call took: ``single`` (homogeneous) or ``batched``."""
+    from deltatune.core import routing as routing_module
+
+    taken: list[str] = []
+    for name in ("single", "batched"):
+        real = getattr(routing_module, name)
+        monkeypatch.setattr(routing_module, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
+    return taken
+
+
+@pytest.mark.parametrize("zoo", ["bert", "llama"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_homogeneous_batch_takes_the_single_path_and_equals_the_routed_one(zoo, grad, paths):
+    """All rows on one adapter: two 2-D products from its slot (no gather), equal to the gathered
+    ``bmm`` path of the same rows and to each row alone (in place without gradients, as a server
+    runs, and out of place with them)."""
+    from deltatune.core.stacking import batched, single, stack_of
+
+    model = _with_adapters(zoo, SPECS)
+    inputs = ZOO[zoo].inputs()
+    rows = ZOO[zoo].run(model, inputs).shape[0]
+    with Router(model, stack_uniform=True) as router, torch.set_grad_enabled(grad):
+        router.route(["b"] * rows)
+        routed = ZOO[zoo].run(model, inputs)
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer)]
+    assert paths == ["single"] * len(layers)
+    torch.testing.assert_close(routed, _alone(zoo, model, "b", inputs), atol=ATOL, rtol=0)
+    layer = layers[0]
+    stack = stack_of(model, layer)
+    x = torch.randn(rows, 5, stack.d_in)
+    with torch.no_grad():
+        base = layer.base(x)
+        gathered = batched(base.clone(), x, stack, torch.full((rows,), stack.index["b"]))
+        torch.testing.assert_close(single(base.clone(), x, stack, stack.index["b"]), gathered, atol=1e-6, rtol=0)
+
+
+def test_the_single_path_equals_the_float64_formula():
+    """``base(x) + s·(x Aᵀ) Bᵀ`` computed in float64 from the layer's own tensors."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 5)).double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dt.attach(model, dt.LoraConfig(target=["0", "2"], rank=3, alpha=6.0), "a", activate=False)
+    _randomise(model, "a", seed=5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 3, 12, dtype=torch.float64)
+    h = x
+    for module in model:
+        if isinstance(module, AdaptedLayer):
+            lora = module.adapters["a"]
+            h = h @ module.base.weight.T + module.base.bias + lora.scaling * (h @ lora.A.T) @ lora.B.T
+        else:
+            h = module(h)
+    with Router(model, stack_uniform=True) as router, torch.no_grad():
+        router.route(["a"] * 4)
+        assert model[0].router.slot is not None
+        torch.testing.assert_close(model(x), h, atol=1e-12, rtol=0)
+
+
+def test_switching_between_homogeneous_mixed_and_base_rows_mid_stream(paths):
+    """One open router, rows re-routed every pass the way a server's batch changes: each pass
+    equals ``routing`` with those names and each row alone, whichever path it took."""
+    model = _with_adapters("bert", SPECS)
+    inputs = ZOO["bert"].inputs()
+    n_layers = sum(isinstance(m, AdaptedLayer) for m in model.modules())
+    plan = [(["a", "a", "a"], "single"), (["a", "b", "a"], "batched"), (["c", "c", "c"], "single"),
+            ([None, None, None], None), (["b", None, "b"], "batched"), (["b", "b", "b"], "single")]
+    with Router(model, stack_uniform=True) as router, torch.inference_mode():  # as the server runs
+        for names, path in plan:
+            paths.clear()
+            router.route(names)
+            mixed = ZOO["bert"].run(model, inputs)
+            assert paths == ([path] * n_layers if path else [])
+            _check(model, names, inputs, mixed)
+            with routing(model, names):
+                torch.testing.assert_close(mixed, ZOO["bert"].run(model, inputs), atol=ATOL, rtol=0)
+
+
+def test_a_homogeneous_batch_on_an_adapter_absent_from_a_layer_runs_the_base_there():
+    model = ZOO["bert"].build()
+    dt.attach(model, dt.LoraConfig(target=["query", "value"], rank=4), "qv", activate=False)
+    dt.attach(model, dt.LoraConfig(target=["query"], rank=4), "q", activate=False)
+    _randomise(model, "qv", seed=1)
+    _randomise(model, "q", seed=2)
+    inputs = ZOO["bert"].inputs()
+    with Router(model, stack_uniform=True) as router:
+        router.route(["q"] * 3)
+        value = model.bert.encoder.layer[0].attention.self.value
+        assert value.router.uniform == () and value.router.slot is None
+        assert model.bert.encoder.layer[0].attention.self.query.router.slot is not None
+        routed = ZOO["bert"].run(model, inputs)
+    _check(model, ["q"] * 3, inputs, routed)

@@ -215,6 +215,20 @@ def test_lr_follows_the_method_unless_given(method: str, lr: float, reason: str,
     assert load_config(path).lr == 3e-4 and lr_note(load_config(path)) is None  # YAML wins
 
 
+@pytest.mark.parametrize(("method", "lr", "reason"), [
+    ("full", 3e-4, "task image's default for full"),       # measured there; not the text tasks' 5e-5
+    ("lora", 3e-3, "task image's default for lora"),
+    ("bitfit", 1e-2, "bitfit's suggested default"),          # no image rate of its own: the method's
+])
+def test_a_task_s_own_lr_wins_over_the_method_s(method: str, lr: float, reason: str) -> None:
+    from deltatune.train.config import lr_note
+
+    config = load_config(None, ["task=image", f"method={method}"])
+    assert config.lr == lr and lr_note(config) == f"lr {lr:g} ({reason}; set lr= to change)"
+    assert load_config(None, ["task=image", f"method={method}", "lr=0.2"]).lr == 0.2  # --set wins
+    assert load_config(None, [f"method={method}"]).lr != lr or method == "bitfit"  # the text task keeps its own
+
+
 def test_compare_and_train_resolve_the_same_lr(tmp_path: Path) -> None:
     from deltatune.train.compare import plan_comparison
 

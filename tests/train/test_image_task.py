@@ -19,8 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from deltatune.cli import app
-from deltatune.train.config import validate_config
-from deltatune.train.image_task import Preprocess, decode, pixel_batch
+from deltatune.train.config import load_config, validate_config
+from deltatune.train.image_files import decode
+from deltatune.train.image_task import Preprocess, pixel_batch
 from deltatune.train.tasks import get_task
 from tests.train.images import COLOURS, image_folder, image_table, picture
 
@@ -145,10 +146,10 @@ def test_mobilenet_v2_loads_torchvision_weights_and_recognises_a_photo() -> None
     sklearn = pytest.importorskip("sklearn.datasets")  # scikit-learn ships two real photos
     photo = torch.from_numpy(sklearn.load_sample_image("china.jpg").copy()).permute(2, 0, 1)  # a temple roof
     pre = Preprocess(size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    from deltatune.train.image_task import _resize
+    from deltatune.train.image_files import resize
 
     with torch.no_grad():
-        logits = model.eval()(pixel_batch([_resize(photo, 224)], pre, augment=False)).logits
+        logits = model.eval()(pixel_batch([resize(photo, 224)], pre, augment=False)).logits
     top3 = set(logits.topk(3).indices[0].tolist())
     assert {698, 663} <= top3  # ImageNet classes 698 "palace" and 663 "monastery"
     # (its other photo, a close-up of florets, reads as 599 "honeycomb" - not a useful check)
@@ -295,3 +296,12 @@ def test_base_stays_bit_identical_in_every_batchnorm_mode(folder: Path, mode: st
     base_stats = [v for k, v in after.items() if k.endswith("running_mean")]
     moved = any(not any(torch.equal(s, b) for b in base_stats) for s in stats)
     assert moved == (mode == "update")  # only `update` re-estimates statistics, and only in the copies
+
+
+@pytest.mark.parametrize("mode", ["affine", "update"])
+def test_bitfit_with_trained_batchnorm_is_refused_naming_the_fix(mode: str) -> None:
+    # bitfit's bias deltas include BatchNorm's shift; the whole-layer copies would train it twice
+    with pytest.raises(ValueError, match="data.image.batchnorm=frozen with bitfit"):
+        load_config(None, ["task=image", "method=bitfit", f"data.image.batchnorm={mode}"])
+    assert load_config(None, ["task=image", "method=bitfit"]).data.image.batchnorm == "frozen"
+    assert load_config(None, ["task=image", "method=lora", f"data.image.batchnorm={mode}"]).method == "lora"

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -94,11 +95,16 @@ class QuantizedFormat:
         format_of: the storage format of a module (``"nf4"``, ``"int8"``...), ``None`` if the
             module is not one of this library's quantized layers. Must not import the library.
         dequantize: the module's weight as a floating-point (d_out, d_in) tensor (a new tensor).
+        computes_as: ``compute_as(module, x)``, the dtype ``d`` when calling the module on ``x``
+            computes ``F.linear(x.to(d), deq(W).to(d), b).to(x.dtype)`` with nothing else (no hook, no
+            repacked inference layout, no autocast), so a kernel may compute it from the dequantized
+            weight instead; ``None`` when the module must be called. Optional: ``None`` means never.
     """
 
     backend: str
     format_of: Callable[[nn.Module], str | None]
     dequantize: Callable[[nn.Module], Tensor]
+    computes_as: Callable[[nn.Module, Tensor], torch.dtype | None] | None = None
 
 
 #: Filled by ``deltatune/__init__.py`` from ``integrations/quantize.py``; empty means none known.
@@ -126,6 +132,26 @@ def base_weight(base: Any) -> Tensor:
         return base.weight
     module = base if isinstance(base, nn.Module) else base.module
     return found[0].dequantize(module)
+
+
+def dequantized_weight_fn(base: Any, x: Tensor) -> Callable[[], Tensor] | None:
+    """For a quantized linear layer that a kernel may compute from its weight, called on ``x``: a
+    function returning its dequantized weight (d_out, d_in) in ``x``'s dtype, a new tensor on each
+    call (so a kernel can dequantize again in backward instead of keeping it, as the libraries' own
+    autograd functions do). ``None`` for any other module, for hooks, and when the layer computes in
+    another dtype than ``x``'s (see :attr:`QuantizedFormat.computes_as`): then it must be called."""
+    if not isinstance(base, nn.Module) or base._forward_hooks or base._forward_pre_hooks \
+            or base._backward_hooks or base._backward_pre_hooks:
+        return None
+    found = quantized_format(base)
+    if found is None or found[0].computes_as is None or found[0].computes_as(base, x) != x.dtype:
+        return None
+    dequantize, dtype = found[0].dequantize, x.dtype  # not x itself: a kernel may keep this function
+
+    def weight() -> Tensor:
+        w = dequantize(base)
+        return w if w.dtype == dtype else w.to(dtype)
+    return weight
 
 
 def describe(base: nn.Module) -> LayerSpec | None:

@@ -12,6 +12,9 @@ every example names its own adapter, or ``None`` for the bare base::
 How a routed layer computes (chosen per layer, once per ``routing`` block):
 
 - every example names the same adapters there: the ordinary forward (fused kernels and all);
+  through a :class:`Router` opened with ``stack_uniform`` (a server), a batch whose rows all name
+  one low-rank adapter adds it from the stack instead, with two 2-D products read straight from
+  its slot (``core.stacking.single``): no gather and no batched product of tiny matrices;
 - each example names at most one adapter and all of them are *low-rank* (see ``core.contract.LowRank``):
   one batched path. The layer's low-rank adapters are stacked once (``core/stacking.py``: ranks
   zero-padded, scaling folded in, slot ``n`` zero for the bare base); per call, gather one slot
@@ -45,7 +48,7 @@ from deltatune.core.inject import _known, detach, using
 from deltatune.core.contract import is_low_rank
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.products import plain_linear
-from deltatune.core.stacking import Stack, batched, stack_of
+from deltatune.core.stacking import Stack, batched, single, stack_of
 
 Key = tuple[str, ...]  # the adapters one example runs through on one layer, innermost first
 Choice = str | None | Sequence[str]
@@ -89,13 +92,17 @@ class _Route:
         self._groups: dict[int, list[tuple[Key, Tensor]]] = {}
         self._gathered: Tensor | None = None  # the rows' factors, gathered from the stack once
 
+    slot: int | None = None  # every row on the adapter in this slot of ``stack`` (a homogeneous batch)
+
     @classmethod
-    def planned(cls, keys: list[Key], uniform: Key | None, stack: Stack | None, slots: Tensor | None) -> _Route:
+    def planned(cls, keys: list[Key], uniform: Key | None, stack: Stack | None, slots: Tensor | None,
+                slot: int | None = None) -> _Route:
         """A route whose parts a :class:`Router` computed once for many layers alike."""
         route = cls.__new__(cls)
         route.keys, route.uniform, route.stack, route._groups, route._gathered = keys, uniform, stack, {}, None
         if slots is not None:
             route.slots = slots
+        route.slot = slot
         return route
 
     def _repeat(self, rows: int) -> int:
@@ -113,6 +120,8 @@ class _Route:
             return layer.run(x, self.uniform, *args, **kwargs)
         repeat = self._repeat(x.shape[0])
         if self.stack is not None and not layer.training and not (self.stack.trainable and torch.is_grad_enabled()):
+            if self.slot is not None:  # homogeneous: every row on one adapter, no gather
+                return single(_base_output(layer.base, x, args, kwargs), x, self.stack, self.slot)
             slots = self.slots if repeat == 1 else self.slots.repeat_interleave(repeat)
             AB = self._gathered
             if AB is None or AB.dtype != x.dtype or AB.shape[0] != slots.shape[0]:
@@ -219,8 +228,9 @@ class Router:
     def __init__(self, model: nn.Module, previous: Router | None = None, changed: Iterable[str] | None = None,
                  stack_uniform: bool = False) -> None:
         self.model = model
-        # Rows that all use one low-rank adapter take the stacked path too (equal up to float
-        # rounding, not bit for bit; on CPU it runs a little faster than the ordinary forward).
+        # Rows that all use one low-rank adapter take it from the stack too, with two 2-D products
+        # read from its slot (``core.stacking.single``; equal up to float rounding, not bit for
+        # bit): on CPU cheaper than the ordinary forward's autograd kernel and than a gather.
         self.stack_uniform = stack_uniform
         self.layers = _unmerged_layers(model)
         self._saved: list[tuple[AdaptedLayer, Any]] | None = [(layer, layer.router) for layer in self.layers]
@@ -228,9 +238,14 @@ class Router:
         self._reuse = dict(previous._stacks) if previous is not None else {}
         # With ``changed`` given, every other adapter is vouched unchanged since ``previous``.
         self._trusted = None if changed is None or previous is None else set(changed)
-        self._signature = {layer: (frozenset(layer.adapters._modules),
-                                   frozenset(n for n, a in layer.adapters._modules.items() if is_low_rank(a)))
-                           for layer in self.layers}
+        # Per layer: its adapters' names, and its low-rank ones in attach order (the stack's rows).
+        self._signature: dict[AdaptedLayer, tuple[frozenset[str], frozenset[str]]] = {}
+        self._low: dict[AdaptedLayer, list[str]] = {}
+        for layer in self.layers:
+            modules = layer.adapters._modules
+            low = [n for n, a in modules.items() if is_low_rank(a)]  # type: ignore[arg-type]
+            self._low[layer] = low
+            self._signature[layer] = (frozenset(modules), frozenset(low))
         self.names: list[Choice] | None = None
 
     def _stack_of(self, layer: AdaptedLayer) -> Stack:
@@ -239,7 +254,7 @@ class Router:
             reuse = self._reuse.pop(layer, None)
             trusted = frozenset() if self._trusted is None or reuse is None else frozenset(
                 n for n in reuse.names if n not in self._trusted)
-            stack = self._stacks[layer] = stack_of(self.model, layer, reuse, trusted)
+            stack = self._stacks[layer] = stack_of(self.model, layer, reuse, trusted, self._low[layer])
         return stack
 
     def route(self, adapter_names: Sequence[Choice]) -> None:
@@ -260,20 +275,24 @@ class Router:
                 seen = list(dict.fromkeys(layer_keys))
                 uniform = seen[0] if len(seen) == 1 else None
                 low_rank = all(len(k) == 0 or (len(k) == 1 and k[0] in low) for k in seen)
-                if uniform and low_rank and self.stack_uniform:
+                one = uniform[0] if uniform and low_rank and self.stack_uniform else None
+                if one is not None:
                     uniform = None
                 batched = uniform is None and low_rank
-                plan = plans[(have, low)] = (layer_keys, uniform, batched, {})
-            layer_keys, uniform, batched, slots_by = plan
-            stack, slots = None, None
+                plan = plans[(have, low)] = (layer_keys, uniform, batched, one, {})
+            layer_keys, uniform, batched, one, slots_by = plan
+            stack, slots, slot = None, None, None
             if batched:
                 stack = self._stack_of(layer)
-                where = (stack.AB.device, tuple(stack.index.items()))
-                slots = slots_by.get(where)
-                if slots is None:
-                    slots = slots_by[where] = torch.tensor(
-                        [stack.index[k[0]] if k else stack.zero for k in layer_keys], device=stack.AB.device)
-            layer.router = _Route.planned(layer_keys, uniform, stack, slots)
+                if one is not None:
+                    slot = stack.index[one]
+                else:
+                    where = (stack.AB.device, tuple(stack.index.items()))
+                    slots = slots_by.get(where)
+                    if slots is None:
+                        slots = slots_by[where] = torch.tensor(
+                            [stack.index[k[0]] if k else stack.zero for k in layer_keys], device=stack.AB.device)
+            layer.router = _Route.planned(layer_keys, uniform, stack, slots, slot)
         self.names = list(adapter_names)
 
     def close(self) -> None:

@@ -3,7 +3,8 @@
 ``Stack`` holds a layer's low-rank adapters (see ``core.contract.LowRank``) in one tensor,
 ``[A | (sB)ᵀ]: (n + 1, r, d_in + d_out)``, ranks zero-padded and scaling folded in; slot ``n`` is
 zero and serves the bare base. ``batched`` adds each row's own adapter to the base output with two
-``bmm`` products, no Python loop over adapters. ``stack_of`` caches the stack in the records of the
+``bmm`` products, no Python loop over adapters; ``single`` adds one adapter to every row (a
+homogeneous batch) with two 2-D products read straight from its slot, no gather. ``stack_of`` caches the stack in the records of the
 adapters it holds (``core.inject.AdapterRecord.caches``) and rebuilds it only when one of them was
 added, removed, replaced or edited in place (weak references plus version counters). Used by
 per-example routing (``core/routing.py``).
@@ -114,17 +115,19 @@ def _tensors(module: nn.Module, out: list[Tensor]) -> list[Tensor]:
 
 
 def stack_of(model: nn.Module, layer: AdaptedLayer, reuse: Stack | None = None,
-           trusted: frozenset[str] = frozenset()) -> Stack:
+           trusted: frozenset[str] = frozenset(), names: list[str] | None = None) -> Stack:
     """The layer's stack, rebuilt only if an adapter was added, removed, replaced or edited.
 
     ``reuse``: an earlier stack of this layer (perhaps of other adapters) whose rows are copied
     for the adapters it holds unchanged, so attaching one adapter among many costs one row.
     ``trusted``: names the caller vouches are unchanged since ``reuse`` was built; their tensors
-    are not walked again.
+    are not walked again. ``names``: the layer's low-rank adapters in attach order, when the caller
+    has them (a router computes them once per opening).
     """
-    names = _low_rank_names(layer)
+    names = _low_rank_names(layer) if names is None else names
     held = reuse._by_name if reuse is not None else {}
-    refs = {n: held[n] if n in trusted and n in held else _refs(layer.adapters[n]) for n in names}
+    modules = layer.adapters._modules
+    refs = {n: held[n] if n in trusted and n in held else _refs(modules[n]) for n in names}  # type: ignore[arg-type]
     key = (Stack, layer)  # kept in the records of the adapters it stacks (core.inject.store)
     entry = cached(model, names, key)
     if entry is None or not entry.current(names, refs):
@@ -147,3 +150,23 @@ def batched(out: Tensor, x: Tensor, stack: Stack, slots: Tensor, AB: Tensor | No
         out.view(rows, -1, d_out).baddbmm_(ax.transpose(1, 2), Bt)      # in place: no (b, L, d_out) temporary
         return out
     return out + torch.bmm(ax.transpose(1, 2), Bt).view(out.shape).to(out.dtype)
+
+
+def single(out: Tensor, x: Tensor, stack: Stack, slot: int) -> Tensor:
+    """``out += s · (x Aᵀ) Bᵀ`` with every row on the one adapter in ``slot`` (a homogeneous batch).
+
+    The same sum as :func:`batched` with all slots equal, without gathering a copy of the factors
+    per row or a batched product of ``b`` tiny matrices: the rows are flattened to ``(N, d_in)``
+    and the slot's factors are read in place (strided views of the stack), so a batch on one
+    adapter costs two thin products (rank r) beside the base product.
+    """
+    d_out = out.shape[-1]
+    A, Bt = stack.AB[slot, :, : stack.d_in], stack.AB[slot, :, stack.d_in :]  # (r, d_in), (r, d_out): views
+    if A.dtype != x.dtype:
+        A, Bt = A.to(x.dtype), Bt.to(x.dtype)
+    ax = torch.mm(x.reshape(-1, stack.d_in), A.t())                           # (N, d_in) @ (d_in, r) -> (N, r)
+    if (not torch.is_grad_enabled() and out.is_contiguous() and out.dtype == ax.dtype
+            and out.data_ptr() != x.data_ptr()):
+        out.view(-1, d_out).addmm_(ax, Bt)                                    # in place: no (N, d_out) temporary
+        return out
+    return out + torch.mm(ax, Bt).view(out.shape).to(out.dtype)

@@ -115,6 +115,26 @@ def _bnb_dequantize(module: nn.Module) -> Tensor:
     return F.dequantize_4bit(weight.data, weight.quant_state)  # (d_out, d_in), the original dtype
 
 
+def _bnb_computes_as(module: nn.Module, x: Tensor) -> torch.dtype | None:
+    """The dtype ``Linear4bit.forward`` computes ``F.linear(x, deq(W), b)`` in (bitsandbytes 0.47-0.50:
+    ``matmul_4bit`` -> ``gemm_4bit``, dequantize then ``F.linear``; its backward dequantizes again), or
+    ``None`` where it does something else: int8 (its own state machine), a weight repacked (or about to
+    be, on a no-grad eval call) for the bf16 CPU inference kernel, a weight quantized input-first."""
+    if not _is(module, "Linear4bit") or torch.is_autocast_enabled(x.device.type):
+        return None
+    state = getattr(module.weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False) or x.shape[-1] != state.shape[1] \
+            or getattr(state, "quant_type", None) not in ("nf4", "fp4"):
+        return None
+    if x.device.type == "cpu" and getattr(module, "support_avx512bf16_for_cpu", False) and not module.training \
+            and not x.requires_grad:
+        return None  # forward would repack the weight and run the bf16 inference kernel
+    if not getattr(module, "compute_type_is_set", True):
+        module.set_compute_type(x)  # what forward does on its first call (float32 / bf16 inputs win)
+        module.compute_type_is_set = True
+    return module.compute_dtype if module.compute_dtype is not None else x.dtype
+
+
 def _torchao_format(module: nn.Module) -> str | None:
     return "nf4" if isinstance(module, TorchaoNF4Linear) else None
 
@@ -123,9 +143,16 @@ def _torchao_dequantize(module: nn.Module) -> Tensor:
     return module.weight.get_original_weight()
 
 
+def _torchao_computes_as(module: nn.Module, x: Tensor) -> torch.dtype | None:
+    """:class:`TorchaoNF4Linear` computes ``F.linear(x, deq(W)) + b`` in its weight's dtype."""
+    if not isinstance(module, TorchaoNF4Linear) or torch.is_autocast_enabled(x.device.type):
+        return None
+    return module.weight.dtype
+
+
 FORMATS: list[QuantizedFormat] = [
-    QuantizedFormat("bitsandbytes", _bnb_format, _bnb_dequantize),
-    QuantizedFormat("torchao", _torchao_format, _torchao_dequantize),
+    QuantizedFormat("bitsandbytes", _bnb_format, _bnb_dequantize, _bnb_computes_as),
+    QuantizedFormat("torchao", _torchao_format, _torchao_dequantize, _torchao_computes_as),
 ]
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from deltatune.config import AdapterConfig
 from deltatune.core.layer import Adapter
-from deltatune.core.layers import bag_like, base_weight, describe, is_transposed_linear, linear_bag
+from deltatune.core.layers import bag_like, base_weight, dequantized_weight_fn, describe, is_transposed_linear, linear_bag
 from deltatune.core.targeting import pattern_value
 from deltatune.core.products import runs_like_its_weight
 from deltatune.methods.lora_kernels import dropout_mask, lora_linear
@@ -81,9 +82,14 @@ class LoraLinear(Adapter):
 
     def forward(self, x: Tensor, base: Any) -> Tensor:
         A, B = self._factors()
+        weight: Tensor | Callable[[], Tensor] | None = None
         if self._fusable(base):
-            # One fused autograd node (methods/lora_kernels.py); the base layer runs inside it.
             weight = base.weight.t() if self.transposed else base.weight  # (d_out, d_in)
+        elif not self.transposed and not torch.compiler.is_compiling():
+            # a quantized base (NF4): dequantized inside the fused node, in forward and in backward
+            weight = dequantized_weight_fn(base, x)
+        if weight is not None:
+            # One fused autograd node (methods/lora_kernels.py); the base layer runs inside it.
             p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
             mask = dropout_mask(x, p) if self.training and p > 0 else None
             return lora_linear(x, weight, base.bias, A, B, self.scaling, mask, 1.0 - p)

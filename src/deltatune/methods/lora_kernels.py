@@ -27,6 +27,11 @@ over x, two over g). Here:
 - autocast: the products run in the autocast dtype, the rank-r gradient products read x in its
   own (usually float32) dtype, and every gradient is returned in its input's dtype.
 
+A quantized frozen base (NF4: bitsandbytes, torchao) takes the same path with ``weight`` given as
+a function that dequantizes it (``core/layers.py``: ``dequantized_weight_fn``): called in forward and
+again in backward, as the libraries' own autograd functions do, so no dequantized copy is kept
+between them; the fresh copy is where ``W' = W + s·B A`` is formed, in place.
+
 Tried and measured slower on CPU, so not here: fusing ``g B`` into the big product as ``g [W' | B]``
 (the wider output costs MKL more than the pass it saves) and processing rows in cache-sized blocks
 (smaller products run less efficiently). The frozen weight never gets a gradient: callers use the
@@ -34,6 +39,8 @@ plain formula when it requires one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -73,13 +80,18 @@ def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tens
     return torch.addmm(weight.to(dtype), B.to(dtype), A.to(dtype), alpha=scaling)
 
 
-def _merged_in(weight: Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+def _merged_in(weight: Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype,
+               fresh: bool = False) -> Tensor:
     """``W + s·B A`` in the compute dtype ``dtype``.
 
     A weight already stored in a lower compute dtype (bf16 frozen weights under autocast,
     ``core/frozen_dtype.py``) gets the update in one product in that dtype (its accumulation in
     float32 inside the BLAS): one pass over W instead of a cast up, a float32 sum and a cast down.
+    A ``fresh`` weight (just dequantized, nobody else's) in ``dtype`` gets it in place: the same
+    numbers as ``addmm``, without a second (d_out, d_in) tensor.
     """
+    if fresh and weight.dtype == dtype and torch.promote_types(dtype, A.dtype) == dtype:
+        return weight.addmm_(B.to(dtype), A.to(dtype), alpha=scaling)
     if weight.dtype == dtype and dtype in (torch.bfloat16, torch.float16) and A.dtype != dtype:
         return torch.addmm(weight, B.to(dtype), A.to(dtype), alpha=scaling)
     return _merged_weight(weight, A, B, scaling).to(dtype)
@@ -91,7 +103,7 @@ def _dropped(x: Tensor, mask: Tensor | None, keep: float) -> Tensor:
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
              mask: Tensor | None, keep: float, dtype: torch.dtype, merged: bool,
-             keep_xa: bool = False) -> tuple[Tensor, Tensor | None]:
+             keep_xa: bool = False, fresh: bool = False) -> tuple[Tensor, Tensor | None]:
     """The output (..., d_out) and (x_d Aᵀ)ᵀ (r, N), which B's gradient needs (None if not asked)."""
     xc = x.to(dtype)
     b = None if bias is None else bias.to(dtype)
@@ -100,7 +112,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tenso
         # Taken first, while x is fresh in cache from the layer that produced it.
         xa_t = _project_t(_dropped(xc, mask, keep).reshape(-1, x.shape[-1]), A.to(dtype))  # (r, N)
     if merged:
-        return _linear(xc, _merged_in(weight, A, B, scaling, dtype), b), xa_t
+        return _linear(xc, _merged_in(weight, A, B, scaling, dtype, fresh), b), xa_t
     out = _linear(xc, weight.to(dtype), b)                                       # (..., d_out)
     out.view(-1, out.shape[-1]).addmm_(xa_t.t(), B.to(dtype).t(), alpha=scaling)  # += s·(x_d Aᵀ) Bᵀ
     return out, xa_t
@@ -108,13 +120,19 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tenso
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,  # type: ignore[override]
-                scaling: float, mask: Tensor | None, keep: float, dtype: torch.dtype, merged: bool) -> Tensor:
-        # x: (..., d_in); weight: (d_out, d_in), frozen; A: (r, d_in); B: (d_out, r); mask like x
+    def forward(ctx, x: Tensor, weight: Tensor | Callable[[], Tensor], bias: Tensor | None,  # type: ignore[override]
+                A: Tensor, B: Tensor, scaling: float, mask: Tensor | None, keep: float, dtype: torch.dtype,
+                merged: bool) -> Tensor:
+        # x: (..., d_in); weight: (d_out, d_in), frozen, or a function dequantizing it; A: (r, d_in);
+        # B: (d_out, r); mask like x
+        fresh = callable(weight)
         with torch.autocast(x.device.type, enabled=False):
-            out, xa = _forward(x, weight, bias, A, B, scaling, mask, keep, dtype, merged, B.requires_grad)
+            w = weight() if fresh else weight
+            out, xa = _forward(x, w, bias, A, B, scaling, mask, keep, dtype, merged, B.requires_grad, fresh)
+        del w  # a dequantized copy is not kept for backward: it is dequantized again there
         kept, ctx.rebuild = saved.pack(x)  # x, or the inputs its producer keeps anyway (core/saved.py)
-        ctx.save_for_backward(weight, A, B, xa, mask, *kept)
+        ctx.save_for_backward(None if fresh else weight, A, B, xa, mask, *kept)
+        ctx.weight_fn = weight if fresh else None
         ctx.scaling, ctx.keep, ctx.dtype, ctx.merged = scaling, keep, dtype, merged
         return out
 
@@ -123,16 +141,20 @@ class _LoraLinear(torch.autograd.Function):
         weight, A, B, xa, mask, *kept = ctx.saved_tensors
         x = saved.unpack(tuple(kept), ctx.rebuild)
         need_x, _, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        fresh = ctx.weight_fn is not None
         with torch.autocast(grad.device.type, enabled=False):
+            if fresh:  # only the input gradient reads W
+                weight = ctx.weight_fn() if need_x else None
             grad_x, grad_A, grad_B = _backward(grad, x, weight, A, B, xa, mask, ctx.scaling, ctx.keep, ctx.dtype,
-                                               ctx.merged, need_x, need_A, need_B)
+                                               ctx.merged, need_x, need_A, need_B, fresh)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None, None
 
 
-def _backward(grad: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, xa_t: Tensor | None,
+def _backward(grad: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, xa_t: Tensor | None,
               mask: Tensor | None, s: float, keep: float, dtype: torch.dtype, merged: bool,
-              need_x: bool, need_A: bool, need_B: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+              need_x: bool, need_A: bool, need_B: bool,
+              fresh: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     d_in = x.shape[-1]
     g = grad.to(dtype).reshape(-1, grad.shape[-1])        # (N, d_out)
     # x is read in its own dtype: under autocast it is often float32, and casting it would be a
@@ -148,8 +170,9 @@ def _backward(grad: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, xa_
         xa_t = _project_t(x2, A.to(x2.dtype)) if xa_t is None else xa_t     # (r, N) = (x Aᵀ)ᵀ
         grad_B = _thin_mm(xa_t.to(dtype), g).mul_(s).t().to(B.dtype)      # ((r, N) @ (N, d_out))ᵀ
     if need_x:
+        assert weight is not None
         if merged:
-            grad_x = _mm(g, _merged_in(weight, A, B, s, dtype))                # g (W + s·B A)
+            grad_x = _mm(g, _merged_in(weight, A, B, s, dtype, fresh))         # g (W + s·B A)
         else:
             grad_x = _mm(g, weight.to(dtype))                                 # (N, d_in)
             if m2 is None:
@@ -163,18 +186,22 @@ def _backward(grad: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, xa_
     return grad_x, grad_A, grad_B
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
-                mask: Tensor | None = None, keep: float = 1.0) -> Tensor:
+def lora_linear(x: Tensor, weight: Tensor | Callable[[], Tensor], bias: Tensor | None, A: Tensor, B: Tensor,
+                scaling: float, mask: Tensor | None = None, keep: float = 1.0) -> Tensor:
     """``F.linear(x, weight, bias) + scaling · F.linear(F.linear(x * mask / keep, A), B)``, fused.
 
-    ``weight`` (d_out, d_in; a transposed view is fine) must not require a gradient. ``mask`` is
-    a boolean keep-mask shaped like x (see :func:`dropout_mask`), ``None`` for no dropout.
+    ``weight`` (d_out, d_in; a transposed view is fine) must not require a gradient; or a function
+    returning a new (d_out, d_in) tensor on each call (a quantized base's dequantized weight in the
+    compute dtype), called once in forward and once more in backward if x needs a gradient.
+    ``mask`` is a boolean keep-mask shaped like x (see :func:`dropout_mask`), ``None`` for no dropout.
     """
     dtype = _compute_dtype(x)
     rows = x.numel() // max(1, x.shape[-1])
-    merged = mask is None and merge_pays(rows, weight.shape[1], weight.shape[0])
+    merged = mask is None and merge_pays(rows, A.shape[1], B.shape[0])
     tracked = (x, bias, A, B) if bias is not None else (x, A, B)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
         return _LoraLinear.apply(x, weight, bias, A, B, scaling, mask, keep, dtype, merged)
+    fresh = callable(weight)
     with torch.autocast(x.device.type, enabled=False):
-        return _forward(x, weight, bias, A, B, scaling, mask, keep, dtype, merged)[0]
+        w = weight() if fresh else weight
+        return _forward(x, w, bias, A, B, scaling, mask, keep, dtype, merged, fresh=fresh)[0]

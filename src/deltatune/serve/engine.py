@@ -17,9 +17,10 @@ Each loop of the engine thread, in order:
 The rows are routed by a :class:`deltatune.core.routing.Router` that stays open while the
 attached adapters stay the same: a request joining or leaving re-routes the layers (computed once
 per group of alike layers), and only attaching or detaching an adapter re-opens it (rewriting the
-swapped adapters' rows of the stacked factors, nothing else). Inside it, a layer whose rows all use one adapter runs that
-adapter's ordinary forward; a mixed layer gathers each row's stacked low-rank factors (see
-:mod:`deltatune.core.routing`).
+swapped adapters' rows of the stacked factors, nothing else). Inside it, a layer whose rows all
+use one low-rank adapter adds it with two 2-D products read from its slot of the stacked factors
+(no gather; the bare base runs the plain layer); a mixed layer gathers each row's stacked
+low-rank factors (see :mod:`deltatune.core.routing`).
 
 Results go back through ``Job.deliver``, called on this thread; the HTTP side hands them to its
 event loop. An exception in a step fails the requests in that step (status 500) and the engine

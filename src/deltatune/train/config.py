@@ -171,16 +171,16 @@ def _with_method_defaults(data: Any) -> tuple[Any, str | None]:
     method = data.get("method", TrainConfig.model_fields["method"].default)
     filled = method_defaults(method) if isinstance(method, str) else {}
     task_name = data.get("task", TrainConfig.model_fields["task"].default)
-    task_lr = getattr(TASKS.get(task_name), "method_lr", {}).get(method) if isinstance(task_name, str) else None
+    task = TASKS.get(task_name) if isinstance(task_name, str) else None
+    task_lr = task.method_lr.get(method) if task is not None and isinstance(method, str) else None
     if task_lr is not None:  # a task's own measured rate for this method wins over the method's generic one
         return {**{k: v for k, v in filled.items() if k not in data}, "lr": task_lr, **data}, \
             f"task {task_name}'s default for {method}"
     if "lr" in filled:
         reason = "full fine-tuning's default" if method == "full" else f"{method}'s suggested default"
     else:
-        task = data.get("task", TrainConfig.model_fields["task"].default)
-        has_own = isinstance(task, str) and "lr" in getattr(TASKS.get(task), "defaults", {})
-        reason = f"task {task}'s default" if has_own else "the default"
+        has_own = task is not None and "lr" in task.defaults
+        reason = f"task {task_name}'s default" if has_own else "the default"
     return {**{k: v for k, v in filled.items() if k not in data}, **data}, reason
 
 

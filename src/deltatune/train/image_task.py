@@ -34,19 +34,17 @@ from torch import nn
 
 from deltatune.train import data as D
 from deltatune.train.classify import ClassificationTask
+from deltatune.train.image_files import IMAGE_SUFFIXES, decode_rows, resize, source_rows
 
 if TYPE_CHECKING:
     from deltatune.train.schema import ImageConfig, TrainConfig
 
 PREPROCESSING_FILE = "preprocessing.json"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BUILTIN_IMAGE_MODELS = ("mobilenet-v2", "tiny-resnet", "tiny-vit")
 #: MobileNetV2's stem and depthwise convolutions, in torchvision's names (block 1 has no expansion).
 MOBILENET_STEM_AND_DEPTHWISE = r"re:features\.(0\.0|1\.conv\.0\.0|([2-9]|1[0-7])\.conv\.1\.0)"
 #: MobileNetV2's inverted-residual blocks (``features.1`` to ``features.17``).
 MOBILENET_BLOCKS = r"re:features\.([1-9]|1[0-7])"
-#: A picture whose shorter side is below ``size / SMALL`` is upsampled a lot: said once per run.
-SMALL = 4
 
 
 @dataclass
@@ -82,108 +80,6 @@ class Preprocess:
 
 # --- reading pictures ---------------------------------------------------------------------------
 
-def decode(path: Path, size: int) -> tuple[torch.Tensor, bool]:
-    """A picture file -> (uint8 (3, size, size), whether it was far smaller than ``size``).
-
-    Raises ``ValueError`` naming the file for anything Pillow cannot read completely."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise ValueError("task 'image' reads pictures with Pillow: pip install 'deltatune[vision]'") from None
-    import numpy as np
-
-    try:
-        with Image.open(path) as img:
-            img.load()  # decodes every byte: a truncated file fails here, not in the middle of training
-            small = min(img.size) * SMALL < size
-            rgb = _to_rgb(img, np)
-    except UnidentifiedImageError:
-        raise ValueError(f"{path} is not a picture Pillow can read (PNG, JPEG, ...); remove it or convert it") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path} is corrupt or truncated ({err}); remove it or re-export it") from None
-    return _resize(rgb, size), small
-
-
-def _to_rgb(img: Any, np: Any) -> torch.Tensor:
-    """Any Pillow mode -> uint8 (3, H, W): 16/32-bit scaled to 8-bit, alpha laid over white."""
-    from PIL import Image
-
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if img.mode == "F":
-            top = max(float(arr.max()), 1.0) if arr.max() > 1 else 1.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)         # (H, W, 3)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)         # (3, H, W)
-
-
-def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (C, H, W) -> uint8 (C, size, size): shorter side to ``size``, centre crop."""
-    _, h, w = pixels.shape
-    if (h, w) == (size, size):
-        return pixels
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(pixels[None].float(), size=(nh, nw), mode="bilinear", align_corners=False,
-                      antialias=scale < 1)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
-
-
-def folder_rows(root: Path) -> list[tuple[str, str]]:
-    """(path, class) rows of an ImageFolder tree; every class folder must hold a picture."""
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{root} has no class folders; put each class's pictures in a sub-folder named after it "
-                         "(e.g. {root}/cat/1.png), or give a CSV/JSONL of path,label")
-    rows = []
-    for cls in classes:
-        files = sorted(f for f in cls.rglob("*") if f.is_file() and not f.name.startswith("."))
-        if not files:
-            raise ValueError(f"class folder {cls} is empty; add its pictures or remove the folder "
-                             "(a class without examples cannot be learnt)")
-        rows += [(str(f), cls.name) for f in files]
-    return rows
-
-
-def table_rows(path: Path, image: ImageConfig, label_column: str) -> list[tuple[str, str]]:
-    """(path, label) rows of a CSV/JSONL; relative paths are read from the table's folder."""
-    rows = D.read_table(path, [image.path_column, label_column])
-    out = []
-    for file, label in rows:
-        p = Path(file).expanduser()
-        out.append((str(p if p.is_absolute() else path.parent / p), label))
-    return out
-
-
-def source_rows(source: str, config: TrainConfig) -> list[tuple[str, str]]:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return folder_rows(path)
-    if not path.exists():
-        raise ValueError(f"data {source} not found; give a folder of class folders or a CSV/JSONL of path,label")
-    return table_rows(path, config.data.image, config.data.label_column)
-
-
-def decode_rows(rows: list[tuple[str, int]], size: int) -> tuple[list[tuple[torch.Tensor, int]], int]:
-    """Decode every picture up front (errors name the file); returns the examples and how many were small."""
-    missing = next((p for p, _ in rows if not Path(p).is_file()), None)
-    if missing is not None:  # before decoding anything: a wrong path column fails at once
-        raise ValueError(f"picture {missing} does not exist; fix the path (relative paths are read from the "
-                         "table's folder)")
-    out, small = [], 0
-    for p, label in rows:
-        pixels, is_small = decode(Path(p), size)
-        out.append((pixels, label))
-        small += is_small
-    return out, small
-
-
 # --- the task -------------------------------------------------------------------------------------
 
 class ImageTask(ClassificationTask):
@@ -203,6 +99,9 @@ class ImageTask(ClassificationTask):
     # Bottleneck: Conv-Adapter's sequential placement, after each of MobileNetV2's inverted-residual
     # blocks 1-17 (1×1 convolutions C -> C/8 -> C on the block's output). Visual prompt: a border of
     # 8 pixels at the default 64×64 (Bahng et al.'s 30 of 224, about the same share).
+    # Chosen on validation (bench/image_compare.py, README): full fine-tuning from 1e-4 / 3e-4 / 1e-3
+    # (the text tasks' 5e-5 is far too small for a conv net with BatchNorm), LoRA and DoRA from 1e-3 / 3e-3.
+    method_lr: ClassVar[dict[str, float]] = {"full": 3e-4, "lora": 3e-3, "dora": 3e-3}
     method_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         **{method: {"target": "all-conv", "exclude": [MOBILENET_STEM_AND_DEPTHWISE], "rank": 4, "alpha": 8}
            for method in ("lora", "dora")},
@@ -213,6 +112,13 @@ class ImageTask(ClassificationTask):
     def check_config(self, config: TrainConfig) -> None:
         d = config.data
         D.check_data_files(d)
+        own_targets = any(key in config.adapter for key in ("target", "exclude"))
+        if config.method == "bitfit" and d.image.batchnorm != "frozen" and not own_targets:
+            # BitFit's bias deltas cover BatchNorm's shift; `affine` / `update` train the same layers whole
+            raise ValueError(f"method bitfit already trains BatchNorm's shift, and data.image.batchnorm: "
+                             f"{d.image.batchnorm} would train the same layers whole as well; use "
+                             "data.image.batchnorm=frozen with bitfit, or another method (e.g. lora) for "
+                             f"{d.image.batchnorm}")
 
     # data
     def _builtin(self, config: TrainConfig) -> bool:
@@ -396,7 +302,7 @@ def pixel_batch(pixels: list[torch.Tensor], pre: Any, augment: bool) -> torch.Te
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     else:
-        x = torch.stack([_resize(p.expand(3, *p.shape[1:]) if p.shape[0] == 1 else p, size) for p in pixels]).float() / 255.0
+        x = torch.stack([resize(p.expand(3, *p.shape[1:]) if p.shape[0] == 1 else p, size) for p in pixels]).float() / 255.0
     x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x                        # grey -> RGB
     if augment and (pre.flip or pre.shift):
         x = _augment(x, pre.flip, pre.shift)
@@ -417,4 +323,4 @@ def _augment(x: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
     return x
 
 
-__all__ = ["ImageTask", "PREPROCESSING_FILE", "Preprocess", "decode", "folder_rows", "pixel_batch"]
+__all__ = ["ImageTask", "PREPROCESSING_FILE", "Preprocess", "pixel_batch"]

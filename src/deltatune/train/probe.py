@@ -57,6 +57,8 @@ import torch
 import deltatune as dt
 from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.data import epoch_batches
+from deltatune.train.dropout import applies as dropout_applies
+from deltatune.train.dropout import fast_dropout_runner
 from deltatune.train.frozen import applies as frozen_applies
 from deltatune.train.frozen import frozen_runner
 from deltatune.train.loop import _start, _step, make_runner, pick_device, resolve_precision
@@ -232,6 +234,8 @@ class Prober:
             run = frozen_runner(run)
         if config.loss_chunk:
             run = chunked_runner(run, config.loss_chunk)
+        if dropout_applies(config, self.device):  # as run_training: dropout masks drawn as random bits
+            run = fast_dropout_runner(run)
         return run
 
     def _measure(self, config: TrainConfig) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from deltatune.train.callbacks import Callback, History
 from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, to_yaml, validate_config
 from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision
+from deltatune.train.dropout import applies as dropout_applies
+from deltatune.train.dropout import fast_dropout_runner
 from deltatune.train.frozen import applies as frozen_applies
 from deltatune.train.frozen import frozen_runner
 from deltatune.train.memory import chunked_runner, quantize_base
@@ -128,6 +130,8 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
         run = frozen_runner(run)
     if config.loss_chunk:
         run = chunked_runner(run, config.loss_chunk)
+    if dropout_applies(config, device):  # the model's dropout masks drawn as random bits (dropout.py)
+        run = fast_dropout_runner(run)
     history = fit(strategy, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks,
                   callbacks=callbacks)
     sharded = ranks.distributed and config.strategy == "fsdp"  # every forward and the save are collectives

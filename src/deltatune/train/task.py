@@ -20,13 +20,16 @@ if TYPE_CHECKING:
 
 class Task:
     """Base class. ``defaults`` fill the top-level config keys a user did not set (``model``,
-    ``epochs``, ``lr``...); ``method_defaults[method]`` fills that method's ``adapter:`` keys."""
+    ``epochs``, ``lr``...); ``method_defaults[method]`` fills that method's ``adapter:`` keys and
+    ``method_lr[method]`` its learning rate (measured on this task; it wins over the method's
+    generic ``suggested_lr``, and an explicit ``lr`` wins over both)."""
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     description: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    method_lr: ClassVar[dict[str, float]] = {}
     #: The metric that picks nothing but is printed each epoch and plotted (e.g. ``accuracy``).
     headline: ClassVar[str] = "loss"
 
