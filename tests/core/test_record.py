@@ -74,3 +74,28 @@ def test_a_refused_attach_leaves_no_record():
     with pytest.raises(ValueError, match="no"):
         dt.attach(model, Refuses(), "x")
     assert records(model) == {} and list(model.state_dict()) == keys
+
+
+def test_holding_finds_an_adapters_layers_from_its_record_as_a_walk_does():
+    """``holding`` (the layers that hold an adapter, found from its record: how a server's swap
+    avoids walking the model) equals a walk for plain, hybrid and ``modules_to_save`` adapters,
+    and falls back to the walk when the record does not account for every layer."""
+    from deltatune.config import HybridConfig
+    from deltatune.core.stored import holding
+
+    model = ZOO["bert"].build()
+    dt.attach(model, dt.LoraConfig(rank=4), "plain", activate=False)
+    dt.attach(model, HybridConfig(parts=(dt.LoraConfig(target=["query"], rank=4), dt.IA3Config(target=["value", "dense"]))),
+              "hybrid", activate=False)
+    dt.attach(model, dt.LoraConfig(target=["value"], rank=2, modules_to_save=("classifier",)), "head", activate=False)
+
+    def walked(name: str) -> set[int]:
+        return {id(m) for m in model.modules() if isinstance(m, dt.AdaptedLayer) and name in m.adapters}
+
+    for name in ("plain", "hybrid", "head"):
+        assert {id(m) for m in holding(model, name)} == walked(name) and walked(name)
+    record = records(model)["plain"]
+    record.placement, record.layer_count = [record.placement[0][:1]], None  # an account that misses layers
+    assert {id(m) for m in holding(model, "plain")} == walked("plain")
+    record.placement = [["no.such.module"]]
+    assert {id(m) for m in holding(model, "plain")} == walked("plain")

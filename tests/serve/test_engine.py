@@ -137,3 +137,29 @@ def test_newcomers_wait_a_few_steps_to_share_one_prefill(tmp_path):
     alone, counts_alone = run(1)
     assert gated == alone and all(len(o) for o in gated)
     assert counts[:6] == [4, 4, 4, 4, 5, 9] and counts_alone[:2] == [4, 5]
+
+
+def test_the_running_batchs_cache_keeps_and_joins_rows_without_an_extra_copy():
+    """``kv.build`` hands the tensors themselves to the cache (no copy per join / leave); keeping
+    rows drops the columns that are padding in all of them, joining pads the shorter side."""
+    from deltatune.serve import kv
+
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(3, 2, 5, 4, generator=g) for _ in range(2)]
+    values = [torch.randn(3, 2, 5, 4, generator=g) for _ in range(2)]
+    cache = kv.build(list(zip(keys, values)))
+    assert all(k is keys[i] and v is values[i] for i, (k, v) in enumerate(kv.tensors(cache)))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    kept = kv.Batch(cache, mask).keep([1, 0])  # the first two columns are padding in both rows
+    assert kept.mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    for (k, v), k0, v0 in zip(kv.tensors(kept.cache), keys, values):
+        assert torch.equal(k, k0[[1, 0], :, 2:]) and torch.equal(v, v0[[1, 0], :, 2:])
+    other = kv.Batch(kv.build([(k[2:], v[2:]) for k, v in zip(keys, values)]), mask[2:])
+    joined = kept.join(other)
+    assert joined.mask.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    for (k, v), k0 in zip(kv.tensors(joined.cache), keys):
+        assert torch.equal(k[:2, :, 2:], k0[[1, 0], :, 2:]) and torch.equal(k[:2, :, :2], torch.zeros(2, 2, 2, 4))
+        assert torch.equal(k[2:], k0[2:])
+    cache = joined.cache
+    cache.update(torch.ones(3, 2, 1, 4), torch.ones(3, 2, 1, 4), 0)  # a decode step appends its column
+    assert kv.tensors(cache)[0][0].shape == (3, 2, 6, 4)

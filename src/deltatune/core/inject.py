@@ -57,6 +57,7 @@ class AdapterRecord:
     saved: list[str] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     caches: dict[Hashable, Any] = field(default_factory=dict)
+    layer_count: int | None = None  # how many layers hold it, counted once (checks core.stored.holding)
 
 
 def records(model: nn.Module) -> dict[str, AdapterRecord]:
@@ -311,10 +312,11 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     return model
 
 
-def rename(model: nn.Module, old: str, new: str) -> None:
+def rename(model: nn.Module, old: str, new: str, layers: list[AdaptedLayer] | None = None) -> None:
     """Give attached adapter ``old`` the name ``new``: its record and its module in every layer
     (it becomes the last attached, as if attached now). Caches built from it are dropped.
-    Refused for an adapter with model-level hooks (they may hold the name)."""
+    Refused for an adapter with model-level hooks (they may hold the name). ``layers``: the layers
+    that hold ``old``, when the caller has them (``core.stored.holding``)."""
     if not _NAME_RE.match(new):
         raise ValueError(f"adapter name {new!r} must be an identifier such as 'default' or 'sentiment'")
     if new in records(model):
@@ -326,7 +328,7 @@ def rename(model: nn.Module, old: str, new: str) -> None:
         for other in records(model).values():
             other.caches.pop(key, None)
     gone.caches.clear()
-    for _, layer in adapted_layers(model):
+    for layer in (layer for _, layer in adapted_layers(model)) if layers is None else layers:
         if old in layer.adapters:
             module = layer.adapters[old]
             del layer.adapters[old]

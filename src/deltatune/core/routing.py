@@ -238,9 +238,14 @@ class Router:
         self._reuse = dict(previous._stacks) if previous is not None else {}
         # With ``changed`` given, every other adapter is vouched unchanged since ``previous``.
         self._trusted = None if changed is None or previous is None else set(changed)
-        self._signature = {layer: (frozenset(layer.adapters._modules),
-                                   frozenset(n for n, a in layer.adapters._modules.items() if is_low_rank(a)))
-                           for layer in self.layers}
+        # Per layer: its adapters' names, and its low-rank ones in attach order (the stack's rows).
+        self._signature: dict[AdaptedLayer, tuple[frozenset[str], frozenset[str]]] = {}
+        self._low: dict[AdaptedLayer, list[str]] = {}
+        for layer in self.layers:
+            modules = layer.adapters._modules
+            low = [n for n, a in modules.items() if is_low_rank(a)]  # type: ignore[arg-type]
+            self._low[layer] = low
+            self._signature[layer] = (frozenset(modules), frozenset(low))
         self.names: list[Choice] | None = None
 
     def _stack_of(self, layer: AdaptedLayer) -> Stack:
@@ -249,7 +254,7 @@ class Router:
             reuse = self._reuse.pop(layer, None)
             trusted = frozenset() if self._trusted is None or reuse is None else frozenset(
                 n for n in reuse.names if n not in self._trusted)
-            stack = self._stacks[layer] = stack_of(self.model, layer, reuse, trusted)
+            stack = self._stacks[layer] = stack_of(self.model, layer, reuse, trusted, self._low[layer])
         return stack
 
     def route(self, adapter_names: Sequence[Choice]) -> None:

@@ -115,17 +115,19 @@ def _tensors(module: nn.Module, out: list[Tensor]) -> list[Tensor]:
 
 
 def stack_of(model: nn.Module, layer: AdaptedLayer, reuse: Stack | None = None,
-           trusted: frozenset[str] = frozenset()) -> Stack:
+           trusted: frozenset[str] = frozenset(), names: list[str] | None = None) -> Stack:
     """The layer's stack, rebuilt only if an adapter was added, removed, replaced or edited.
 
     ``reuse``: an earlier stack of this layer (perhaps of other adapters) whose rows are copied
     for the adapters it holds unchanged, so attaching one adapter among many costs one row.
     ``trusted``: names the caller vouches are unchanged since ``reuse`` was built; their tensors
-    are not walked again.
+    are not walked again. ``names``: the layer's low-rank adapters in attach order, when the caller
+    has them (a router computes them once per opening).
     """
-    names = _low_rank_names(layer)
+    names = _low_rank_names(layer) if names is None else names
     held = reuse._by_name if reuse is not None else {}
-    refs = {n: held[n] if n in trusted and n in held else _refs(layer.adapters[n]) for n in names}
+    modules = layer.adapters._modules
+    refs = {n: held[n] if n in trusted and n in held else _refs(modules[n]) for n in names}  # type: ignore[arg-type]
     key = (Stack, layer)  # kept in the records of the adapters it stacks (core.inject.store)
     entry = cached(model, names, key)
     if entry is None or not entry.current(names, refs):

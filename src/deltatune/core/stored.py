@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from deltatune.config import AdapterConfig
 from deltatune.core.files import WEIGHTS_FILE
 from deltatune.core.fingerprint import differences, fingerprint
-from deltatune.core.inject import adapted_layers, attach, configs, detach, mark_trainable, placement, records, rename
-from deltatune.core.layer import FullCopy, logical_modules
+from deltatune.core.inject import (AdapterRecord, adapted_layers, attach, configs, detach, mark_trainable, placement,
+                                   record, records, rename)
+from deltatune.core.layer import AdaptedLayer, FullCopy, logical_get, logical_modules
 
 
 @dataclass(frozen=True)
@@ -194,13 +195,42 @@ def install(model: nn.Module, value: StoredAdapter, name: str | None = None, *, 
     return name
 
 
-def _warn_other_base(model: nn.Module, value: StoredAdapter, name: str, source: Source) -> None:
-    changed = differences(value.meta.get("base_fingerprint"),
-                          {n: layer.base for n, layer in adapted_layers(model) if name in layer.adapters})
+def _warn_other_base(model: nn.Module, value: StoredAdapter, name: str, source: Source,
+                     bases: dict[str, nn.Module] | None = None) -> None:
+    saved = value.meta.get("base_fingerprint")
+    if saved is None:
+        return
+    if bases is None:
+        bases = {n: layer.base for n, layer in adapted_layers(model) if name in layer.adapters}
+    changed = differences(saved, bases)
     if changed:
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
         warnings.warn(f"{source.where}: this base model is not the one the adapter was saved with: {changed[0]}"
                       f"{more}; it loads, but its outputs will differ from the trained run's", stacklevel=4)
+
+
+def holding(model: nn.Module, name: str) -> list[AdaptedLayer]:
+    """The adapted layers that hold adapter ``name``, found from its record (the modules each part
+    was built on, and ``modules_to_save``) rather than by walking the model; a walk when the record
+    does not account for every layer (an adapter placed by other means)."""
+    return _holding(model, name, record(model, name))
+
+
+def _holding(model: nn.Module, name: str, rec: AdapterRecord) -> list[AdaptedLayer]:
+    found: dict[int, AdaptedLayer] = {}
+    for module_name in (*(n for part in rec.placement for n in part), *rec.saved):
+        try:
+            layer = logical_get(model, module_name)
+        except KeyError:
+            break
+        if isinstance(layer, AdaptedLayer) and name in layer.adapters._modules:
+            found[id(layer)] = layer
+    else:
+        if rec.layer_count is None:  # once per record: the modules don't change while it is attached
+            rec.layer_count = sum(name in layer.adapters._modules for _, layer in adapted_layers(model))
+        if rec.layer_count == len(found):
+            return list(found.values())
+    return [layer for _, layer in adapted_layers(model) if name in layer.adapters._modules]
 
 
 def reinstall(model: nn.Module, value: StoredAdapter, name: str, old: str) -> bool:
@@ -220,18 +250,25 @@ def reinstall(model: nn.Module, value: StoredAdapter, name: str, old: str) -> bo
     if (gone is None or gone.handles or gone.saved or value.modules_to_save or gone.config != value.config
             or gone.placement != [list(p) for p in value.parts]):
         return False
-    layers = {n: layer for n, layer in adapted_layers(model) if old in layer.adapters}
-    if any(old in layer.merged or old in layer.active for layer in layers.values()):
+    held = holding(model, old)  # from the record, without walking the model
+    if any(old in layer.merged or old in layer.active for layer in held):
         return False
-    current = {n: layer.adapters[old].state_dict(keep_vars=True) for n, layer in layers.items()}
+    try:  # each layer's logical name (the stored tensors' prefix), from the placement
+        names = {id(logical_get(model, n)): n for part in gone.placement for n in part}
+    except KeyError:
+        return False
+    if any(id(layer) not in names for layer in held):
+        return False
+    current = {names[id(layer)]: layer.adapters[old].state_dict(keep_vars=True) for layer in held}
     expected = {f"{n}.{k}": t.shape for n, tensors in current.items() for k, t in tensors.items()}
     if expected.keys() != value.tensors.keys() or any(tuple(value.tensors[k].shape) != tuple(shape)
                                                       for k, shape in expected.items()):
         return False
-    rename(model, old, name)
+    rename(model, old, name, held)
     with torch.no_grad():
         for n, tensors in current.items():
             for k, t in tensors.items():
                 t.copy_(value.tensors[f"{n}.{k}"])
-    _warn_other_base(model, value, name, value.source or Source("adapter"))
+    _warn_other_base(model, value, name, value.source or Source("adapter"),
+                     {names[id(layer)]: layer.base for layer in held})
     return True

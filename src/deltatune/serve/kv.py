@@ -37,10 +37,19 @@ def check_cache(cache: object) -> None:
 
 
 def build(kv: list[tuple[Tensor, Tensor]]) -> object:
-    """A ``DynamicCache`` holding these (keys, values) per layer."""
+    """A ``DynamicCache`` holding these (keys, values) per layer, without copying them.
+
+    (``DynamicCache(ddp_cache_data=kv)`` would copy every tensor once more, by concatenating it
+    to an empty one: the whole cache, each time a row joins or leaves.) The layers are made from
+    empty slices of the tensors, then handed the tensors themselves; the next decode step
+    concatenates its column to them as usual.
+    """
     from transformers.cache_utils import DynamicCache
 
-    return DynamicCache(ddp_cache_data=kv)
+    cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in kv])
+    for layer, (k, v) in zip(_layers(cache), kv):
+        layer.keys, layer.values = k, v
+    return cache
 
 
 def tensors(cache: object) -> list[tuple[Tensor, Tensor]]:
