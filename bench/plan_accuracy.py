@@ -85,22 +85,37 @@ def measure(name: str, out: Path, steps: int, methods: list[str], collect: bool 
         "grid_seconds": compare["seconds"], "rows": rows,
         "memory_within_goal": sum(abs(r["memory_ratio"] - 1) <= GOALS["memory"] for r in ok),
         "step_within_goal": sum(abs(r["step_ratio"] - 1) <= GOALS["step"] for r in ok), "measured": len(ok),
+        "steps_total_within_goal": sum(abs(r["steps_total_ratio"] - 1) <= GOALS["step"]
+                                       for r in ok if r.get("steps_total_ratio") is not None),
     }
 
 
 def measured_step(metrics: dict[str, Any]) -> tuple[float, str]:
-    """The run's mean step time and what it counts. ``train_seconds`` also counts validation (the
-    loop adds each validation's time to it), which plan's step time leaves out; runs that record
-    their step times give the mean of the steps alone."""
-    steps, times = metrics["steps"], metrics.get("step_times")
+    """The run's steady step time and what it counts: the mean of its steps after the first, which is
+    what plan's ``step_seconds`` predicts (the first step's one-off cost is predicted on its own,
+    ``first_step_extra_seconds``, and compared in the run's total). ``train_seconds`` also counts
+    validation, which plan's step time leaves out; runs without ``step_times`` give that, marked."""
+    times = metrics.get("step_times")
     if times:
-        return (times["first"] + times["mean_after_first"] * (steps - 1)) / steps, "mean of the steps"
-    return metrics["train_seconds"] / steps, "train_seconds / steps (validation included)"
+        return times["mean_after_first"], "mean of the steps after the first"
+    return metrics["train_seconds"] / metrics["steps"], "train_seconds / steps (validation included)"
+
+
+def steps_total(metrics: dict[str, Any], key: str = "step_times") -> float | None:
+    """The run's steps alone, first included (seconds): what plan's ``train_seconds`` predicts."""
+    times = metrics.get(key)
+    if not times:
+        return None
+    return times["first"] + times["mean_after_first"] * (metrics["steps"] - 1)
 
 
 def compare_row(p: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
     """Predicted against measured for one method: ``p`` its plan row, ``m`` its run."""
     step, counted = measured_step(m["metrics"])
+    total = steps_total(m["metrics"])
+    steps = m["metrics"]["steps"]
+    extra = p.get("first_step_extra_seconds")
+    predicted_total = p["step_seconds"] * steps + (extra or 0.0)  # the run's steps, as plan's train_seconds
     return {
         "method": p["method"], "status": "ok",
         "params_exact": p["trainable_parameters"] == m["trainable_parameters"],
@@ -109,7 +124,10 @@ def compare_row(p: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
         "memory_ratio": p["peak_memory_mb"] / m["peak_memory_mb"],
         "step_predicted_s": p["step_seconds"], "step_measured_s": step, "step_measured_counts": counted,
         "step_ratio": p["step_seconds"] / step,
-        "step_measured_with_validation_s": m["metrics"]["train_seconds"] / m["metrics"]["steps"],
+        "step_measured_with_validation_s": m["metrics"]["train_seconds"] / steps,
+        "first_step_extra_predicted_s": extra,
+        "steps_total_predicted_s": predicted_total, "steps_total_measured_s": total,
+        "steps_total_ratio": predicted_total / total if total else None,
         "train_predicted_s": p["train_seconds"], "train_measured_s": m["train_seconds"],
         **cpu_columns(p, m["metrics"]),
     }
@@ -118,21 +136,27 @@ def compare_row(p: dict[str, Any], m: dict[str, Any]) -> dict[str, Any]:
 def cpu_columns(plan_row: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """Step time as CPU seconds (the step's work, whatever else ran on the machine) predicted and
     measured, the CPU share each side got (CPU / wall: how loaded the machine was), the load average
-    at each end, and the run's step times without its first step. Runs and plans from before these
-    were recorded give ``None``."""
+    at each end, and the run's first step. The measured CPU step is, as the wall one, the mean after
+    the first step where the run recorded each step's CPU time (``step_cpu_times``), else the whole
+    run's CPU time per step (first included, ``step_cpu_counts`` says which). Runs and plans from
+    before CPU time was recorded give ``None``."""
     cpu = metrics.get("train_cpu_seconds")
-    measured = cpu / metrics["steps"] if cpu is not None else None
+    per_step = metrics.get("step_cpu_times")
+    if per_step:
+        measured, counts = per_step["mean_after_first"], "mean of the steps after the first"
+    else:
+        measured, counts = (cpu / metrics["steps"] if cpu is not None else None), "train_cpu_seconds / steps"
     predicted = plan_row.get("step_cpu_seconds")
     times = metrics.get("step_times") or {}
     return {
-        "step_cpu_predicted_s": predicted, "step_cpu_measured_s": measured,
+        "step_cpu_predicted_s": predicted, "step_cpu_measured_s": measured, "step_cpu_counts": counts,
         "step_cpu_ratio": predicted / measured if predicted and measured else None,
+        "first_step_extra_cpu_predicted_s": plan_row.get("first_step_extra_cpu_seconds"),
+        "step_cpu_measured_first_s": (per_step or {}).get("first"),
         "cpu_share_probe": plan_row.get("cpu_share"),
         "cpu_share_run": round(cpu / metrics["train_seconds"], 3) if cpu is not None else None,
         "load_average_probe": plan_row.get("load_average"), "load_average_run": metrics.get("load_average"),
         "step_measured_first_s": times.get("first"), "step_measured_after_first_s": times.get("mean_after_first"),
-        "step_ratio_after_first": (plan_row["step_seconds"] / times["mean_after_first"]
-                                   if times.get("mean_after_first") else None),
     }
 
 

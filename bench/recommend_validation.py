@@ -69,6 +69,31 @@ def sweep_key(preset: str, schedule: str) -> str:
     return f"{preset} {12 if schedule == 'constant' else 10} epochs {schedule}"
 
 
+def test_split_half(sweep: dict[str, Any], halves: int = 200) -> dict[str, float]:
+    """How well the test users rank the settings against themselves: split the 401 test users at random
+    in two halves, rank the twelve settings by seed-averaged test NDCG@10 on each half, and correlate the
+    two rankings (Spearman, mean over ``halves`` splits). Uses each run's stored last-epoch ranks (epoch 12
+    for the constant-rate runs, 10 for the others). This bounds what any validation can reach against
+    test on 401 users: test itself is that noisy."""
+    import random
+
+    from bench.recommend_sweep_report import per_user
+
+    users = {}
+    for preset, schedule in SETTINGS:
+        key = sweep_key(preset, schedule)
+        users[key] = per_user([r for r in sweep["runs"] if f"{r['preset']} {r['epochs']} epochs {r['schedule']}" == key])
+    n = len(next(iter(users.values())))
+    rng, rhos = random.Random(0), []
+    for _ in range(halves):
+        order = list(range(n))
+        rng.shuffle(order)
+        a, b = order[:n // 2], order[n // 2:]
+        rhos.append(spearman([statistics.fmean(v[i] for i in a) for v in users.values()],
+                             [statistics.fmean(v[i] for i in b) for v in users.values()]))
+    return {"mean": statistics.fmean(rhos), "sd": statistics.stdev(rhos), "halves": halves}
+
+
 def report(record: dict[str, Any], sweep: dict[str, Any], min_seeds: int) -> dict[str, Any]:
     old = {s["setting"]: s for s in sweep_settings(sweep, EPOCH)}
     rows = []
@@ -88,6 +113,9 @@ def report(record: dict[str, Any], sweep: dict[str, Any], min_seeds: int) -> dic
         gains = [r["gain"][0] for r in rows]
         out["spearman_val5_vs_test_gain"] = spearman([r["val5"][0] for r in rows], gains)
         out["spearman_val1_vs_test_gain"] = spearman([r["val1"][0] for r in rows], gains)
+        out["spearman_val5_vs_test_gain_without_add_back"] = spearman(
+            [r["val5"][0] for r in rows], [r["test_gain_without_add_back"][0] for r in rows])
+        out["test_split_half_spearman"] = test_split_half(sweep)
     full = next((r for r in rows if r["family"] == "full"), None)
     lora = next((r for r in rows if r["family"] == "lora" and r["trainable_share"] <= 0.05), None)
     if full and lora:
@@ -95,7 +123,25 @@ def report(record: dict[str, Any], sweep: dict[str, Any], min_seeds: int) -> dic
         # standard error of the ratio by the delta method (the two gains' seeds are independent runs)
         se = abs(share) * math.hypot(lora["gain"][1] / lora["gain"][0], full["gain"][1] / full["gain"][0])
         out |= {"full": full["setting"], "lora": lora["setting"], "share": share, "share_se": se}
+        # LoRA minus full on the same test users (seed-averaged per user; each run's last epoch: exact at
+        # epoch 10 for linear-decay runs, the 12th for the sweep's constant-rate ones)
+        from bench.recommend_sweep_report import paired
+        out["paired_lora_minus_full"] = paired(sweep, sweep_key(full["preset"], full["schedule"]),
+                                               sweep_key(lora["preset"], lora["schedule"]))
     return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The README's table: settings by the new validation, with the old one and the final fit's test gain."""
+    f = lambda v: f"{v[0]:.4f} ± {v[1]:.4f}"  # noqa: E731
+    lines = ["| setting (epoch 10) | trainable | validation NDCG@10, 5 positions | validation, 1 position (sweep) | "
+             "test gain, final fit | test gain, no add-back |", "|:--|--:|--:|--:|--:|--:|"]
+    for row in r["settings"]:
+        mark = " (**choice**)" if row["setting"] in (r.get("full"), r.get("lora")) else ""
+        lines.append(f"| {row['setting']}{mark} | {100 * row['trainable_share']:.1f} % | {f(row['val5'])} | "
+                     f"{f(row['val1'])} | {row['gain'][0]:+.4f} ± {row['gain'][1]:.4f} | "
+                     f"{row['test_gain_without_add_back'][0]:+.4f} ± {row['test_gain_without_add_back'][1]:.4f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"val@1 {row['val1'][0]:.4f}  test gain {row['gain'][0]:+.4f} ± {row['gain'][1]:.4f}  "
                   f"(no add-back {row['test_gain_without_add_back'][0]:+.4f})")
         print({k: v for k, v in r.items() if k != "settings"})
+        print(markdown(r))
         return
     chosen = SETTINGS if args.settings == "all" else [SETTINGS[int(i)] for i in args.settings.split(",")]
     done = {(r["preset"], r["schedule"], r["seed"], r["positions"]) for r in record["runs"]}

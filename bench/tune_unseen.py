@@ -116,7 +116,7 @@ def one_seed(seed: int, trials: int, directory: Path) -> dict[str, Any]:
     default = default_run(sets, directory / f"default-{seed}")
     default["wall_seconds"] = round(time.time() - t0, 1)
     t0 = time.time()
-    t = run_tune(sets, "all", None, trials=trials, output=directory / f"tune-{seed}", seed=seed, rungs=4)
+    t = run_tune(sets, "all", None, trials=trials, output=directory / f"tune-{seed}", seed=seed)
     best = t["best"]
     tuned = {"pruner": DEFAULT_PRUNER, "pick": best["label"], "lr": best["lr"], "validation_accuracy": best["value"],
              "test_accuracy": best["test_metric"], "examples": t["compute"]["examples"],

@@ -1,5 +1,5 @@
-"""LoRA on an NF4 base runs in the fused kernel (methods/lora_kernels.py) with the weight dequantized
-inside it, in forward and again in backward: equal to the float64 formula on the dequantized weight,
+"""LoRA on an NF4 base (and an int8 one, training on CPU) runs in the fused kernel
+(methods/lora_kernels.py) with the weight dequantized inside it, in forward and again in backward: equal to the float64 formula on the dequantized weight,
 equal to the unfused path (calling the quantized layer), and no dequantized weight kept for backward.
 """
 
@@ -20,9 +20,13 @@ warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
 def _adapted(backend: str = "bitsandbytes", dropout: float = 0.0, bias: bool = True,
              compute: torch.dtype = torch.float32) -> nn.Module:
+    """LoRA on one quantized layer: ``backend`` bitsandbytes / torchao (NF4) or int8 (bitsandbytes)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 192, bias=bias))  # whole 64-value blocks (see README's bnb note)
-    dt.quantize(model, "nf4", backend=backend, compute_dtype=compute)
+    if backend == "int8":
+        dt.quantize(model, "int8")
+    else:
+        dt.quantize(model, "nf4", backend=backend, compute_dtype=compute)
     dt.attach(model, dt.LoraConfig(target=["0"], rank=4, alpha=8, dropout=dropout))
     with torch.no_grad():
         for p in model.parameters():
@@ -41,10 +45,11 @@ def _formula(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y if b is None else y + b.double()
 
 
-@pytest.mark.parametrize("backend", ["bitsandbytes", "torchao"])
+@pytest.mark.parametrize("backend", ["bitsandbytes", "torchao", "int8"])
 @pytest.mark.parametrize("rows", [3, 2048])  # low-rank update / merged product (merge_pays)
 def test_fused_nf4_lora_equals_the_float64_formula(backend, rows):
-    model = _adapted(backend, bias=backend == "bitsandbytes")
+    model = _adapted(backend, bias=backend != "torchao")
+    model.train()
     x = torch.randn(rows, 128, requires_grad=True)
     y = model(x)
     assert type(y.grad_fn).__name__ == "_LoraLinearBackward"  # the fused path, not base(x) + branch
@@ -63,8 +68,10 @@ def test_fused_nf4_lora_equals_the_float64_formula(backend, rows):
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
-def test_fused_nf4_lora_equals_the_unfused_path_and_keeps_no_dequantized_weight():
-    model = _adapted()
+@pytest.mark.parametrize("backend", ["bitsandbytes", "int8"])
+def test_fused_lora_equals_the_unfused_path_and_keeps_no_dequantized_weight(backend):
+    model = _adapted(backend)
+    model.train()
     layer, lora = model[0], model[0].adapters["default"]
     x = torch.randn(2, 512, 128, requires_grad=True)
     shapes = []
@@ -121,8 +128,9 @@ def test_the_layer_is_called_where_the_kernel_would_compute_differently():
         assert dequantized_weight_fn(base, x) is None             # autocast: its own rules
     base.register_forward_hook(lambda *a: None)
     assert dequantized_weight_fn(base, x) is None                 # hooks run: the layer is called
-    int8 = dt.quantize(nn.Sequential(nn.Linear(128, 64)), "int8")[0]
-    assert dequantized_weight_fn(int8, x) is None                 # int8: bitsandbytes' own state machine
+    int8 = dt.quantize(nn.Sequential(nn.Linear(128, 64)), "int8")[0].eval()
+    assert dequantized_weight_fn(int8, x) is None                 # int8 in eval: float16 products
+    assert dequantized_weight_fn(int8.train(), x) is not None     # training on CPU: dequantize + F.linear
     assert dequantized_weight_fn(nn.Linear(128, 64), x) is None   # not quantized
 
 

@@ -42,6 +42,9 @@ def test_run_writes_adapter_metrics_config_and_plot(tiny_bert: Path, tiny_csv: P
     assert metrics["train_cpu_seconds"] > 0 and 0 < times["first"] and 0 < times["median"] <= metrics["train_seconds"]
     # train_seconds also counts the two validations; the steps alone take less.
     assert times["mean_after_first"] * 11 + times["first"] < metrics["train_seconds"] + 0.01
+    # Each step's CPU time too (plan's accuracy bench compares steady steps): they add up to the run's.
+    cpu = metrics["step_cpu_times"]
+    assert cpu["mean_after_first"] * 11 + cpu["first"] == pytest.approx(metrics["train_cpu_seconds"], abs=0.02)
     # The adapter holds LoRA tensors plus the new classifier head, and nothing of the frozen base.
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(k.startswith("classifier.") for k in saved)

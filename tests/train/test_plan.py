@@ -42,7 +42,8 @@ def test_plan_rows_are_exact_where_they_can_be(planned: dict, tiny_bert: Path, t
         assert r["peak_memory_mb"] > 0 and r["step_seconds"] > 0 and r["step_cpu_seconds"] > 0
         assert 0 < r["cpu_share"] and len(r["load_average"]) == 3  # how loaded the machine was while it probed
         assert r["epoch_seconds"] == pytest.approx(r["step_seconds"] * 6)
-        assert r["train_seconds"] == pytest.approx(r["epoch_seconds"] * 2)
+        assert r["first_step_extra_seconds"] >= 0 and r["first_step_extra_cpu_seconds"] >= 0
+        assert r["train_seconds"] == pytest.approx(r["epoch_seconds"] * 2 + r["first_step_extra_seconds"])
         assert r["fits"] is True and r["reason"].startswith("fits; tightest is ")
     assert rows["full"]["trainable_share"] == 1.0
     assert rows["bitfit"]["trainable_parameters"] < rows["lora"]["trainable_parameters"] < rows["full"]["trainable_parameters"]
@@ -128,3 +129,15 @@ def test_what_stays_is_measured_while_the_runs_state_is_alive(tiny_bert: Path, t
     monkeypatch.setattr(Prober, "_memory", spy)
     [row] = run_plan(shared(tiny_bert, tiny_csv), "full", "defaults", steps=1, say=lambda _: None)["rows"]
     assert row["status"] == "ok" and alive == [1]
+
+
+def test_the_first_steps_extra_is_the_warm_up_less_a_steady_step_of_its_size() -> None:
+    from deltatune.train.probe import first_step_extra
+
+    # Timed steps ran at 0.01 s (wall) and 0.004 s (CPU) per token; the warm-up's 200 tokens took 5 s and
+    # 2 s: 3 s and 1.2 s more than a steady step of that size.
+    timing = {"rates": [0.011, 0.01, 0.009], "cpu_rates": [0.004, 0.004, 0.005]}
+    extra = first_step_extra({"wall": 5.0, "cpu": 2.0, "tokens": 200}, timing)
+    assert extra["wall"] == pytest.approx(3.0) and extra["cpu"] == pytest.approx(1.2)
+    # A warm-up no slower than a steady step has no extra (never negative).
+    assert first_step_extra({"wall": 1.0, "cpu": 0.5, "tokens": 200}, timing) == {"wall": 0.0, "cpu": 0.0}

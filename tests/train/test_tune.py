@@ -5,6 +5,7 @@ losing finished trials; two processes on one study never train the same trial.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -110,6 +111,64 @@ def test_default_pruner_is_one_successive_halving_ladder(tmp_path: Path) -> None
     assert inspect.signature(run_tune).parameters["pruner"].default == DEFAULT_PRUNER
     study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", "maximize", DEFAULT_PRUNER, 4, 0, 60)
     assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+
+
+def test_default_rungs_put_every_validation_where_the_pruner_decides() -> None:
+    """The pruners decide at 1, 3, 9, ... validations: the default is one of those (one cut at a third
+    of the run, then the end), on the command line and in the library alike."""
+    import inspect
+
+    from deltatune.cli.tune import tune
+    from deltatune.train.tune import DEFAULT_RUNGS, REDUCTION_FACTOR
+
+    assert DEFAULT_RUNGS == inspect.signature(tune).parameters["rungs"].default
+    assert inspect.signature(run_tune).parameters["rungs"].default == DEFAULT_RUNGS
+    assert DEFAULT_RUNGS == REDUCTION_FACTOR ** round(math.log(DEFAULT_RUNGS, REDUCTION_FACTOR))
+
+
+class _AlwaysPrune:
+    """A trial whose pruner always says stop; records what was reported."""
+
+    def __init__(self) -> None:
+        self.reported: list[tuple[float, int]] = []
+
+    def report(self, value: float, step: int) -> None:
+        self.reported.append((value, step))
+
+    def set_user_attr(self, key: str, value: object) -> None:
+        pass
+
+    def should_prune(self) -> bool:
+        return True
+
+
+def test_the_last_validation_is_never_pruned() -> None:
+    """Stopping a run after its last step saves nothing and would drop its finished result from the
+    search: with 3 rungs ASHA's second decision falls on the last validation."""
+    from types import SimpleNamespace
+
+    from deltatune.train.callbacks import History
+    from deltatune.train.tune import Pruned, Report
+
+    trial = _AlwaysPrune()
+    report = Report(trial, "accuracy")
+    state = SimpleNamespace(step=30, total=30, history=History(validation=[{"accuracy": 0.5}] * 3))
+    report.on_epoch_end(state)  # the end of the run: reported, not stopped
+    assert trial.reported == [(0.5, 1), (0.5, 2), (0.5, 3)]
+    midway = SimpleNamespace(step=10, total=30, history=History(validation=[{"accuracy": 0.4}]))
+    with pytest.raises(Pruned):
+        Report(_AlwaysPrune(), "accuracy").on_step(midway)
+
+
+def test_the_sampler_models_the_results_after_a_third_of_the_trials(tmp_path: Path) -> None:
+    """Optuna's TPE default samples its first 10 trials at random: a 10-trial search was a random search."""
+    from deltatune.train.tune import open_study, startup_trials
+
+    assert [startup_trials(n) for n in (4, 10, 20, 30, 100)] == [3, 3, 6, 10, 10]
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", "maximize", "asha", 3, 0, 60, trials=12)
+    sampler = study.sampler
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert sampler._n_startup_trials == 4 and sampler._multivariate and sampler._group and sampler._constant_liar
 
 
 @pytest.fixture()

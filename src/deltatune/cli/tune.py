@@ -25,7 +25,8 @@ def tune(
         help="Optuna storage URL (default: sqlite:///OUTPUT/study.db); share it to search from several processes.")] = None,
     study_name: Annotated[str | None, typer.Option(help="Study name (default: from the settings).")] = None,
     pruner: Annotated[str, typer.Option(help="Early stopping: asha, hyperband or none.")] = "asha",
-    rungs: Annotated[int, typer.Option(help="Validations per trial (the pruner's resource).")] = 4,
+    rungs: Annotated[int, typer.Option(
+        help="Validations per trial (the pruner's resource; it decides at 1, 3, 9, ... of them).")] = 3,
     epochs: Annotated[str | None, typer.Option(help="Epoch counts to search, e.g. 1,2 (default: the config's).")] = None,
     seed: Annotated[int, typer.Option(help="The sampler's seed.")] = 0,
     probe_steps: Annotated[int, typer.Option(help="Timed probe steps per option in the cost prediction.")] = 3,

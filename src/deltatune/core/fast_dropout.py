@@ -122,7 +122,7 @@ class FastDropout(TorchFunctionMode):
             training, inplace = _arg(args, kwargs, 2, "training", True), _arg(args, kwargs, 3, "inplace", False)
             if training and not inplace and p > 0 and isinstance(x, Tensor) and x.device.type == "cpu":
                 return dropout(x, p, True)
-        elif func is F.scaled_dot_product_attention:
+        elif func is F.scaled_dot_product_attention and len(args) >= 3:  # q, k, v by position, as callers pass them
             q, k, v = args[:3]
             p = _arg(args, kwargs, 4, "dropout_p", 0.0)
             plain = not kwargs.get("enable_gqa", False) and q.device.type == "cpu" and q.shape[:-2] == k.shape[:-2]

@@ -119,8 +119,16 @@ def _bnb_computes_as(module: nn.Module, x: Tensor) -> torch.dtype | None:
     """The dtype ``Linear4bit.forward`` computes ``F.linear(x, deq(W), b)`` in (bitsandbytes 0.47-0.50:
     ``matmul_4bit`` -> ``gemm_4bit``, dequantize then ``F.linear``; its backward dequantizes again), or
     ``None`` where it does something else: int8 (its own state machine), a weight repacked (or about to
-    be, on a no-grad eval call) for the bf16 CPU inference kernel, a weight quantized input-first."""
-    if not _is(module, "Linear4bit") or torch.is_autocast_enabled(x.device.type):
+    be, on a no-grad eval call) for the bf16 CPU inference kernel, a weight quantized input-first.
+    ``Linear8bitLt`` training on CPU runs ``MatMul8bitFp``: ``F.linear(x, CB · SCB / 127, b)`` in x's
+    dtype; in eval (fp16 products) and on CUDA (int8 products) it is called."""
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    if _is(module, "Linear8bitLt"):
+        fp_state = getattr(getattr(module, "state", None), "has_fp16_weights", True)
+        ok = x.device.type == "cpu" and module.training and not fp_state and module.weight.dtype == torch.int8
+        return x.dtype if ok else None
+    if not _is(module, "Linear4bit"):
         return None
     state = getattr(module.weight, "quant_state", None)
     if state is None or getattr(state, "packing_format_for_cpu", False) or x.shape[-1] != state.shape[1] \

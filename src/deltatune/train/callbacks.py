@@ -42,6 +42,7 @@ class History:
     seconds: float = 0.0   # training wall time, summed over resumed sessions
     cpu_seconds: float = 0.0  # the process's CPU time in those steps: their work, whatever else runs beside them
     step_seconds: list[float] = field(default_factory=list)  # wall time of every step
+    step_cpu_seconds: list[float] = field(default_factory=list)  # CPU time of every step (plan's accuracy bench)
     examples: int = 0      # training examples seen
     best: dict[str, Any] | None = None  # early stopping: the kept validation's step, metric and value
 

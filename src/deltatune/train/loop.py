@@ -216,8 +216,10 @@ def _step(s: State, indices: list[int], collate: Callable[[list[int]], dict[str,
     s.elapsed, s.examples = time.perf_counter() - t0, len(indices)
     s.history.loss.append(s.loss)
     s.history.seconds += s.elapsed
-    s.history.cpu_seconds += time.process_time() - c0
+    used = time.process_time() - c0
+    s.history.cpu_seconds += used
     s.history.step_seconds.append(round(s.elapsed, 4))
+    s.history.step_cpu_seconds.append(round(used, 4))
     s.history.examples += len(indices)
     for hook in hooks:
         hook.on_step(s)

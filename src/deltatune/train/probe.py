@@ -33,8 +33,12 @@ Then the model:
   same from the process's CPU time (``step_cpu_seconds``: the step's work, whatever else runs) and
   the probe's CPU share (CPU / wall) say how much of it was waiting for a core. A run reports the
   same pair (``train_seconds``, ``train_cpu_seconds``), so predictions can be checked on a shared
-  machine whose load changes between the probe and the run. **Epoch and run time**: step time x steps per epoch x epochs:
-  the steps alone (a run's ``train_seconds`` also counts its validations; its ``step_times`` do not).
+  machine whose load changes between the probe and the run. Step time is the *steady* step: a run's
+  first step also pays one-off costs (optimizer state first touched, lazy kernels), predicted
+  separately from the warm-up step (:func:`first_step_extra`; ``first_step_extra_seconds``) and
+  compared with a run's steps after the first (``step_times.mean_after_first``).
+  **Epoch and run time**: step time x steps per epoch (x epochs), the run's plus the first step's
+  extra: the steps alone (a run's ``train_seconds`` also counts its validations; its ``step_times`` do not).
 """
 
 from __future__ import annotations
@@ -163,6 +167,20 @@ def time_steps(s: Any, batches: list[list[int]], collate: Callable, weigh: Calla
     return {"rates": rates, "cpu_rates": cpu_rates, "cpu_share": round(cpu / wall, 3) if wall else None}
 
 
+def first_step_extra(warm: dict[str, float], timing: dict[str, Any]) -> dict[str, float]:
+    """What a run's first step costs beyond a steady step, wall and CPU seconds: the warm-up step's
+    time less what its batch costs at the timed steps' median rate (per padded token), at least 0.
+
+    The first optimizer step pays once for what later steps reuse: the optimizer's state allocated
+    and first touched (AdamW: two tensors the size of the trainable parameters; for full fine-tuning
+    of 135 M parameters that step took 2x a later one), lazily built kernels, the heap's first
+    growth. ``warm`` is the probe's warm-up step (``wall``, ``cpu`` seconds, its padded ``tokens``).
+    In a plan of several candidates in one process, later candidates find the process warm, so
+    theirs is a lower bound."""
+    return {key: max(0.0, warm[key] - statistics.median(timing[rates]) * warm["tokens"])
+            for key, rates in (("wall", "rates"), ("cpu", "cpu_rates"))}
+
+
 class Prober:
     """Probes candidates on one task and data set; the data and the first model load happen once."""
 
@@ -255,7 +273,9 @@ class Prober:
             s = _start(strategy, config, len(train), Path(tmp) / "checkpoint", False, Ranks())
             longest = sorted(range(len(train)), key=lambda i: task.item_length(train[i]))[-len(batches[0]):]
             s.model.train()
+            c0 = time.process_time()
             _step(s, longest, collate, task.loss_weight, run, [])  # warm-up, and the largest activations of the run
+            warm = {"wall": s.elapsed, "cpu": time.process_time() - c0, "tokens": _tokens(train, longest)}
             timing = time_steps(s, (batches * self.steps)[:self.steps], collate, task.loss_weight, run,
                                 lambda b: _tokens(train, b))
             s.model.eval()
@@ -270,6 +290,7 @@ class Prober:
         memory = self._memory(start, steps_per_epoch * config.epochs)  # while the run's state is alive
         del s, strategy, loaded
         step = statistics.median(timing["rates"]) * mean_tokens
+        first = first_step_extra(warm, timing)
         return {
             "trainable_parameters": params.trainable,
             "total_parameters": params.total,
@@ -279,9 +300,11 @@ class Prober:
             "step_seconds": step,
             "step_cpu_seconds": statistics.median(timing["cpu_rates"]) * mean_tokens,  # the step's work, load aside
             "cpu_share": timing["cpu_share"],
+            "first_step_extra_seconds": first["wall"],  # the run's first step: one-off costs on top of a step
+            "first_step_extra_cpu_seconds": first["cpu"],
             "steps_per_epoch": steps_per_epoch,
             "epoch_seconds": step * steps_per_epoch,
-            "train_seconds": step * steps_per_epoch * config.epochs,
+            "train_seconds": step * steps_per_epoch * config.epochs + first["wall"],
             "probe_rates": timing["rates"],
             "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         }

@@ -10,7 +10,8 @@
    the cutoff;
 4. evaluation is leave-last-out per user, as the field does it: each user active after the cutoff
    has their last interaction held out for test and the one before for validation (when it is
-   after the cutoff too); the model ranks **every** item (full ranking, no sampled negatives) from
+   after the cutoff too; ``data.validation_positions=k``: the k before, a less noisy signal for
+   choosing settings); the model ranks **every** item (full ranking, no sampled negatives) from
    the history before it, and we report HR@10, NDCG@10 and MRR. Items already in the user's history
    are removed from the ranking (a MovieLens user rates a movie once), as RecBole does.
 

@@ -200,6 +200,7 @@ def _facts(strategy: Strategy, artifact: Path, history: History, device: torch.d
         "train_seconds": round(history.seconds, 2),
         "train_cpu_seconds": round(history.cpu_seconds, 2),  # the process's CPU time in the steps (all threads)
         "step_times": step_times(history.step_seconds),
+        "step_cpu_times": step_times(history.step_cpu_seconds),  # the same, as CPU seconds
         "total_seconds": round(time.perf_counter() - started, 2),
         "steps": len(history.loss),
         "steps_per_second": round(len(history.loss) / seconds, 3),

@@ -1,0 +1,137 @@
+"""Chat held-out reply loss on a quantized SmolLM2-135M base: does the NF4 gap close with training?
+
+    python -m bench.quant_chat --train              # fp32 / NF4 / int8 LoRA, 96 steps, validation every 24
+    python -m bench.quant_chat --untrained          # no training: the bases alone, and LoftQ at several ranks
+
+``--train`` runs ``deltatune train``'s code (run_training) once per base with the same settings and
+seed: LoRA r 8 on every linear layer (the chat task's defaults: alpha 16, dropout 0.05, lr 5e-4,
+linear schedule), batch 4, max length 128, ``--examples`` training pairs (one epoch), validation
+loss every ``--every`` steps on 96 held-out pairs, test loss at the end on 96 other pairs. Only the
+base's storage differs (``quantize=none|nf4|int8``). ``bench.quant --quality-only smollm2`` is the
+shorter 24-step run of the same kind.
+
+``--untrained`` scores the bases with no adapter trained, on the validation and test pairs: fp32,
+NF4, int8, and NF4 with LoftQ's initialisation (``dt.loftq``) at the ranks and iterations given —
+LoftQ's adapter carries part of the quantization error, so the untrained loss says how much of the
+gap it can remove before any training.
+
+Writes bench/results/quant-chat-train.json / quant-chat-untrained.json (one row at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+SETS = ["model=smollm2-135m", "task=chat", "data.max_eval_examples=96", "epochs=1", "batch_size=4",
+        "max_length=128", "loss_chunk=256", "tensorboard=false", "precision=fp32"]
+
+
+def _write(path: Path, payload: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def train(formats: list[str], examples: int, every: int, seeds: list[int], extra: list[str]) -> None:
+    from deltatune.train import load_config, run_training
+    from deltatune.train.chat import ChatTask
+
+    ChatTask.samples = 0  # no generations: loss only
+    path = RESULTS / "quant-chat-train.json"
+    out: dict[str, Any] = {"settings": SETS + [f"data.max_train_examples={examples}", f"eval_every={every}", *extra],
+                           "load_before": list(os.getloadavg()), "runs": {}}
+    for seed in seeds:
+        for fmt in formats:
+            with tempfile.TemporaryDirectory() as tmp:
+                config = load_config(None, [*SETS, f"data.max_train_examples={examples}", f"eval_every={every}",
+                                            f"seed={seed}", f"quantize={fmt}", f"output={tmp}/run", *extra])
+                t0 = time.perf_counter()
+                m = run_training(config, progress=False)
+            row = {"test_loss": m["test_loss"], "base_test_loss": m.get("base_test_loss"), "steps": m["steps"],
+                   "validation": [{k: v for k, v in r.items() if k in ("step", "loss", "epoch")}
+                                  for r in m.get("validation", [])],
+                   "train_cpu_seconds": m.get("train_cpu_seconds"), "wall_s": round(time.perf_counter() - t0, 1),
+                   "load_after": list(os.getloadavg())}
+            out["runs"][f"{fmt}-seed{seed}"] = row
+            _write(path, out)
+            print(fmt, seed, {k: row[k] for k in ("test_loss", "base_test_loss", "validation")}, flush=True)
+    print(f"wrote {path}")
+
+
+def untrained(loftq: list[tuple[int, int]]) -> None:
+    """Held-out reply loss of each base with no trained adapter (LoftQ's initial adapter included)."""
+    import deltatune as dt
+    from deltatune.train import load_config
+    from deltatune.train.chat import ChatTask
+    from deltatune.train.models import load_model
+
+    config = load_config(None, [*SETS, "output=/tmp/unused"])
+    task = ChatTask()
+    splits = task.load_splits(config)
+    loaded = load_model(config.model, task, None, config)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    encoded = {k: task.encode(tokenizer, getattr(splits, k), config.max_length) for k in ("validation", "test")}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    run = lambda m, b: m(**b)  # noqa: E731
+
+    def score(m: torch.nn.Module) -> dict[str, float]:
+        m.eval()
+        return {k: task.evaluate(m, items, tokenizer, 16, run)["loss"] for k, items in encoded.items()}
+
+    def fresh() -> torch.nn.Module:
+        model.load_state_dict(state)
+        import copy
+        return copy.deepcopy(model)
+
+    path = RESULTS / "quant-chat-untrained.json"
+    out: dict[str, Any] = {"load_before": list(os.getloadavg()), "rows": {}}
+    rows = out["rows"]
+    rows["fp32"] = score(model)
+    for fmt in ("nf4", "int8"):
+        rows[fmt] = score(dt.quantize(fresh(), fmt))
+        _write(path, out)
+        print(fmt, rows[fmt], flush=True)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for rank, iterations in loftq:
+        m = fresh()
+        report = dt.loftq(m, dt.LoraConfig(target=targets, rank=rank, alpha=2 * rank), "nf4", iterations=iterations)
+        rows[f"nf4-loftq-r{rank}-it{iterations}"] = {**score(m), "weight_error_before": report.before,
+                                                      "weight_error_after": report.after}
+        _write(path, out)
+        print(rank, iterations, rows[f"nf4-loftq-r{rank}-it{iterations}"], flush=True)
+    out["load_after"] = list(os.getloadavg())
+    _write(path, out)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--train", action="store_true")
+    p.add_argument("--untrained", action="store_true")
+    p.add_argument("--formats", default="none,nf4,int8")
+    p.add_argument("--examples", type=int, default=384, help="training pairs (steps = examples / 4)")
+    p.add_argument("--every", type=int, default=24, help="validate every N steps")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--set", action="append", default=[], help="extra training config key=value")
+    p.add_argument("--loftq", default="8:1,8:5,32:1,64:1,64:5", help="rank:iterations pairs for --untrained")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.train:
+        train(args.formats.split(","), args.examples, args.every, [int(s) for s in args.seeds.split(",")], args.set)
+    if args.untrained:
+        untrained([tuple(int(v) for v in pair.split(":")) for pair in args.loftq.split(",")])  # type: ignore[misc]
+
+
+if __name__ == "__main__":
+    main()
