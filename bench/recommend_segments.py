@@ -220,10 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(x) for x in args.seeds.split(",")):
             shared, metrics = shared_model(seed, tmp, args.positions)
-            record["shared"][str(seed)] = {
-                "val_ranks": ranks_of(task, shared, data["validation"], None).tolist(),
-                "test_ranks": ranks_of(task, shared, data["test"], None).tolist(),
-                "test_ndcg_10": metrics["test_ndcg_10"], "base_test_ndcg_10": metrics["test_base_ndcg_10"]}
+            mine = {"val_ranks": ranks_of(task, shared, data["validation"], None).tolist(),
+                    "test_ranks": ranks_of(task, shared, data["test"], None).tolist(),
+                    "test_ndcg_10": metrics["test_ndcg_10"], "base_test_ndcg_10": metrics["test_base_ndcg_10"]}
+            before = record["shared"].get(str(seed))
+            if before and (before["val_ranks"], before["test_ranks"]) != (mine["val_ranks"], mine["test_ranks"]):
+                raise SystemExit(f"seed {seed}'s shared adapter trained again ranks differently from the one in {out}; "
+                                 "its runs would not compare: pass another --out")
+            record["shared"][str(seed)] = mine
             for name in args.segmentations.split(","):
                 seg = segment_lists(data, *SEGMENTATIONS[name])
                 for variant in args.variants.split(","):
