@@ -96,6 +96,30 @@ class Stack:
     def current(self, names: list[str], refs: dict[str, list[_Ref]]) -> bool:
         return self.names == names and all(self._holds(n, refs[n]) for n in names)
 
+    def swap(self, layer: AdaptedLayer, old: str, new: str, names: list[str]) -> bool:
+        """Adapter ``new`` took over ``old``'s module on ``layer`` (``core.stored.reinstall``):
+        rewrite ``old``'s slot from its factors, under its name (call under ``torch.no_grad()``). ``names``: the layer's low-rank
+        adapters now, in attach order. False, with the stack untouched, when ``old`` has no slot
+        here or the factors do not fit it (the caller builds the stack anew)."""
+        slot = self.index.get(old)
+        if slot is None or new in self.index:
+            return False
+        A, B, s = layer.adapters[new].low_rank_factors()  # (r, d_in), (d_out, r), scale
+        k, d_out = A.shape[0], self.AB.shape[2] - self.d_in
+        if k > self.AB.shape[1] or A.shape[1] != self.d_in or B.shape[0] != d_out:
+            return False
+        row = self.AB[slot]                                          # (r, d_in + d_out), a view
+        if k < row.shape[0]:
+            row[k:].zero_()
+        row[:k].copy_(torch.cat([A.detach(), (B.detach() * s).t()], 1))  # one copy: (k, d_in + d_out)
+        del self.index[old]
+        self.index[new] = slot
+        self._by_name.pop(old, None)  # its own dict (stack_of builds one per stack)
+        self._by_name[new] = refs = _refs(layer.adapters[new])  # after the copy: these versions are current
+        self.trainable = self.trainable or any(ref().requires_grad for ref, _, _ in refs)
+        self.names = list(names)
+        return True
+
 
 def _refs(module: nn.Module) -> list[_Ref]:
     return [(weakref.ref(t), t._version, t.data_ptr()) for t in _tensors(module, [])]
