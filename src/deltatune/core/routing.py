@@ -44,7 +44,9 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core import products
-from deltatune.core.inject import _known, detach, using
+from deltatune.core.active import using
+from deltatune.core.inject import detach
+from deltatune.core.records import known
 from deltatune.core.contract import is_low_rank
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.products import plain_linear
@@ -191,7 +193,7 @@ def _key(model: nn.Module, choice: Choice) -> Key:
     for n in names:
         if not isinstance(n, str):
             raise ValueError(f"adapter choices are names, None or lists of names; got {choice!r}")
-        _known(model, n)
+        known(model, n)
     return names
 
 

@@ -5,7 +5,7 @@
 zero and serves the bare base. ``batched`` adds each row's own adapter to the base output with two
 ``bmm`` products, no Python loop over adapters; ``single`` adds one adapter to every row (a
 homogeneous batch) with two 2-D products read straight from its slot, no gather. ``stack_of`` caches the stack in the records of the
-adapters it holds (``core.inject.AdapterRecord.caches``) and rebuilds it only when one of them was
+adapters it holds (``core.records.AdapterRecord.caches``) and rebuilds it only when one of them was
 added, removed, replaced or edited in place (weak references plus version counters). Used by
 per-example routing (``core/routing.py``).
 """
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core.contract import is_low_rank
-from deltatune.core.inject import cached, store
+from deltatune.core.records import cached, store
 from deltatune.core.layer import AdaptedLayer
 
 _Ref = tuple[Any, int, int]  # (weakref.ref to a tensor, its version counter, its data pointer)
@@ -152,7 +152,7 @@ def stack_of(model: nn.Module, layer: AdaptedLayer, reuse: Stack | None = None,
     held = reuse._by_name if reuse is not None else {}
     modules = layer.adapters._modules
     refs = {n: held[n] if n in trusted and n in held else _refs(modules[n]) for n in names}  # type: ignore[arg-type]
-    key = (Stack, layer)  # kept in the records of the adapters it stacks (core.inject.store)
+    key = (Stack, layer)  # kept in the records of the adapters it stacks (core.records.store)
     entry = cached(model, names, key)
     if entry is None or not entry.current(names, refs):
         entry = Stack(layer, names, refs, reuse, trusted)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltatune.core.inject import adapted_layers, records
+from deltatune.core.records import adapted_layers, records
 from deltatune.core.stored import StoredAdapter, install, reinstall
 from deltatune.core.routing import delete_adapter
 from deltatune.formats import read
