@@ -317,10 +317,7 @@ class Router:
                         listed = [stack.index[k[0]] if k else stack.zero for k in layer_keys]
                         planned = slots_by[where] = (spans(listed, list(lengths), stack.zero) if lengths is not None
                                                      else torch.tensor(listed, device=stack.AB.device))
-                    if lengths is not None:
-                        runs = planned
-                    else:
-                        slots = planned
+                    runs, slots = (planned, None) if lengths is not None else (None, planned)
             layer.router = _Route.planned(layer_keys, uniform, stack, slots, slot, runs)
         self.names = None if lengths is not None else list(adapter_names)
 
