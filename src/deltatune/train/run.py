@@ -37,7 +37,7 @@ from deltatune.train.dropout import applies as dropout_applies
 from deltatune.train.dropout import fast_dropout_runner
 from deltatune.train.frozen import applies as frozen_applies
 from deltatune.train.frozen import frozen_runner
-from deltatune.train.memory import chunked_runner, quantize_base
+from deltatune.train.memory import apply_loftq, chunked_runner, quantize_base
 from deltatune.train.metrics import peak_memory_mb, step_times
 from deltatune.train.models import load_model, prepare, training_meta
 from deltatune.train.output import claim_output, remove_run
@@ -173,6 +173,7 @@ def _load(config: TrainConfig, task: Task, labels: list[str] | None, device: tor
         loaded = load_model(config.model, task, labels, config)
     quantize_base(loaded.model, config)  # before the adapter attaches; a no-op for quantize: none
     strategy = prepare(loaded, config)
+    apply_loftq(loaded.model)  # loftq_iterations: LoRA starts from LoftQ's A, B (a no-op otherwise)
     loaded.model.to(device)
     return strategy, loaded.tokenizer
 
