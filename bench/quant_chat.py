@@ -52,11 +52,11 @@ def train(formats: list[str], examples: int, every: int, seeds: list[int], extra
     from deltatune.train.chat import ChatTask
 
     ChatTask.samples = 0  # no generations: loss only
-    from deltatune.train import run as run_module
+    from deltatune.train import runner as runner_module
 
     reports: list[Any] = []
-    real_apply = run_module.apply_loftq
-    run_module.apply_loftq = lambda model: reports.append(real_apply(model))  # keep LoftQ's weight errors
+    real_apply = runner_module.apply_loftq
+    runner_module.apply_loftq = lambda model: reports.append(real_apply(model))  # keep LoftQ's weight errors
     command = "python -m bench.quant_chat " + " ".join(sys.argv[1:])
     settings = SETS + [f"data.max_train_examples={examples}", f"eval_every={every}", *extra]
     out: dict[str, Any] = {"command": command, "settings": settings, "load_before": list(os.getloadavg()), "runs": {}}
