@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import deltatune as dt
 import deltatune.train.loop as loop
-import deltatune.train.run as run_module
+import deltatune.train.runner as runner_module  # where a run builds its runner (make_runner)
 from deltatune.cli import app
 from deltatune.train.checkpoint import load_checkpoint_step
 
@@ -48,7 +48,7 @@ def test_nan_loss_stops_naming_the_step_and_the_checkpoint_resumes(
         tiny_bert: Path, tiny_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(run_module, "make_runner", nan_at_training_call(3))
+        m.setattr(runner_module, "make_runner", nan_at_training_call(3))
         result = runner.invoke(app, train_args(tiny_bert, tiny_csv, out))
     assert result.exit_code == 2, result.output
     (line,) = [x for x in result.stderr.splitlines() if x.strip()]

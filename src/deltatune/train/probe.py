@@ -61,15 +61,11 @@ import torch
 import deltatune as dt
 from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.data import epoch_batches
-from deltatune.train.dropout import applies as dropout_applies
-from deltatune.train.dropout import fast_dropout_runner
-from deltatune.train.frozen import applies as frozen_applies
-from deltatune.train.frozen import frozen_runner
-from deltatune.train.loop import _start, _step, make_runner, pick_device, resolve_precision
-from deltatune.train.memory import chunked_runner, quantize_base
+from deltatune.train.loop import _start, _step, pick_device, resolve_precision
 from deltatune.train.metrics import process_peak_bytes, process_status_bytes
-from deltatune.train.models import load_model, prepare, training_meta
+from deltatune.train.models import load_model, training_meta
 from deltatune.train.ranks import Ranks
+from deltatune.train.runner import dir_bytes, prepare_on, training_runner
 from deltatune.train.space import Candidate
 from deltatune.train.tasks import get_task
 
@@ -143,10 +139,6 @@ def touch(model: torch.nn.Module) -> None:
 def _tokens(items: list[dict[str, Any]], batch: list[int]) -> int:
     """Padded tokens of a batch: its size times its longest example (``data.pad``)."""
     return len(batch) * max(len(items[i]["input_ids"]) for i in batch)
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def time_steps(s: Any, batches: list[list[int]], collate: Callable, weigh: Callable, run: Any,
@@ -246,27 +238,16 @@ class Prober:
             release()
         return row
 
-    def _runner(self, config: TrainConfig) -> Any:
-        run = make_runner(self.device, self.precision)
-        if frozen_applies(config, self.precision, False):  # as run_training: bf16 copies of the frozen weights
-            run = frozen_runner(run)
-        if config.loss_chunk:
-            run = chunked_runner(run, config.loss_chunk)
-        if dropout_applies(config, self.device):  # as run_training: dropout masks drawn as random bits
-            run = fast_dropout_runner(run)
-        return run
-
     def _measure(self, config: TrainConfig) -> dict[str, Any]:
         loaded = self._load(config)
         release()
         start = self.meter.current()
         self.meter.reset()
         torch.manual_seed(config.seed)
-        quantize_base(loaded.model, config)  # as run_training: before the adapter attaches
-        strategy = prepare(loaded, config)
-        loaded.model.to(self.device)
+        strategy = prepare_on(loaded, config, self.device)  # as run_training (runner.py)
         params = dt.parameter_report(loaded.model)
-        train, task, run = self.items["train"], self.task, self._runner(config)
+        train, task = self.items["train"], self.task
+        run = training_runner(config, self.device, self.precision)  # the run's own runner
         collate = lambda idx: task.collate([train[i] for i in idx], loaded.tokenizer)  # noqa: E731
         batches, mean_tokens = self.epoch(config)
         with tempfile.TemporaryDirectory(prefix="deltatune-probe-") as tmp:
@@ -285,7 +266,7 @@ class Prober:
                 task.evaluate(s.model, worst, loaded.tokenizer, config.eval_batch_size, run)
             artifact = strategy.save(Path(tmp), loaded.tokenizer, training_meta(config, self.splits.labels),
                                      config.save_format)
-            adapter_bytes = _dir_bytes(artifact)
+            adapter_bytes = dir_bytes(artifact)
         steps_per_epoch = len(batches)
         memory = self._memory(start, steps_per_epoch * config.epochs)  # while the run's state is alive
         del s, strategy, loaded

@@ -32,17 +32,13 @@ from deltatune.core.files import write_text_atomic
 from deltatune.train.callbacks import Callback, History
 from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, to_yaml, validate_config
-from deltatune.train.loop import fit, make_runner, pick_device, resolve_precision
-from deltatune.train.dropout import applies as dropout_applies
-from deltatune.train.dropout import fast_dropout_runner
-from deltatune.train.frozen import applies as frozen_applies
-from deltatune.train.frozen import frozen_runner
-from deltatune.train.memory import chunked_runner, quantize_base
+from deltatune.train.loop import fit, pick_device, resolve_precision
 from deltatune.train.metrics import peak_memory_mb, step_times
-from deltatune.train.models import load_model, prepare, training_meta
+from deltatune.train.models import load_model, training_meta
 from deltatune.train.output import claim_output, remove_run
 from deltatune.train.ranks import Ranks, finish, start
 from deltatune.train.report import plot_history, write_metrics
+from deltatune.train.runner import dir_bytes, prepare_on, training_runner
 from deltatune.train.strategy import Strategy
 from deltatune.train.task import Task
 from deltatune.train.tasks import get_task
@@ -69,10 +65,6 @@ def _check_resume(out: Path, config: TrainConfig, recorded: TrainConfig | None) 
     if changed:
         raise ValueError(f"--resume: {changed[0]!r} differs from the run in {out} "
                          f"({saved.get(changed[0])!r} there, {now[changed[0]]!r} now); use the same config")
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def run_training(config: TrainConfig, resume: bool = False, progress: bool = True,
@@ -125,13 +117,7 @@ def _run_training(config: TrainConfig, resume: bool, progress: bool, ranks: Rank
     _begin_output(out, config, resume, ranks, say)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run = make_runner(device, precision)
-    if frozen_applies(config, precision, ranks.distributed):  # frozen linear weights in bf16, made once (frozen.py)
-        run = frozen_runner(run)
-    if config.loss_chunk:
-        run = chunked_runner(run, config.loss_chunk)
-    if dropout_applies(config, device):  # the model's dropout masks drawn as random bits (dropout.py)
-        run = fast_dropout_runner(run)
+    run = training_runner(config, device, precision, ranks.distributed)  # runner.py: the run's options
     history = fit(strategy, task, tokenizer, items, config, run, out, resume=resume, progress=progress, ranks=ranks,
                   callbacks=callbacks)
     sharded = ranks.distributed and config.strategy == "fsdp"  # every forward and the save are collectives
@@ -171,10 +157,7 @@ def _load(config: TrainConfig, task: Task, labels: list[str] | None, device: tor
     torch.manual_seed(config.seed)  # the new head and the adapter start from the seed
     with ranks.main_first():  # a first load may write a cache (SmolLM2's conversion)
         loaded = load_model(config.model, task, labels, config)
-    quantize_base(loaded.model, config)  # before the adapter attaches; a no-op for quantize: none
-    strategy = prepare(loaded, config)
-    loaded.model.to(device)
-    return strategy, loaded.tokenizer
+    return prepare_on(loaded, config, device), loaded.tokenizer
 
 
 def _begin_output(out: Path, config: TrainConfig, resume: bool, ranks: Ranks, say: Callable[[str], Any]) -> None:
@@ -196,7 +179,7 @@ def _facts(strategy: Strategy, artifact: Path, history: History, device: torch.d
     return {
         "trainable_parameters": params.trainable,
         "total_parameters": params.total,
-        "adapter_bytes": _dir_bytes(artifact),
+        "adapter_bytes": dir_bytes(artifact),
         "train_seconds": round(history.seconds, 2),
         "train_cpu_seconds": round(history.cpu_seconds, 2),  # the process's CPU time in the steps (all threads)
         "step_times": step_times(history.step_seconds),
