@@ -257,3 +257,37 @@ def test_a_model_without_dropout_runs_without_the_mode():
         config = LlamaConfig(attention_dropout=0.1)
 
     assert has_dropout(WithConfig())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_boolean_attention_mask_as_torch_math_path_bit_for_bit(dtype):
+    """A boolean attn_mask is applied as an added 0 / -inf bias (one vectorised add): the same scores,
+    bit for bit, as torch's math path's masked_fill, for broadcast (B, 1, 1, S) and full masks."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 7, 8).to(dtype).unbind(0)
+    for mask in (torch.rand(2, 1, 1, 7) > 0.3, torch.rand(2, 3, 7, 7) > 0.3):
+        mask[..., 0] = True
+        torch.manual_seed(9)
+        got = attention(q, k, v, mask, 0.1)
+        torch.manual_seed(9)
+        keep = keep_mask((2, 3, 7, 7), 0.1)
+        root = math.sqrt(1.0 / math.sqrt(8))
+        scores = ((q * root) @ (k.transpose(-2, -1) * root)).masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, -1)
+        want = torch.where(keep, probs * (1.0 / 0.9), torch.zeros((), dtype=dtype)) @ v
+        assert torch.equal(got, want)
+
+
+def test_dropout_mask_kept_as_one_byte_and_gradient_exact_in_bf16():
+    p = 0.1
+    x = torch.randn(6, 40, 24).to(BF16).requires_grad_()
+    torch.manual_seed(11)
+    out = dropout(x, p)
+    (kept,) = out.grad_fn.saved_tensors
+    assert kept.dtype == torch.uint8 and kept.element_size() == 1
+    g = torch.randn(out.shape).to(BF16)
+    out.backward(g)
+    torch.manual_seed(11)
+    keep = keep_mask(x.shape, p)
+    scale = torch.tensor(1.0 / (1.0 - p))
+    assert torch.equal(x.grad, torch.where(keep, (g.float() * scale).to(BF16), torch.zeros((), dtype=BF16)))
