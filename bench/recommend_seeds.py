@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.recommend_common import pm
+
 METHODS = "full,lora,tokens,bitfit,hybrid"
 
 
@@ -65,10 +67,9 @@ def markdown(agg: dict[str, Any]) -> str:
              f"| unadapted base | {b['hr_10']:.4f} | {b['ndcg_10']:.4f} | {b['mrr']:.4f} | — | — | 0 | — |"]
     for name, m in agg["methods"].items():
         s = m["scores"]
-        cell = lambda v: f"{v['mean']:.4f} ± {v['se']:.4f}"  # noqa: E731
         share = "—" if name == "full" or m["share_of_full_gain"] is None else f"{100 * m['share_of_full_gain']:.0f} %"
-        lines.append(f"| {name} | {cell(s['hr_10'])} | {cell(s['ndcg_10'])} | {cell(s['mrr'])} | "
-                     f"{m['ndcg_10_gain']['mean']:+.4f} ± {m['ndcg_10_gain']['se']:.4f} | {share} | "
+        lines.append(f"| {name} | {pm(s['hr_10'])} | {pm(s['ndcg_10'])} | {pm(s['mrr'])} | "
+                     f"{pm(m['ndcg_10_gain'], True)} | {share} | "
                      f"{m['trainable_parameters']:,} ({100 * m['trainable_share']:.1f} %) | {m['lr']:g} |")
     return "\n".join(lines)
 

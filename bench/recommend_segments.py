@@ -54,6 +54,7 @@ from deltatune.train.recommend import ATTENTION, RecommendTask, held_out, period
 from deltatune.train.run import run_training
 from deltatune.train.sasrec import collate
 
+from bench.recommend_common import write_json
 from bench.recommend_segments_report import summarise
 
 FFN = ["fc1", "fc2"]
@@ -185,10 +186,7 @@ def load_data(task: RecommendTask, positions: int = 1) -> dict[str, Any]:
 def write(record: dict[str, Any], out: Path) -> None:
     record["summary"] = summarise(record)
     record["load_average"] = os.getloadavg()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, out)
+    write_json(out, record, indent=None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,13 +215,19 @@ def main(argv: list[str] | None = None) -> None:
     data = load_data(task, args.positions)
     for v in args.variants.split(","):
         parse_variant(v)
+    record["val_users"] = [it["user"] for it in data["validation"]]  # paired standard errors over users
+    record["test_users"] = [it["user"] for it in data["test"]]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(x) for x in args.seeds.split(",")):
             shared, metrics = shared_model(seed, tmp, args.positions)
-            record["shared"][str(seed)] = {
-                "val_ranks": ranks_of(task, shared, data["validation"], None).tolist(),
-                "test_ranks": ranks_of(task, shared, data["test"], None).tolist(),
-                "test_ndcg_10": metrics["test_ndcg_10"], "base_test_ndcg_10": metrics["test_base_ndcg_10"]}
+            mine = {"val_ranks": ranks_of(task, shared, data["validation"], None).tolist(),
+                    "test_ranks": ranks_of(task, shared, data["test"], None).tolist(),
+                    "test_ndcg_10": metrics["test_ndcg_10"], "base_test_ndcg_10": metrics["test_base_ndcg_10"]}
+            before = record["shared"].get(str(seed))
+            if before and (before["val_ranks"], before["test_ranks"]) != (mine["val_ranks"], mine["test_ranks"]):
+                raise SystemExit(f"seed {seed}'s shared adapter trained again ranks differently from the one in {out}; "
+                                 "its runs would not compare: pass another --out")
+            record["shared"][str(seed)] = mine
             for name in args.segmentations.split(","):
                 seg = segment_lists(data, *SEGMENTATIONS[name])
                 for variant in args.variants.split(","):

@@ -1,11 +1,22 @@
 """The summary of ``bench.recommend_segments``: per segmentation and variant, per segment, shared vs segment
-NDCG@10 over seeds, their paired difference, and the variant chosen on the validation users."""
+NDCG@10 over seeds, their paired difference, and the variant chosen on the validation users.
+
+Each variant is also reported under the keep rule (``deltatune.train.segments.keep_segments``): per seed,
+a segment keeps its adapter only when its validation gain over the shared adapter, paired over the
+segment's validation users, is more than ``z`` standard errors (``GATES``; 1 is the rule, fixed before any
+test figure of the 5-position run was read); the other segments are served by the shared adapter
+(routed to ``None``: the merged shared model itself, so their ranks are the shared run's, exactly)."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from typing import Any
+
+from bench.recommend_common import pm
+from deltatune.train.segments import keep_segments
+
+GATES = (1.0, 2.0)  # standard errors of the keep rule; 1.0: the one-standard-error rule
 
 
 def ndcg(ranks: list[int]) -> list[float]:
@@ -35,25 +46,49 @@ def compare(runs: list[dict[str, Any]], shared: dict[str, Any], split: str, s: s
             "difference_over_users": mean_se(per_user), "difference_per_seed": per_seed}
 
 
+def gated(run: dict[str, Any], shared: dict[str, Any], users: list[Any], z: float) -> dict[str, Any]:
+    """``run`` with each segment's adapter kept only where its validation shows a gain of more than ``z``
+    standard errors (paired over users); the other segments' rows take the shared adapter's ranks."""
+    base = shared[str(run["seed"])]
+    decisions = keep_segments(ndcg(base["val_ranks"]), ndcg(run["val_ranks"]), run["val_segments"], users, z)
+    keep = {s: decisions.get(s, {"keep": False})["keep"] for s in run["segments"]}
+
+    def pick(split: str) -> list[int]:
+        return [mine if keep[s] else theirs
+                for mine, theirs, s in zip(run[f"{split}_ranks"], base[f"{split}_ranks"], run[f"{split}_segments"])]
+
+    return {**run, "variant": f"{run['variant']} kept at {z:g} se", "kept": keep, "decisions": decisions,
+            "val_ranks": pick("val"), "test_ranks": pick("test")}
+
+
 def summarise(record: dict[str, Any]) -> dict[str, Any]:
-    """Per (segmentation, variant): per segment and overall, validation and test comparisons; per
-    segmentation, the variant with the best mean validation gain over the shared adapter (all seeds)."""
+    """Per (segmentation, variant), plain and under the keep rule: per segment and overall, validation and
+    test comparisons; per segmentation, the plain variant with the best mean validation gain over the
+    shared adapter (all seeds)."""
     runs, shared = record.get("runs", []), record.get("shared", {})
+    users = record.get("val_users")  # older records: one validation item per user
+    runs = runs + [gated(r, shared, users or list(range(len(r["val_ranks"]))), z) for z in GATES for r in runs]
     out: dict[str, Any] = {"variants": {}, "chosen": {}}
     for key in dict.fromkeys((r["segmentation"], r["variant"]) for r in runs):
         mine = [r for r in runs if (r["segmentation"], r["variant"]) == key]
         segments = sorted(set(mine[0]["test_segments"]))
         row = {"segmentation": key[0], "variant": key[1], "seeds": [r["seed"] for r in mine],
                "validation": compare(mine, shared, "val", None), "test": compare(mine, shared, "test", None),
-               "best_epochs": {s: [r["segments"][s]["best_epoch"] for r in mine] for s in segments},
+               "best_epochs": {s: [r["segments"][s]["best_epoch"] if r.get("kept", {}).get(s, True) else "shared"
+                                   for r in mine] for s in segments},
                "windows": {s: mine[0]["segments"][s]["windows"] for s in segments},
                "segments": {s: {"validation": compare(mine, shared, "val", s), "test": compare(mine, shared, "test", s)}
                             for s in segments}}
         row["segments_beating_shared_on_test"] = sum(v["test"]["difference"]["mean"] > 0
                                                      for v in row["segments"].values())
+        row["segments_behind_shared_on_test"] = sum(v["test"]["difference"]["mean"] < 0
+                                                    for v in row["segments"].values())
+        if "decisions" in mine[0]:  # the keep rule's validation evidence, per seed
+            row["decisions"] = {s: [r["decisions"].get(s) for r in mine] for s in segments}
+        row["table"] = markdown(row)
         out["variants"][f"{key[0]} {key[1]}"] = row
     for name in dict.fromkeys(r["segmentation"] for r in runs):
-        rows = [v for v in out["variants"].values() if v["segmentation"] == name]
+        rows = [v for v in out["variants"].values() if v["segmentation"] == name and " kept at " not in v["variant"]]
         most = max(len(v["seeds"]) for v in rows)
         best = max((v for v in rows if len(v["seeds"]) == most), key=lambda v: v["validation"]["difference"]["mean"])
         out["chosen"][name] = {"variant": best["variant"], "seeds": best["seeds"], "table": markdown(best)}
@@ -63,22 +98,22 @@ def summarise(record: dict[str, Any]) -> dict[str, Any]:
 
 def overview(out: dict[str, Any]) -> str:
     """One line per (segmentation, variant): every user, validation and test, and segments ahead on test."""
-    d = lambda v: f"{v['mean']:+.4f} ± {v['se']:.4f}"  # noqa: E731
+    d = lambda v: pm(v, True)  # noqa: E731
     lines = ["| segmentation | variant | seeds | validation difference | test difference (over seeds) | "
-             "test difference (over users) | segments ahead on test |", "|:--|:--|--:|--:|--:|--:|--:|"]
+             "test difference (over users) | segments ahead / behind on test |", "|:--|:--|--:|--:|--:|--:|--:|"]
     for v in out["variants"].values():
         chosen = out["chosen"].get(v["segmentation"], {}).get("variant") == v["variant"]
         lines.append(f"| {v['segmentation']} | {v['variant']}{' (chosen)' if chosen else ''} | {len(v['seeds'])} | "
                      f"{d(v['validation']['difference'])} | {d(v['test']['difference'])} | "
-                     f"{d(v['test']['difference_over_users'])} | {v['segments_beating_shared_on_test']} of "
-                     f"{len(v['segments'])} |")
+                     f"{d(v['test']['difference_over_users'])} | {v['segments_beating_shared_on_test']} / "
+                     f"{v['segments_behind_shared_on_test']} of {len(v['segments'])} |")
     return "\n".join(lines)
 
 
 def markdown(row: dict[str, Any]) -> str:
     """The README's table for one (segmentation, variant)."""
-    f = lambda v: f"{v['mean']:.4f} ± {v['se']:.4f}"  # noqa: E731
-    d = lambda v: f"{v['mean']:+.4f} ± {v['se']:.4f}"  # noqa: E731
+    f = pm
+    d = lambda v: pm(v, True)  # noqa: E731
     lines = ["| segment | test users | windows | stopped at epoch | shared NDCG@10 | segment NDCG@10 | "
              "difference (over seeds) | difference (over users) | validation difference |",
              "|:--|--:|--:|:--|--:|--:|--:|--:|--:|"]

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench.recommend_common import progress, write_json
 from deltatune.train.callbacks import Callback, State
 from deltatune.train.config import validate_config
 from deltatune.train.loop import make_runner
@@ -146,14 +147,9 @@ def main(argv: list[str] | None = None) -> None:
                 record["base_test_ndcg_10"] = metrics["test_base_ndcg_10"]
                 record["summary"] = summarise(record["runs"], record["base_test_ndcg_10"])
                 record["load_average"] = os.getloadavg()
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp_out = out.with_suffix(".json.tmp")
-                tmp_out.write_text(json.dumps(record, indent=1) + "\n")
-                os.replace(tmp_out, out)
+                write_json(out, record)
                 last = record["runs"][-1]
-                print(f"{name} seed {seed}: val {[round(v['ndcg_10'], 4) for v in last['validation']]} "
-                      f"test {[round(v['ndcg_10'], 4) for v in last['test']]} ({last['seconds']} s, "
-                      f"{time.perf_counter() - t0:.0f} s in all)", flush=True)
+                progress(f"{name} seed {seed}", last, str([round(v["ndcg_10"], 4) for v in last["test"]]), t0)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from bench.recommend_common import pm, progress, write_json
 from bench.recommend_sweep import PRESETS, mean_se
 from bench.recommend_sweep_report import settings as sweep_settings
 from deltatune.train.config import validate_config
@@ -133,14 +134,12 @@ def report(record: dict[str, Any], sweep: dict[str, Any], min_seeds: int) -> dic
 
 def markdown(r: dict[str, Any]) -> str:
     """The README's table: settings by the new validation, with the old one and the final fit's test gain."""
-    f = lambda v: f"{v[0]:.4f} ± {v[1]:.4f}"  # noqa: E731
     lines = ["| setting (epoch 10) | trainable | validation NDCG@10, 5 positions | validation, 1 position (sweep) | "
              "test gain, final fit | test gain, no add-back |", "|:--|--:|--:|--:|--:|--:|"]
     for row in r["settings"]:
         mark = " (**choice**)" if row["setting"] in (r.get("full"), r.get("lora")) else ""
-        lines.append(f"| {row['setting']}{mark} | {100 * row['trainable_share']:.1f} % | {f(row['val5'])} | "
-                     f"{f(row['val1'])} | {row['gain'][0]:+.4f} ± {row['gain'][1]:.4f} | "
-                     f"{row['test_gain_without_add_back'][0]:+.4f} ± {row['test_gain_without_add_back'][1]:.4f} |")
+        lines.append(f"| {row['setting']}{mark} | {100 * row['trainable_share']:.1f} % | {pm(row['val5'])} | "
+                     f"{pm(row['val1'])} | {pm(row['gain'], True)} | {pm(row['test_gain_without_add_back'], True)} |")
     return "\n".join(lines)
 
 
@@ -159,10 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     record: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {"runs": []}
 
     def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, out)
+        write_json(out, record)
 
     if args.report:
         record["report"] = report(record, json.loads(Path(args.sweep).read_text()), args.min_seeds)
@@ -199,9 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                     "seconds": round(time.perf_counter() - started, 1), "load_average": os.getloadavg()})
                 save()
                 last = record["runs"][-1]
-                print(f"{preset} {schedule} seed {seed}: val {[round(v['ndcg_10'], 4) for v in last['validation']]} "
-                      f"test {last['test_ndcg_10']:.4f} ({last['seconds']} s, {time.perf_counter() - t0:.0f} s in all, "
-                      f"load {os.getloadavg()[0]:.1f})", flush=True)
+                progress(f"{preset} {schedule} seed {seed}", last, f"{last['test_ndcg_10']:.4f}", t0, load=True)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def _randomise(model, name: str, seed: int = 1) -> None:
     """Move the adapter away from its (often identity) initialisation."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in dt.core.inject.adapted_layers(model):
+        for _, layer in dt.core.records.adapted_layers(model):
             if name in layer.adapters:
                 for p in layer.adapters[name].parameters():
                     if p.is_floating_point():
@@ -130,14 +130,14 @@ def test_merge_matches_unmerged(case):
     model = zoo.build()
     _attach(model, method, target)
     _randomise(model, "default")
-    adapters = [layer.adapters["default"] for _, layer in dt.core.inject.adapted_layers(model)]
+    adapters = [layer.adapters["default"] for _, layer in dt.core.records.adapted_layers(model)]
     if not all(a.mergeable for a in adapters):
         with pytest.raises(ValueError, match="cannot be merged"):
             dt.merge(model)
         return
     atol = max(a.merge_atol for a in adapters)
     keys = set(zoo.build().state_dict())
-    quantized = [l for _, l in dt.core.inject.adapted_layers(model) if quantized_format(l.base)]
+    quantized = [l for _, l in dt.core.records.adapted_layers(model) if quantized_format(l.base)]
     if quantized:  # merging into 4-bit storage would round the update away: dequantize first
         with pytest.raises(ValueError, match="quantized.*dequantize"):
             dt.merge(model)

@@ -9,21 +9,11 @@
 """
 
 from deltatune.config import AdapterConfig, HybridConfig
-from deltatune.core.inject import (
-    AttachReport,
-    ParamReport,
-    active_adapters,
-    attach,
-    configs,
-    detach,
-    disabled,
-    mark_trainable,
-    on_train_step,
-    regularization_loss,
-    parameter_report,
-    set_active,
-    using,
-)
+from deltatune.core.active import (
+    active_adapters, disabled, mark_trainable, on_train_step, regularization_loss, set_active, using)
+from deltatune.core.inject import attach, detach
+from deltatune.core.records import configs
+from deltatune.core.report import AttachReport, parameter_report, ParamReport
 from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.merge import merge, merge_and_unload, unmerge
 from deltatune.core.products import cpu_engine, set_cpu_engine

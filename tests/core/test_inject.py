@@ -146,7 +146,7 @@ def test_modules_inside_an_adapted_parent_can_be_adapted():
     dt.attach(model, dt.LoraConfig(target=["down_proj"]), "inner")
     layer = model.model.layers[0].mlp
     assert isinstance(layer, AdaptedLayer) and isinstance(layer.base.down_proj, AdaptedLayer)
-    names = [n for n, _ in dt.core.inject.adapted_layers(model)]
+    names = [n for n, _ in dt.core.records.adapted_layers(model)]
     assert "model.layers.0.mlp" in names and "model.layers.0.mlp.down_proj" in names
     keys = list(ZOO["llama"].build().state_dict())
     dt.detach(model)

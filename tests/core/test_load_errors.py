@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import deltatune as dt
 from deltatune.cli import app
-from deltatune.core.inject import configs
+from deltatune.core.records import configs
 from tests.train.tiny import make_csv, make_tiny_bert
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

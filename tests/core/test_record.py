@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.core.inject import records, unwrap
+from deltatune.core.inject import unwrap
+from deltatune.core.records import records
 from deltatune.core.routing import delete_adapter, routing
 from tests.models import ZOO
 
@@ -58,8 +59,8 @@ def test_record_holds_config_placement_per_part_and_hooks():
     dt.attach(model, config, "one")
     rec = records(model)["one"]
     assert rec.config is config and config.parts == (config,)
-    assert rec.placement == [[n for n, _ in dt.core.inject.adapted_layers(model)]]
-    assert dt.core.inject.placement(model, "one") == rec.placement
+    assert rec.placement == [[n for n, _ in dt.core.records.adapted_layers(model)]]
+    assert dt.core.records.placement(model, "one") == rec.placement
     with pytest.raises(TypeError):
         dt.configs(model)["two"] = config  # type: ignore[index]  # a read accessor
 

@@ -113,7 +113,7 @@ def test_changed_names_are_the_only_ones_walked_again(monkeypatch):
 def test_reinstall_renames_an_adapter_and_copies_new_tensors_in():
     """``reinstall`` = detach + install for an adapter of the same config and modules; else it
     refuses and leaves the model untouched."""
-    from deltatune.core.inject import records
+    from deltatune.core.records import records
     from deltatune.core.stored import capture, reinstall
 
     model = _with_adapters("bert", {"a": SPECS["a"], "b": SPECS["b"], "a2": SPECS["a"]})

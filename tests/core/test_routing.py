@@ -14,7 +14,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.config import AdapterConfig
 from deltatune.core import routing as routing_module
-from deltatune.core.inject import records
+from deltatune.core.records import records
 from deltatune.core.layer import Adapter, AdaptedLayer
 from deltatune.core.composition import composed, set_composition
 from deltatune.core.routing import delete_adapter, routing, run_grouped

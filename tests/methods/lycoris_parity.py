@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import deltatune as dt
-from deltatune.core.inject import adapted_layers
+from deltatune.core.records import adapted_layers
 
 
 def _grads(model, run):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.core.inject import adapted_layers
+from deltatune.core.records import adapted_layers
 from tests.models import ZOO
 
 
@@ -106,7 +106,7 @@ def test_batchnorm_shift_trains_as_a_delta_and_merges_exactly() -> None:
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         base = model(x).logits
-        for _, layer in dt.core.inject.adapted_layers(model):
+        for _, layer in dt.core.records.adapted_layers(model):
             layer.adapters["default"].bias_delta.normal_()
         adapted = model(x).logits
         dt.merge_and_unload(model)

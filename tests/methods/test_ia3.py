@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.core.inject import adapted_layers
+from deltatune.core.records import adapted_layers
 from deltatune.methods.ia3 import IA3
 from tests.models import ZOO
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.core.inject import adapted_layers
+from deltatune.core.records import adapted_layers
 from tests.models import ZOO
 
 # zoo model -> PEFT target_modules naming the same norm layers our default finds

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import deltatune as dt
-from deltatune.core.inject import adapted_layers
+from deltatune.core.records import adapted_layers
 from deltatune.methods.lokr import factorize
 from tests.methods.lycoris_parity import check_against_peft
 from tests.models import ZOO, one_layer

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import deltatune as dt
-from deltatune.core.inject import adapted_layers
+from deltatune.core.records import adapted_layers
 from tests.models import ZOO
 
 

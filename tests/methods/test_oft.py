@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import deltatune as dt
-from deltatune.core.inject import adapted_layers
+from deltatune.core.records import adapted_layers
 from deltatune.methods.oft import cayley, nearest_divisor
 from tests.models import ZOO
 

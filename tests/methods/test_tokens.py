@@ -16,7 +16,7 @@ IDS = [3, 17, 42]
 
 
 def _set_rows(model, seed=0):
-    ad = next(layer.adapters["default"] for _, layer in dt.core.inject.adapted_layers(model)
+    ad = next(layer.adapters["default"] for _, layer in dt.core.records.adapted_layers(model)
               if isinstance(layer.adapters["default"], TokenRows))
     with torch.no_grad():
         ad.rows.copy_(torch.randn(ad.rows.shape, generator=torch.Generator().manual_seed(seed)))

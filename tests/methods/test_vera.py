@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from deltatune.config import HybridConfig
-from deltatune.core.inject import adapted_layers
+from deltatune.core.records import adapted_layers
 from tests.models import ZOO
 
 CASES = {

@@ -55,6 +55,21 @@ def test_six_adapters_through_two_slots_swap_in_place_and_stay_exact(tmp_path, m
         return done
 
     monkeypatch.setattr(adapters_module, "reinstall", spy)
+    from deltatune.serve import engine as engine_module
+
+    opened, followed = [], []  # routers opened; swaps an open router followed in place (no re-open)
+
+    class Counted(engine_module.Router):
+        def __init__(self, *args, **kwargs):
+            opened.append(1)
+            super().__init__(*args, **kwargs)
+
+        def swap(self, old, new):
+            done = super().swap(old, new)
+            followed.append(new) if done else None
+            return done
+
+    monkeypatch.setattr(engine_module, "Router", Counted)
     model = AutoModelForCausalLM.from_pretrained(base).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -88,6 +103,7 @@ def test_six_adapters_through_two_slots_swap_in_place_and_stay_exact(tmp_path, m
         engine.stop()
     assert all(outs == [expected[k]] * 2 for k, outs in got.items()) and len(got) == len(expected)
     assert swaps, "adapters of one config should be swapped into an evicted one's modules"
+    assert followed and len(opened) < len(swaps), "an open router should follow swaps in place"
     assert metrics.value("deltatune_adapter_cache_evictions_total") >= len(swaps)
 
 
@@ -163,3 +179,25 @@ def test_the_running_batchs_cache_keeps_and_joins_rows_without_an_extra_copy():
     cache = joined.cache
     cache.update(torch.ones(3, 2, 1, 4), torch.ones(3, 2, 1, 4), 0)  # a decode step appends its column
     assert kv.tensors(cache)[0][0].shape == (3, 2, 6, 4)
+
+
+def test_the_pool_tells_swaps_in_place_from_other_changes(tmp_path):
+    """What an open router may follow (``swaps_since``): swaps in place, in order; after any
+    other attach or detach, None (the engine re-opens its router)."""
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny_llama(tmp_path / "llama")
+    config = dt.LoraConfig(target=["q_proj", "v_proj"], rank=4)
+    paths = {f"a{i}": _adapter(base, tmp_path / f"a{i}", config, 30 + i, "deltatune") for i in range(3)}
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    pool = Pool(model, Metrics(), max_loaded=1)
+    for name, path in paths.items():
+        pool.register(name, path)
+    assert pool.ensure("a0")
+    start = pool.version
+    assert pool.swaps_since(start) == []
+    assert pool.ensure("a1") and pool.ensure("a2")
+    assert pool.swaps_since(start) == [("a0", "a1"), ("a1", "a2")] and pool.swaps_since(pool.version) == []
+    assert pool.swaps_since(start - 1) is None  # before a0 was attached: not a swap
+    pool.unload("a2")
+    assert pool.swaps_since(start) is None and not pool.loaded

@@ -38,7 +38,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.inject import AttachReport, _known, adapted_layers, attach, configs, detach
+from deltatune.core.inject import attach, detach
+from deltatune.core.records import adapted_layers, configs, known
+from deltatune.core.report import AttachReport
 from deltatune.core.layer import FullCopy
 from deltatune.core.contract import LowRankConfig, is_low_rank
 
@@ -139,7 +141,7 @@ def _check(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], 
     if not adapters or len(set(adapters)) != len(adapters):
         raise ValueError(f"combine needs one or more distinct adapter names, got {list(adapters)}")
     for a in adapters:
-        _known(model, a)
+        known(model, a)
     if name in configs(model):
         raise ValueError(f"an adapter named {name!r} is already attached; choose another name for the combination")
     if len(weights) != len(adapters):

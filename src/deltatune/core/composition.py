@@ -12,7 +12,8 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from deltatune.core.inject import adapted_layers, using
+from deltatune.core.active import using
+from deltatune.core.records import adapted_layers
 
 COMPOSITIONS = ("stack", "average")
 

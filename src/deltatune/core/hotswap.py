@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from deltatune.config import AdapterConfig
-from deltatune.core.inject import _known, adapted_layers, configs
+from deltatune.core.records import adapted_layers, configs, known
 from deltatune.core.layer import AdaptedLayer, FullCopy
 from deltatune.core.contract import is_low_rank
 from deltatune.core.stored import Source, StoredAdapter, check_tensors
@@ -78,7 +78,7 @@ def _staged(name: str, module_name: str, current: nn.Module, fresh: nn.Module | 
 
 def swap_in(model: nn.Module, value: StoredAdapter, name: str) -> None:
     """Overwrite adapter ``name``'s weights, in place, with ``value``'s."""
-    _known(model, name)
+    known(model, name)
     source = value.source or Source("adapter")
     where = source.where
     if len(value.config.parts) != 1 or len(configs(model)[name].parts) != 1:

@@ -1,114 +1,34 @@
-"""Attach and detach adapters and choose the active ones (what is trainable: ``core/report.py``).
+"""Attach, detach, rename and unwrap adapters, on any ``nn.Module``, by module replacement.
 
-Everything here works on any ``nn.Module`` by module replacement: a selected module is wrapped in
-an :class:`AdaptedLayer` in its parent, and ``detach`` puts the original object back, so
-``state_dict()`` keys are exactly as before.
+A selected module is wrapped in an :class:`AdaptedLayer` in its parent, and ``detach`` puts the
+original object back, so ``state_dict()`` keys are exactly as before. What the model holds per
+adapter name is its record (``core/records.py``); which adapters apply and train is
+``core/active.py``; what is trainable is counted in ``core/report.py``. Every config has ``parts``
+(a single method is a hybrid of one part), so nothing here asks what kind of config it holds.
 
-What the model knows about an adapter name is one :class:`AdapterRecord` (its config, the modules
-each part was built on, the hooks its config installed, and the engine's caches built from it),
-kept in one dict on the model itself (``model.__dict__`` entry ``_deltatune_adapters``, outside
-``state_dict``). ``detach``, ``delete_adapter`` and ``unwrap`` drop the record and with it
-everything that refers to the adapter. Which adapters are active or merged is read from the
-layers, never duplicated. Every config has ``parts`` (a single method is a hybrid of one part),
-so nothing here asks what kind of config it holds.
+The names of records.py and active.py are re-exported here for code that imported them from this
+module before they moved.
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
-import types
 import warnings
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from deltatune.config import AdapterConfig
-from deltatune.core.layer import AdaptedLayer, Composite, FullCopy, walk, logical_get, logical_modules
+from deltatune.core.active import (  # noqa: F401 - re-exported
+    active_adapters, disabled, mark_trainable, on_train_step, regularization_loss, set_active, using)
+from deltatune.core.layer import AdaptedLayer, Composite, FullCopy, logical_get, logical_modules
 from deltatune.core.layers import describe, quantized_format
-from deltatune.core.report import AttachReport, ParamReport, parameter_report
+from deltatune.core.records import (  # noqa: F401 - re-exported
+    NAME_RE, AdapterRecord, adapted_layers, cached, configs, drop, drop_all, known, placement, record, records, store)
+from deltatune.core.report import AttachReport, ParamReport, parameter_report  # noqa: F401 - re-exported
 from deltatune.core.targeting import NoMatchError, modules_for, select
 
-_RECORDS = "_deltatune_adapters"
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-
-
-@dataclass(eq=False)
-class AdapterRecord:
-    """Everything the model holds for one adapter name, so that dropping it frees it all.
-
-    Attributes:
-        config: the adapter's config (a config may replace itself on attach, e.g. to record what it
-            read from the model: assign ``record.config``).
-        placement: per part of ``config.parts``, the modules that part was built on.
-        saved: the modules trained in full (``modules_to_save``).
-        handles: removable hooks the config installed (``on_attach``); removed with the record.
-        caches: what the engine derived from this adapter's tensors (e.g. a layer's stacked
-            low-rank factors for routing), by key. A cache built from several adapters is stored
-            under the same key in each of their records, and dropping any one of them drops it
-            from all (see :func:`cached`, :func:`store`).
-    """
-
-    config: AdapterConfig
-    placement: list[list[str]]
-    saved: list[str] = field(default_factory=list)
-    handles: list[Any] = field(default_factory=list)
-    caches: dict[Hashable, Any] = field(default_factory=dict)
-    layer_count: int | None = None  # how many layers hold it, counted once (checks core.stored.holding)
-
-
-def records(model: nn.Module) -> dict[str, AdapterRecord]:
-    """Adapter name -> :class:`AdapterRecord` for every adapter attached to ``model`` (attach order)."""
-    return model.__dict__.setdefault(_RECORDS, {})
-
-
-def record(model: nn.Module, name: str) -> AdapterRecord:
-    """The record of adapter ``name``; ``ValueError`` naming the attached ones if there is none."""
-    return records(model)[_known(model, name)]
-
-
-def configs(model: nn.Module) -> Mapping[str, AdapterConfig]:
-    """Adapter name -> config for every adapter attached to ``model`` (attach order); read-only."""
-    return types.MappingProxyType({n: r.config for n, r in records(model).items()})
-
-
-def placement(model: nn.Module, name: str) -> list[list[str]]:
-    """Per part of adapter ``name``, the modules it adapts (one list for a single-method adapter)."""
-    return record(model, name).placement
-
-
-def cached(model: nn.Module, names: Sequence[str], key: Hashable) -> Any:
-    """The cache ``key`` built from adapters ``names`` (``None`` if there is none)."""
-    return records(model)[names[0]].caches.get(key) if names else None
-
-
-def store(model: nn.Module, names: Sequence[str], key: Hashable, value: Any) -> None:
-    """Keep ``value`` as cache ``key`` of every adapter in ``names``, until any of them is dropped."""
-    for n in names:
-        records(model)[n].caches[key] = value
-
-
-def _drop(model: nn.Module, name: str) -> None:
-    """Forget adapter ``name``: its record, its hooks, and every cache built from it."""
-    gone = records(model).pop(name)
-    for handle in gone.handles:
-        handle.remove()
-    for key in gone.caches:
-        for other in records(model).values():
-            other.caches.pop(key, None)
-    gone.caches.clear()
-    gone.handles.clear()
-
-
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    """Every AdaptedLayer with its logical name (the name its base module had)."""
-    for name, module, _ in walk(model):
-        if isinstance(module, AdaptedLayer):
-            yield name, module
-
+_known = known  # the name this module's importers used before records.py
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
@@ -144,7 +64,7 @@ def attach(
     ``config.parts``; ``module_names`` is the one list of a one-part config) and ``save_names``
     bypass target selection with exact module names (used when loading a saved adapter).
     """
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         raise ValueError(f"adapter name {name!r} must be an identifier such as 'default' or 'sentiment'")
     if name in records(model):
         raise ValueError(f"an adapter named {name!r} is already attached; detach it first or choose another name")
@@ -296,7 +216,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     Layers left with no adapters are replaced by their original module object; the adapter's
     record (config, hooks, caches) is dropped, so nothing keeps its tensors. Returns ``model``.
     """
-    names = list(records(model)) if name is None else [_known(model, name)]
+    names = list(records(model)) if name is None else [known(model, name)]
     for layer_name, layer in list(adapted_layers(model)):
         for n in names:
             if n in layer.merged:
@@ -308,7 +228,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
         if len(layer.adapters) == 0:
             _set_module(model, layer_name, layer.base)
     for n in names:
-        _drop(model, n)
+        drop(model, n)
     return model
 
 
@@ -317,11 +237,11 @@ def rename(model: nn.Module, old: str, new: str, layers: list[AdaptedLayer] | No
     (it becomes the last attached, as if attached now). Caches built from it are dropped.
     Refused for an adapter with model-level hooks (they may hold the name). ``layers``: the layers
     that hold ``old``, when the caller has them (``core.stored.holding``)."""
-    if not _NAME_RE.match(new):
+    if not NAME_RE.match(new):
         raise ValueError(f"adapter name {new!r} must be an identifier such as 'default' or 'sentiment'")
     if new in records(model):
         raise ValueError(f"an adapter named {new!r} is already attached; detach it first or choose another name")
-    gone = records(model)[_known(model, old)]
+    gone = records(model)[known(model, old)]
     if gone.handles:
         raise ValueError(f"adapter {old!r} acts through model-level hooks and cannot be renamed; detach and attach it")
     for key in list(gone.caches):
@@ -342,84 +262,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Replace every AdaptedLayer by its base module *as it is now* (merged or not) and forget the adapters."""
     for layer_name, layer in list(adapted_layers(model)):
         _set_module(model, layer_name, layer.base)
-    for n in list(records(model)):
-        _drop(model, n)
-    model.__dict__.pop(_RECORDS, None)
+    drop_all(model)
     return model
 
 
-def on_train_step(model: nn.Module, step: int, total_steps: int) -> None:
-    """Let every attached adapter react to an optimizer step (call it after ``optimizer.step()``)."""
-    for name, config in list(configs(model).items()):
-        config.on_step(model, name, step, total_steps)
-
-
-def regularization_loss(model: nn.Module) -> Any:
-    """The sum of the attached adapters' extra loss terms, or None if none has one.
-
-    Training loops add it to the task loss before ``backward()``:
-    ``loss = task_loss + reg if (reg := regularization_loss(model)) is not None else task_loss``.
-    """
-    terms = [t for name, config in configs(model).items() if (t := config.regularization(model, name)) is not None]
-    return sum(terms[1:], terms[0]) if terms else None
-
-
-def _known(model: nn.Module, name: str) -> str:
-    if name not in records(model):
-        have = ", ".join(repr(n) for n in configs(model)) or "none"
-        raise ValueError(f"no adapter named {name!r} is attached (attached: {have})")
-    return name
-
-
-def active_adapters(model: nn.Module) -> tuple[str, ...]:
-    """The active adapter names (the union over layers, in attach order)."""
-    seen: dict[str, None] = {}
-    for _, layer in adapted_layers(model):
-        seen.update(dict.fromkeys(layer.active))
-    return tuple(n for n in configs(model) if n in seen)
-
-
-def set_active(model: nn.Module, names: str | Iterable[str], *, trainable: bool = True) -> None:
-    """Make ``names`` the active adapters, applied in that order; with ``trainable``, only they train."""
-    names = (names,) if isinstance(names, str) else tuple(names)
-    for n in names:
-        _known(model, n)
-    for _, layer in adapted_layers(model):
-        layer.active = tuple(n for n in names if n in layer.adapters)
-    if trainable:
-        mark_trainable(model, names)
-
-
-@contextlib.contextmanager
-def using(model: nn.Module, names: str | Iterable[str]) -> Iterator[nn.Module]:
-    """Run with ``names`` active, restoring the previous choice afterwards (even on error)."""
-    saved = {id(layer): layer.active for _, layer in adapted_layers(model)}
-    try:
-        set_active(model, names, trainable=False)
-        yield model
-    finally:
-        for _, layer in adapted_layers(model):
-            layer.active = saved.get(id(layer), ())
-
-
-@contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the bare base model: no adapter applies inside the block."""
-    merged = [(n, layer.merged) for n, layer in adapted_layers(model) if layer.merged]
-    if merged:
-        raise RuntimeError(
-            f"adapters {merged[0][1]} are merged into {merged[0][0]!r}; call unmerge(model) before disabling them"
-        )
-    with using(model, ()):
-        yield model
-
-
-def mark_trainable(model: nn.Module, names: Iterable[str] | None = None) -> None:
-    """Freeze everything, then unfreeze the parameters of adapters ``names`` (default: the active ones)."""
-    keep = set(active_adapters(model) if names is None else names)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, layer in adapted_layers(model):
-        for n in keep & set(layer.adapters.keys()):
-            for p in layer.adapters[n].parameters():
-                p.requires_grad_(True)

@@ -11,7 +11,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from deltatune.core.inject import active_adapters, adapted_layers, configs, unwrap
+from deltatune.core.active import active_adapters
+from deltatune.core.inject import unwrap
+from deltatune.core.records import adapted_layers, configs
 from deltatune.core.layers import quantized_format
 
 

@@ -15,7 +15,7 @@ import dataclasses
 from torch import nn
 
 from deltatune.config import AdapterConfig
-from deltatune.core.inject import adapted_layers, configs, placement, record
+from deltatune.core.records import adapted_layers, configs, placement, record
 from typing import Any
 
 from deltatune.core.layer import AdaptedLayer, Composite

@@ -44,7 +44,9 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core import products
-from deltatune.core.inject import _known, detach, using
+from deltatune.core.active import using
+from deltatune.core.inject import detach
+from deltatune.core.records import known
 from deltatune.core.contract import is_low_rank
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.products import plain_linear
@@ -180,7 +182,7 @@ def _key(model: nn.Module, choice: Choice) -> Key:
     for n in names:
         if not isinstance(n, str):
             raise ValueError(f"adapter choices are names, None or lists of names; got {choice!r}")
-        _known(model, n)
+        known(model, n)
     return names
 
 
@@ -294,6 +296,42 @@ class Router:
                             [stack.index[k[0]] if k else stack.zero for k in layer_keys], device=stack.AB.device)
             layer.router = _Route.planned(layer_keys, uniform, stack, slots, slot)
         self.names = list(adapter_names)
+
+    @torch.no_grad()
+    def swap(self, old: str, new: str) -> bool:
+        """Adapter ``new`` took over ``old``'s modules in place (``core.stored.reinstall``: the same
+        config on the same modules, its tensors copied in, renamed): follow it without re-opening.
+
+        The one exception to "attach, detach or edit no adapter while a router is open", for a
+        server's cache swapping one adapter for another: the layers stay the same, so only the
+        layers that held ``old`` change, and in each of their stacks only ``old``'s slot is
+        rewritten (no walk of the model, no check of the other adapters). Rows are routed anew by
+        the next :meth:`route`. False when ``new`` is not where ``old`` was, or a stack cannot
+        take it in its slot: the router is then stale; close it and open a new one.
+        """
+        if self._saved is None:
+            raise RuntimeError("this router is closed; open a new one")
+        sets: dict[tuple, tuple[frozenset[str], frozenset[str]]] = {}
+        for layer in self.layers:
+            have, low = self._signature[layer]
+            if old not in have:
+                continue
+            if new not in layer.adapters._modules:  # (old may be back already, in another's modules)
+                return False
+            names = [n for n in self._low[layer] if n != old] + ([new] if old in low else [])
+            signature = sets.get((have, low))
+            if signature is None:
+                signature = sets[(have, low)] = ((have - {old}) | {new}, frozenset(names))
+            self._signature[layer], self._low[layer] = signature, names
+            # The stack built here, or lent by the previous router. (rename dropped it from the
+            # records' caches; a router opened next takes its tensor over from this one.)
+            for stack in (self._stacks.get(layer), self._reuse.get(layer)):
+                if stack is not None and old in stack.index and not stack.swap(layer, old, new, names):
+                    return False
+        if self._trusted is not None:
+            self._trusted.add(new)
+        self.names = None  # the next route() re-plans every layer
+        return True
 
     def close(self) -> None:
         """Give the layers their routers back (idempotent)."""

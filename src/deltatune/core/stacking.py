@@ -5,7 +5,7 @@
 zero and serves the bare base. ``batched`` adds each row's own adapter to the base output with two
 ``bmm`` products, no Python loop over adapters; ``single`` adds one adapter to every row (a
 homogeneous batch) with two 2-D products read straight from its slot, no gather. ``stack_of`` caches the stack in the records of the
-adapters it holds (``core.inject.AdapterRecord.caches``) and rebuilds it only when one of them was
+adapters it holds (``core.records.AdapterRecord.caches``) and rebuilds it only when one of them was
 added, removed, replaced or edited in place (weak references plus version counters). Used by
 per-example routing (``core/routing.py``).
 """
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core.contract import is_low_rank
-from deltatune.core.inject import cached, store
+from deltatune.core.records import cached, store
 from deltatune.core.layer import AdaptedLayer
 
 _Ref = tuple[Any, int, int]  # (weakref.ref to a tensor, its version counter, its data pointer)
@@ -96,6 +96,30 @@ class Stack:
     def current(self, names: list[str], refs: dict[str, list[_Ref]]) -> bool:
         return self.names == names and all(self._holds(n, refs[n]) for n in names)
 
+    def swap(self, layer: AdaptedLayer, old: str, new: str, names: list[str]) -> bool:
+        """Adapter ``new`` took over ``old``'s module on ``layer`` (``core.stored.reinstall``):
+        rewrite ``old``'s slot from its factors, under its name (call under ``torch.no_grad()``). ``names``: the layer's low-rank
+        adapters now, in attach order. False, with the stack untouched, when ``old`` has no slot
+        here or the factors do not fit it (the caller builds the stack anew)."""
+        slot = self.index.get(old)
+        if slot is None or new in self.index:
+            return False
+        A, B, s = layer.adapters[new].low_rank_factors()  # (r, d_in), (d_out, r), scale
+        k, d_out = A.shape[0], self.AB.shape[2] - self.d_in
+        if k > self.AB.shape[1] or A.shape[1] != self.d_in or B.shape[0] != d_out:
+            return False
+        row = self.AB[slot]                                          # (r, d_in + d_out), a view
+        if k < row.shape[0]:
+            row[k:].zero_()
+        row[:k].copy_(torch.cat([A.detach(), (B.detach() * s).t()], 1))  # one copy: (k, d_in + d_out)
+        del self.index[old]
+        self.index[new] = slot
+        self._by_name.pop(old, None)  # its own dict (stack_of builds one per stack)
+        self._by_name[new] = refs = _refs(layer.adapters[new])  # after the copy: these versions are current
+        self.trainable = self.trainable or any(ref().requires_grad for ref, _, _ in refs)
+        self.names = list(names)
+        return True
+
 
 def _refs(module: nn.Module) -> list[_Ref]:
     return [(weakref.ref(t), t._version, t.data_ptr()) for t in _tensors(module, [])]
@@ -128,7 +152,7 @@ def stack_of(model: nn.Module, layer: AdaptedLayer, reuse: Stack | None = None,
     held = reuse._by_name if reuse is not None else {}
     modules = layer.adapters._modules
     refs = {n: held[n] if n in trusted and n in held else _refs(modules[n]) for n in names}  # type: ignore[arg-type]
-    key = (Stack, layer)  # kept in the records of the adapters it stacks (core.inject.store)
+    key = (Stack, layer)  # kept in the records of the adapters it stacks (core.records.store)
     entry = cached(model, names, key)
     if entry is None or not entry.current(names, refs):
         entry = Stack(layer, names, refs, reuse, trusted)

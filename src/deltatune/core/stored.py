@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from deltatune.config import AdapterConfig
 from deltatune.core.files import WEIGHTS_FILE
 from deltatune.core.fingerprint import differences, fingerprint
-from deltatune.core.inject import (AdapterRecord, adapted_layers, attach, configs, detach, mark_trainable, placement,
-                                   record, records, rename)
+from deltatune.core.active import mark_trainable
+from deltatune.core.inject import attach, detach, rename
+from deltatune.core.records import adapted_layers, AdapterRecord, configs, placement, record, records
 from deltatune.core.layer import AdaptedLayer, FullCopy, logical_get, logical_modules
 
 

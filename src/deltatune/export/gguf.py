@@ -84,7 +84,7 @@ def plan(model: nn.Module, adapter: str) -> tuple[str, list[Pair]]:
     the first layer that llama.cpp cannot carry exactly, and why."""
     import deltatune as dt
     from deltatune.core.contract import is_low_rank
-    from deltatune.core.inject import adapted_layers
+    from deltatune.core.records import adapted_layers
     from deltatune.core.layer import FullCopy
 
     gguf = need_gguf()

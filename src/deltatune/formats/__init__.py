@@ -93,7 +93,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
 
 def load_adapters(model: nn.Module, directories: Mapping[str, str | os.PathLike[str]]) -> list[str]:
     """Load several saved adapters onto one base, by name, leaving the active choice unchanged."""
-    from deltatune.core.inject import configs
+    from deltatune.core.records import configs
 
     for name in directories:
         if name in configs(model):
@@ -104,9 +104,9 @@ def load_adapters(model: nn.Module, directories: Mapping[str, str | os.PathLike[
 def hotswap_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str) -> None:
     """Overwrite adapter ``name``'s weights, in place, with the adapter saved in ``directory``
     (either format); see :mod:`deltatune.core.hotswap`."""
-    from deltatune.core.inject import _known
+    from deltatune.core.records import known
 
-    _known(model, name)
+    known(model, name)
     swap_in(model, read(directory, model), name)
 
 

@@ -29,7 +29,6 @@ from deltatune.formats.peft_spec import (
     PeftMethod,
     Site,
     _plain,
-    _regex,
     targets_from_peft,
     targets_to_peft,
 )

@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from deltatune.core.inject import adapted_layers
+from deltatune.core.records import adapted_layers
 from deltatune.core.stored import StoredAdapter, capture
 from deltatune.formats import check_format, write
 

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.core.inject import adapted_layers, attach
+from deltatune.core.inject import attach
+from deltatune.core.records import adapted_layers
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.layers import quantized_format
 from deltatune.integrations.quantize import DEFAULT_SKIP, quantized_linear

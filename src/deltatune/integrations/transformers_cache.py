@@ -196,7 +196,7 @@ def kv_layout(model: nn.Module) -> KVLayout:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    from deltatune.core.inject import using
+    from deltatune.core.active import using
 
     config = text_config(model)
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.inject import configs, placement
+from deltatune.core.records import configs, placement
 from deltatune.core.layer import AdaptedLayer
 
 _PARAMS: dict[type, list[str]] = {}

@@ -272,7 +272,7 @@ class OftConfig(AdapterConfig):
         """COFT: project every q of adapter ``name`` back into its ball after the optimizer step."""
         if not self.coft:
             return
-        from deltatune.core.inject import adapted_layers
+        from deltatune.core.records import adapted_layers
 
         for _, layer in adapted_layers(model):
             for m in layer.adapters[name].modules() if name in layer.adapters else ():

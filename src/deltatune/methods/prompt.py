@@ -187,7 +187,7 @@ def drop_reparameterization(model: nn.Module, name: str = "default") -> nn.Modul
     smaller, faster, and saves (and loads) without the encoder. Call it after training.
     """
     from deltatune.core.contract import Reparameterized, ReparameterizedConfig
-    from deltatune.core.inject import adapted_layers, configs
+    from deltatune.core.records import adapted_layers, configs
 
     registered = configs(model).get(name)
     if registered is None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltatune.core.inject import adapted_layers, records
+from deltatune.core.records import adapted_layers, records
 from deltatune.core.stored import StoredAdapter, install, reinstall
 from deltatune.core.routing import delete_adapter
 from deltatune.formats import read
@@ -61,6 +61,10 @@ class Pool:
         self.dropped: set[str] = set()  # unloaded while a request still ran on it: detach when it finishes
         self.version = 0  # counts attachments and detachments (the engine re-opens its router on a change)
         self.changed: set[str] = set()  # attached since the engine last asked (take_changed)
+        # Per version since the last attach or detach that was not a swap in place: the swap
+        # (evicted, attached) that made it. An open router follows these (swaps_since).
+        self.swaps: list[tuple[int, str, str]] = []
+        self.reshaped = 0  # the version of the last attach or detach that was not a swap in place
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
 
@@ -161,9 +165,11 @@ class Pool:
             if swapped:
                 del self.loaded[victim]
                 self.metrics.inc("deltatune_adapter_cache_evictions_total")
+                self.swaps.append((self.version, victim, name))
                 self._attached(name)
                 return True
             self.evict(victim)
+        self._reshape()
         try:
             # Normal tensors, though the engine runs under inference_mode: routing reads their version counters.
             with torch.inference_mode(False), torch.no_grad():
@@ -181,6 +187,16 @@ class Pool:
         self._attached(name)
         return True
 
+    def _reshape(self) -> None:
+        self.reshaped, self.swaps = self.version, []
+
+    def swaps_since(self, version: int) -> list[tuple[str, str]] | None:
+        """The swaps in place (evicted, attached), in order, that took the attachments from
+        ``version`` to now; None if anything else was attached or detached since (re-open)."""
+        if version < self.reshaped:
+            return None
+        return [(old, new) for v, old, new in self.swaps if v > version]
+
     def take_changed(self) -> set[str]:
         """The names attached since the last call (their tensors are new; all others are as they were)."""
         changed, self.changed = self.changed, set()
@@ -194,6 +210,7 @@ class Pool:
 
     def evict(self, name: str) -> None:
         self.version += 1
+        self._reshape()
         delete_adapter(self.model, name)
         del self.loaded[name]
         self.metrics.inc("deltatune_adapter_cache_evictions_total")

@@ -16,8 +16,10 @@ Each loop of the engine thread, in order:
 
 The rows are routed by a :class:`deltatune.core.routing.Router` that stays open while the
 attached adapters stay the same: a request joining or leaving re-routes the layers (computed once
-per group of alike layers), and only attaching or detaching an adapter re-opens it (rewriting the
-swapped adapters' rows of the stacked factors, nothing else). Inside it, a layer whose rows all
+per group of alike layers). A cache miss that swaps an adapter into an evicted one's modules
+(:meth:`Pool.ensure`) is followed by the open router (:meth:`Router.swap`: the evicted adapter's
+slot of each stack rewritten, no walk of the model); only attaching or detaching otherwise
+re-opens it (rewriting the changed adapters' rows of the stacked factors, nothing else). Inside it, a layer whose rows all
 use one low-rank adapter adds it with two 2-D products read from its slot of the stacked factors
 (no gather; the bare base runs the plain layer); a mixed layer gathers each row's stacked
 low-rank factors (see :mod:`deltatune.core.routing`).
@@ -227,8 +229,6 @@ class Engine:
             if job.adapter is not None:
                 if not self.pool.ready(job.adapter):
                     continue  # still being read from disk: others go first
-                if job.adapter not in self.pool.loaded:
-                    self._leave()
                 try:
                     if not self.pool.ensure(job.adapter):
                         continue  # every slot is pinned by a running request: wait for one to finish
@@ -357,7 +357,13 @@ class Engine:
         """Route the next forward pass's rows through ``names``. The router stays open while the
         attached adapters stay the same; re-routing other rows costs one pass over the layers."""
         if self._router is not None and self._router_version != self.pool.version:
-            self._leave()  # an adapter was attached or detached since it opened
+            # Adapters swapped in place since it opened (a cache miss): the router follows them;
+            # anything else attached or detached: re-open it.
+            swaps = self.pool.swaps_since(self._router_version)
+            if swaps is not None and all(self._router.swap(old, new) for old, new in swaps):
+                self._router_version = self.pool.version
+            else:
+                self._leave()
         if self._router is None:
             self._router = Router(self.model, previous=self._last_router, changed=self.pool.take_changed(),
                                   stack_uniform=True)

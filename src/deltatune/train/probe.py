@@ -246,9 +246,9 @@ class Prober:
         torch.manual_seed(config.seed)
         strategy = prepare_on(loaded, config, self.device)  # as run_training (runner.py)
         params = dt.parameter_report(loaded.model)
-        train, task = self.items["train"], self.task
+        train, task, tokenizer = self.items["train"], self.task, loaded.tokenizer
         run = training_runner(config, self.device, self.precision)  # the run's own runner
-        collate = lambda idx: task.collate([train[i] for i in idx], loaded.tokenizer)  # noqa: E731
+        collate = lambda idx: task.collate([train[i] for i in idx], tokenizer)  # noqa: E731
         batches, mean_tokens = self.epoch(config)
         with tempfile.TemporaryDirectory(prefix="deltatune-probe-") as tmp:
             s = _start(strategy, config, len(train), Path(tmp) / "checkpoint", False, Ranks())
@@ -263,8 +263,8 @@ class Prober:
             held = self.items["validation"] or self.items["test"]
             if held:
                 worst = sorted(held, key=task.item_length)[-config.eval_batch_size:]
-                task.evaluate(s.model, worst, loaded.tokenizer, config.eval_batch_size, run)
-            artifact = strategy.save(Path(tmp), loaded.tokenizer, training_meta(config, self.splits.labels),
+                task.evaluate(s.model, worst, tokenizer, config.eval_batch_size, run)
+            artifact = strategy.save(Path(tmp), tokenizer, training_meta(config, self.splits.labels),
                                      config.save_format)
             adapter_bytes = dir_bytes(artifact)
         steps_per_epoch = len(batches)

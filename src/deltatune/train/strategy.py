@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 import deltatune as dt
 from deltatune.core.contract import TrainingState
-from deltatune.core.inject import adapted_layers
+from deltatune.core.records import adapted_layers
 from deltatune.core.files import atomic_directory
 
 TRAINING_FILE = "deltatune_training.json"  # beside a full model (or a PEFT-format adapter): how it was trained

@@ -1,0 +1,51 @@
+"""The recommender benches' shared helpers (``bench.recommend_common``) and the segment report's keep rule:
+a segment whose validation gain is inside the threshold is served by the shared adapter's ranks, on
+validation and test alike, and the report counts segments ahead and behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.recommend_common import pm, progress, write_json
+from bench.recommend_segments_report import gated, summarise
+
+
+def test_cells_json_and_progress_line(tmp_path: Path, capsys) -> None:
+    assert pm({"mean": 0.12345, "se": 0.00012}) == "0.1235 ± 0.0001"
+    assert pm((-0.0012, 0.0004), signed=True) == "-0.0012 ± 0.0004"
+    assert pm([0.01, 0.002], signed=True) == "+0.0100 ± 0.0020"
+    out = tmp_path / "deep" / "r.json"
+    write_json(out, {"a": [1]})
+    assert json.loads(out.read_text()) == {"a": [1]} and out.read_text() == '{\n "a": [\n  1\n ]\n}\n'
+    write_json(out, {"a": [1]}, indent=None)
+    assert out.read_text() == '{"a": [1]}\n' and [p.name for p in out.parent.iterdir()] == ["r.json"]
+    progress("lora seed 0", {"validation": [{"ndcg_10": 0.123456}], "seconds": 1.5}, "0.1000", t0=0.0)
+    line = capsys.readouterr().out
+    assert line.startswith("lora seed 0: val [0.1235] test 0.1000 (1.5 s, ") and line.endswith(" s in all)\n")
+
+
+def _record() -> dict:
+    """One seed, two segments: 'a' gains on all four validation users (kept), 'b' gains on one of four
+    and loses on another (dropped at one standard error). Ranks are 0-based (rank 0: NDCG 1)."""
+    val_segments = ["a"] * 4 + ["b"] * 4
+    shared = {"0": {"val_ranks": [5] * 8, "test_ranks": [3, 3, 3, 3]}}
+    run = {"seed": 0, "segmentation": "s", "variant": "own@1e-3",
+           "segments": {"a": {"best_epoch": 2, "windows": 10}, "b": {"best_epoch": 1, "windows": 10}},
+           "val_ranks": [0, 0, 1, 0, 0, 5, 5, 9], "val_segments": val_segments,
+           "test_ranks": [0, 50, 1, 50], "test_segments": ["a", "b", "a", "b"]}
+    return {"runs": [run], "shared": shared, "val_users": [f"u{i}" for i in range(8)]}
+
+
+def test_keep_rule_serves_dropped_segments_with_the_shared_ranks() -> None:
+    record = _record()
+    g = gated(record["runs"][0], record["shared"], record["val_users"], z=1.0)
+    assert g["kept"] == {"a": True, "b": False} and g["variant"] == "own@1e-3 kept at 1 se"
+    assert g["test_ranks"] == [0, 3, 1, 3] and g["val_ranks"] == [0, 0, 1, 0, 5, 5, 5, 5]
+    summary = summarise(record)
+    plain, rule = summary["variants"]["s own@1e-3"], summary["variants"]["s own@1e-3 kept at 1 se"]
+    assert (plain["segments_beating_shared_on_test"], plain["segments_behind_shared_on_test"]) == (1, 1)
+    assert (rule["segments_beating_shared_on_test"], rule["segments_behind_shared_on_test"]) == (1, 0)
+    assert rule["best_epochs"] == {"a": [2], "b": ["shared"]}
+    assert rule["segments"]["b"]["test"]["difference"]["mean"] == 0.0
+    assert summary["chosen"]["s"]["variant"] == "own@1e-3"  # the choice is among the plain variants
