@@ -19,32 +19,41 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
-from deltatune.core.fast_dropout import FastDropout, attention, dropout, keep_mask, keep_threshold
+from deltatune.core.fast_dropout import FastDropout, attention, dropout, keep_mask, keep_threshold, mask_bits
 from deltatune.train.dropout import applies, fast_dropout_runner
 from deltatune.train.loop import make_runner
 
 BF16 = torch.bfloat16
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.01])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.01, 0.99])
 def test_keep_rate_statistics(p):
     torch.manual_seed(0)
-    n = 1_000_001  # odd: the last word is cut in half
+    n = 1_000_003  # not a multiple of the integers per word: the last word is cut
     keep = keep_mask((n,), p)
     assert keep.dtype == torch.bool and keep.shape == (n,)
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(keep.double().mean().item() - (1 - p)) < 5 * sigma
-    for half in (keep[0::2], keep[1::2]):  # the two 31-bit halves of each random word
-        sigma_h = math.sqrt(p * (1 - p) / half.numel())
-        assert abs(half.double().mean().item() - (1 - p)) < 5 * sigma_h
+    per_word = 4 if mask_bits(p) == 15 else 2
+    for i in range(per_word):  # each 15-bit quarter (31-bit half) of every random word
+        part = keep[i::per_word]
+        sigma_h = math.sqrt(p * (1 - p) / part.numel())
+        assert abs(part.double().mean().item() - (1 - p)) < 5 * sigma_h
     # neighbours independent: P(both kept) = (1 - p)^2
     both = (keep[:-1] & keep[1:]).double().mean().item()
     assert abs(both - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 / n)
 
 
-def test_threshold_within_2_to_minus_32():
-    for p in (0.1, 0.2, 0.3, 0.5, 0.7, 0.05, 1e-6):
-        assert abs(keep_threshold(p) / 2**31 - (1 - p)) <= 2**-32
+def test_threshold_within_2_to_minus_16_or_32():
+    assert [mask_bits(p) for p in (0.1, 0.5, 2**-5, 1 - 2**-5, 0.01, 0.99, 1e-6)] == [15, 15, 15, 15, 31, 31, 31]
+    for p in (0.1, 0.2, 0.3, 0.5, 0.7, 0.05, 1e-6, 0.01):
+        bits = mask_bits(p)
+        assert abs(keep_threshold(p, bits) / 2**bits - (1 - p)) <= 2 ** -(bits + 1)
+        if bits == 15:  # p and 1 - p both at least 1/32: relative error at most 2**-11
+            assert abs(keep_threshold(p, bits) / 2**bits - (1 - p)) <= 2**-11 * min(p, 1 - p)
+    # a small rate is not rounded away
+    torch.manual_seed(0)
+    assert not keep_mask((2_000_000,), 1e-5).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16, torch.float64])

@@ -6,17 +6,22 @@ attention dropout forces) fills a tensor of the input's dtype with ``bernoulli_`
 (32, 40, 384) bf16 activation on one thread, most of it the float Bernoulli draw; the model's own
 dropout was the largest single item of a bf16 adapter training step (18-27 %, README "Fast bf16 training").
 
-:func:`dropout` draws the mask instead as 31-bit random integers from torch's default generator
-(``Tensor.random_`` on ``int64``: 63 random bits each, cut into two uniform 31-bit integers) and
-keeps an element when its integer is below ``round((1 - p) * 2**31)``:
+:func:`dropout` draws the mask instead as random integers from torch's default generator
+(``Tensor.random_`` on ``int64``: 63 random bits a word) and keeps an element when its integer is
+below ``keep_threshold(p)``. For ``1/32 <= p <= 31/32`` (every usual rate) each word is cut into four
+uniform 15-bit integers, one per element; outside that range into two 31-bit integers, so that a
+rate like ``1e-6`` is not rounded away. Drawing the words is most of the cost, so the 15-bit mask
+costs half the 31-bit one:
 
 - **the same distribution**: every element is kept independently with probability
-  ``round((1 - p) * 2**31) / 2**31``, within ``2**-32`` of ``1 - p`` (torch's float Bernoulli compares a
-  24-bit float uniform, so it is no finer);
+  ``keep_threshold(p) / 2**bits``, within ``2**-16`` of ``1 - p`` with 15 bits (a relative error of at
+  most ``2**-11`` in ``p`` and in ``1 - p``, since both are at least ``1/32``; for ``p = 0.1``:
+  0.100006), within ``2**-32`` with 31 bits;
 - **exact scaling**: kept elements are multiplied by ``1 / (1 - p)`` as a Python float, applied in
   the op's float arithmetic (torch's CPU dropout rounds ``1 / (1 - p)`` to the input's dtype first:
   1.109375 instead of 1.1111 in bf16);
-- **a compact mask**: backward keeps the boolean mask (1 byte an element, not 2-4) and computes
+- **a compact mask**: backward keeps the mask as 0/1 bytes (1 byte an element, not 2-4; uint8,
+  since products with a bool tensor take torch's unvectorised CPU path) and computes
   ``grad * mask * (1 / (1 - p))``;
 - **the same random stream as a seed**: the bits come from the default CPU generator, so
   ``torch.manual_seed`` and the training checkpoint's saved RNG state reproduce the masks
@@ -44,20 +49,30 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["FastDropout", "dropout", "keep_mask", "attention"]
 
 _LOW31 = 0x7FFFFFFF7FFFFFFF  # the low 31 bits of each int32 half of an int64
+_LOW15 = 0x7FFF7FFF7FFF7FFF  # the low 15 bits of each int16 quarter of an int64
 
 
-def keep_threshold(p: float) -> int:
-    """``v < keep_threshold(p)`` for ``v`` uniform on ``[0, 2**31)`` has probability ``1 - p`` to within ``2**-32``."""
-    return round((1.0 - p) * 2**31)
+def mask_bits(p: float) -> int:
+    """Random bits per element for rate ``p``: 15 for ``1/32 <= p <= 31/32``, else 31 (module docstring)."""
+    return 15 if 2**-5 <= p <= 1 - 2**-5 else 31
+
+
+def keep_threshold(p: float, bits: int = 31) -> int:
+    """``v < keep_threshold(p, bits)`` for ``v`` uniform on ``[0, 2**bits)`` has probability ``1 - p`` to
+    within ``2**-(bits + 1)``."""
+    return round((1.0 - p) * 2**bits)
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
               generator: torch.Generator | None = None) -> Tensor:
-    """A boolean tensor of ``shape``, each element True (kept) with probability ``1 - p`` (to 2**-32)."""
+    """A boolean tensor of ``shape``, each element True (kept) with probability ``1 - p`` (to 2**-16,
+    or 2**-32 for a rate outside ``[1/32, 31/32]``; :func:`mask_bits`)."""
     n = math.prod(shape)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(generator=generator)
-    halves = words.bitwise_and_(_LOW31).view(torch.int32)  # two uniform 31-bit integers per word
-    return (halves[:n] < keep_threshold(p)).view(shape)
+    bits = mask_bits(p)
+    per_word, low, dtype = (4, _LOW15, torch.int16) if bits == 15 else (2, _LOW31, torch.int32)
+    words = torch.empty(-(-n // per_word), dtype=torch.int64, device=device).random_(generator=generator)
+    parts = words.bitwise_and_(low).view(dtype)  # per_word uniform integers of `bits` bits a word
+    return (parts[:n] < keep_threshold(p, bits)).view(shape)
 
 
 class _Dropout(torch.autograd.Function):
@@ -76,7 +91,7 @@ class _Dropout(torch.autograd.Function):
 
 
 def dropout(x: Tensor, p: float, training: bool = True, generator: torch.Generator | None = None) -> Tensor:
-    """``F.dropout(x, p, training)`` with the mask drawn as 31-bit random integers (module docstring)."""
+    """``F.dropout(x, p, training)`` with the mask drawn as random integers (module docstring)."""
     if not training or p == 0.0:
         return x
     if not 0.0 <= p <= 1.0:

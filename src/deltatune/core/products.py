@@ -103,8 +103,15 @@ def thin_mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 def project_t(x: Tensor, A: Tensor) -> Tensor:
-    """``(x Aᵀ)ᵀ``, (r, N), for x (N, d) and A (r, d): MKL is fastest asked for ``A xᵀ``."""
-    return onednn_linear(x, A).t() if _use_onednn(x, A, A.shape[0], thin=True) else A @ x.t()
+    """``(x Aᵀ)ᵀ``, (r, N), for x (N, d) and A (r, d). In float32 MKL is fastest asked for ``A xᵀ``; in
+    bf16/fp16 ``x Aᵀ`` (an (N, r) result, returned transposed) runs about 1.4x faster, and the products
+    that read it afterwards (the rank-r update of the output and the factors' gradients) are as
+    fast or faster with the (N, r) layout."""
+    if _use_onednn(x, A, A.shape[0], thin=True):
+        return onednn_linear(x, A).t()
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
+        return (x @ A.t()).t()
+    return A @ x.t()
 
 
 def current_engine() -> str:

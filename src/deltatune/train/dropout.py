@@ -2,9 +2,10 @@
 
 ``fast`` (the default) wraps the runner so that every training forward on the CPU runs inside
 :class:`deltatune.core.fast_dropout.FastDropout`: the model's ``nn.Dropout`` layers and the
-attention dropout of ``F.scaled_dot_product_attention`` draw their masks as 31-bit random integers
-from torch's generator instead of float ``bernoulli_`` (the same keep probability to within 2**-32,
-exact ``1 / (1 - p)`` scaling, a boolean mask kept for backward; about a fifth of the cost). Torch
+attention dropout of ``F.scaled_dot_product_attention`` draw their masks as 15-bit random
+integers (31-bit for a rate below 1/32) from torch's generator instead of float ``bernoulli_``
+(the same keep probability to within 2**-16, exact ``1 / (1 - p)`` scaling, a one-byte mask kept
+for backward; about a tenth of the cost). Torch
 takes its math attention path whenever attention dropout is on, and so does the fast path, with
 the cheaper mask. ``torch`` keeps torch's own dropout (the random stream of runs before this
 option existed). Evaluation (``model.eval()``) is untouched either way: dropout is the identity there. A model

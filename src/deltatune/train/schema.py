@@ -134,9 +134,9 @@ class TrainConfig(_Strict):
     # weights' memory) and measured no faster for LoRA (README "Fast bf16 training"). Not with
     # gradient_checkpointing or under torchrun.
     frozen_dtype: Literal["float32", "bfloat16"] = "float32"
-    # The model's own dropout in training on the CPU: fast draws each mask as 31-bit random integers (same keep
-    # probability to 2**-32, exact 1/(1-p) scaling, boolean mask for backward; also attention dropout), about a
-    # fifth of torch's cost; torch: torch's own dropout (the random stream of earlier runs). train/dropout.py
+    # The model's own dropout in training on the CPU: fast draws each mask as 15-bit random integers (same keep
+    # probability to 2**-16; 31-bit below p=1/32; exact 1/(1-p) scaling, one-byte mask for backward; also attention
+    # dropout), about a tenth of torch's cost; torch: torch's own dropout (the random stream of earlier runs). train/dropout.py
     dropout_kernel: Literal["fast", "torch"] = "fast"
     # Under torchrun: ddp replicates the model and averages gradients; fsdp (FSDP2) shards the frozen base
     # and the adapter across the ranks (adapters only; no mid-run checkpoints). One process: ignored.
