@@ -201,3 +201,62 @@ def test_the_pool_tells_swaps_in_place_from_other_changes(tmp_path):
     assert pool.swaps_since(start - 1) is None  # before a0 was attached: not a swap
     pool.unload("a2")
     assert pool.swaps_since(start) is None and not pool.loaded
+
+
+def test_a_packed_prefill_gives_the_padded_ones_tokens(tmp_path, monkeypatch):
+    """Prompts of several lengths over LoRA adapters, the bare base and an (IA)³ adapter: packed
+    prefills (no padding) give token for token what left-padded ones give, and a group that mixes
+    (IA)³ with other adapters (it needs grouping by example) is prefilled padded instead."""
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.serve import engine as engine_module
+    from deltatune.serve import kv as kv_module
+    from deltatune.train.models import load_tokenizer
+
+    base = make_tiny_llama(tmp_path / "llama")
+    lora = dt.LoraConfig(target=["q_proj", "v_proj"], rank=4)
+    paths = {"l0": _adapter(base, tmp_path / "l0", lora, 40), "l1": _adapter(base, tmp_path / "l1", lora, 41, "peft"),
+             "ia3": _adapter(base, tmp_path / "ia3", dt.IA3Config(target=["k_proj", "v_proj", "down_proj"]), 42)}
+    groups = [[("l0", [5, 9, 13, 7, 2, 8]), ("l1", [11, 4]), (None, [8, 8, 21]), ("l0", [3])],
+              [("ia3", [4, 6, 8, 10, 12]), ("ia3", [7])],                       # one adapter: packed too
+              [("ia3", [9, 9, 9, 9]), ("l1", [2, 3]), (None, [6])]]              # mixed with (IA)³: padded
+    unpacked: list[int] = []
+    real = kv_module.unpack
+    monkeypatch.setattr(kv_module, "unpack", lambda cache, lengths: unpacked.append(len(lengths)) or real(cache, lengths))
+
+    def run(pack: bool) -> list[list[int]]:
+        model = AutoModelForCausalLM.from_pretrained(base).eval()
+        metrics = Metrics()
+        pool = Pool(model, metrics, max_loaded=3)
+        for name, path in paths.items():
+            pool.register(name, path)
+            pool.prefetch(name).result()
+        engine = Engine(model, load_tokenizer(base), pool, metrics, max_batch=16, pack=pack)
+        outs: list[list[int]] = []
+        for group in groups:  # each group admitted at once (one prefill), then decoded to the end
+            for adapter, prompt in group:
+                out: list[int] = []
+                outs.append(out)
+                engine.submit(Job(prompt=prompt, adapter=adapter, max_tokens=5, temperature=0.0, ignore_eos=True,
+                                  deliver=lambda e, out=out: out.append(e[2]) if e[0] == "delta" else None))
+            with torch.inference_mode():
+                while engine.running or engine.waiting:
+                    engine._step([])
+        return outs
+
+    unpackable = []
+    real_route = engine_module.Router.route
+
+    def route(self, names, lengths=None):
+        try:
+            return real_route(self, names, lengths)
+        except engine_module.Unpackable:
+            unpackable.append(list(names))
+            raise
+
+    monkeypatch.setattr(engine_module.Router, "route", route)
+    packed = run(True)
+    assert unpacked == [4, 2] and len(unpackable) == 1 and "ia3" in unpackable[0]
+    padded = run(False)
+    assert unpacked == [4, 2] and len(unpackable) == 1  # pack=False: never tried
+    assert packed == padded and all(len(o) == 5 for o in packed)

@@ -50,7 +50,11 @@ from deltatune.core.records import known
 from deltatune.core.contract import is_low_rank
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.products import plain_linear
-from deltatune.core.stacking import Stack, batched, single, stack_of
+from deltatune.core.stacking import Span, Stack, batched, segments, single, spans, stack_of
+
+class Unpackable(ValueError):
+    """``Router.route(..., lengths)``: a layer's adapters cannot serve a packed row."""
+
 
 Key = tuple[str, ...]  # the adapters one example runs through on one layer, innermost first
 Choice = str | None | Sequence[str]
@@ -96,15 +100,17 @@ class _Route:
 
     slot: int | None = None  # every row on the adapter in this slot of ``stack`` (a homogeneous batch)
 
+    runs: list[Span] | None = None  # one packed row: each example's run of tokens and its slot
+
     @classmethod
     def planned(cls, keys: list[Key], uniform: Key | None, stack: Stack | None, slots: Tensor | None,
-                slot: int | None = None) -> _Route:
+                slot: int | None = None, runs: list[Span] | None = None) -> _Route:
         """A route whose parts a :class:`Router` computed once for many layers alike."""
         route = cls.__new__(cls)
         route.keys, route.uniform, route.stack, route._groups, route._gathered = keys, uniform, stack, {}, None
         if slots is not None:
             route.slots = slots
-        route.slot = slot
+        route.slot, route.runs = slot, runs
         return route
 
     def _repeat(self, rows: int) -> int:
@@ -120,10 +126,15 @@ class _Route:
     def __call__(self, layer: AdaptedLayer, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.uniform is not None:
             return layer.run(x, self.uniform, *args, **kwargs)
+        stacked = self.stack is not None and not layer.training and not (self.stack.trainable and torch.is_grad_enabled())
+        if stacked and self.slot is not None:  # homogeneous: every row on one adapter, no gather
+            return single(_base_output(layer.base, x, args, kwargs), x, self.stack, self.slot)
+        if self.runs is not None:  # one packed row (Router.route with lengths)
+            if not stacked:
+                raise RuntimeError("a packed row is served from the stacked factors only: no training, no adapter gradients")
+            return segments(_base_output(layer.base, x, args, kwargs), x, self.stack, self.runs)
         repeat = self._repeat(x.shape[0])
-        if self.stack is not None and not layer.training and not (self.stack.trainable and torch.is_grad_enabled()):
-            if self.slot is not None:  # homogeneous: every row on one adapter, no gather
-                return single(_base_output(layer.base, x, args, kwargs), x, self.stack, self.slot)
+        if stacked:
             slots = self.slots if repeat == 1 else self.slots.repeat_interleave(repeat)
             AB = self._gathered
             if AB is None or AB.dtype != x.dtype or AB.shape[0] != slots.shape[0]:
@@ -259,19 +270,27 @@ class Router:
             stack = self._stacks[layer] = stack_of(self.model, layer, reuse, trusted, self._low[layer])
         return stack
 
-    def route(self, adapter_names: Sequence[Choice]) -> None:
-        """Row ``i`` of the next forward passes uses ``adapter_names[i]`` (as in ``routing``)."""
+    def route(self, adapter_names: Sequence[Choice], lengths: Sequence[int] | None = None) -> None:
+        """Row ``i`` of the next forward passes uses ``adapter_names[i]`` (as in ``routing``).
+
+        ``lengths``: the examples are *packed* instead, one after another in one row (a server's
+        prefill without padding): example ``i`` is the next ``lengths[i]`` tokens. Layers must act
+        on each token alone (as linear layers and their adapters do; the caller keeps examples
+        from attending to each other). Refused with ``Unpackable``, before any layer is re-routed,
+        when a layer would need the grouped fallback (see the module docs); route rows instead.
+        """
         if self._saved is None:
             raise RuntimeError("this router is closed; open a new one")
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not adapter_names:
             raise ValueError("adapter_names must be a non-empty list with one entry per example, e.g. ['a', None, 'b']")
+        if lengths is not None and len(lengths) != len(adapter_names):
+            raise ValueError(f"{len(lengths)} lengths for {len(adapter_names)} packed examples")
         keys = [_key(self.model, c) for c in adapter_names]
         distinct = list(dict.fromkeys(keys))
         plans: dict[tuple, tuple] = {}
         for layer in self.layers:
             have, low = self._signature[layer]
-            plan = plans.get((have, low))
-            if plan is None:
+            if (have, low) not in plans:
                 here = {k: tuple(n for n in k if n in have) for k in distinct}
                 layer_keys = [here[k] for k in keys]
                 seen = list(dict.fromkeys(layer_keys))
@@ -281,34 +300,34 @@ class Router:
                 if one is not None:
                     uniform = None
                 batched = uniform is None and low_rank
-                plan = plans[(have, low)] = (layer_keys, uniform, batched, one, {})
-            layer_keys, uniform, batched, one, slots_by = plan
-            stack, slots, slot = None, None, None
+                if lengths is not None and uniform is None and not batched:
+                    raise Unpackable(f"adapters {seen} on one layer need grouping by example; route rows, not a packed one")
+                plans[(have, low)] = (layer_keys, uniform, batched, one, {})
+        for layer in self.layers:
+            layer_keys, uniform, batched, one, slots_by = plans[self._signature[layer]]
+            stack, slots, slot, runs = None, None, None, None
             if batched:
                 stack = self._stack_of(layer)
                 if one is not None:
                     slot = stack.index[one]
                 else:
                     where = (stack.AB.device, tuple(stack.index.items()))
-                    slots = slots_by.get(where)
-                    if slots is None:
-                        slots = slots_by[where] = torch.tensor(
-                            [stack.index[k[0]] if k else stack.zero for k in layer_keys], device=stack.AB.device)
-            layer.router = _Route.planned(layer_keys, uniform, stack, slots, slot)
-        self.names = list(adapter_names)
+                    planned = slots_by.get(where)
+                    if planned is None:
+                        listed = [stack.index[k[0]] if k else stack.zero for k in layer_keys]
+                        planned = slots_by[where] = (spans(listed, list(lengths), stack.zero) if lengths is not None
+                                                     else torch.tensor(listed, device=stack.AB.device))
+                    runs, slots = (planned, None) if lengths is not None else (None, planned)
+            layer.router = _Route.planned(layer_keys, uniform, stack, slots, slot, runs)
+        self.names = None if lengths is not None else list(adapter_names)
 
     @torch.no_grad()
     def swap(self, old: str, new: str) -> bool:
-        """Adapter ``new`` took over ``old``'s modules in place (``core.stored.reinstall``: the same
-        config on the same modules, its tensors copied in, renamed): follow it without re-opening.
-
-        The one exception to "attach, detach or edit no adapter while a router is open", for a
-        server's cache swapping one adapter for another: the layers stay the same, so only the
-        layers that held ``old`` change, and in each of their stacks only ``old``'s slot is
-        rewritten (no walk of the model, no check of the other adapters). Rows are routed anew by
-        the next :meth:`route`. False when ``new`` is not where ``old`` was, or a stack cannot
-        take it in its slot: the router is then stale; close it and open a new one.
-        """
+        """Adapter ``new`` took over ``old``'s modules in place (``core.stored.reinstall``, a
+        server's cache swap): follow it without re-opening, the one exception to "attach, detach
+        or edit no adapter while a router is open". Only ``old``'s slot of each stack is rewritten
+        (no walk of the model, no check of the others); the next :meth:`route` re-plans. False
+        when ``new`` is not where ``old`` was or a stack cannot take it: close and re-open."""
         if self._saved is None:
             raise RuntimeError("this router is closed; open a new one")
         sets: dict[tuple, tuple[frozenset[str], frozenset[str]]] = {}

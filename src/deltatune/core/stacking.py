@@ -194,3 +194,43 @@ def single(out: Tensor, x: Tensor, stack: Stack, slot: int) -> Tensor:
         out.view(-1, d_out).addmm_(ax, Bt)                                    # in place: no (N, d_out) temporary
         return out
     return out + torch.mm(ax, Bt).view(out.shape).to(out.dtype)
+
+
+Span = tuple[int, int, int]  # (slot, first token, end token) of one packed row
+
+
+def spans(slot_of: list[int], lengths: list[int], zero: int) -> list[Span]:
+    """The runs of one packed row: example ``i`` is the next ``lengths[i]`` tokens, on stack slot
+    ``slot_of[i]``; neighbours on one slot merge into one run, bare-base runs (``zero``) are left out."""
+    out: list[Span] = []
+    start = 0
+    for slot, n in zip(slot_of, lengths):
+        if slot != zero:
+            if out and out[-1][0] == slot and out[-1][2] == start:
+                out[-1] = (slot, out[-1][1], start + n)
+            else:
+                out.append((slot, start, start + n))
+        start += n
+    return out
+
+
+def segments(out: Tensor, x: Tensor, stack: Stack, runs: list[Span]) -> Tensor:
+    """``out[0, a:b] += s·(x[0, a:b] Aᵀ) Bᵀ`` with (A, B, s) slot ``k``'s factors, for each run
+    ``(k, a, b)`` of one packed row ``x: (1, N, d_in)`` (several examples one after another: a
+    server's prefill without padding). As :func:`single` on each run's tokens, factors read in
+    place; ``out`` is written in place when no gradient is wanted, else a copy."""
+    if x.shape[0] != 1:
+        raise ValueError(f"a packed batch is one row; got {x.shape[0]} rows")
+    if torch.is_grad_enabled() or not out.is_contiguous() or out.data_ptr() == x.data_ptr():
+        out = out.clone(memory_format=torch.contiguous_format)
+    d_in = stack.d_in
+    for slot, a, b in runs:
+        A, Bt = stack.AB[slot, :, :d_in], stack.AB[slot, :, d_in:]     # (r, d_in), (r, d_out): views
+        if A.dtype != x.dtype:
+            A, Bt = A.to(x.dtype), Bt.to(x.dtype)
+        ax = torch.mm(x[0, a:b], A.t())                                # (n, d_in) @ (d_in, r) -> (n, r)
+        if out.dtype == ax.dtype:
+            out[0, a:b].addmm_(ax, Bt)                                 # (n, r) @ (r, d_out), in place
+        else:
+            out[0, a:b] += torch.mm(ax, Bt).to(out.dtype)
+    return out

@@ -8,21 +8,19 @@ Each loop of the engine thread, in order:
 3. admits waiting requests (up to ``max_batch`` running; while rows decode, only once a few
    are ready or the oldest has waited a few steps, so that newcomers share one prefill pass:
    :meth:`Engine._worth_prefilling`): their adapter is attached if it is not
-   (:class:`~deltatune.serve.adapters.Pool`), and all of them are prefilled in *one* forward pass,
-   left-padded, routed with one adapter name per row (requests for different adapters share it);
-   their caches join the running batch (:mod:`.kv`);
+   (:class:`~deltatune.serve.adapters.Pool`), and all of them are prefilled in *one* forward pass
+   (packed one after another without padding, :mod:`.packing`, or left-padded), routed per
+   request (requests for different adapters share it); their caches join the running batch (:mod:`.kv`);
 4. runs one decode step for every running row: one forward pass, one token each, again routed
    per row, so a batch mixes adapters (and the bare base) freely.
 
 The rows are routed by a :class:`deltatune.core.routing.Router` that stays open while the
 attached adapters stay the same: a request joining or leaving re-routes the layers (computed once
-per group of alike layers). A cache miss that swaps an adapter into an evicted one's modules
-(:meth:`Pool.ensure`) is followed by the open router (:meth:`Router.swap`: the evicted adapter's
-slot of each stack rewritten, no walk of the model); only attaching or detaching otherwise
-re-opens it (rewriting the changed adapters' rows of the stacked factors, nothing else). Inside it, a layer whose rows all
-use one low-rank adapter adds it with two 2-D products read from its slot of the stacked factors
-(no gather; the bare base runs the plain layer); a mixed layer gathers each row's stacked
-low-rank factors (see :mod:`deltatune.core.routing`).
+per group of alike layers). It follows a cache miss that swaps an adapter into an evicted one's
+modules (:meth:`Router.swap`: that slot of each stack rewritten, no walk of the model); any other
+attach or detach re-opens it. A layer whose rows all use one low-rank adapter adds it with two
+2-D products read from its slot of the stacked factors; a mixed layer gathers each row's factors
+(see :mod:`deltatune.core.routing`); the bare base runs the plain layer.
 
 Results go back through ``Job.deliver``, called on this thread; the HTTP side hands them to its
 event loop. An exception in a step fails the requests in that step (status 500) and the engine
@@ -31,6 +29,7 @@ goes on with an empty batch: it never dies with the server still accepting reque
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import traceback
@@ -43,8 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.routing import Router
-from deltatune.serve import kv
+from deltatune.core.routing import Router, Unpackable
+from deltatune.serve import kv, packing
 from deltatune.serve.adapters import AdapterError, Pool
 from deltatune.serve.metrics import Metrics
 
@@ -82,7 +81,7 @@ class Job:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, pool: Pool, metrics: Metrics, max_batch: int = 64,
                  max_queue: int = 256, max_prefill_tokens: int = 8192, prefill_batch: int = 4,
-                 prefill_wait: int = 4) -> None:
+                 prefill_wait: int = 4, pack: bool = True) -> None:
         from deltatune.integrations.transformers_cache import cache_keyword
 
         self.model, self.tokenizer, self.pool, self.metrics = model, tokenizer, pool, metrics
@@ -94,6 +93,9 @@ class Engine:
         self.steps = 0  # decode steps run
         self.device = next(model.parameters()).device
         self.cache_key = cache_keyword(model)
+        self.dtype = next(model.parameters()).dtype
+        self.pack = pack and packing.supported(model)  # prefill packed rows rather than padded ones
+        self._keep = {"logits_to_keep": 1} if packing.keeps_logits(model) else {}
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
@@ -247,42 +249,42 @@ class Engine:
             self.waiting.remove(job)
             self.metrics.set("deltatune_queue_waiting", len(self.waiting))
 
-    def _forward(self, names: list[str | None], ids: Tensor, mask: Tensor, positions: Tensor, cache: object) -> Tensor:
-        """Logits of the last position, ``(B, V)``, with row i routed through ``names[i]``."""
-        self._enter(names)
-        self.metrics.observe("deltatune_batch_size", ids.shape[0])
+    def _forward(self, names: list[str | None], ids: Tensor, mask: Tensor, positions: Tensor, cache: object,
+                 lengths: list[int] | None = None, keep: Tensor | None = None) -> Tensor:
+        """Logits ``(B, V)`` of each row's last position, row i routed through ``names[i]``; with
+        ``lengths``, of the ``keep`` positions of one packed row (:mod:`.packing`)."""
+        self._enter(names, lengths)
+        self.metrics.observe("deltatune_batch_size", len(names))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self.cache_key: cache}, **self._logits_to_keep())
-        return out.logits[:, -1]
-
-    def _logits_to_keep(self) -> dict[str, int]:
-        import inspect
-
-        if not hasattr(self, "_keep"):
-            self._keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
-        return self._keep
+                         **{self.cache_key: cache}, **({"logits_to_keep": keep} if keep is not None else self._keep))
+        return out.logits[:, -1] if lengths is None else out.logits[0]
 
     def _prefill(self, jobs: list[Job]) -> None:
-        L = max(len(j.prompt) for j in jobs)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (L - len(j.prompt)) + j.prompt for j in jobs], device=self.device)   # (n, L)
-        mask = torch.tensor([[0] * (L - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)                                                    # (n, L)
-        cache = kv.build([])
+        """One pass for the admitted prompts: packed when that saves work (:mod:`.packing`), else padded."""
+        cache, new = kv.build([]), None
         try:
-            logits = self._forward([j.adapter for j in jobs], ids, mask, positions, cache)
+            if self.pack and packing.worth([len(j.prompt) for j in jobs]):
+                jobs = packing.by_adapter(jobs)
+                lengths = [len(j.prompt) for j in jobs]
+                ids, mask, positions, ends = packing.inputs([j.prompt for j in jobs], self.dtype, self.device)
+                with contextlib.suppress(Unpackable):  # refused before the pass: prefill padded instead
+                    logits = self._forward([j.adapter for j in jobs], ids, mask, positions, cache, lengths, ends)
+                    kv.check_cache(cache)
+                    new = kv.unpack(cache, lengths)
+            if new is None:
+                ids, mask, positions = packing.padded([j.prompt for j in jobs], self.tokenizer.pad_token_id or 0, self.device)
+                logits = self._forward([j.adapter for j in jobs], ids, mask, positions, cache)
+                kv.check_cache(cache)
+                new = kv.Batch(cache, mask)
         except Exception:
             for job in jobs:
                 if job.adapter is not None:
                     self.pool.unpin(job.adapter)
             raise
-        kv.check_cache(cache)
-        for job in jobs:
-            self.metrics.inc("deltatune_prompt_tokens_total", len(job.prompt))
-        new = kv.Batch(cache, mask)
+        self.metrics.inc("deltatune_prompt_tokens_total", sum(len(job.prompt) for job in jobs))
         self.batch = new if self.batch is None else self.batch.join(new)
-        lengths = mask.sum(-1)
-        self.positions = lengths if self.positions is None else torch.cat([self.positions, lengths])
+        nexts = new.mask.sum(-1)  # (n,) each new row's next position id
+        self.positions = nexts if self.positions is None else torch.cat([self.positions, nexts])
         self.running += jobs
         self._take(jobs, logits)
 
@@ -353,7 +355,7 @@ class Engine:
 
     # --- routing block -------------------------------------------------------------------------------
 
-    def _enter(self, names: list[str | None]) -> None:
+    def _enter(self, names: list[str | None], lengths: list[int] | None = None) -> None:
         """Route the next forward pass's rows through ``names``. The router stays open while the
         attached adapters stay the same; re-routing other rows costs one pass over the layers."""
         if self._router is not None and self._router_version != self.pool.version:
@@ -369,8 +371,8 @@ class Engine:
                                   stack_uniform=True)
             self._last_router = None
             self._router_version = self.pool.version
-        if self._router.names != names:
-            self._router.route(names)
+        if lengths is not None or self._router.names != names:
+            self._router.route(names, lengths)
 
     def _leave(self) -> None:
         if self._router is not None:

@@ -95,3 +95,21 @@ class Batch:
         kv = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:])
               for k, v in tensors(self.cache)]
         return Batch(build(kv), mask[:, start:])
+
+
+def unpack(cache: object, lengths: list[int]) -> Batch:
+    """A packed prefill's cache (one row: ``lengths[i]`` tokens of example ``i``, one after another)
+    as a :class:`Batch` of left-padded rows, one per example: ``(1, H, N, D) -> (n, H, L, D)``."""
+    n, N, L = len(lengths), sum(lengths), max(lengths)
+    index, start = [], 0
+    for k in lengths:  # each row: the zero column (N) as padding, then its own tokens
+        index.append([N] * (L - k) + list(range(start, start + k)))
+        start += k
+    first = tensors(cache)[0][0]
+    idx = torch.tensor(index, device=first.device)                                   # (n, L)
+    kv = []
+    for k, v in tensors(cache):  # (1, H, N, D) + a zero column -> (H, N + 1, D) -> (H, n, L, D) -> (n, H, L, D)
+        kv.append(tuple(torch.cat([t[0], t.new_zeros((t.shape[1], 1, t.shape[3]))], 1)[:, idx].transpose(0, 1).contiguous()
+                        for t in (k, v)))
+    mask = torch.tensor([[0] * (L - k) + [1] * k for k in lengths], device=first.device)
+    return Batch(build(kv), mask)

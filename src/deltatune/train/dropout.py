@@ -5,7 +5,7 @@
 attention dropout of ``F.scaled_dot_product_attention`` draw their masks as 15-bit random
 integers (31-bit for a rate below 1/32) from torch's generator instead of float ``bernoulli_``
 (the same keep probability to within 2**-16, exact ``1 / (1 - p)`` scaling, a one-byte mask kept
-for backward; about a tenth of the cost). Torch
+for backward; a fraction of the cost). Torch
 takes its math attention path whenever attention dropout is on, and so does the fast path, with
 the cheaper mask. ``torch`` keeps torch's own dropout (the random stream of runs before this
 option existed). Evaluation (``model.eval()``) is untouched either way: dropout is the identity there. A model
