@@ -148,6 +148,7 @@ def test_train_with_loftq_and_reload(tiny_llama: Path, tmp_path: Path, monkeypat
     assert all(torch.equal(t, packed[n]) for n, t in quantized(models[0]).items())  # trained: base untouched
     trained = load_trained(tmp_path / "run")
     assert all(torch.equal(t, packed[n]) for n, t in quantized(trained.model).items())  # rebuilt bit for bit
+    assert not any("loftq" in k for k in trained.model.__dict__)  # LoftQ's starting factors are not kept
     splits = trained.task.load_splits(trained.config, trained.labels)
     items = trained.task.encode(trained.tokenizer, splits.test, trained.config.max_length)
     again = trained.task.evaluate(trained.model, items, trained.tokenizer, 16, lambda m, b: m(**b))

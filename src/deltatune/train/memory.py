@@ -31,8 +31,12 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100
 
 
-def quantize_base(model: nn.Module, config: Any) -> nn.Module:
-    """``config.quantize`` applied to ``model`` (in place) before any adapter attaches; a no-op for none."""
+def quantize_base(model: nn.Module, config: Any, loftq_init: bool = True) -> nn.Module:
+    """``config.quantize`` applied to ``model`` (in place) before any adapter attaches; a no-op for none.
+
+    With ``loftq_iterations`` the base is LoftQ's; ``loftq_init`` keeps LoftQ's starting factors on the
+    model for :func:`apply_loftq` (training). A trained adapter about to be loaded needs only the base:
+    pass ``loftq_init=False`` and nothing else stays on the model."""
     if config.quantize == "none":
         return model
     import deltatune as dt
@@ -44,7 +48,8 @@ def quantize_base(model: nn.Module, config: Any) -> nn.Module:
                                        iterations=config.loftq_iterations, double_quant=config.double_quant,
                                        compute_dtype=config.compute_dtype, backend=config.quantize_backend,
                                        rest_dtype=getattr(config, "quantize_rest_dtype", None))
-        model.__dict__[_LOFTQ] = (report, inits)  # taken by apply_loftq once the adapter is attached
+        if loftq_init:
+            model.__dict__[_LOFTQ] = (report, inits)  # taken by apply_loftq once the adapter is attached
         return model
     return dt.quantize(model, config.quantize, double_quant=config.double_quant,
                        compute_dtype=config.compute_dtype, backend=config.quantize_backend,
