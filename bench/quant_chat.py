@@ -2,6 +2,9 @@
 
     python -m bench.quant_chat --train              # fp32 / NF4 / int8 LoRA, 96 steps, validation every 24
     python -m bench.quant_chat --untrained          # no training: the bases alone, and LoftQ at several ranks
+    python -m bench.quant_chat --loftq-errors --loftq 8:1,8:5,16:1,16:5   # LoftQ's weight error only
+    python -m bench.quant_chat --train --formats nf4 --set loftq_iterations=1 --tag -loftq1 \
+        --out bench/results/quant-chat-levers.json     # one lever; rows add up in that file
 
 ``--train`` runs ``deltatune train``'s code (run_training) once per base with the same settings and
 seed: LoRA r 8 on every linear layer (the chat task's defaults: alpha 16, dropout 0.05, lr 5e-4,
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,29 +46,71 @@ def _write(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def train(formats: list[str], examples: int, every: int, seeds: list[int], extra: list[str]) -> None:
+def train(formats: list[str], examples: int, every: int, seeds: list[int], extra: list[str],
+          path: Path = RESULTS / "quant-chat-train.json", tag: str = "") -> None:
     from deltatune.train import load_config, run_training
     from deltatune.train.chat import ChatTask
 
     ChatTask.samples = 0  # no generations: loss only
-    path = RESULTS / "quant-chat-train.json"
-    out: dict[str, Any] = {"settings": SETS + [f"data.max_train_examples={examples}", f"eval_every={every}", *extra],
-                           "load_before": list(os.getloadavg()), "runs": {}}
+    from deltatune.train import runner as runner_module
+
+    reports: list[Any] = []
+    real_apply = runner_module.apply_loftq
+    runner_module.apply_loftq = lambda model: reports.append(real_apply(model))  # keep LoftQ's weight errors
+    command = "python -m bench.quant_chat " + " ".join(sys.argv[1:])
+    settings = SETS + [f"data.max_train_examples={examples}", f"eval_every={every}", *extra]
+    out: dict[str, Any] = {"command": command, "settings": settings, "load_before": list(os.getloadavg()), "runs": {}}
+    if path.name != "quant-chat-train.json" and path.exists():  # a file of several commands: rows add up
+        out = {"runs": json.loads(path.read_text())["runs"]}
     for seed in seeds:
         for fmt in formats:
             with tempfile.TemporaryDirectory() as tmp:
                 config = load_config(None, [*SETS, f"data.max_train_examples={examples}", f"eval_every={every}",
                                             f"seed={seed}", f"quantize={fmt}", f"output={tmp}/run", *extra])
-                t0 = time.perf_counter()
+                t0, load_before = time.perf_counter(), list(os.getloadavg())
+                reports.clear()
                 m = run_training(config, progress=False)
-            row = {"test_loss": m["test_loss"], "base_test_loss": m.get("base_test_loss"), "steps": m["steps"],
+            row = {"command": command, "settings": settings, "seed": seed, "quantize": fmt,
+                   "load_before": load_before, "test_loss": m["test_loss"], "base_test_loss": m.get("base_test_loss"), "steps": m["steps"],
                    "validation": [{k: v for k, v in r.items() if k in ("step", "loss", "epoch")}
                                   for r in m.get("validation", [])],
                    "train_cpu_seconds": m.get("train_cpu_seconds"), "wall_s": round(time.perf_counter() - t0, 1),
                    "load_after": list(os.getloadavg())}
-            out["runs"][f"{fmt}-seed{seed}"] = row
+            if reports and reports[0] is not None:
+                row["loftq_weight_error"] = {"layers": reports[0].layers, "before": reports[0].before,
+                                             "after": reports[0].after}
+            out["runs"][f"{fmt}{tag}-seed{seed}"] = row
             _write(path, out)
             print(fmt, seed, {k: row[k] for k in ("test_loss", "base_test_loss", "validation")}, flush=True)
+    print(f"wrote {path}")
+
+
+def loftq_errors(loftq: list[tuple[int, int]]) -> None:
+    """LoftQ's relative weight approximation error before (plain NF4) and after, no scoring."""
+    import copy
+
+    import deltatune as dt
+    from deltatune.integrations.loftq import loftq_quantize
+    from deltatune.train import load_config
+    from deltatune.train.chat import ChatTask
+    from deltatune.train.models import load_model
+
+    config = load_config(None, [*SETS, "output=/tmp/unused"])
+    model = load_model(config.model, ChatTask(), None, config).model
+    path = RESULTS / "quant-chat-loftq-errors.json"
+    out: dict[str, Any] = {"command": "python -m bench.quant_chat " + " ".join(sys.argv[1:]),
+                           "load_before": list(os.getloadavg()), "rows": {}}
+    for rank, iterations in loftq:
+        lora = dt.LoraConfig(target="all-linear", rank=rank, alpha=2 * rank, dropout=0.05)
+        t0 = time.perf_counter()
+        report, _ = loftq_quantize(copy.deepcopy(model), lora, "nf4", iterations=iterations)
+        out["rows"][f"nf4-loftq-r{rank}-it{iterations}"] = {
+            "layers": report.layers, "weight_error_before": report.before, "weight_error_after": report.after,
+            "seconds": round(time.perf_counter() - t0, 1)}
+        _write(path, out)
+        print(rank, iterations, out["rows"][f"nf4-loftq-r{rank}-it{iterations}"], flush=True)
+    out["load_after"] = list(os.getloadavg())
+    _write(path, out)
     print(f"wrote {path}")
 
 
@@ -118,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--train", action="store_true")
     p.add_argument("--untrained", action="store_true")
+    p.add_argument("--loftq-errors", action="store_true", help="LoftQ's weight error before/after only")
     p.add_argument("--formats", default="none,nf4,int8")
     p.add_argument("--examples", type=int, default=384, help="training pairs (steps = examples / 4)")
     p.add_argument("--every", type=int, default=24, help="validate every N steps")
@@ -125,10 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], help="extra training config key=value")
     p.add_argument("--loftq", default="8:1,8:5,32:1,64:1,64:5", help="rank:iterations pairs for --untrained")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="results file (default bench/results/quant-chat-train.json)")
+    p.add_argument("--tag", default="", help="suffix of each run's name, e.g. -r16")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.train:
-        train(args.formats.split(","), args.examples, args.every, [int(s) for s in args.seeds.split(",")], args.set)
+        train(args.formats.split(","), args.examples, args.every, [int(s) for s in args.seeds.split(",")], args.set,
+              Path(args.out) if args.out else RESULTS / "quant-chat-train.json", args.tag)
+    if args.loftq_errors:
+        loftq_errors([tuple(int(v) for v in pair.split(":")) for pair in args.loftq.split(",")])  # type: ignore[misc]
     if args.untrained:
         untrained([tuple(int(v) for v in pair.split(":")) for pair in args.loftq.split(",")])  # type: ignore[misc]
 

@@ -27,7 +27,9 @@ users on the seed-averaged per-user differences). Writes ``bench/results/recomme
 every variant (ranks included, so the summary can be recomputed with ``--summarise``).
 ``--positions 5`` holds out each user's five interactions before the test one for validation (1,899 items
 instead of 393; ``data.validation_positions``): the shared and the segment adapters train without them,
-and test is read on those models (nothing added back).
+and test is read on those models (nothing added back). The summary also reports every variant under the keep
+rule (``deltatune.train.segments.keep_segments``: a segment keeps its adapter only when its validation gain,
+paired over the segment's validation users, exceeds one standard error; else the shared adapter serves it).
 The goal (issue #15): segment adapters beat the shared adapter on their own segments.
 """
 

@@ -247,6 +247,62 @@ def test_loftq_starts_closer_to_the_full_precision_weights(iterations):
         dt.loftq(model, dt.LoraConfig(target=["fc1"]))
 
 
+def test_loftq_factors_are_the_float64_best_fit_and_the_report_its_formula():
+    """One alternation: Q = quant(W) (B A = 0), s·B A = the rank-r truncated SVD of W − deq(Q), and
+    the report is ‖W − Ŵ‖_F / ‖W‖_F over both layers, all recomputed in float64."""
+    from deltatune.integrations.loftq import loftq_quantize
+
+    torch.manual_seed(0)
+    fp = _Wide()
+    weights = {n: getattr(fp, n).weight.detach().double() for n in ("fc1", "fc2")}
+    config = dt.LoraConfig(target=["fc1", "fc2"], rank=8, alpha=32)       # s = 4
+    model = _copy(fp)
+    report, inits = loftq_quantize(model, config, "nf4", iterations=1)
+    plain = dt.quantize(_copy(fp), "nf4")
+    before = after = norm = 0.0
+    for n, W in weights.items():
+        Q = base_weight(getattr(model, n)).double()
+        assert torch.equal(Q, base_weight(getattr(plain, n)).double())    # first pass: quant(W) itself
+        U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
+        best = U[:, :8] @ torch.diag(S[:8]) @ Vh[:8]                        # float64 rank-8 fit
+        A, B = inits[n]
+        assert A.shape == (8, W.shape[1]) and B.shape == (W.shape[0], 8)
+        torch.testing.assert_close(4 * B.double() @ A.double(), best, rtol=0, atol=1e-5)
+        before += (W - Q).pow(2).sum().item()
+        after += (W - Q - best).pow(2).sum().item()
+        norm += W.pow(2).sum().item()
+    assert report.layers == 2
+    assert report.before == pytest.approx((before / norm) ** 0.5, rel=1e-5)
+    assert report.after == pytest.approx((after / norm) ** 0.5, rel=1e-4)
+
+
+def test_loftq_in_two_steps_equals_loftq_and_is_deterministic():
+    """loftq_quantize → attach → apply_loftq_init is loftq; the same model gives the same Q and
+    factors again (how a trained adapter is reloaded), and the caller's RNG is left alone."""
+    from deltatune.integrations.loftq import apply_loftq_init, loftq_quantize
+
+    torch.manual_seed(0)
+    fp = _Wide()
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(1))
+    config = dt.LoraConfig(target=["fc1", "fc2"], rank=8)
+    one = _copy(fp)
+    dt.loftq(one, config, "nf4", iterations=2)
+    two = _copy(fp)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    report, inits = loftq_quantize(two, config, "nf4", iterations=2)
+    assert torch.equal(torch.rand(3), expected)  # the caller's RNG is untouched
+    assert not any(isinstance(m, dt.AdaptedLayer) for m in two.modules())     # the probe is gone
+    dt.attach(two, config)
+    assert apply_loftq_init(two, inits) == 2
+    torch.testing.assert_close(two(x), one(x), rtol=0, atol=0)
+    for n in ("fc1", "fc2"):
+        assert torch.equal(getattr(two, n).base.weight.data, getattr(one, n).base.weight.data)  # packed Q bytes
+    with pytest.raises(ValueError, match="not attached to 'fc1'"):
+        apply_loftq_init(_copy(fp), inits)
+
+
 def _copy(module):
     import copy
 

@@ -105,10 +105,64 @@ def test_train_with_a_bf16_rest_and_reload(tiny_llama: Path, tmp_path: Path, mon
     assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
 
 
+def test_train_with_loftq_and_reload(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """loftq_iterations: the adapter starts from LoftQ's factors on LoftQ's base (not quant(W), not
+    B = 0); the base stays bit-identical through training; load_trained rebuilds the same base and
+    reproduces the test loss."""
+    from deltatune.core.inject import adapted_layers
+    from deltatune.integrations.loftq import loftq_quantize
+    from deltatune.train import run as run_module
+    from deltatune.train.chat import ChatTask
+    from deltatune.train.models import load_model
+
+    monkeypatch.setattr(ChatTask, "samples", 0)
+    sets = [f"model={tiny_llama}", "task=chat", "data.max_train_examples=8", "data.max_eval_examples=4", "epochs=1",
+            "batch_size=4", "lr=1e-2", "precision=fp32", "threads=1", "tensorboard=false", "quantize=nf4",
+            "loftq_iterations=2", "adapter.rank=4", "loss_chunk=16", f"output={tmp_path / 'run'}"]
+    config = load_config(None, sets)
+    # LoftQ's base and factors, computed independently on a fresh full-precision copy
+    fresh = load_model(config.model, ChatTask(), None, config).model
+    _, inits = loftq_quantize(fresh, config.adapter_config(), "nf4", iterations=2)
+    packed = {n: m.weight.data.clone() for n, m in fresh.named_modules() if dt.core.layers.quantized_format(m)}
+    started: dict[str, torch.Tensor] = {}
+    models: list[torch.nn.Module] = []
+    real_load = run_module._load
+
+    def spy(*args, **kwargs):  # the adapter as training starts
+        strategy, tokenizer = real_load(*args, **kwargs)
+        models.append(strategy.model)
+        for n, layer in adapted_layers(strategy.model):
+            started[n] = layer.adapters["default"].B.detach().clone()
+        return strategy, tokenizer
+
+    monkeypatch.setattr(run_module, "_load", spy)
+    metrics = run_training(config, progress=False)
+    assert len(inits) == 14 and all(torch.equal(started[n], inits[n][1]) for n in inits)  # B = LoftQ's, not 0
+    assert all(inits[n][1].abs().sum() > 0 for n in inits)
+
+    def quantized(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n.removesuffix(".base"): m.weight.data for n, m in model.named_modules()
+                if dt.core.layers.quantized_format(m)}
+
+    assert quantized(models[0]).keys() == packed.keys()
+    assert all(torch.equal(t, packed[n]) for n, t in quantized(models[0]).items())  # trained: base untouched
+    trained = load_trained(tmp_path / "run")
+    assert all(torch.equal(t, packed[n]) for n, t in quantized(trained.model).items())  # rebuilt bit for bit
+    assert not any("loftq" in k for k in trained.model.__dict__)  # LoftQ's starting factors are not kept
+    splits = trained.task.load_splits(trained.config, trained.labels)
+    items = trained.task.encode(trained.tokenizer, splits.test, trained.config.max_length)
+    again = trained.task.evaluate(trained.model, items, trained.tokenizer, 16, lambda m, b: m(**b))
+    assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
+
+
 def test_config_checks() -> None:
     with pytest.raises(ValueError, match="full fine-tuning trains every weight"):
         load_config(None, ["method=full", "quantize=nf4"])
     with pytest.raises(ValueError, match="torchao quantizes to nf4 only"):
         load_config(None, ["quantize=int8", "quantize_backend=torchao"])
+    with pytest.raises(ValueError, match="loftq_iterations initialises LoRA on a quantized base"):
+        load_config(None, ["loftq_iterations=1"])
+    with pytest.raises(ValueError, match="loftq_iterations initialises LoRA on a quantized base"):
+        load_config(None, ["loftq_iterations=1", "quantize=nf4", "method=ia3"])
     with pytest.raises(ValueError, match="loss_chunk"):
         load_config(None, ["loss_chunk=0"])

@@ -4,7 +4,9 @@
 ``[A | (sB)ᵀ]: (n + 1, r, d_in + d_out)``, ranks zero-padded and scaling folded in; slot ``n`` is
 zero and serves the bare base. ``batched`` adds each row's own adapter to the base output with two
 ``bmm`` products, no Python loop over adapters; ``single`` adds one adapter to every row (a
-homogeneous batch) with two 2-D products read straight from its slot, no gather. ``stack_of`` caches the stack in the records of the
+homogeneous batch) with two 2-D products read straight from its slot, no gather; ``segments`` does
+the same per run of tokens of one packed row. ``Stack.swap`` rewrites one slot for an adapter
+swapped in place. ``stack_of`` caches the stack in the records of the
 adapters it holds (``core.records.AdapterRecord.caches``) and rebuilds it only when one of them was
 added, removed, replaced or edited in place (weak references plus version counters). Used by
 per-example routing (``core/routing.py``).

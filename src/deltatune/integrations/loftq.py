@@ -11,9 +11,11 @@ SVD; more alternate further. :func:`loftq` reports the relative approximation er
 ‖W − (deq(Q) + s·B A)‖_F / ‖W‖_F summed over the adapted layers before (plain quantization, B = 0)
 and after.
 
-The base it leaves is Q(W − s·B A), not quant(W): to reload the trained adapter, run :func:`loftq`
-again on the same full-precision model and config (deterministic) and copy the adapter in, or save
-the quantized base itself (``integrations.quantize.mark_for_transformers`` + ``save_pretrained``).
+The base it leaves is Q(W − s·B A), not quant(W): to reload the trained adapter, run
+:func:`loftq_quantize` again on the same full-precision model and config (deterministic) and load the
+adapter onto it (what ``load_trained`` does for ``loftq_iterations``), or save the quantized base
+itself (``integrations.quantize.mark_for_transformers`` + ``save_pretrained``). :func:`loftq` is
+:func:`loftq_quantize`, ``attach`` and :func:`apply_loftq_init` in one call.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.core.inject import attach
+from deltatune.core.inject import attach, detach
 from deltatune.core.records import adapted_layers
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.layers import quantized_format
-from deltatune.integrations.quantize import DEFAULT_SKIP, quantized_linear
+from deltatune.integrations.quantize import DEFAULT_SKIP, quantize, quantized_linear
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,20 @@ def loftq(model: nn.Module, config: Any, fmt: str = "nf4", *, iterations: int = 
     """Attach LoRA ``config`` to the full-precision ``model`` as ``name``, quantize the base to ``fmt``
     with LoftQ's initialisation (see the module docs), and quantize the other linear layers as
     :func:`~deltatune.integrations.quantize.quantize` would. Returns the approximation errors."""
+    report, inits = loftq_quantize(model, config, fmt, iterations=iterations, **quantize_kwargs)
+    attach(model, config, name)
+    apply_loftq_init(model, inits, name)
+    return report
+
+
+def loftq_quantize(model: nn.Module, config: Any, fmt: str = "nf4", *, iterations: int = 1,
+                   **quantize_kwargs: Any) -> tuple[LoftqReport, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The base half of :func:`loftq`: quantize ``model`` (full precision, no adapter) as
+    :func:`~deltatune.integrations.quantize.quantize` would, except that each linear layer LoRA
+    ``config`` would adapt stores Q = quant(W − s·B A) from LoftQ's alternation. Returns the report
+    and each such layer's initial ``(A, B)`` by module name, for :func:`apply_loftq_init` once the
+    adapter is attached (``deltatune train`` with ``loftq_iterations``). Deterministic: the same model
+    and config give the same Q, which is how a trained adapter is reloaded."""
     if getattr(config, "method", None) != "lora" or getattr(config, "init", "default") not in ("default", "gaussian"):
         raise ValueError("loftq initialises a plain LoRA adapter: pass a LoraConfig (init default), "
                          f"not {type(config).__name__}")
@@ -55,27 +71,47 @@ def loftq(model: nn.Module, config: Any, fmt: str = "nf4", *, iterations: int = 
     if any(isinstance(m, AdaptedLayer) for m in model.modules()) or any(
             quantized_format(m) is not None for m in model.modules()):
         raise ValueError("loftq needs the full-precision model with no adapter attached: it quantizes the base itself")
-    qkw = {k: v for k, v in quantize_kwargs.items() if k != "skip"}
-    attach(model, config, name)
+    skip = tuple(quantize_kwargs.get("skip", DEFAULT_SKIP))
+    qkw = {k: v for k, v in quantize_kwargs.items() if k not in ("skip", "rest_dtype")}
+    probe = "_loftq_probe"
+    with torch.random.fork_rng(devices=[]):  # the probe's random init leaves the caller's RNG alone
+        attach(model, config, probe)  # which layers the adapter takes, with its rank and scaling
+    plan = [(n, layer.adapters[probe].rank, layer.adapters[probe].scaling) for n, layer in adapted_layers(model)
+            if type(layer.base) is nn.Linear and not any(n == s or n.endswith("." + s) for s in skip)]
+    detach(model, probe)  # the original modules are back in place
     err_before = err_after = norm = 0.0
-    count = 0
-    for _, layer in list(adapted_layers(model)):
-        adapter, base = layer.adapters[name], layer.base
-        if type(base) is not nn.Linear:  # LoRA on an embedding or a convolution: left to plain quantization
-            continue
+    inits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for n, rank, scaling in plan:
+        base = model.get_submodule(n)
         W = base.weight.detach().float()                        # (d_out, d_in)
         plain = _dequantized(quantized_linear(base, fmt, **qkw))
-        A, B, Q = _alternate(base, W, adapter.rank, adapter.scaling, fmt, iterations, qkw)
+        A, B, Q = _alternate(base, W, rank, scaling, fmt, iterations, qkw)
+        err_before += (W - plain).pow(2).sum().item()
+        err_after += (W - _dequantized(Q) - scaling * (B @ A)).pow(2).sum().item()
+        norm += W.pow(2).sum().item()
+        parent, _, leaf = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, Q)
+        inits[n] = (A, B)
+    quantize(model, fmt, **quantize_kwargs)  # the other linear layers (and rest_dtype), as quantize does
+    report = LoftqReport(len(inits), (err_before / max(norm, 1e-30)) ** 0.5, (err_after / max(norm, 1e-30)) ** 0.5)
+    return report, inits
+
+
+def apply_loftq_init(model: nn.Module, inits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     name: str = "default") -> int:
+    """Copy :func:`loftq_quantize`'s initial ``(A, B)`` into adapter ``name``, attached since with the
+    same config; returns how many layers took one. A layer the adapter does not hold is an error."""
+    layers = dict(adapted_layers(model))
+    for n, (A, B) in inits.items():
+        layer = layers.get(n)
+        if layer is None or name not in layer.adapters:
+            raise ValueError(f"loftq: adapter {name!r} is not attached to {n!r}; attach the LoRA config "
+                             "loftq_quantize was given")
+        adapter = layer.adapters[name]
         with torch.no_grad():
             adapter.A.copy_(A.to(adapter.A.dtype))
             adapter.B.copy_(B.to(adapter.B.dtype))
-        err_before += (W - plain).pow(2).sum().item()
-        err_after += (W - _dequantized(Q) - adapter.scaling * (B @ A)).pow(2).sum().item()
-        norm += W.pow(2).sum().item()
-        layer.base = Q
-        count += 1
-    _quantize_rest(model, fmt, quantize_kwargs)
-    return LoftqReport(count, (err_before / max(norm, 1e-30)) ** 0.5, (err_after / max(norm, 1e-30)) ** 0.5)
+    return len(inits)
 
 
 def _alternate(base: nn.Linear, W: torch.Tensor, rank: int, scaling: float, fmt: str, iterations: int,
@@ -101,15 +137,4 @@ def _dequantized(module: nn.Module) -> torch.Tensor:
     return found[0].dequantize(module).float()
 
 
-def _quantize_rest(model: nn.Module, fmt: str, kw: dict[str, Any]) -> None:
-    """Quantize every plain linear layer LoftQ did not (not the adapters' own, not the head)."""
-    skip = tuple(kw.get("skip", DEFAULT_SKIP))
-    for n, m in list(model.named_modules()):
-        if type(m) is not nn.Linear or ".adapters." in n or any(n == s or n.endswith("." + s) for s in skip):
-            continue
-        parent, _, leaf = n.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, leaf, quantized_linear(m, fmt, **{k: v for k, v in kw.items() if k != "skip"}))
-
-
-__all__ = ["LoftqReport", "loftq"]
+__all__ = ["LoftqReport", "apply_loftq_init", "loftq", "loftq_quantize"]

@@ -10,6 +10,10 @@
   checkpointing: its (N, V) float32 logits are freed after forward and recomputed in backward. Only
   positions with a target (labels != -100) go through the head at all. SmolLM2's 49,152-token
   vocabulary makes the (B, T, V) logits (and their float32 copy in the loss) a large part of peak memory.
+- ``loftq_iterations: N`` (``quantize`` with ``method: lora``): :func:`quantize_base` quantizes the
+  adapted layers with LoftQ (integrations/loftq.py: Q = quant(W − s·B A), N alternations) and
+  :func:`apply_loftq` starts the attached LoRA from its A, B instead of B = 0. ``load_trained`` runs
+  the same (deterministic) quantization, so the adapter meets the base it was trained on.
 - ``gradient_checkpointing`` lives in options.py.
 """
 
@@ -27,15 +31,46 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100
 
 
-def quantize_base(model: nn.Module, config: Any) -> nn.Module:
-    """``config.quantize`` applied to ``model`` (in place) before any adapter attaches; a no-op for none."""
+def quantize_base(model: nn.Module, config: Any, loftq_init: bool = True) -> nn.Module:
+    """``config.quantize`` applied to ``model`` (in place) before any adapter attaches; a no-op for none.
+
+    With ``loftq_iterations`` the base is LoftQ's; ``loftq_init`` keeps LoftQ's starting factors on the
+    model for :func:`apply_loftq` (training). A trained adapter about to be loaded needs only the base:
+    pass ``loftq_init=False`` and nothing else stays on the model."""
     if config.quantize == "none":
         return model
     import deltatune as dt
 
+    if getattr(config, "loftq_iterations", 0):
+        from deltatune.integrations.loftq import loftq_quantize
+
+        report, inits = loftq_quantize(model, config.adapter_config(), config.quantize,
+                                       iterations=config.loftq_iterations, double_quant=config.double_quant,
+                                       compute_dtype=config.compute_dtype, backend=config.quantize_backend,
+                                       rest_dtype=getattr(config, "quantize_rest_dtype", None))
+        if loftq_init:
+            model.__dict__[_LOFTQ] = (report, inits)  # taken by apply_loftq once the adapter is attached
+        return model
     return dt.quantize(model, config.quantize, double_quant=config.double_quant,
                        compute_dtype=config.compute_dtype, backend=config.quantize_backend,
                        rest_dtype=getattr(config, "quantize_rest_dtype", None))
+
+
+_LOFTQ = "_deltatune_loftq_init"
+
+
+def apply_loftq(model: nn.Module, name: str = "default") -> Any:
+    """After the adapter attached: LoRA's initial A, B from LoftQ (``loftq_iterations``, computed by
+    :func:`quantize_base`), copied in and dropped from the model. Returns the ``LoftqReport`` (the
+    weights' relative approximation error before and after), or ``None`` when LoftQ was not asked for."""
+    stash = model.__dict__.pop(_LOFTQ, None)
+    if stash is None:
+        return None
+    from deltatune.integrations.loftq import apply_loftq_init
+
+    report, inits = stash
+    apply_loftq_init(model, inits, name)
+    return report
 
 
 def chunked_cross_entropy(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor], chunk: int) -> Tensor:

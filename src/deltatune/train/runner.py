@@ -25,7 +25,7 @@ from deltatune.train.dropout import fast_dropout_runner
 from deltatune.train.frozen import applies as frozen_applies
 from deltatune.train.frozen import frozen_runner
 from deltatune.train.loop import Runner, make_runner
-from deltatune.train.memory import chunked_runner, quantize_base
+from deltatune.train.memory import apply_loftq, chunked_runner, quantize_base
 from deltatune.train.models import prepare
 from deltatune.train.strategy import Strategy
 
@@ -46,6 +46,7 @@ def prepare_on(loaded: Any, config: TrainConfig, device: torch.device) -> Strate
     """``loaded`` (``models.load_model``'s result) quantized, made trainable and moved to ``device``."""
     quantize_base(loaded.model, config)  # before the adapter attaches; a no-op for quantize: none
     strategy = prepare(loaded, config)
+    apply_loftq(loaded.model)  # loftq_iterations: LoRA starts from LoftQ's A, B (a no-op otherwise)
     loaded.model.to(device)
     return strategy
 

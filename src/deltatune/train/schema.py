@@ -125,6 +125,8 @@ class TrainConfig(_Strict):
     # quantize: also store the unquantized frozen parameters (embeddings, norms, head) in this dtype, as
     # transformers' load_in_4bit with torch_dtype=bfloat16 does; None: leave them as loaded (float32).
     quantize_rest_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # quantize + method lora: LoftQ initialisation (integrations/loftq.py), this many alternations; 0: off
+    loftq_iterations: int = Field(0, ge=0)
     # Causal LMs: cross-entropy over this many target tokens at a time (the head recomputed in backward),
     # so full-vocabulary float32 logits for the whole batch never exist at once; None: the model's own loss.
     loss_chunk: int | None = Field(None, ge=1)
@@ -193,6 +195,9 @@ class TrainConfig(_Strict):
                              "trains every weight: use an adapter method (e.g. method: lora) or quantize: none")
         if self.quantize_backend == "torchao" and self.quantize == "int8":
             raise ValueError("quantize_backend: torchao quantizes to nf4 only; use quantize_backend: bitsandbytes for int8")
+        if self.loftq_iterations and (self.quantize == "none" or self.method != "lora"):
+            raise ValueError("loftq_iterations initialises LoRA on a quantized base: set quantize: nf4 (or int8) "
+                             "and method: lora, or loftq_iterations: 0")
         return self
 
     @model_validator(mode="after")

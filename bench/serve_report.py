@@ -1,0 +1,75 @@
+"""The report of ``python -m bench.serve``: medians over rounds, the ratios (32/1, 256/1, 1/base,
+deltatune/PEFT per M), the goals, and the JSON written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GOALS = {"32 adapters / 1 adapter": 0.8, "256 adapters (32 attached) / 1 adapter": 0.6, "1 adapter / base": 0.9}
+
+
+def row_line(r: int, key: str, row: dict[str, Any], began: float) -> str:
+    """One measured row, as printed while the run goes."""
+    return (f"round {r}  {key:24s} {row['tokens_per_s']:8.1f} tok/s {row['requests_per_s']:6.2f} req/s  "
+            f"ttft p50 {_s(row['ttft_p50_s'])}  latency p50 {_s(row['latency_p50_s'])} / p99 "
+            f"{_s(row['latency_p99_s'])}  finished {row['finished']} failed {row['failed']}  "
+            f"[{time.time() - began:.0f} s]")
+
+
+def summary(args: Any, argv: list[str] | None, began: float, results: dict[str, list[dict]],
+            counts: list[int]) -> dict[str, Any]:
+    """The run's JSON: medians over rounds per row (a field kept when no round lacks it), every
+    round's figures, the ratios, the goals and which rows are ahead of PEFT."""
+    table = {k: {f: statistics.median(x[f] for x in runs) for f in runs[0]
+                 if all(x[f] is not None for x in runs)} for k, runs in results.items()}
+    ratios = _ratios(table, counts)
+    return {
+        "command": "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
+        "wall_s": time.time() - began, "rows": table, "rounds": results, "ratios": ratios,
+        "goals": {k: {"target": v, "measured": ratios.get(k), "met": ratios.get(k, 0) >= v}
+                  for k, v in GOALS.items()},
+        "ahead_of_peft": {k: v > 1.0 for k, v in ratios.items() if "/ peft" in k}}
+
+
+def write(out: dict[str, Any], path: Path) -> None:
+    """Print the ratios and goals; write the JSON atomically."""
+    print(json.dumps({"ratios": out["ratios"], "goals": out["goals"]}, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = path.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(out, indent=1))
+    os.replace(tmp_out, path)
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f} s"
+
+
+def _ratios(table: dict[str, dict], counts: list[int]) -> dict[str, float]:
+    def tps(key: str) -> float | None:
+        return table.get(key, {}).get("tokens_per_s")
+
+    ratios: dict[str, float] = {}
+    one = tps("deltatune M=1")
+    if one and tps("deltatune M=base"):
+        ratios["1 adapter / base"] = one / tps("deltatune M=base")
+    for m in counts:
+        if m > 1 and one and tps(f"deltatune M={m}"):
+            label = f"{m} adapters / 1 adapter" if m <= 32 else f"{m} adapters (32 attached) / 1 adapter"
+            ratios[label] = tps(f"deltatune M={m}") / one
+        for peft in ("peft-switch", "peft-batched"):
+            if tps(f"deltatune M={m}") and tps(f"{peft} M={m}"):
+                ratios[f"deltatune / {peft}, M={m}"] = tps(f"deltatune M={m}") / tps(f"{peft} M={m}")
+    return ratios
