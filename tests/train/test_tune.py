@@ -52,6 +52,15 @@ def test_tune_search_reports_and_recipe(tiny_bert: Path, tiny_csv: Path, tmp_pat
         if t["label"] and t["label"].startswith("lora"):
             assert "rank=8 target=all-linear" not in t["label"]
     assert (out / "study.db").is_file() and result["storage"].startswith("sqlite:///")
+    # Each trained trial validated on a sample at a third of its run (step 1) and on the whole split at
+    # its end (step 3); the compute counts those validation items, at a third of a training example each.
+    for t in trained:
+        assert sorted(optuna.load_study(study_name=result["study"], storage=result["storage"])
+                      .trials[t["number"]].intermediate_values) == [1, 3]
+    spent = result["compute"]
+    assert spent["validation_examples"] == sum(t["validation_examples"] for t in result["trials"]
+                                               if t["validation_examples"]) > 0
+    assert spent["example_equivalents"] == round(spent["examples"] + spent["validation_examples"] / 3)
     saved = json.loads((out / "tune.json").read_text())
     assert len(saved["trials"]) >= 3 and saved["best"]["number"] == result["best"]["number"]
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -114,50 +123,93 @@ def test_default_pruner_is_one_successive_halving_ladder(tmp_path: Path) -> None
 
 
 def test_default_rungs_put_every_validation_where_the_pruner_decides() -> None:
-    """The pruners decide at 1, 3, 9, ... validations: the default is one of those (one cut at a third
-    of the run, then the end), on the command line and in the library alike."""
+    """A trial validates at 1/9, 1/3 and all of its run (as many rungs as asked), reported at step 1, 3, 9:
+    the training done in first rungs, where ASHA and Hyperband (min_resource 1) decide; no validation
+    the pruner does not use. The default, one cut at a third of the run, agrees on the command line."""
     import inspect
 
     from deltatune.cli.tune import tune
-    from deltatune.train.tune import DEFAULT_RUNGS, REDUCTION_FACTOR
+    from deltatune.train.tune import DEFAULT_RUNGS, rung_steps
 
-    assert DEFAULT_RUNGS == inspect.signature(tune).parameters["rungs"].default
+    assert DEFAULT_RUNGS == 2 == inspect.signature(tune).parameters["rungs"].default
     assert inspect.signature(run_tune).parameters["rungs"].default == DEFAULT_RUNGS
-    assert DEFAULT_RUNGS == REDUCTION_FACTOR ** round(math.log(DEFAULT_RUNGS, REDUCTION_FACTOR))
+    assert rung_steps(30, 2) == {10: 1, 30: 3}
+    assert rung_steps(30, 3) == {4: 1, 10: 3, 30: 9}
+    assert rung_steps(30, 1) == {30: 1}
+    assert rung_steps(2, 3) == {1: 3, 2: 9}  # a short run: rungs on one step merge, the last is the end
+    assert rung_steps(1, 2) == {1: 3}
 
 
-class _AlwaysPrune:
-    """A trial whose pruner always says stop; records what was reported."""
+class _Trial:
+    """A trial whose pruner says ``prune``; records what was reported and set."""
 
-    def __init__(self) -> None:
-        self.reported: list[tuple[float, int]] = []
+    def __init__(self, prune: bool = True) -> None:
+        self.prune, self.reported, self.attrs = prune, [], {}
 
     def report(self, value: float, step: int) -> None:
         self.reported.append((value, step))
 
     def set_user_attr(self, key: str, value: object) -> None:
-        pass
+        self.attrs[key] = value
 
     def should_prune(self) -> bool:
-        return True
+        return self.prune
 
 
-def test_the_last_validation_is_never_pruned() -> None:
-    """Stopping a run after its last step saves nothing and would drop its finished result from the
-    search: with 3 rungs ASHA's second decision falls on the last validation."""
+def _state(step: int, total: int, validation: list, sampled: list) -> object:
     from types import SimpleNamespace
 
     from deltatune.train.callbacks import History
+
+    def validate_sample(n: int) -> dict:
+        sampled.append(n)
+        return {"accuracy": 0.4}
+    return SimpleNamespace(step=step, total=total, history=History(validation=validation, examples=8 * step),
+                           validate_sample=validate_sample)
+
+
+def test_early_rungs_validate_on_a_sample_and_the_last_is_never_pruned() -> None:
+    """An early rung validates on EARLY_VALIDATION items and may stop the run; the end reports the
+    loop's own validation on the whole split (stopping after the last step would save nothing and drop
+    the result); the validation items spent are counted."""
     from deltatune.train.tune import Pruned, Report
 
-    trial = _AlwaysPrune()
-    report = Report(trial, "accuracy")
-    state = SimpleNamespace(step=30, total=30, history=History(validation=[{"accuracy": 0.5}] * 3))
-    report.on_epoch_end(state)  # the end of the run: reported, not stopped
-    assert trial.reported == [(0.5, 1), (0.5, 2), (0.5, 3)]
-    midway = SimpleNamespace(step=10, total=30, history=History(validation=[{"accuracy": 0.4}]))
+    trial, sampled = _Trial(prune=False), []
+    report = Report(trial, "accuracy", rungs=2, sample=256, validation_items=1000)
+    report.on_start(_state(0, 30, [], sampled))
+    for step in (1, 9, 10, 11):
+        report.on_step(_state(step, 30, [], sampled))
+    assert sampled == [256] and trial.reported == [(0.4, 1)]
+    report.on_step(_state(30, 30, [], sampled))  # the last step: the loop validates at the epoch's end
+    report.on_epoch_end(_state(30, 30, [{"accuracy": 0.5}], sampled))
+    assert sampled == [256] and trial.reported == [(0.4, 1), (0.5, 3)]
+    assert trial.attrs["validation_examples"] == 256 + 1000 and trial.attrs["examples"] == 240
+    stopping = Report(_Trial(prune=True), "accuracy", rungs=2, sample=256, validation_items=100)
+    stopping.on_start(_state(0, 30, [], sampled))
     with pytest.raises(Pruned):
-        Report(_AlwaysPrune(), "accuracy").on_step(midway)
+        stopping.on_step(_state(10, 30, [], sampled))
+    assert stopping.trial.attrs["validation_examples"] == 100  # a sample larger than the split is all of it
+
+
+def test_a_sample_of_the_validation_split_is_spread_over_it() -> None:
+    from deltatune.train.loop import spread
+
+    assert spread(list(range(10)), 4) == [0, 2, 5, 7] and spread([1, 2], 5) == [1, 2]
+
+
+def test_a_new_study_surveys_distinct_methods_at_their_suggested_rates() -> None:
+    """After the default trial, the random phase draws each method once (in an order the seed fixes), at
+    learning-rate scale 1; their other settings are left to the sampler."""
+    from deltatune.train.tune import enqueue_survey
+
+    space = {m: {} for m in ("lora", "bitfit", "ia3", "ln", "oft")}
+    study = optuna.create_study(direction="maximize")
+    picked = enqueue_survey(study, space, "lora", 3, seed=1)
+    assert len(set(picked)) == 3 and "lora" not in picked
+    assert [t.system_attrs["fixed_params"] for t in study.get_trials()] == [
+        {"method": m, "lr_scale": 1.0} for m in picked]
+    assert enqueue_survey(optuna.create_study(), space, "lora", 3, seed=1) == picked
+    assert sorted(enqueue_survey(optuna.create_study(), space, "lora", 10, seed=2)) == ["bitfit", "ia3", "ln", "oft"]
 
 
 def test_the_sampler_models_the_results_after_a_third_of_the_trials(tmp_path: Path) -> None:

@@ -26,9 +26,10 @@ def tune(
     study_name: Annotated[str | None, typer.Option(help="Study name (default: from the settings).")] = None,
     pruner: Annotated[str, typer.Option(help="Early stopping: asha, hyperband or none.")] = "asha",
     rungs: Annotated[int, typer.Option(
-        help="Validations per trial (the pruner's resource; it decides at 1, 3, 9, ... of them).")] = 3,
+        help="Rungs per trial: validations at ..., 1/9, 1/3 and all of the run, where the pruner decides "
+             "(early ones on 256 validation items).")] = 2,
     epochs: Annotated[str | None, typer.Option(help="Epoch counts to search, e.g. 1,2 (default: the config's).")] = None,
-    seed: Annotated[int, typer.Option(help="The sampler's seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="The sampler's seed (and the order of the first trials' survey of methods).")] = 0,
     probe_steps: Annotated[int, typer.Option(help="Timed probe steps per option in the cost prediction.")] = 3,
     heartbeat: Annotated[int, typer.Option(
         help="Seconds between a trial's heartbeats; a trial silent for twice this (its process died) is retried.")] = 30,

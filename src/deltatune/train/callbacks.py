@@ -70,6 +70,9 @@ class State:
     validations: int = 0             # validations run so far in this session (counted on every rank)
     sharded: bool = False            # strategy fsdp under torchrun: every forward is a collective of all ranks
     say: Callable[[str], Any] = print
+    # ``validate_sample(n)``: metrics on ``n`` validation items spread evenly over the split (all if fewer),
+    # for a callback that validates cheaply between the loop's own validations (tune's early rungs).
+    validate_sample: Callable[[int], dict[str, float]] | None = None
 
     @property
     def model(self) -> nn.Module:

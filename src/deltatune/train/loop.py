@@ -105,6 +105,8 @@ def fit(strategy: Strategy, task: Task, tokenizer: Any, items: dict[str, list], 
     train = items["train"]
     s = _start(strategy, config, len(train), out / "checkpoint", resume, ranks)
     evaluate = lambda model: task.evaluate(model, items["validation"], tokenizer, config.eval_batch_size, run)  # noqa: E731
+    s.validate_sample = lambda n: _in_eval(s, lambda: task.evaluate(s.model, spread(items["validation"], n), tokenizer,
+                                                                    config.eval_batch_size, run))
     collate = lambda indices: task.collate([train[i] for i in indices], tokenizer)  # noqa: E731
     options = option_callbacks(config, task.headline, out)  # early stopping, TensorBoard (options.py)
     hooks = [NanStop(), Progress(progress), Validation(evaluate), *options, Checkpoint(), *callbacks]
@@ -133,6 +135,22 @@ def fit(strategy: Strategy, task: Task, tokenizer: Any, items: dict[str, list], 
             hook.close(s)
         s.model.eval()
     return s.history
+
+
+def spread(items: list, n: int) -> list:
+    """``n`` of ``items`` spread evenly over them, in order (all of them if ``n`` is not fewer)."""
+    return items if n >= len(items) else [items[i * len(items) // n] for i in range(n)]
+
+
+def _in_eval(s: State, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``evaluate()`` in eval mode, its time counted in the run's seconds as the loop's validations are."""
+    t0 = time.perf_counter()
+    s.model.eval()
+    try:
+        return evaluate()
+    finally:
+        s.model.train()
+        s.history.seconds += time.perf_counter() - t0
 
 
 def _start(strategy: Strategy, config: TrainConfig, examples: int, checkpoints: Path, resume: bool,

@@ -4,8 +4,12 @@ that lives in a database.
 The search space is the one ``plan`` and ``compare --grid`` use (``space.py``: what each method
 declares beside its config), plus a learning-rate scale (log-uniform in [1/4, 4] around the
 method's starting rate) and, if asked, the number of epochs. Optuna's TPE sampler picks the next
-trial (multivariate, by conditional group, after a third of the trials at random: ``make_sampler``); an ASHA (or Hyperband) pruner stops weak trials at intermediate validations
-(multi-fidelity: the resource is the number of validations, ``rungs`` per run).
+trial (multivariate, by conditional group, after a third of the trials: ``make_sampler``); an ASHA
+(or Hyperband) pruner stops weak trials at the rungs of a ladder (multi-fidelity: the resource is the
+share of the run trained; ``rungs`` rungs at ..., 1/9, 1/3 and all of it: :func:`rung_steps`).
+A new study starts with what ``deltatune train`` runs (the config's method at its defaults), then
+surveys other methods, each once, at their suggested learning rates (``enqueue_survey``), before the
+sampler models the results.
 
 Budgets are respected before any training. ``tune`` first runs (or reuses) ``plan`` on the same
 settings: methods and choices whose predicted cost is over the budget never enter the space, and a
@@ -13,26 +17,19 @@ sampled combination is predicted from the plan's rows (the method's defaults plu
 chosen setting made on its own; time scaled by epochs). One predicted over budget is not started:
 it is recorded as pruned with the reason.
 
-The study is an Optuna RDB storage: ``sqlite:///OUTPUT/study.db`` by default, or any Optuna storage
-URL. Optuna hands each trial number to exactly one process (``ask`` is a database insert), so
-several processes or machines can work on one study; a trial whose settings another process
+The study is an Optuna RDB storage (``tune_study.py``: SQLite by default, or any Optuna storage URL),
+so several processes or machines can work on one study; a trial whose settings another process
 already finished reuses that result rather than training again, and one whose settings another
-process is training now is skipped. A killed process leaves its trial ``RUNNING``; after the
-heartbeat's grace period the next process marks it failed and retries its settings once
-(``RetryHeartbeatStaleTrialCallback``). Finished trials stay in the database, so ``--trials N`` run again
+process is training now is skipped. Finished trials stay in the database, so ``--trials N`` run again
 continues until N trials have finished.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import math
 import os
 import shutil
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,61 +40,89 @@ from deltatune.train.callbacks import Callback, State
 from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.space import FULL, candidate, method_space, parse_methods
 from deltatune.train.tasks import get_task
+from deltatune.train.tune_report import FORWARD_SHARE  # noqa: F401  (re-exported: the compute tune reports)
+from deltatune.train.tune_study import (  # noqa: F401  (re-exported: tune's public names)
+    DEFAULT_PRUNER,
+    REDUCTION_FACTOR,
+    _creating,
+    _optuna,
+    _check_settings,
+    _settings_key,
+    enqueue_default,
+    enqueue_survey,
+    make_sampler,
+    open_study,
+    startup_trials,
+)
 
 STUDY_DB = "study.db"
 LOWER_IS_BETTER = ("loss", "perplexity")
 COST_KEYS = ("peak_memory_mb", "step_seconds", "trainable_parameters", "adapter_bytes")
-#: ASHA (one successive-halving ladder) rather than Hyperband by default: Hyperband splits a study into
-#: brackets, each with its own ladder whose first trials always run to the end, and Optuna's sampler then
-#: learns from one bracket's trials only. At the tens of trials a CPU search affords that is most of the
-#: study: on sentiment (bench.tune_vs_grid, 10 trials) Hyperband ran 7 of 10 trials to the end (52 % of
-#: the compare grid's training examples), ASHA 4 of 10 (42 %) with the same sampled settings.
-DEFAULT_PRUNER = "asha"
-#: ASHA's and Hyperband's reduction factor: a third of the trials at a rung go on to the next.
-REDUCTION_FACTOR = 3
-#: Validations per trial. The pruners decide at 1, 3, 9, ... validations (powers of the reduction factor):
-#: with 3, one cut at a third of the run and the survivors run to the end. With 4 (the previous default),
-#: the second validation decided nothing and the cut at the third came after three quarters of the run
-#: was spent. (bench.tune_vs_grid did not record where each pruned trial stopped; that most of them
-#: stopped at the third validation is inferred from its 42 % compute share, not counted.)
-DEFAULT_RUNGS = 3
+#: Rungs per trial: validations at 1/REDUCTION_FACTOR**k of the run (k = rungs-1, ..., 1, 0), reported
+#: to the pruner at step REDUCTION_FACTOR**(rungs-1-k) (the training done, in first rungs), where ASHA
+#: decides. With 2: one cut at a third of the run, then the end. The previous ladder (3 evenly spaced
+#: validations) spent a full validation at two thirds of the run that the pruner never used.
+DEFAULT_RUNGS = 2
+#: Validation items an early rung measures on (spread over the split; the last rung uses all of them).
+#: An early rung only needs to tell clear losers from the rest: 256 items give a standard error of about
+#: 3 points on an accuracy near 60 %, and cost a quarter of a 1,024-item validation.
+EARLY_VALIDATION = 256
 
-
-def _optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:
-        raise ValueError("deltatune tune needs Optuna: pip install 'deltatune[tune]' (or pip install optuna)") from None
-    return optuna
 
 
 class Pruned(Exception):
     """Raised inside the training loop when the pruner stops a trial."""
 
 
+def rung_steps(total: int, rungs: int) -> dict[int, int]:
+    """``{step: resource}``: the steps at 1/9, 1/3, 1 ... of a ``total``-step run (``rungs`` of them, the
+    last at ``total``), each with the training done in first rungs (1, 3, 9, ...), which is the step it
+    is reported at: ASHA and Hyperband (min_resource 1) decide exactly there. Early rungs that fall on
+    the same step or on the end of a short run merge into the later one."""
+    out: dict[int, int] = {}
+    for k in range(rungs):
+        resource = REDUCTION_FACTOR ** k
+        step = total if k == rungs - 1 else max(1, math.ceil(total * resource / REDUCTION_FACTOR ** (rungs - 1)))
+        if step < total or k == rungs - 1:
+            out = {st: r for st, r in out.items() if st != step} | {step: resource}
+    return out
+
+
 class Report(Callback):
-    """After each validation: report the headline metric to the trial (step = validation number),
-    and stop the run if the pruner says so."""
+    """At each early rung (:func:`rung_steps`), validate on ``sample`` items spread over the validation
+    split, report the headline metric to the trial and stop the run if the pruner says so; at the end,
+    report the loop's own validation on the whole split (the trial's value). Counts the validation
+    items it costs (``validation_examples``), the loop's validations at epoch ends included."""
 
-    def __init__(self, trial: Any, metric: str) -> None:
-        self.trial, self.metric, self.seen = trial, metric, 0
+    def __init__(self, trial: Any, metric: str, rungs: int = DEFAULT_RUNGS, sample: int = EARLY_VALIDATION,
+                 validation_items: int = 0) -> None:
+        self.trial, self.metric, self.rungs, self.sample = trial, metric, rungs, sample
+        self.size, self.early, self.steps = validation_items, 0, {}
 
-    def _check(self, s: State) -> None:
-        while self.seen < len(s.history.validation):
-            value = s.history.validation[self.seen][self.metric]
-            self.seen += 1
-            self.trial.report(value, self.seen)
-            self.trial.set_user_attr("train_seconds", round(s.history.seconds, 3))
-            self.trial.set_user_attr("examples", s.history.examples)
-            # After the last step there is nothing left to save: the run completes, its value counts.
-            if s.step < s.total and self.trial.should_prune():
-                raise Pruned(f"pruned after validation {self.seen} ({self.metric} {value:.4f})")
+    def on_start(self, s: State) -> None:
+        self.steps = rung_steps(s.total, self.rungs)
+
+    def _record(self, s: State) -> None:
+        self.trial.set_user_attr("train_seconds", round(s.history.seconds, 3))
+        self.trial.set_user_attr("examples", s.history.examples)
+        self.trial.set_user_attr("validation_examples", self.early + len(s.history.validation) * self.size)
 
     def on_step(self, s: State) -> None:
-        self._check(s)
+        resource = self.steps.get(s.step)
+        if resource is None or s.step >= s.total or s.validate_sample is None:
+            return
+        value = s.validate_sample(self.sample)[self.metric]
+        self.early += min(self.sample, self.size) if self.size else self.sample
+        self.trial.report(value, resource)
+        self._record(s)
+        if self.trial.should_prune():
+            raise Pruned(f"pruned at {resource}/{max(self.steps.values())} of the run ({self.metric} {value:.4f} "
+                         f"on {self.sample} validation items)")
 
     def on_epoch_end(self, s: State) -> None:
-        self._check(s)
+        self._record(s)
+        if s.step >= s.total and s.history.validation:  # the end: reported, never pruned (nothing left to save)
+            self.trial.report(s.history.validation[-1][self.metric], max(self.steps.values()))
 
 
 # --- the space and the predictions ---------------------------------------------------------------
@@ -156,115 +181,6 @@ def predict_fits(rows: dict[str, dict[str, Any]], method: str, choices: dict[str
     return None if cost is None else not budget.over(cost)
 
 
-# --- the study -------------------------------------------------------------------------------------
-
-
-def startup_trials(trials: int) -> int:
-    """How many trials TPE samples at random before it models the results: a third of the search,
-    3 to 10. Optuna's default, 10 whatever the search's length, made a 10-trial search a random
-    search (bench.tune_vs_grid: no trial after the first came near the best method's rate)."""
-    return max(3, min(10, trials // 3))
-
-
-def make_sampler(optuna: Any, seed: int, trials: int) -> Any:
-    """TPE over the whole space at once (``multivariate``: method, its settings and the learning rate
-    are modelled jointly, not each on its own) and per conditional group (``group``: each method's
-    settings exist only when that method is drawn), after :func:`startup_trials` random ones.
-    ``constant_liar``: a trial still running elsewhere counts as a poor result, so several workers on
-    one study do not all sample next to the same best trial."""
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials), multivariate=True,
-                                      group=True, constant_liar=True)
-
-
-def open_study(storage: str, name: str, direction: str, pruner: str, rungs: int, seed: int,
-               heartbeat: int, trials: int = 20) -> Any:
-    optuna = _optuna()
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
-    kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat, "grace_period": 2 * heartbeat,
-                              "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
-    if storage.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # several processes wait for the lock
-    with _creating(storage):
-        try:
-            store = RDBStorage(storage, **kwargs)
-        except Exception as err:  # a malformed URL, a missing driver, an unreachable server
-            raise ValueError(f"--storage {storage!r}: {err}") from None
-        return _create(optuna, store, name, direction, pruner, rungs, make_sampler(optuna, seed, trials))
-
-
-@contextlib.contextmanager
-def _creating(storage: str) -> Any:
-    """Hold an exclusive lock beside a SQLite study while its tables and the study are created:
-    two processes that open a new database at once otherwise both issue ``CREATE TABLE`` and the
-    second fails ("table ... already exists"). Server databases serialise this themselves."""
-    path = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else None
-    if not path or path == ":memory:":
-        yield
-        return
-    with open(f"{path}.lock", "a") as lock:  # appended to, never truncated: the lock file carries nothing
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _create(optuna: Any, store: Any, name: str, direction: str, pruner: str, rungs: int, sampler: Any) -> Any:
-    pruners = {
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=rungs,
-                                                            reduction_factor=REDUCTION_FACTOR),
-        "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=REDUCTION_FACTOR),
-        "none": lambda: optuna.pruners.NopPruner(),
-    }
-    if pruner not in pruners:
-        raise ValueError(f"--pruner {pruner!r}: choose hyperband, asha or none")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(storage=store, study_name=name, direction=direction, load_if_exists=True,
-                               sampler=sampler, pruner=pruners[pruner]())
-
-
-def _settings_key(base: dict[str, Any], methods: Sequence[str], budget: Budget, epochs: Sequence[int]) -> str:
-    text = json.dumps({"base": base, "methods": list(methods), "budget": budget.text, "epochs": list(epochs)},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _check_settings(study: Any, key: str, shown: dict[str, Any]) -> None:
-    """A study keeps the settings it was started with; another search under its name is refused."""
-    recorded = study.user_attrs.get("settings_key")
-    if recorded is None:
-        study.set_user_attr("settings_key", key)
-        study.set_user_attr("settings", shown)
-    elif recorded != key:
-        raise ValueError(f"study {study.study_name!r} was started with other settings "
-                         f"({json.dumps(study.user_attrs.get('settings'))}); use the same settings to continue it, "
-                         "or another --study-name")
-
-
-def enqueue_default(study: Any, space: dict[str, dict[str, list[str]]], method: str, epochs: Sequence[int],
-                    default_epochs: int) -> bool:
-    """Make a new study's first trial what ``deltatune train`` runs on these settings: the config's method
-    at its declared defaults and its starting learning rate (scale 1). Every later trial is then measured
-    against a sound reference (the pruner's first rung value), and the pick is never worse on validation
-    than not tuning. Skipped when the study has trials already or the defaults are not in the space
-    (over the budget). Returns whether it enqueued."""
-    if study.get_trials(deepcopy=False) or method not in space:
-        return False
-    params: dict[str, Any] = {"method": method}
-    for key, choices in method_space(method).items():
-        usual = next(iter(choices))
-        if usual not in space[method].get(key, ()):
-            return False
-        params[f"{method}.{key}"] = usual
-    params["lr_scale"] = 1.0
-    if len(epochs) > 1:
-        params["epochs"] = default_epochs if default_epochs in epochs else epochs[0]
-    study.enqueue_trial(params, skip_if_exists=True)
-    return True
-
-
 def sample(trial: Any, space: dict[str, dict[str, list[str]]], epochs: Sequence[int]) -> tuple[str, dict[str, str], float, int]:
     method = trial.suggest_categorical("method", sorted(space))
     choices = {key: trial.suggest_categorical(f"{method}.{key}", names) for key, names in space[method].items()}
@@ -275,13 +191,14 @@ def sample(trial: Any, space: dict[str, dict[str, list[str]]], epochs: Sequence[
 
 def trial_config(base: dict[str, Any], method: str, choices: dict[str, str], scale: float, epochs: int,
                  output: str | None = None, eval_every: int | None = None) -> TrainConfig:
-    """The run a trial trains (or the best trial's recipe, without ``output``/``eval_every``)."""
+    """The run a trial trains (or the best trial's recipe, without ``output``). A trial validates where
+    tune's rungs are (:class:`Report`) and at its epochs' ends: the config's ``eval_every`` is dropped
+    unless ``eval_every`` is given."""
     cand = candidate(method, choices)
     start = validate_config(cand.apply(base), source=cand.label)  # the method's starting lr, as `train` picks it
     data = {**cand.apply(base), "lr": float(f"{start.lr * scale:.3g}"), "epochs": epochs}
     if output is not None:
         data["output"] = output
-    if eval_every is not None:
         data["eval_every"] = eval_every
     return validate_config(data, source=f"trial {cand.label}")
 
@@ -290,10 +207,6 @@ def _same(a: Any, b: Any) -> bool:
     pa = {k: v for k, v in a.params.items() if k != "lr_scale"}
     pb = {k: v for k, v in b.params.items() if k != "lr_scale"}
     return pa == pb and math.isclose(a.params.get("lr_scale", 0), b.params.get("lr_scale", 0), rel_tol=1e-9)
-
-
-def _steps_per_epoch(config: TrainConfig, examples: int) -> int:
-    return math.ceil(examples / (config.batch_size * config.gradient_accumulation))
 
 
 def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all", budget: str | Budget | None = None,
@@ -348,9 +261,12 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
         from deltatune.train.plan import no_fit_message
 
         raise ValueError(no_fit_message(plan) or f"no method fits the budget {budget.text}")
-    per_epoch = _steps_per_epoch(first, len(task.load_splits(first).train))  # for the validations' spacing
+    splits = task.load_splits(first)
+    fresh = not study.get_trials(deepcopy=False)
     if enqueue_default(study, space, first.method, epochs, first.epochs):
         say(f"tune: trial 0 is what `deltatune train` runs here ({first.method} at its defaults, lr {first.lr:g})")
+    if fresh and (survey := enqueue_survey(study, space, first.method, startup_trials(trials) - 1, seed)):
+        say(f"tune: then a survey at the suggested learning rates: {', '.join(survey)}")
     say(f"tune: study {study.study_name!r} in {storage}; methods that fit: {', '.join(sorted(space))}")
 
     def objective(trial: Any) -> float:
@@ -367,6 +283,7 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
                     if k in other.user_attrs:
                         trial.set_user_attr(k, other.user_attrs[k])
                 trial.set_user_attr("train_seconds_spent", 0.0)
+                trial.set_user_attr("validation_examples", 0)
                 say(f"trial {trial.number}: {label} lr x{scale:.3g} = trial {other.number}'s settings; reusing its result")
                 return other.value
             if other.state == optuna.trial.TrialState.RUNNING:
@@ -382,12 +299,12 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
             trial.set_user_attr("predicted", {k: cost[k] for k in ("peak_memory_mb", "train_seconds")})
         # What `deltatune train` runs for these settings: the best trial's becomes best.yaml.
         trial.set_user_attr("recipe", trial_config(base, method, choices, scale, n_epochs).model_dump(mode="json"))
-        steps = per_epoch * n_epochs
         run_dir = out / "trials" / f"{trial.number:04d}-{candidate(method, choices).slug}"
-        config = trial_config(base, method, choices, scale, n_epochs, str(run_dir), max(1, math.ceil(steps / rungs)))
+        config = trial_config(base, method, choices, scale, n_epochs, str(run_dir))
+        report = Report(trial, metric, rungs, EARLY_VALIDATION, len(splits.validation))
         say(f"trial {trial.number}: {label}, lr {config.lr:g}, {n_epochs} epoch(s) (process {os.getpid()})")
         try:
-            metrics = run_training(config, progress=False, overwrite=True, callbacks=[Report(trial, metric)])
+            metrics = run_training(config, progress=False, overwrite=True, callbacks=[report])
         except Pruned as why:
             say(f"trial {trial.number}: {why}")
             trial.set_user_attr("train_seconds_spent", trial.user_attrs.get("train_seconds", 0.0))

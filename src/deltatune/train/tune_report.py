@@ -19,6 +19,10 @@ import yaml
 from deltatune.core.files import write_text_atomic
 from deltatune.train.budget import Budget, format_seconds
 
+#: A validation item's cost in training examples, for the compute tune reports: a forward pass without
+#: the backward (about twice a forward) or the optimizer step.
+FORWARD_SHARE = 1 / 3
+
 
 def summarise(study: Any, base: dict[str, Any], metric: str, direction: str, budget: Budget, storage: str,
               plan: dict[str, Any]) -> dict[str, Any]:
@@ -31,7 +35,8 @@ def summarise(study: Any, base: dict[str, Any], metric: str, direction: str, bud
             "params": t.params, "lr": a.get("lr"), "trainable_parameters": a.get("trainable_parameters"),
             "trainable_share": a.get("trainable_share"), "train_seconds": a.get("train_seconds"),
             "train_seconds_spent": a.get("train_seconds_spent", a.get("train_seconds") or 0.0),
-            "examples": a.get("examples"), "test_metric": a.get("test_metric"), "skipped": a.get("skipped"),
+            "examples": a.get("examples"), "validation_examples": a.get("validation_examples"),
+            "test_metric": a.get("test_metric"), "skipped": a.get("skipped"),
             "duplicate_of": a.get("duplicate_of"), "validations": len(t.intermediate_values), "pid": a.get("pid"),
             "predicted": a.get("predicted"), "recipe": a.get("recipe"),
         })
@@ -42,9 +47,19 @@ def summarise(study: Any, base: dict[str, Any], metric: str, direction: str, bud
         "study": study.study_name, "storage": storage, "metric": metric, "direction": direction,
         "budget": budget.to_dict(), "base": base, "model": plan.get("model"), "task": plan.get("task"),
         "trials": rows, "best": best, "pareto": [r["number"] for r in pareto_front(complete, direction)],
-        "compute": {"train_seconds": round(sum(r["train_seconds_spent"] or 0.0 for r in rows), 2),
-                    "examples": sum(r["examples"] or 0 for r in rows if r["duplicate_of"] is None)},
+        "compute": compute(rows),
     }
+
+
+def compute(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the study spent: training seconds (validations included), training examples, validation
+    items, and both in training examples (a validation item costs ``FORWARD_SHARE`` of one)."""
+    own = [r for r in rows if r["duplicate_of"] is None]
+    examples = sum(r["examples"] or 0 for r in own)
+    validation = sum(r.get("validation_examples") or 0 for r in own)
+    return {"train_seconds": round(sum(r["train_seconds_spent"] or 0.0 for r in rows), 2), "examples": examples,
+            "validation_examples": validation, "forward_share": round(FORWARD_SHARE, 4),
+            "example_equivalents": round(examples + FORWARD_SHARE * validation)}
 
 
 def _objectives(row: dict[str, Any], direction: str) -> tuple[float, float, float]:
@@ -96,7 +111,8 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"Study `{result['study']}` in `{result['storage']}`; {len(states)} trials: {states.count('COMPLETE')} complete, "
         f"{states.count('PRUNED')} pruned or not started, {states.count('FAIL')} failed. Budget: "
         f"{result['budget']['text'] or 'none'}. Compute spent: {format_seconds(result['compute']['train_seconds'])} "
-        f"of training, {result['compute']['examples']:,.0f} training examples.", "",
+        f"of training, {result['compute']['examples']:,.0f} training examples and "
+        f"{result['compute']['validation_examples']:,.0f} validation items.", "",
     ]
     if best:
         lines += [f"Best: trial {best['number']}, {best['label']}, lr {best['lr']:.3g}: validation {result['metric']} "
