@@ -87,14 +87,19 @@ def test_first_trial_is_what_train_runs(tiny_bert: Path, tiny_csv: Path, tmp_pat
     assert result["trials"][1]["params"] != first["params"]  # then the sampler's own choices
 
 
-def test_a_method_that_does_not_apply_is_recorded_not_fatal(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
-    """Without a budget no plan weeds out methods with nothing to attach to (visual_prompt on a text
-    model): such a trial is recorded as not started, with the reason, and the search goes on."""
-    result = run_tune(shared(tiny_bert, tiny_csv), "visual_prompt", None, trials=1, output=tmp_path / "t",
-                      rungs=2, say=lambda _: None)
-    (trial,) = result["trials"]
-    assert trial["state"] == "PRUNED" and trial["skipped"].startswith("does not apply: visual_prompt found no")
-    assert result["best"] is None
+def test_a_method_that_cannot_apply_never_gets_a_trial(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """Decided before any trial, by a dry attach (no plan runs without a budget): visual_prompt has nothing
+    to attach to in a text model, so it is left out of the space with the reason and costs no trial slot;
+    a search of it alone is refused in one line, before any training."""
+    result = run_tune(shared(tiny_bert, tiny_csv), "bitfit,visual_prompt", None, trials=2, output=tmp_path / "t",
+                      rungs=2, pruner="none", say=lambda _: None)
+    assert [t["label"] for t in result["trials"]] == ["bitfit", "bitfit"]
+    assert all(t["state"] == "COMPLETE" for t in result["trials"])
+    assert result["not_applicable"]["visual_prompt"].startswith("NoMatchError: visual_prompt found no")
+    with pytest.raises(ValueError, match="no method of visual_prompt applies to .* visual_prompt found no"):
+        run_tune(shared(tiny_bert, tiny_csv), "visual_prompt", None, trials=1, output=tmp_path / "v",
+                 say=lambda _: None)
+    assert not (tmp_path / "v" / "trials").exists()
 
 
 def test_default_trial_is_enqueued_once_and_only_within_the_space() -> None:

@@ -203,6 +203,40 @@ def trial_config(base: dict[str, Any], method: str, choices: dict[str, str], sca
     return validate_config(data, source=f"trial {cand.label}")
 
 
+def applicable(base: dict[str, Any], names: Sequence[str], splits: Any, task: Any) -> tuple[list[str], dict[str, str]]:
+    """The methods of ``names`` that can train on this model and task, and why each other cannot, decided
+    before any trial by what a run does first: its config is validated (a method the task refuses), then
+    its adapter is attached to the model and detached again (a *dry attach*: the model is loaded once,
+    nothing trains; a method with nothing to attach to, such as a visual prompt on a text model, raises
+    there). The core's ``detach`` restores the module tree, so one loaded model serves every method."""
+    import deltatune as dt
+    from deltatune.train.models import load_model, prepare
+
+    fine, why = [], {}
+    configs = {}
+    for method in names:
+        try:
+            configs[method] = trial_config(base, method, {}, 1.0, 1)
+        except ValueError as err:
+            why[method] = str(err)
+    if not configs:
+        return fine, why
+    first = next(iter(configs.values()))
+    loaded = load_model(first.model, task, splits.labels, first)
+    for method, config in configs.items():
+        try:
+            prepare(loaded, config, "dry_attach")
+        except ValueError as err:  # NoMatchError and the other refusals at attach time
+            why[method] = f"{type(err).__name__}: {err}"
+        else:
+            fine.append(method)
+        finally:
+            if dt.configs(loaded.model):
+                dt.detach(loaded.model)
+    del loaded
+    return fine, why
+
+
 def _same(a: Any, b: Any) -> bool:
     pa = {k: v for k, v in a.params.items() if k != "lr_scale"}
     pb = {k: v for k, v in b.params.items() if k != "lr_scale"}
@@ -240,6 +274,8 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
     _check_settings(study, key, {"overrides": list(overrides), "methods": names, "budget": budget.text,
                                  "epochs": epochs})
 
+    splits = task.load_splits(first)  # before any model loads: bad data fails first
+    left_out: dict[str, str] = {}  # method -> why it cannot apply here
     plan: dict[str, Any] = {"model": first.model, "task": first.task, "epochs": first.epochs, "rows": []}
     if budget:  # costs are predicted only to respect a budget: without one, no probe is spent
         plan_file = out / PLAN_FILE
@@ -254,14 +290,19 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
             write_text_atomic(plan_file, json.dumps(plan, indent=2) + "\n")
         rows = {r["label"]: r for r in plan["rows"]}
         space = feasible_space(rows, names, budget, min(epochs), plan["epochs"])
-    else:
+    else:  # no plan: a dry attach decides what applies (with a budget, plan's rows say "not applicable")
         rows = {}
-        space = {m: {k: list(v) for k, v in method_space(m).items()} for m in names}
+        fine, left_out = applicable(base, names, splits, task)
+        for method, reason in left_out.items():
+            say(f"tune: {method} does not apply here, left out of the search: {reason}")
+        if not fine:
+            raise ValueError(f"no method of {', '.join(names)} applies to {first.model} on task {first.task}: "
+                             f"{next(iter(left_out.values()))}")
+        space = {m: {k: list(v) for k, v in method_space(m).items()} for m in fine}
     if not space:
         from deltatune.train.plan import no_fit_message
 
         raise ValueError(no_fit_message(plan) or f"no method fits the budget {budget.text}")
-    splits = task.load_splits(first)
     fresh = not study.get_trials(deepcopy=False)
     if enqueue_default(study, space, first.method, epochs, first.epochs):
         say(f"tune: trial 0 is what `deltatune train` runs here ({first.method} at its defaults, lr {first.lr:g})")
@@ -333,6 +374,8 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
         study.optimize(objective, n_trials=trials - done, catch=(),
                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished)])
     result = summarise(study, base, metric, direction, budget, storage, plan)  # tune_report
+    result["not_applicable"] = left_out or {r["method"]: r["error"] for r in plan["rows"]
+                                            if r.get("status") == "not applicable" and not r.get("choices")}
     write_reports(result, out)
     return result
 
