@@ -368,3 +368,60 @@ def test_two_processes_creating_one_new_study_both_succeed(tmp_path: Path) -> No
             _, err = p.communicate(timeout=120)
             assert p.returncode == 0, err[-2000:]
         assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["s"]
+
+
+def test_the_survey_measures_every_method_at_the_first_rung_then_the_best_third_go_on(
+        tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """With ASHA, a new study first trains every method (at its usual settings and suggested rate) to the
+    first rung only, then the best third (here one of four) continue from their checkpoints: nothing is
+    promoted for having run early, and the continuation ends exactly where the whole run would."""
+    from deltatune.train.run import run_training
+    from deltatune.train.tune import trial_config
+
+    out = tmp_path / "t"
+    result = run_tune(shared(tiny_bert, tiny_csv), "lora,bitfit,ln,ia3", None, trials=6, output=out, rungs=3,
+                      seed=0, say=lambda _: None)
+    trials = result["trials"]
+    study = optuna.load_study(study_name=result["study"], storage=result["storage"]).get_trials()
+    survey, cont = study[:4], study[4]
+    assert sorted(t.params["method"] for t in survey) == ["bitfit", "ia3", "ln", "lora"]
+    assert all(t.state.name == "PRUNED" and list(t.intermediate_values) == [1] and t.params["lr_scale"] == 1.0
+               for t in survey)
+    assert all(trials[t.number]["examples"] == 8 for t in survey)  # one step of 8 (a sixth of the run)
+    best = max(survey, key=lambda t: (t.intermediate_values[1], -t.number))
+    assert cont.user_attrs["continues"] == best.number and cont.params == best.params
+    assert cont.intermediate_values[1] == best.intermediate_values[1]  # carried, not measured again
+    assert trials[4]["examples"] == 48 - 8  # resumed from the survey's checkpoint: the rest of the run only
+    # Only the continuation's checkpoint could be resumed; the others were removed once the survey was decided.
+    assert not any((Path(t.user_attrs["run_dir"]) / "checkpoint").exists() for t in survey)
+    if cont.state.name == "COMPLETE":  # a resumed run ends where the whole run ends
+        config = trial_config(shared(tiny_bert, tiny_csv) and result["base"], best.params["method"], {
+            k.split(".", 1)[1]: v for k, v in best.params.items() if "." in k}, 1.0, 1, str(tmp_path / "whole"))
+        whole = run_training(config, progress=False)
+        assert whole["validation"][-1]["accuracy"] == cont.value
+
+
+def test_a_continuation_counts_once_at_the_rung_it_passed_in_the_survey() -> None:
+    """Optuna's SuccessiveHalvingPruner would count a continuation's copy of its survey value as a second
+    competitor and stop the next trial that would have gone on."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from deltatune.train.tune_study import halving_pruner
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": FloatDistribution(0, 1)}
+    for i, v in enumerate([0.5, 0.6, 0.4, 0.45, 0.55, 0.3]):
+        study.add_trial(create_trial(state=TrialState.PRUNED, params={"x": i / 10}, distributions=dist,
+                                     intermediate_values={1: v}, user_attrs={"survey": True}))
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.7, params={"x": 0.1}, distributions=dist,
+                                 intermediate_values={1: 0.6, 3: 0.7},
+                                 user_attrs={"continues": 1, "surveyed": 0.6, "surveyed_step": 1}))
+    pruner = halving_pruner(optuna)
+
+    def at_rung(value: float) -> object:
+        return create_trial(state=TrialState.COMPLETE, value=value, params={"x": 0.9}, distributions=dist,
+                            intermediate_values={1: value})
+    assert not pruner.prune(study, at_rung(0.56))  # second of 7 distinct settings: in the best third
+    assert pruner.prune(study, at_rung(0.52))
+    assert not pruner.prune(study, study.get_trials()[-1])
