@@ -136,7 +136,7 @@ def test_default_rungs_put_every_validation_where_the_pruner_decides() -> None:
     from deltatune.cli.tune import tune
     from deltatune.train.tune import DEFAULT_RUNGS, rung_steps
 
-    assert DEFAULT_RUNGS == 2 == inspect.signature(tune).parameters["rungs"].default
+    assert DEFAULT_RUNGS == 3 == inspect.signature(tune).parameters["rungs"].default
     assert inspect.signature(run_tune).parameters["rungs"].default == DEFAULT_RUNGS
     assert rung_steps(30, 2) == {10: 1, 30: 3}
     assert rung_steps(30, 3) == {4: 1, 10: 3, 30: 9}
@@ -203,16 +203,17 @@ def test_a_sample_of_the_validation_split_is_spread_over_it() -> None:
 
 
 def test_a_new_study_surveys_distinct_methods_at_their_suggested_rates() -> None:
-    """After the default trial, the random phase draws each method once (in an order the seed fixes), at
-    learning-rate scale 1; their other settings are left to the sampler."""
+    """After the default trial, the survey takes each method once (in an order the seed fixes), at its usual
+    settings (the first choice each declares) and learning-rate scale 1."""
     from deltatune.train.tune import enqueue_survey
 
     space = {m: {} for m in ("lora", "bitfit", "ia3", "ln", "oft")}
     study = optuna.create_study(direction="maximize")
     picked = enqueue_survey(study, space, "lora", 3, seed=1)
     assert len(set(picked)) == 3 and "lora" not in picked
+    usual = {"lora": {"lora.rank": "8", "lora.target": "all-linear"}, "oft": {"oft.block_size": "32"}}
     assert [t.system_attrs["fixed_params"] for t in study.get_trials()] == [
-        {"method": m, "lr_scale": 1.0} for m in picked]
+        {"method": m, **usual.get(m, {}), "lr_scale": 1.0} for m in picked]
     assert enqueue_survey(optuna.create_study(), space, "lora", 3, seed=1) == picked
     assert sorted(enqueue_survey(optuna.create_study(), space, "lora", 10, seed=2)) == ["bitfit", "ia3", "ln", "oft"]
 
