@@ -5,7 +5,6 @@ losing finished trials; two processes on one study never train the same trial.""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
