@@ -123,7 +123,7 @@ def test_default_pruner_is_one_successive_halving_ladder(tmp_path: Path) -> None
     assert DEFAULT_PRUNER == "asha" == inspect.signature(tune).parameters["pruner"].default
     assert inspect.signature(run_tune).parameters["pruner"].default == DEFAULT_PRUNER
     study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", "maximize", DEFAULT_PRUNER, 4, 0, 60)
-    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert type(study.pruner).__name__ == "Halving"  # ASHA that counts a continuation once (tested below)
 
 
 def test_default_rungs_put_every_validation_where_the_pruner_decides() -> None:

@@ -185,9 +185,9 @@ def enqueue_default(study: Any, space: dict[str, dict[str, list[str]]], method: 
     trial (it stops at the first rung like the others). Returns whether it enqueued."""
     if study.get_trials(deepcopy=False) or method not in space:
         return False
+    if any(next(iter(choices)) not in space[method].get(key, ()) for key, choices in method_space(method).items()):
+        return False  # the usual settings are over the budget
     params = default_params(space, method, epochs, default_epochs)
-    if any(params[f"{method}.{key}"] not in space[method].get(key, ()) for key in method_space(method)):
-        return False
     study.enqueue_trial(params, user_attrs={SURVEY: True} if survey else None, skip_if_exists=True)
     return True
 
