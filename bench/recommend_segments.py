@@ -39,6 +39,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -60,11 +61,33 @@ from bench.recommend_common import write_json
 from bench.recommend_segments_report import summarise
 
 FFN = ["fc1", "fc2"]
-#: name -> (column of ml-100k.user, value -> segment)
-SEGMENTATIONS: dict[str, tuple[str, Callable[[str], str]]] = {
-    "age3": ("age", lambda v: "age_under_25" if int(v) < 25 else "age_25_34" if int(v) < 35 else "age_35_plus"),
-    "age2": ("age", lambda v: "age_under_30" if int(v) < 30 else "age_30_plus"),
-    "gender": ("gender", lambda v: f"gender_{v}"),
+#: occupation groups of ml-100k.user (21 occupations; 77 / 87 / 237 of the 401 test users)
+TECHNICAL = {"programmer", "engineer", "scientist", "technician"}
+
+
+def by_column(column: str, rule: Callable[[str], str]) -> Callable[[dict[str, Any]], dict[str, str]]:
+    """A segmentation by one column of ``ml-100k.user``: user -> ``rule(value)``."""
+    return lambda data: {u: rule(v) for u, v in read_users(movielens_100k("user"), column).items()}
+
+
+def by_activity(data: dict[str, Any]) -> dict[str, str]:
+    """Light and heavy users: how many interactions a user has before their held-out ones (what training
+    sees of them), split at the median over the evaluated users (ties heavy)."""
+    seen: dict[str, int] = {}
+    for it in data["validation"] + data["test"]:
+        seen[it["user"]] = min(seen.get(it["user"], len(it["seen"])), len(it["seen"]))
+    median = statistics.median(seen.values())
+    return {u: "activity_light" if n < median else "activity_heavy" for u, n in seen.items()}
+
+
+#: name -> data -> {user: segment}
+SEGMENTATIONS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
+    "age3": by_column("age", lambda v: "age_under_25" if int(v) < 25 else "age_25_34" if int(v) < 35 else "age_35_plus"),
+    "age2": by_column("age", lambda v: "age_under_30" if int(v) < 30 else "age_30_plus"),
+    "gender": by_column("gender", lambda v: f"gender_{v}"),
+    "occupation3": by_column("occupation", lambda v: "occ_student" if v == "student" else
+                             "occ_technical" if v in TECHNICAL else "occ_other"),
+    "activity2": by_activity,
 }
 RUN = make_runner(torch.device("cpu"), "fp32")
 
@@ -169,20 +192,26 @@ def run_variant(task: RecommendTask, shared: torch.nn.Module, data: dict[str, An
     return out
 
 
-def segment_lists(data: dict[str, Any], column: str, rule: Callable[[str], str]) -> dict[str, list]:
-    users = {u: rule(v) for u, v in read_users(movielens_100k("user"), column).items()}
+def segment_lists(data: dict[str, Any], segmentation: Callable[[dict[str, Any]], dict[str, str]]) -> dict[str, list]:
+    users = segmentation(data)
     return {"train": [users[u] for u in data["train_users"]],
             "validation": [users[it["user"]] for it in data["validation"]],
             "test": [users[it["user"]] for it in data["test"]]}
 
 
-def load_data(task: RecommendTask, positions: int = 1) -> dict[str, Any]:
-    config = validate_config({"task": "recommend", "method": "lora", "data": {"validation_positions": positions}})
-    splits = task.load_splits(config)
-    train_users = held_out(periods(config), config.max_length, positions)["train_users"][:len(splits.train)]
-    return {"train": splits.train, "train_users": train_users,
-            "validation": task.encode(None, splits.validation, config.max_length),
-            "test": task.encode(None, splits.test, config.max_length)}
+def load_data(task: RecommendTask, positions: int = 1, test_positions: int = 1) -> dict[str, Any]:
+    """Training windows (and whose), validation and test items; ``test_last[i]``: test item ``i`` is its
+    user's last interaction (the leave-last-out item; with ``test_positions=1`` every test item is)."""
+    config = validate_config({"task": "recommend", "method": "lora"})
+    p = periods(config)
+    ex = held_out(p, config.max_length, positions, test_positions)
+    # the shared adapter's run holds out positions + k - 1 validation items: the same training windows
+    assert ex["train"] == held_out(p, config.max_length, positions + test_positions - 1)["train"]
+    test = ex["test"]
+    return {"train": ex["train"], "train_users": ex["train_users"],
+            "validation": task.encode(None, ex["validation"], config.max_length),
+            "test": task.encode(None, test, config.max_length),
+            "test_last": [i + 1 == len(test) or test[i + 1][0] != u for i, (u, _, _) in enumerate(test)]}
 
 
 def write(record: dict[str, Any], out: Path) -> None:
@@ -200,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--positions", type=int, default=1,
                         help="validation interactions per user (data.validation_positions): early stopping and "
                              "the variant's choice read them; neither adapter trains on them")
+    parser.add_argument("--test-positions", type=int, default=1,
+                        help="test interactions per user, each ranked from its own prefix (1: leave-last-out "
+                             "only; k > 1 adds the rolling evaluation over the last k, the leave-last-out item "
+                             "still reported on its own); held out of training and validation")
     parser.add_argument("--out", default="bench/results/recommend_segments.json")
     parser.add_argument("--summarise", action="store_true", help="only recompute the summary of --out")
     args = parser.parse_args(argv)
@@ -209,29 +242,34 @@ def main(argv: list[str] | None = None) -> None:
         write(record, out)
         print(json.dumps(record["summary"]["chosen"], indent=1))
         return
-    record = record if "runs" in record else {"runs": [], "shared": {}, "positions": args.positions}
-    if record.get("positions", 1) != args.positions:
-        raise SystemExit(f"{out} holds runs with {record.get('positions', 1)} validation positions; pass another --out")
+    record = record if "runs" in record else {"runs": [], "shared": {}, "positions": args.positions,
+                                              "test_positions": args.test_positions}
+    held = (record.get("positions", 1), record.get("test_positions", 1))
+    if held != (args.positions, args.test_positions):
+        raise SystemExit(f"{out} holds runs with {held[0]} validation and {held[1]} test positions; pass another --out")
     torch.set_num_threads(1)
     task, t0 = RecommendTask(), time.perf_counter()
-    data = load_data(task, args.positions)
+    data = load_data(task, args.positions, args.test_positions)
     for v in args.variants.split(","):
         parse_variant(v)
     record["val_users"] = [it["user"] for it in data["validation"]]  # paired standard errors over users
     record["test_users"] = [it["user"] for it in data["test"]]
+    record["test_last"] = data["test_last"]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(x) for x in args.seeds.split(",")):
-            shared, metrics = shared_model(seed, tmp, args.positions)
+            shared, metrics = shared_model(seed, tmp, args.positions + args.test_positions - 1)
             mine = {"val_ranks": ranks_of(task, shared, data["validation"], None).tolist(),
                     "test_ranks": ranks_of(task, shared, data["test"], None).tolist(),
                     "test_ndcg_10": metrics["test_ndcg_10"], "base_test_ndcg_10": metrics["test_base_ndcg_10"]}
+            last = scores(torch.tensor([r for r, f in zip(mine["test_ranks"], data["test_last"]) if f]))["ndcg_10"]
+            assert abs(last - metrics["test_ndcg_10"]) < 1e-9, "the leave-last-out items differ from the task's test"
             before = record["shared"].get(str(seed))
             if before and (before["val_ranks"], before["test_ranks"]) != (mine["val_ranks"], mine["test_ranks"]):
                 raise SystemExit(f"seed {seed}'s shared adapter trained again ranks differently from the one in {out}; "
                                  "its runs would not compare: pass another --out")
             record["shared"][str(seed)] = mine
             for name in args.segmentations.split(","):
-                seg = segment_lists(data, *SEGMENTATIONS[name])
+                seg = segment_lists(data, SEGMENTATIONS[name])
                 for variant in args.variants.split(","):
                     result = run_variant(task, shared, data, seg, variant, args.epochs, seed)
                     record["runs"].append({"seed": seed, "segmentation": name, **result,

@@ -5,6 +5,8 @@ validation and test alike, and the report counts segments ahead and behind."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 from bench.recommend_common import pm, progress, write_json
@@ -49,3 +51,30 @@ def test_keep_rule_serves_dropped_segments_with_the_shared_ranks() -> None:
     assert rule["best_epochs"] == {"a": [2], "b": ["shared"]}
     assert rule["segments"]["b"]["test"]["difference"]["mean"] == 0.0
     assert summary["chosen"]["s"]["variant"] == "own@1e-3"  # the choice is among the plain variants
+
+
+def test_rolling_view_averages_each_users_items_and_leave_last_out_reads_the_last() -> None:
+    """Two test items per user (rolling, k = 2): ``test`` reads only each user's last item, ``test_rolling``
+    each user's mean over both, so a user counts once; the goal's z is the rolling paired difference over
+    users in standard errors."""
+    from bench.recommend_segments_report import ndcg
+
+    users = ["u0", "u0", "u1", "u1", "u2", "u2"]
+    shared = {"0": {"val_ranks": [5, 5, 5], "test_ranks": [9, 9, 9, 9, 9, 9]}}
+    run = {"seed": 0, "segmentation": "s", "variant": "own@1e-3", "segments": {"a": {"best_epoch": 1, "windows": 3}},
+           "val_ranks": [0, 0, 0], "val_segments": ["a"] * 3,
+           "test_ranks": [0, 9, 9, 0, 0, 0], "test_segments": ["a"] * 6}
+    record = {"runs": [run], "shared": shared, "val_users": ["u0", "u1", "u2"], "test_users": users,
+              "test_last": [False, True] * 3, "test_positions": 2}
+    row = summarise(record)["variants"]["s own@1e-3"]
+    n0, n9 = ndcg([0])[0], ndcg([9])[0]
+    last = [n9 - n9, n0 - n9, n0 - n9]  # u0's last item is unchanged; u1 and u2 gain
+    rolling = [(n0 - n9) / 2, (n0 - n9) / 2, n0 - n9]
+    assert row["test"]["users"] == row["test_rolling"]["users"] == 3
+    assert math.isclose(row["test"]["difference_over_users"]["mean"], statistics.fmean(last))
+    assert math.isclose(row["test_rolling"]["difference_over_users"]["mean"], statistics.fmean(rolling))
+    se = statistics.stdev(rolling) / math.sqrt(3)
+    assert math.isclose(row["test_rolling"]["difference_over_users"]["se"], se)
+    assert math.isclose(row["goal"]["z"]["a"], statistics.fmean(rolling) / se)
+    assert row["goal"]["met"] == (statistics.fmean(rolling) / se > 2.0) and row["goal"]["view"] == "test_rolling"
+    assert "rolling" in row["table"] and "rolling" in summarise(record)["overview"]

@@ -109,7 +109,7 @@ def test_train_with_loftq_and_reload(tiny_llama: Path, tmp_path: Path, monkeypat
     """loftq_iterations: the adapter starts from LoftQ's factors on LoftQ's base (not quant(W), not
     B = 0); the base stays bit-identical through training; load_trained rebuilds the same base and
     reproduces the test loss."""
-    from deltatune.core.inject import adapted_layers
+    from deltatune.core.records import adapted_layers
     from deltatune.integrations.loftq import loftq_quantize
     from deltatune.train import run as run_module
     from deltatune.train.chat import ChatTask

@@ -264,3 +264,32 @@ def test_defaults_are_the_measured_recipe_and_lora_trains_at_most_5_percent(tmp_
     report = dt.parameter_report(model)
     assert report.trainable == 8 * 2 * (64 + 64) + 4 * (1683 + 64)
     assert report.trainable / report.total <= 0.05
+
+
+def test_rolling_test_positions_hold_out_the_last_k_each_from_its_prefix(tmp_path):
+    """``held_out(..., test_positions=k)``: test is each user's last k interactions after the cutoff, each
+    ranked from the history before it; the last is the leave-last-out item; validation is the positions
+    before the first test item; training holds out the same interactions as k - 1 more validation ones."""
+    config = _config(tmp_path)
+    p = periods(config)
+    index = {n: i + 1 for i, n in enumerate(p.names)}
+    one, ex = held_out(p, config.max_length), held_out(p, config.max_length, 1, 2)
+    assert held_out(p, config.max_length, 1, 1) == one  # k = 1 is leave-last-out, unchanged
+    assert len(ex["test"]) == 48 and len(ex["validation"]) == 24  # 3 interactions after the cutoff per user
+    by_user: dict[str, list] = {}
+    for user, history, target in ex["test"]:
+        by_user.setdefault(user, []).append((history, target))
+    last = {u: held[-1] for u, held in by_user.items()}
+    assert [(u, *last[u]) for u, _, _ in one["test"]] == one["test"]  # the last test item is leave-last-out's
+    for user, held in by_user.items():
+        rows = [index[r.item] for r in p.data.histories[user]]
+        assert held == [(rows[:-2], rows[-2]), (rows[:-1], rows[-1])]
+    for user, history, target in ex["validation"]:
+        rows = [index[r.item] for r in p.data.histories[user]]
+        assert (history, target) == (rows[:-3], rows[-3])
+    assert ex["train"] == held_out(p, config.max_length, 2)["train"]  # the same interactions held out
+    for (inputs, labels), user in zip(ex["train"], ex["train_users"]):
+        assert len(inputs) + 1 <= len(p.data.histories[user]) - 3  # no test or validation item is trained on
+    # more positions than there are after the cutoff: held out only while after it, validation then empty
+    many = held_out(p, config.max_length, 1, 5)
+    assert len(many["test"]) == 72 and many["validation"] == [] and many["train"] == []

@@ -5,9 +5,6 @@ original object back, so ``state_dict()`` keys are exactly as before. What the m
 adapter name is its record (``core/records.py``); which adapters apply and train is
 ``core/active.py``; what is trainable is counted in ``core/report.py``. Every config has ``parts``
 (a single method is a hybrid of one part), so nothing here asks what kind of config it holds.
-
-The names of records.py and active.py are re-exported here for code that imported them from this
-module before they moved.
 """
 
 from __future__ import annotations
@@ -19,16 +16,14 @@ import torch
 from torch import nn
 
 from deltatune.config import AdapterConfig
-from deltatune.core.active import (  # noqa: F401 - re-exported
-    active_adapters, disabled, mark_trainable, on_train_step, regularization_loss, set_active, using)
+from deltatune.core.active import mark_trainable, set_active
 from deltatune.core.layer import AdaptedLayer, Composite, FullCopy, logical_get, logical_modules
 from deltatune.core.layers import describe, quantized_format
-from deltatune.core.records import (  # noqa: F401 - re-exported
-    NAME_RE, AdapterRecord, adapted_layers, cached, configs, drop, drop_all, known, placement, record, records, store)
-from deltatune.core.report import AttachReport, ParamReport, parameter_report  # noqa: F401 - re-exported
+from deltatune.core.records import (
+    NAME_RE, AdapterRecord, adapted_layers, drop, drop_all, known, records)
+from deltatune.core.report import AttachReport, parameter_report
 from deltatune.core.targeting import NoMatchError, modules_for, select
 
-_known = known  # the name this module's importers used before records.py
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")

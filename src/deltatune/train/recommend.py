@@ -29,7 +29,6 @@ model evaluated on data that gives another list is refused rather than silently 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -116,7 +115,7 @@ def base_model(config: TrainConfig, p: Periods) -> SASRec:
     return model
 
 
-def held_out(p: Periods, max_len: int, positions: int = 1) -> dict[str, list[Any]]:
+def held_out(p: Periods, max_len: int, positions: int = 1, test_positions: int = 1) -> dict[str, list[Any]]:
     """Leave-last-out examples: ``train`` (inputs, targets) windows (``train_users``: whose),
     ``validation``/``test`` (user, history rows, target row).
 
@@ -126,6 +125,14 @@ def held_out(p: Periods, max_len: int, positions: int = 1) -> dict[str, list[Any
     held-out interaction: no validation or test item is a training input or target. With more positions
     the validation signal has less noise (MovieLens-100K, cutoff 0.7: 393 validation items at 1, 1,899
     at 5); a final fit of the chosen setting at ``positions=1`` trains on all but the last two again.
+
+    ``test_positions=k`` (a rolling evaluation, for statistical power: one test item per user leaves a
+    paired standard error as large as the effects one compares) makes test the user's last ``k``
+    interactions, each predicted from its own prefix (the earlier held-out items are history inputs, never
+    training inputs or targets), under the same rule: after the cutoff, with at least one item of history.
+    The last of them is the leave-last-out item with its usual history; validation is the ``positions``
+    before the first test item. The training windows equal those of ``positions + k - 1`` validation
+    positions and one test position: the same interactions are held out, split differently.
     """
     index = item_index(p.names)
     out: dict[str, list[Any]] = {"train": [], "validation": [], "test": [], "train_users": []}
@@ -134,11 +141,14 @@ def held_out(p: Periods, max_len: int, positions: int = 1) -> dict[str, list[Any
         recent = [r.time >= p.cutoff for r in h]
         if len(rows) < 2 or not recent[-1]:
             continue  # nothing to evaluate: no history before the last item, or inactive after the cutoff
-        out["test"].append((user, rows[:-1], rows[-1]))
-        end = len(rows) - 1
-        while end - 1 >= 1 and recent[end - 1] and len(rows) - 1 - end < positions:
+        first_test = len(rows) - 1
+        while first_test - 1 >= 1 and recent[first_test - 1] and len(rows) - first_test < test_positions:
+            first_test -= 1  # rows[first_test] is a test item too
+        out["test"] += [(user, rows[:j], rows[j]) for j in range(first_test, len(rows))]  # oldest first
+        end = first_test
+        while end - 1 >= 1 and recent[end - 1] and first_test - end < positions:
             end -= 1  # hold out rows[end] for validation
-        out["validation"] += [(user, rows[:j], rows[j]) for j in range(end, len(rows) - 1)]  # oldest first
+        out["validation"] += [(user, rows[:j], rows[j]) for j in range(end, first_test)]  # oldest first
         seq = rows[:end]
         targets = [t if recent[i] else -100 for i, t in enumerate(seq)]  # only the new period is trained on
         for s, e in spans(len(seq), max_len):
