@@ -101,11 +101,16 @@ class Keep(Callback):
         self.model = copy.deepcopy(s.model)
 
 
-def shared_model(seed: int, tmp: str, positions: int = 1) -> tuple[torch.nn.Module, dict[str, Any]]:
+def shared_model(seed: int, tmp: str, positions: int = 1, users: int | None = None,
+                 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The task's LoRA on its defaults, trained by ``run_training``, merged into the base; ``positions``
-    validation interactions per user held out (``data.validation_positions``), never trained on."""
+    validation interactions per user held out (``data.validation_positions``), never trained on. ``users``
+    (the number of test users) cuts the run's own per-epoch validation to that many items
+    (``data.max_eval_examples``; test, one item per user, stays whole): it is progress output only, the
+    bench scores validation itself, and training does not depend on it."""
+    data = {"validation_positions": positions, **({"max_eval_examples": users} if users else {})}
     config = validate_config({"task": "recommend", "method": "lora", "seed": seed, "threads": 1,
-                              "data": {"validation_positions": positions}, "output": f"{tmp}/shared-{seed}"})
+                              "data": data, "output": f"{tmp}/shared-{seed}"})
     keep = Keep()
     metrics = run_training(config, overwrite=True, progress=False, callbacks=[keep])
     assert keep.model is not None
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     record["test_last"] = data["test_last"]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(x) for x in args.seeds.split(",")):
-            shared, metrics = shared_model(seed, tmp, args.positions + args.test_positions - 1)
+            shared, metrics = shared_model(seed, tmp, args.positions + args.test_positions - 1, sum(data["test_last"]))
             mine = {"val_ranks": ranks_of(task, shared, data["validation"], None).tolist(),
                     "test_ranks": ranks_of(task, shared, data["test"], None).tolist(),
                     "test_ndcg_10": metrics["test_ndcg_10"], "base_test_ndcg_10": metrics["test_base_ndcg_10"]}
