@@ -128,6 +128,17 @@ def ranks_of(task: RecommendTask, model: torch.nn.Module, items: list[dict], rou
             return task.ranks(model, items, 4096, RUN)
 
 
+def logits_of(model: torch.nn.Module, items: list[dict], route: list[str | None] | None) -> torch.Tensor:
+    """Next-item logits (N, items) of every item's history in one batch, each row through ``route[row]``."""
+    model.eval()
+    batch = collate([(it["input_ids"], [-100] * len(it["input_ids"])) for it in items], max_len=10**9)
+    with torch.inference_mode():
+        if route is None:
+            return RUN(model, {"input_ids": batch["input_ids"]}).logits.float()
+        with routing(model, route):
+            return RUN(model, {"input_ids": batch["input_ids"]}).logits.float()
+
+
 def train_segment(task: RecommendTask, model: torch.nn.Module, name: str, windows: list, val: list[dict],
                   lr: float, epochs: int, seed: int) -> dict[str, Any]:
     """Train adapter ``name`` on ``windows`` (AdamW, constant rate, batch 64, clip 1.0), keeping the epoch
@@ -188,11 +199,18 @@ def run_variant(task: RecommendTask, shared: torch.nn.Module, data: dict[str, An
     out = {"variant": variant, "segments": trained,
            "val_ranks": ranks_of(task, model, data["validation"], seg["validation"]).tolist(),
            "test_ranks": ranks_of(task, model, data["test"], seg["test"])}
+    routed = logits_of(model, data["test"], seg["test"])
+    out["routing_rank_mismatches"] = {}
     for s in segments:  # the mixed batch equals each segment's adapter run on its own rows
         rows = [i for i, g in enumerate(seg["test"]) if g == s]
         with dt.using(model, s):
-            alone = ranks_of(task, model, [data["test"][i] for i in rows], None)
-        assert torch.equal(alone, out["test_ranks"][rows]), f"routing differs from running segment {s} alone"
+            alone = logits_of(model, [data["test"][i] for i in rows], None)
+            alone_ranks = ranks_of(task, model, [data["test"][i] for i in rows], None)
+        # float32 sums in another order (a batch of other size and mix) move logits by ~1e-6; on a near-tie
+        # that can move a rank by one, so the check is on the logits, and rank flips are counted
+        assert torch.allclose(alone, routed[rows], rtol=1e-4, atol=1e-5), \
+            f"routing differs from running segment {s} alone: max |difference| {(alone - routed[rows]).abs().max():.2e}"
+        out["routing_rank_mismatches"][s] = int((alone_ranks != out["test_ranks"][rows]).sum())
     out["test_ranks"] = out["test_ranks"].tolist()
     return out
 
