@@ -243,6 +243,20 @@ def write(record: dict[str, Any], out: Path) -> None:
     write_json(out, record, indent=None)
 
 
+def merge(record: dict[str, Any], other: dict[str, Any], name: str) -> dict[str, Any]:
+    """``record`` with ``other``'s runs added: refused unless both hold the same split (positions, users)
+    and, per seed they share, shared adapters with the same ranks (the runs compare on the same users)."""
+    keys = ("positions", "test_positions", "val_users", "test_users", "test_last")
+    differ = [k for k in keys if record.get(k) != other.get(k)]
+    seeds = set(record["shared"]) & set(other["shared"])
+    differ += [f"seed {s}'s shared ranks" for s in sorted(seeds) if record["shared"][s] != other["shared"][s]]
+    if differ:
+        raise SystemExit(f"{name} does not compare with the output it would join: {', '.join(differ)} differ")
+    have = {(r["seed"], r["segmentation"], r["variant"]) for r in record["runs"]}
+    new = [r for r in other["runs"] if (r["seed"], r["segmentation"], r["variant"]) not in have]
+    return {**record, "shared": {**other["shared"], **record["shared"]}, "runs": record["runs"] + new}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -258,10 +272,15 @@ def main(argv: list[str] | None = None) -> None:
                              "still reported on its own); held out of training and validation")
     parser.add_argument("--out", default="bench/results/recommend_segments.json")
     parser.add_argument("--summarise", action="store_true", help="only recompute the summary of --out")
+    parser.add_argument("--merge", default=None, metavar="JSON",
+                        help="add the runs of another output of this bench (same split, same shared adapters: "
+                             "e.g. another variant run in parallel) to --out, then summarise")
     args = parser.parse_args(argv)
     out = Path(args.out)
     record: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
-    if args.summarise:
+    if args.merge:
+        record = merge(record, json.loads(Path(args.merge).read_text()), args.merge)
+    if args.summarise or args.merge:
         write(record, out)
         print(json.dumps(record["summary"]["chosen"], indent=1))
         return
