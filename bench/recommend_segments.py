@@ -30,6 +30,11 @@ instead of 393; ``data.validation_positions``): the shared and the segment adapt
 and test is read on those models (nothing added back). The summary also reports every variant under the keep
 rule (``deltatune.train.segments.keep_segments``: a segment keeps its adapter only when its validation gain,
 paired over the segment's validation users, exceeds one standard error; else the shared adapter serves it).
+``--test-positions 10`` adds a rolling test (``held_out(..., test_positions=10)``): each user's last ten
+interactions, each ranked from its own prefix; the report reads leave-last-out (each user's last item) as the
+headline and the rolling view (each user's mean over their items) beside it, and judges "beats" there:
+a paired difference over users above ``BEATS`` standard errors. Segmentations: ``age3``, ``age2``,
+``gender``, ``occupation3`` (student / technical / other) and ``activity2`` (light / heavy at the median).
 The goal (issue #15): segment adapters beat the shared adapter on their own segments.
 """
 
