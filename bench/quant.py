@@ -45,6 +45,8 @@ from deltatune.train.memory import chunked_runner
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 SETUPS = ["fp32", "bf16", "int8", "nf4", "nf4-torchao", "peft-nf4"]
+#: NF4 levers at 4 bits (the training options quantize_blocksize / quantize_skip), not in the default run
+LEVER_SETUPS = {"nf4-bs32-skip-v": {"blocksize": 32, "skip": DEFAULT_SKIP + ("v_proj",)}}
 RSS_SETUPS = ["fp32", "int8", "nf4"]  # a fresh process each (imports + load): kept to the goal's rows
 RESULTS = Path(__file__).parent / "results"
 
@@ -66,7 +68,8 @@ def build(setup: str, w: Workload) -> tuple[nn.Module, Any]:
         model.to(torch.bfloat16)
     elif setup != "fp32":
         fmt = "int8" if setup == "int8" else "nf4"
-        dt.quantize(model, fmt, backend="torchao" if setup == "nf4-torchao" else "bitsandbytes")
+        dt.quantize(model, fmt, backend="torchao" if setup == "nf4-torchao" else "bitsandbytes",
+                    **LEVER_SETUPS.get(setup, {}))
     if setup == "peft-nf4":
         from peft import LoraConfig, get_peft_model
 
@@ -225,13 +228,17 @@ def layer_speed(rounds: int = 20) -> dict[str, Any]:
     return {"ms_cpu": ms, "ratio_to_fp32": {k: v / ms["fp32"] for k, v in ms.items()}}
 
 
-def sizes(models: list[str], quick: bool) -> dict[str, Any]:
-    """Resident bytes of the frozen model (no adapter, no training): whole model and linear layers."""
+SIZE_SETUPS = ["fp32", "bf16", "int8", "nf4", "nf4-no-dq", "nf4-torchao", "int8-bf16-rest", "nf4-bf16-rest"]
+
+
+def sizes(models: list[str], quick: bool, setups: list[str] = SIZE_SETUPS) -> dict[str, Any]:
+    """Resident bytes of the frozen model (no adapter, no training): whole model and linear layers.
+    ``setups`` may also name a lever (``LEVER_SETUPS``), with ``-bf16-rest`` or not."""
     out: dict[str, Any] = {}
     for name in models:
         w = _workload(name, quick)
         rows = {}
-        for setup in ["fp32", "bf16", "int8", "nf4", "nf4-no-dq", "nf4-torchao", "int8-bf16-rest", "nf4-bf16-rest"]:
+        for setup in ["fp32", *[s for s in setups if s != "fp32"]]:
             model = w.build()
             if setup == "bf16":
                 model.to(torch.bfloat16)
@@ -239,7 +246,8 @@ def sizes(models: list[str], quick: bool) -> dict[str, Any]:
                 try:
                     dt.quantize(model, "int8" if setup.startswith("int8") else "nf4", double_quant=setup != "nf4-no-dq",
                                 backend="torchao" if setup == "nf4-torchao" else "bitsandbytes",
-                                rest_dtype=torch.bfloat16 if setup.endswith("bf16-rest") else None)
+                                rest_dtype=torch.bfloat16 if setup.endswith("bf16-rest") else None,
+                                **LEVER_SETUPS.get(setup.removesuffix("-bf16-rest"), {}))
                 except Exception as e:
                     rows[setup] = {"error": f"{type(e).__name__}: {e}"[:200]}
                     continue
@@ -318,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-only", action="store_true", help="interleaved step times only (no memory, no RSS)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=None, help="--time-only / --sizes-only: results file ({model}: the model's name)")
+    p.add_argument("--sizes-setups", default=None, help=f"--sizes-only setups (default {','.join(SIZE_SETUPS)}; "
+                   f"levers: {', '.join(LEVER_SETUPS)}, each also with -bf16-rest)")
     p.add_argument("--minilm-batch", type=int, default=0, help="MiniLM batch for --time-only (0: the workload's 32)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -340,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         res = step_times(models, setups, args.quick, args.rounds, args.warmup, args.minilm_batch)
         for name, block in res.items():
             path = RESULTS / f"quant-steps-{name}{'-quick' if args.quick else ''}.json"
+            if args.out:
+                path = Path(args.out.replace("{model}", name))
             path.write_text(json.dumps({"versions": _versions(), "threads": torch.get_num_threads(),
                                         "load_before": list(__import__("os").getloadavg()), **block}, indent=2) + "\n")
             print(f"wrote {path}")
@@ -355,8 +368,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.sizes_only:
         RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / ("quant-sizes-quick.json" if args.quick else "quant-sizes.json")
-        path.write_text(json.dumps({"versions": _versions(), "sizes": sizes(models, args.quick)}, indent=2) + "\n")
+        path = Path(args.out) if args.out else RESULTS / ("quant-sizes-quick.json" if args.quick else "quant-sizes.json")
+        chosen = args.sizes_setups.split(",") if args.sizes_setups else SIZE_SETUPS
+        path.write_text(json.dumps({"versions": _versions(), "sizes": sizes(models, args.quick, chosen)}, indent=2) + "\n")
         print(f"wrote {path}")
         return
     result: dict[str, Any] = {

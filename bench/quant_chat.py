@@ -2,6 +2,9 @@
 
     python -m bench.quant_chat --train              # fp32 / NF4 / int8 LoRA, 96 steps, validation every 24
     python -m bench.quant_chat --untrained          # no training: the bases alone, and LoftQ at several ranks
+    python -m bench.quant_chat --untrained --loftq '' --variants nf4,nf4-bs32,nf4-skip-v,nf4-bs32-skip-v \
+        --out bench/results/quant-chat-untrained-levers.json   # NF4 levers at 4 bits: block 32, v_proj kept
+    python -m bench.quant_chat --layer-errors --variants nf4,nf4-bs32,int8   # which layers' rounding costs most
     python -m bench.quant_chat --loftq-errors --loftq 8:1,8:5,16:1,16:5   # LoftQ's weight error only
     python -m bench.quant_chat --train --formats nf4 --set loftq_iterations=1 --tag -loftq1 \
         --out bench/results/quant-chat-levers.json     # one lever; rows add up in that file
@@ -114,8 +117,21 @@ def loftq_errors(loftq: list[tuple[int, int]]) -> None:
     print(f"wrote {path}")
 
 
-def untrained(loftq: list[tuple[int, int]]) -> None:
+#: ``--variants`` for ``--untrained``: NF4 levers at the same 4 bits, as deltatune.quantize keywords
+#: (the training options quantize_blocksize / quantize_skip). "skip" adds to the head.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "nf4": {}, "int8": {"fmt": "int8"}, "nf4-bs32": {"blocksize": 32},
+    "nf4-skip-v": {"skip": ("v_proj",)}, "nf4-bs32-skip-v": {"blocksize": 32, "skip": ("v_proj",)},
+    "nf4-skip-vk": {"skip": ("v_proj", "k_proj")}, "nf4-skip-o": {"skip": ("o_proj",)},
+    "nf4-bs32-skip-vk": {"blocksize": 32, "skip": ("v_proj", "k_proj")},
+}
+
+
+def untrained(loftq: list[tuple[int, int]], variants: tuple[str, ...] | list[str] = ("nf4", "int8"),
+              path: Path = RESULTS / "quant-chat-untrained.json") -> None:
     """Held-out reply loss of each base with no trained adapter (LoftQ's initial adapter included)."""
+    from deltatune.integrations.quantize import DEFAULT_SKIP, resident_bytes
+
     import deltatune as dt
     from deltatune.train import load_config
     from deltatune.train.chat import ChatTask
@@ -139,14 +155,19 @@ def untrained(loftq: list[tuple[int, int]]) -> None:
         import copy
         return copy.deepcopy(model)
 
-    path = RESULTS / "quant-chat-untrained.json"
-    out: dict[str, Any] = {"load_before": list(os.getloadavg()), "rows": {}}
+    out: dict[str, Any] = {"command": "python -m bench.quant_chat " + " ".join(sys.argv[1:]),
+                           "load_before": list(os.getloadavg()), "rows": {}}
     rows = out["rows"]
-    rows["fp32"] = score(model)
-    for fmt in ("nf4", "int8"):
-        rows[fmt] = score(dt.quantize(fresh(), fmt))
+    rows["fp32"] = {**score(model), "resident_bytes": resident_bytes(model)}
+    for name in variants:
+        kw = dict(VARIANTS[name])
+        fmt = kw.pop("fmt", "nf4")
+        kw["skip"] = DEFAULT_SKIP + tuple(kw.get("skip", ()))
+        quantized = dt.quantize(fresh(), fmt, **kw)
+        rows[name] = {**score(quantized), "resident_bytes": resident_bytes(quantized),
+                      "load": list(os.getloadavg())}
         _write(path, out)
-        print(fmt, rows[fmt], flush=True)
+        print(name, rows[name], flush=True)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     for rank, iterations in loftq:
         m = fresh()
@@ -160,6 +181,61 @@ def untrained(loftq: list[tuple[int, int]]) -> None:
     print(f"wrote {path}")
 
 
+def layer_errors(variants: list[str], pairs: int, path: Path) -> None:
+    """Each variant's rounding: relative weight error ‖W − deq(Q)‖ / ‖W‖ (all quantized layers, and the
+    worst layer), and the relative output error ‖X (W − deq(Q))ᵀ‖ / ‖X Wᵀ‖ of each kind of layer
+    (q_proj ... down_proj, mean over the 30 blocks) on the inputs X it sees from ``pairs`` training
+    pairs through the fp32 model: which layers' rounding the model feels most."""
+    from torch import nn
+
+    from deltatune.integrations.quantize import base_weight_of, quantized_linear
+    from deltatune.train import load_config
+    from deltatune.train.chat import ChatTask
+    from deltatune.train.models import load_model
+
+    config = load_config(None, [*SETS, "output=/tmp/unused", "data.max_train_examples=384"])
+    task = ChatTask()
+    loaded = load_model(config.model, task, None, config)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    items = task.encode(tokenizer, task.load_splits(config).train, config.max_length)[:pairs]
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"}
+    grams: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, d_in)
+            grams[name] = grams.get(name, 0) + x.T @ x                  # (d_in, d_in)
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
+    model.eval()
+    task.evaluate(model, items, tokenizer, 16, lambda m, b: m(**b))
+    for h in hooks:
+        h.remove()
+    out: dict[str, Any] = {"command": "python -m bench.quant_chat " + " ".join(sys.argv[1:]),
+                           "load_before": list(os.getloadavg()), "pairs": pairs, "rows": {}}
+    for name in variants:
+        kw = dict(VARIANTS[name])
+        fmt, skip = kw.pop("fmt", "nf4"), kw.pop("skip", ())
+        err = norm = worst = 0.0
+        by_kind: dict[str, list[float]] = {}
+        for n, m in linears.items():
+            if any(n == s or n.endswith("." + s) for s in skip):
+                continue
+            W = m.weight.detach().double()
+            E = base_weight_of(quantized_linear(m, fmt, **kw)).double() - W  # (d_out, d_in)
+            e, w = E.pow(2).sum().item(), W.pow(2).sum().item()
+            err, norm, worst = err + e, norm + w, max(worst, (e / w) ** 0.5)
+            G = grams[n]
+            ratio = (torch.einsum("oi,ij,oj->", E, G, E) / torch.einsum("oi,ij,oj->", W, G, W)).item() ** 0.5
+            by_kind.setdefault(n.rsplit(".", 1)[-1], []).append(ratio)
+        out["rows"][name] = {"weight_error": (err / norm) ** 0.5, "worst_layer_weight_error": worst,
+                             "output_error_by_kind": {k: sum(v) / len(v) for k, v in by_kind.items()}}
+        _write(path, out)
+        print(name, out["rows"][name], flush=True)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--train", action="store_true")
@@ -170,7 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=24, help="validate every N steps")
     p.add_argument("--seeds", default="0")
     p.add_argument("--set", action="append", default=[], help="extra training config key=value")
-    p.add_argument("--loftq", default="8:1,8:5,32:1,64:1,64:5", help="rank:iterations pairs for --untrained")
+    p.add_argument("--loftq", default="8:1,8:5,32:1,64:1,64:5", help="rank:iterations pairs for --untrained ('' for none)")
+    p.add_argument("--variants", default="nf4,int8", help=f"--untrained bases besides fp32: {', '.join(VARIANTS)}")
+    p.add_argument("--layer-errors", action="store_true", help="each --variants' weight and per-layer output error")
+    p.add_argument("--pairs", type=int, default=32, help="--layer-errors: training pairs whose inputs X weigh it")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="results file (default bench/results/quant-chat-train.json)")
     p.add_argument("--tag", default="", help="suffix of each run's name, e.g. -r16")
@@ -181,8 +260,18 @@ def main(argv: list[str] | None = None) -> None:
               Path(args.out) if args.out else RESULTS / "quant-chat-train.json", args.tag)
     if args.loftq_errors:
         loftq_errors([tuple(int(v) for v in pair.split(":")) for pair in args.loftq.split(",")])  # type: ignore[misc]
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if args.layer_errors:
+        if unknown:
+            p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        layer_errors(args.variants.split(","), args.pairs,
+                     Path(args.out) if args.out else RESULTS / "quant-chat-layer-errors.json")
     if args.untrained:
-        untrained([tuple(int(v) for v in pair.split(":")) for pair in args.loftq.split(",")])  # type: ignore[misc]
+        unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+        if unknown:
+            p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        untrained([tuple(int(v) for v in pair.split(":")) for pair in args.loftq.split(",") if pair],  # type: ignore[misc]
+                  args.variants.split(","), Path(args.out) if args.out else RESULTS / "quant-chat-untrained.json")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,14 @@ and other load hit every row alike; the figures are medians over rounds):
   waiting requests form a batch that runs to its longest request (a request counts as done at
   its own last token).
 
+The bare base and 1 adapter (the "1 unmerged adapter / bare base" goal) are measured as *pairs*
+instead (``--pairs`` per round, ``0``: as ordinary rows): the two windows back to back, on one
+plan (the same prompts and lengths, only the adapter differs), the order alternating from pair to
+pair (base first, then 1 adapter first, ...), and the ratio taken per pair; the goal's figure is
+the median of the pairs' ratios. Two rows measured minutes apart see different load (a 2-vCPU
+machine shared with other work swings by 20-30 % between windows), a pair's two windows nearly the
+same. The 1-adapter row's figures (for 32 / 1 and 256 / 1) are the medians of its pair windows.
+
 Both PEFT setups keep an LRU of ``--max-loaded`` adapters, loading from disk on a miss. Each
 server lives for the whole run on its own copy of the base model (deltatune's; PEFT's for
 M <= max-loaded; PEFT's for more), and before each row with M <= max-loaded its M adapters are
@@ -190,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-loaded", type=int, default=32)
     ap.add_argument("--prefill-batch", type=int, default=4, help="deltatune serve --prefill-batch")
     ap.add_argument("--prefill-wait", type=int, default=4, help="deltatune serve --prefill-wait")
+    ap.add_argument("--pairs", type=int, default=1,
+                    help="per round, pairs of adjacent windows of the bare base and 1 adapter (0: ordinary rows)")
     ap.add_argument("--setups", default="deltatune,peft-switch,peft-batched")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--soak", type=float, default=0.0, help="seconds of the HTTP soak (0: skip)")
@@ -208,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dirs = {f"a{i:03d}": p for i, p in enumerate(write_adapters(base, root / "adapters", max(counts)))}
         rows: list[tuple[str, int]] = [("deltatune", 0)] * ("deltatune" in setups) + [
             (s, m) for m in counts for s in setups]
+        if args.pairs and ("deltatune", 1) in rows:  # base and 1 adapter: measured as pairs of windows
+            rows = [("pair", 1)] + [row for row in rows if row not in (("deltatune", 0), ("deltatune", 1))]
         live: dict[str, Any] = {}
         vocab = 0
         if "deltatune" in setups:
@@ -224,26 +236,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 live[which] = PeftSetup(model, tokenizer, dirs, args.max_loaded, args.clients)
         print(f"ready after {time.time() - began:.0f} s", flush=True)
         results: dict[str, list[dict]] = {}
+        pairs: list[dict[str, Any]] = []
+
+        def measure(r: int, setup_name: str, m: int, seed: int) -> dict[str, Any]:
+            names: list[str | None] = [None] if m == 0 else list(dirs)[:m]
+            many = m > args.max_loaded
+            setup = live["deltatune" if setup_name == "deltatune" else "peft-many" if many else "peft"]
+            if setup_name != "deltatune":
+                setup.batched = setup_name == "peft-batched"
+            if not many:  # a warm cache: the first min(M, max-loaded) adapters loaded
+                setup.prepare([n for n in names if n is not None])
+            plan = make_plan(names, 4096, args.prompt_tokens, args.max_tokens, vocab, seed=seed)
+            row = drive(setup, plan, args.clients, args.warmup, args.seconds)
+            key = f"{setup_name} M={'base' if m == 0 else m}"
+            results.setdefault(key, []).append(row)
+            print(row_line(r, key, row, began), flush=True)
+            return row
+
         try:
             for r in range(args.rounds):
                 order = rows[r % len(rows):] + rows[: r % len(rows)]  # rotated, and reversed every other round
                 for setup_name, m in (order if r % 2 == 0 else order[::-1]):
-                    names: list[str | None] = [None] if m == 0 else list(dirs)[:m]
-                    many = m > args.max_loaded
-                    setup = live["deltatune" if setup_name == "deltatune" else "peft-many" if many else "peft"]
-                    if setup_name != "deltatune":
-                        setup.batched = setup_name == "peft-batched"
-                    if not many:  # a warm cache: the first min(M, max-loaded) adapters loaded
-                        setup.prepare([n for n in names if n is not None])
-                    plan = make_plan(names, 4096, args.prompt_tokens, args.max_tokens, vocab, seed=1 + m)
-                    row = drive(setup, plan, args.clients, args.warmup, args.seconds)
-                    key = f"{setup_name} M={'base' if m == 0 else m}"
-                    results.setdefault(key, []).append(row)
-                    print(row_line(r, key, row, began), flush=True)
+                    if setup_name != "pair":
+                        measure(r, setup_name, m, seed=1 + m)
+                        continue
+                    # The bare base and 1 adapter in adjacent windows, first one then the other
+                    # (ABBA...), on one plan (same prompts and lengths; make_plan draws alike from a
+                    # list of one name): each pair's ratio sees the same load swings on both sides.
+                    for _ in range(args.pairs):
+                        first = (0, 1) if len(pairs) % 2 == 0 else (1, 0)
+                        got = {k: measure(r, "deltatune", k, seed=1)["tokens_per_s"] for k in first}
+                        pairs.append({"round": r, "order": ["base" if k == 0 else "1 adapter" for k in first],
+                                      "base_tokens_per_s": got[0], "one_tokens_per_s": got[1],
+                                      "ratio": got[1] / got[0] if got[0] else None})
         finally:
             for setup in live.values():
                 setup.close()
-        out = summary(args, argv, began, results, counts)
+        out = summary(args, argv, began, results, counts, pairs)
         if args.soak:
             print(f"soak: {args.soak_clients} clients for {args.soak:.0f} s over HTTP ...", flush=True)
             out["soak"] = soak(base, root / "adapters", list(dirs)[:32], args.soak, args.soak_clients, args.max_tokens)

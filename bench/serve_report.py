@@ -26,12 +26,19 @@ def row_line(r: int, key: str, row: dict[str, Any], began: float) -> str:
 
 
 def summary(args: Any, argv: list[str] | None, began: float, results: dict[str, list[dict]],
-            counts: list[int]) -> dict[str, Any]:
+            counts: list[int], pairs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The run's JSON: medians over rounds per row (a field kept when no round lacks it), every
-    round's figures, the ratios, the goals and which rows are ahead of PEFT."""
+    round's figures, the ratios, the goals and which rows are ahead of PEFT. ``pairs``: adjacent
+    windows of the bare base and 1 adapter; then "1 adapter / base" is the median of their ratios
+    (the ratio of the two rows' medians is kept as "1 adapter / base, ratio of row medians")."""
     table = {k: {f: statistics.median(x[f] for x in runs) for f in runs[0]
                  if all(x[f] is not None for x in runs)} for k, runs in results.items()}
     ratios = _ratios(table, counts)
+    paired = [p["ratio"] for p in pairs or [] if p["ratio"] is not None]
+    if paired:
+        if "1 adapter / base" in ratios:
+            ratios["1 adapter / base, ratio of row medians"] = ratios["1 adapter / base"]
+        ratios["1 adapter / base"] = statistics.median(paired)
     return {
         "command": "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
         "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -39,13 +46,16 @@ def summary(args: Any, argv: list[str] | None, began: float, results: dict[str, 
                     "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
         "wall_s": time.time() - began, "rows": table, "rounds": results, "ratios": ratios,
+        "pairs": pairs or [],
         "goals": {k: {"target": v, "measured": ratios.get(k), "met": ratios.get(k, 0) >= v}
                   for k, v in GOALS.items()},
         "ahead_of_peft": {k: v > 1.0 for k, v in ratios.items() if "/ peft" in k}}
 
 
 def write(out: dict[str, Any], path: Path) -> None:
-    """Print the ratios and goals; write the JSON atomically."""
+    """Print the ratios, the pairs' ratios and the goals; write the JSON atomically."""
+    if out.get("pairs"):
+        print("1 adapter / base by pair: " + " ".join(f"{p['ratio']:.3f}" for p in out["pairs"] if p["ratio"]))
     print(json.dumps({"ratios": out["ratios"], "goals": out["goals"]}, indent=1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = path.with_suffix(".json.tmp")

@@ -6,7 +6,8 @@ all-MiniLM-L6-v2 with the settings of ``bench.plan_accuracy`` (960 training twee
 tweets. Its results are read from ``--runs``'s ``compare/compare.json`` if that ran with the same
 settings, else trained there first.
 ``tune`` then searches the same task (methods x their declared settings x a learning-rate scale,
-tune's default pruner, ASHA, or ``--pruner``, at its default 3 validations per run, no budget) for ``--trials`` trials.
+tune's default pruner, ASHA, or ``--pruner``, at its default rungs, no budget) for ``--trials`` trials: with
+ASHA a survey of every applicable method to the first rung, the best third continued, then the sampler.
 
 Reported: the best test accuracy of the grid (and, as tune picks, the test accuracy of the grid's
 best row by *validation*: picking the best of 17 by test favours the grid), the test accuracy of tune's pick (the trial with the
@@ -106,6 +107,7 @@ def one_tune(overrides: list[str], trials: int, tune_dir: Path, pruner: str, see
            "validation_examples": spent["validation_examples"], "example_equivalents": spent["example_equivalents"],
            "train_seconds": spent["train_seconds"], "wall_seconds": round(wall, 1), "process_cpu_seconds": round(cpu, 1),
            "states": [r["state"] for r in t["trials"]], "labels": [r["label"] for r in t["trials"]],
+           "values": [r["value"] for r in t["trials"]], "not_applicable": sorted(t.get("not_applicable") or {}),
            "validations": sum(r["validations"] or 0 for r in t["trials"])}
     run["gap_points"] = round(100 * (best_row["accuracy"] - best["test_metric"]), 2)
     run["gap_points_to_best_by_validation"] = round(100 * (by_validation["accuracy"] - best["test_metric"]), 2)
@@ -170,11 +172,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def write(args: argparse.Namespace, overrides: list[str], pruner: str, seeds: list[int], summary: dict[str, Any],
           runs: list[dict[str, Any]], before: dict[str, Any] | None) -> dict[str, Any]:
-    from deltatune.train.tune import DEFAULT_RUNGS, EARLY_VALIDATION, FORWARD_SHARE
+    from deltatune.train.tune import DEFAULT_RUNGS, EARLY_VALIDATION, FORWARD_SHARE, SURVEY_VALIDATION
 
     result = {
         "settings": overrides, "trials": args.trials, "pruner": pruner, "rungs": DEFAULT_RUNGS,
-        "early_validation": EARLY_VALIDATION, "forward_share": round(FORWARD_SHARE, 4), "seeds": seeds,
+        "early_validation": EARLY_VALIDATION, "survey_validation": SURVEY_VALIDATION, "forward_share": round(FORWARD_SHARE, 4), "seeds": seeds,
         "splits": summary.get("splits") or summary.get("recorded_splits"),
         "grid": summary, "tune_runs": runs, "seeds_done": len(runs),
         "summary": {k: mean_se([r[k] for r in runs]) for k in (

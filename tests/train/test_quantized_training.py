@@ -166,3 +166,49 @@ def test_config_checks() -> None:
         load_config(None, ["loftq_iterations=1", "quantize=nf4", "method=ia3"])
     with pytest.raises(ValueError, match="loss_chunk"):
         load_config(None, ["loss_chunk=0"])
+
+
+def test_nf4_blocksize_and_full_precision_layers_train_reload_and_merge(
+        tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantize_blocksize: 32 and quantize_skip: [v_proj] reach the base, the reloaded base and the
+    re-quantized merge (which plain transformers reloads with v_proj still full precision)."""
+    from deltatune.cli import app
+    from deltatune.core.layers import describe
+    from deltatune.train.chat import ChatTask
+
+    monkeypatch.setattr(ChatTask, "samples", 0)
+    config = load_config(None, [f"model={tiny_llama}", "task=chat", "data.max_train_examples=8",
+                                "data.max_eval_examples=4", "epochs=1", "batch_size=4", "lr=1e-2",
+                                "precision=fp32", "threads=1", "tensorboard=false", "quantize=nf4",
+                                "quantize_blocksize=32", "quantize_skip=[v_proj]", "loss_chunk=16",
+                                f"output={tmp_path / 'run'}"])
+    metrics = run_training(config, progress=False)
+    trained = load_trained(tmp_path / "run")
+    attn = trained.model.model.layers[1].self_attn
+    assert describe(attn.q_proj.base).quantized == "nf4" and attn.q_proj.base.weight.quant_state.blocksize == 32
+    assert type(attn.v_proj.base) is torch.nn.Linear and attn.v_proj.base.weight.dtype == torch.float32
+    splits = trained.task.load_splits(trained.config, trained.labels)
+    items = trained.task.encode(trained.tokenizer, splits.test, trained.config.max_length)
+    again = trained.task.evaluate(trained.model, items, trained.tokenizer, 16, lambda m, b: m(**b))
+    assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
+
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "run"), "--output", str(tmp_path / "merged"),
+                                      "--quantize", "nf4"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    error = json.loads((tmp_path / "merged" / "deltatune_training.json").read_text())["requantization_error"]
+    assert error["layers"] == 12  # 14 linear layers of the blocks less the two v_proj
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu")
+    attn = again.model.layers[1].self_attn
+    assert describe(attn.q_proj).quantized == "nf4" and attn.q_proj.weight.quant_state.blocksize == 32
+    assert describe(attn.v_proj).quantized is None
+
+
+def test_quantize_option_checks() -> None:
+    with pytest.raises(ValueError, match="quantize_blocksize sets NF4's block size"):
+        load_config(None, ["quantize=int8", "quantize_blocksize=32"])
+    with pytest.raises(ValueError, match="an entry is empty"):
+        load_config(None, ["quantize=nf4", "quantize_skip=['']"])
+    with pytest.raises(ValueError, match="quantize_blocksize"):
+        load_config(None, ["quantize=nf4", "quantize_blocksize=128"])

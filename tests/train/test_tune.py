@@ -5,7 +5,6 @@ losing finished trials; two processes on one study never train the same trial.""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -87,14 +86,19 @@ def test_first_trial_is_what_train_runs(tiny_bert: Path, tiny_csv: Path, tmp_pat
     assert result["trials"][1]["params"] != first["params"]  # then the sampler's own choices
 
 
-def test_a_method_that_does_not_apply_is_recorded_not_fatal(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
-    """Without a budget no plan weeds out methods with nothing to attach to (visual_prompt on a text
-    model): such a trial is recorded as not started, with the reason, and the search goes on."""
-    result = run_tune(shared(tiny_bert, tiny_csv), "visual_prompt", None, trials=1, output=tmp_path / "t",
-                      rungs=2, say=lambda _: None)
-    (trial,) = result["trials"]
-    assert trial["state"] == "PRUNED" and trial["skipped"].startswith("does not apply: visual_prompt found no")
-    assert result["best"] is None
+def test_a_method_that_cannot_apply_never_gets_a_trial(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """Decided before any trial, by a dry attach (no plan runs without a budget): visual_prompt has nothing
+    to attach to in a text model, so it is left out of the space with the reason and costs no trial slot;
+    a search of it alone is refused in one line, before any training."""
+    result = run_tune(shared(tiny_bert, tiny_csv), "bitfit,visual_prompt", None, trials=2, output=tmp_path / "t",
+                      rungs=2, pruner="none", say=lambda _: None)
+    assert [t["label"] for t in result["trials"]] == ["bitfit", "bitfit"]
+    assert all(t["state"] == "COMPLETE" for t in result["trials"])
+    assert result["not_applicable"]["visual_prompt"].startswith("NoMatchError: visual_prompt found no")
+    with pytest.raises(ValueError, match="no method of visual_prompt applies to .* visual_prompt found no"):
+        run_tune(shared(tiny_bert, tiny_csv), "visual_prompt", None, trials=1, output=tmp_path / "v",
+                 say=lambda _: None)
+    assert not (tmp_path / "v" / "trials").exists()
 
 
 def test_default_trial_is_enqueued_once_and_only_within_the_space() -> None:
@@ -119,7 +123,7 @@ def test_default_pruner_is_one_successive_halving_ladder(tmp_path: Path) -> None
     assert DEFAULT_PRUNER == "asha" == inspect.signature(tune).parameters["pruner"].default
     assert inspect.signature(run_tune).parameters["pruner"].default == DEFAULT_PRUNER
     study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", "maximize", DEFAULT_PRUNER, 4, 0, 60)
-    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert type(study.pruner).__name__ == "Halving"  # ASHA that counts a continuation once (tested below)
 
 
 def test_default_rungs_put_every_validation_where_the_pruner_decides() -> None:
@@ -131,7 +135,7 @@ def test_default_rungs_put_every_validation_where_the_pruner_decides() -> None:
     from deltatune.cli.tune import tune
     from deltatune.train.tune import DEFAULT_RUNGS, rung_steps
 
-    assert DEFAULT_RUNGS == 2 == inspect.signature(tune).parameters["rungs"].default
+    assert DEFAULT_RUNGS == 3 == inspect.signature(tune).parameters["rungs"].default
     assert inspect.signature(run_tune).parameters["rungs"].default == DEFAULT_RUNGS
     assert rung_steps(30, 2) == {10: 1, 30: 3}
     assert rung_steps(30, 3) == {4: 1, 10: 3, 30: 9}
@@ -198,16 +202,17 @@ def test_a_sample_of_the_validation_split_is_spread_over_it() -> None:
 
 
 def test_a_new_study_surveys_distinct_methods_at_their_suggested_rates() -> None:
-    """After the default trial, the random phase draws each method once (in an order the seed fixes), at
-    learning-rate scale 1; their other settings are left to the sampler."""
+    """After the default trial, the survey takes each method once (in an order the seed fixes), at its usual
+    settings (the first choice each declares) and learning-rate scale 1."""
     from deltatune.train.tune import enqueue_survey
 
     space = {m: {} for m in ("lora", "bitfit", "ia3", "ln", "oft")}
     study = optuna.create_study(direction="maximize")
     picked = enqueue_survey(study, space, "lora", 3, seed=1)
     assert len(set(picked)) == 3 and "lora" not in picked
+    usual = {"lora": {"lora.rank": "8", "lora.target": "all-linear"}, "oft": {"oft.block_size": "32"}}
     assert [t.system_attrs["fixed_params"] for t in study.get_trials()] == [
-        {"method": m, "lr_scale": 1.0} for m in picked]
+        {"method": m, **usual.get(m, {}), "lr_scale": 1.0} for m in picked]
     assert enqueue_survey(optuna.create_study(), space, "lora", 3, seed=1) == picked
     assert sorted(enqueue_survey(optuna.create_study(), space, "lora", 10, seed=2)) == ["bitfit", "ia3", "ln", "oft"]
 
@@ -363,3 +368,60 @@ def test_two_processes_creating_one_new_study_both_succeed(tmp_path: Path) -> No
             _, err = p.communicate(timeout=120)
             assert p.returncode == 0, err[-2000:]
         assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["s"]
+
+
+def test_the_survey_measures_every_method_at_the_first_rung_then_the_best_third_go_on(
+        tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """With ASHA, a new study first trains every method (at its usual settings and suggested rate) to the
+    first rung only, then the best third (here one of four) continue from their checkpoints: nothing is
+    promoted for having run early, and the continuation ends exactly where the whole run would."""
+    from deltatune.train.run import run_training
+    from deltatune.train.tune import trial_config
+
+    out = tmp_path / "t"
+    result = run_tune(shared(tiny_bert, tiny_csv), "lora,bitfit,ln,ia3", None, trials=6, output=out, rungs=3,
+                      seed=0, say=lambda _: None)
+    trials = result["trials"]
+    study = optuna.load_study(study_name=result["study"], storage=result["storage"]).get_trials()
+    survey, cont = study[:4], study[4]
+    assert sorted(t.params["method"] for t in survey) == ["bitfit", "ia3", "ln", "lora"]
+    assert all(t.state.name == "PRUNED" and list(t.intermediate_values) == [1] and t.params["lr_scale"] == 1.0
+               for t in survey)
+    assert all(trials[t.number]["examples"] == 8 for t in survey)  # one step of 8 (a sixth of the run)
+    best = max(survey, key=lambda t: (t.intermediate_values[1], -t.number))
+    assert cont.user_attrs["continues"] == best.number and cont.params == best.params
+    assert cont.intermediate_values[1] == best.intermediate_values[1]  # carried, not measured again
+    assert trials[4]["examples"] == 48 - 8  # resumed from the survey's checkpoint: the rest of the run only
+    # Only the continuation's checkpoint could be resumed; the others were removed once the survey was decided.
+    assert not any((Path(t.user_attrs["run_dir"]) / "checkpoint").exists() for t in survey)
+    if cont.state.name == "COMPLETE":  # a resumed run ends where the whole run ends
+        config = trial_config(shared(tiny_bert, tiny_csv) and result["base"], best.params["method"], {
+            k.split(".", 1)[1]: v for k, v in best.params.items() if "." in k}, 1.0, 1, str(tmp_path / "whole"))
+        whole = run_training(config, progress=False)
+        assert whole["validation"][-1]["accuracy"] == cont.value
+
+
+def test_a_continuation_counts_once_at_the_rung_it_passed_in_the_survey() -> None:
+    """Optuna's SuccessiveHalvingPruner would count a continuation's copy of its survey value as a second
+    competitor and stop the next trial that would have gone on."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from deltatune.train.tune_study import halving_pruner
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": FloatDistribution(0, 1)}
+    for i, v in enumerate([0.5, 0.6, 0.4, 0.45, 0.55, 0.3]):
+        study.add_trial(create_trial(state=TrialState.PRUNED, params={"x": i / 10}, distributions=dist,
+                                     intermediate_values={1: v}, user_attrs={"survey": True}))
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.7, params={"x": 0.1}, distributions=dist,
+                                 intermediate_values={1: 0.6, 3: 0.7},
+                                 user_attrs={"continues": 1, "surveyed": 0.6, "surveyed_step": 1}))
+    pruner = halving_pruner(optuna)
+
+    def at_rung(value: float) -> object:
+        return create_trial(state=TrialState.COMPLETE, value=value, params={"x": 0.9}, distributions=dist,
+                            intermediate_values={1: value})
+    assert not pruner.prune(study, at_rung(0.56))  # second of 7 distinct settings: in the best third
+    assert pruner.prune(study, at_rung(0.52))
+    assert not pruner.prune(study, study.get_trials()[-1])

@@ -33,6 +33,7 @@ def merge(
         from deltatune.core.files import atomic_directory, check_replaceable
         from deltatune.train import load_trained
         from deltatune.train.models import TRAINING_FILE, find_trained, training_meta
+        from deltatune.train.memory import quantize_kwargs
 
         from deltatune.integrations.quantize import QUANT_FORMATS, mark_for_transformers, requantize
 
@@ -51,10 +52,9 @@ def merge(
             after = model(**probe).logits
             rounding = None
             if quantize != "none":
-                c = trained.config
-                kw = dict(double_quant=c.double_quant, compute_dtype=c.compute_dtype)
+                kw = quantize_kwargs(trained.config)  # its block size and full-precision layers too
                 rounding = requantize(model, quantize, **kw)
-                mark_for_transformers(model, quantize, **kw)
+                mark_for_transformers(model, quantize, **{k: v for k, v in kw.items() if k != "blocksize"})
                 requantized = model(**probe).logits
                 rounding["probe_output_gap"] = (requantized - after).abs().max().item()
         gap = (before - after).abs().max().item()

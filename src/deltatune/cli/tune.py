@@ -18,7 +18,8 @@ def tune(
     budget: Annotated[str | None, typer.Option(
         help="Limits every trial must fit, e.g. memory=4GB,time=10m,adapter=5MB,params=1%.")] = None,
     methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated methods to search, or 'all'.")] = "all",
-    trials: Annotated[int, typer.Option(help="Run until this many trials have finished in the study.")] = 20,
+    trials: Annotated[int, typer.Option(help="Run until this many trials have finished in the study (with asha, "
+                                         "the survey takes each method once and a third of them again).")] = 20,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Directory for the study, trial runs and reports (default: runs/tune-<task>).")] = None,
     storage: Annotated[str | None, typer.Option(
@@ -27,7 +28,8 @@ def tune(
     pruner: Annotated[str, typer.Option(help="Early stopping: asha, hyperband or none.")] = "asha",
     rungs: Annotated[int, typer.Option(
         help="Rungs per trial: validations at ..., 1/9, 1/3 and all of the run, where the pruner decides "
-             "(early ones on 256 validation items).")] = 2,
+             "(early ones on 256 validation items; with asha, a new study first surveys every method to the "
+             "first rung on 128 and continues the best third).")] = 3,
     epochs: Annotated[str | None, typer.Option(help="Epoch counts to search, e.g. 1,2 (default: the config's).")] = None,
     seed: Annotated[int, typer.Option(help="The sampler's seed (and the order of the first trials' survey of methods).")] = 0,
     probe_steps: Annotated[int, typer.Option(help="Timed probe steps per option in the cost prediction.")] = 3,

@@ -206,7 +206,8 @@ class AdaptedLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             modules = self.__dict__.get("_modules", {})
-            if name == "base" or "base" not in modules:
+            # Never a protocol name: copy.deepcopy would take a base's __deepcopy__ and copy the base only.
+            if name == "base" or "base" not in modules or (name.startswith("__") and name.endswith("__")):
                 raise
             return getattr(modules["base"], name)
 

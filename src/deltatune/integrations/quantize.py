@@ -26,6 +26,7 @@ bitsandbytes layers, so it takes adapters as is. The core recognises quantized l
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -81,6 +82,31 @@ class TorchaoNF4Linear(nn.Linear):
 
         y = _linear(x.to(self.weight.dtype), self.weight)  # (..., d_in) -> (..., d_out)
         return (y if self.bias is None else y + self.bias.to(y.dtype)).to(x.dtype)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TorchaoNF4Linear:
+        """An exact copy. torchao's ``NF4Tensor.clone`` (what ``copy.deepcopy`` of its parameter calls)
+        re-quantizes the dequantized weight with the default scaler block of 256, which fails for a
+        weight whose number of blocks it does not divide (SmolLM2's 576 x 576: 5,184 blocks) and is not
+        bit-exact where it runs. Here the packed codes and scales themselves are cloned."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_parameters":
+                value = {name: _copy_nf4_parameter(p, memo) if name == "weight" and p is not None
+                         else copy.deepcopy(p, memo) for name, p in value.items()}
+            else:
+                value = copy.deepcopy(value, memo)
+            new.__dict__[key] = value
+        return new
+
+
+def _copy_nf4_parameter(p: Tensor, memo: dict[int, Any]) -> Tensor:
+    if id(p) not in memo:
+        names, ctx = p.__tensor_flatten__()  # the codes, the (double-quantized) scales, the NF4 table
+        inner = {name: getattr(p, name).clone() for name in names}
+        memo[id(p)] = nn.Parameter(type(p).__tensor_unflatten__(inner, ctx, p.size(), p.stride()),
+                                   requires_grad=p.requires_grad)
+    return memo[id(p)]
 
 
 # --- how the core recognises each library's layers (no import of the library) ----------------------

@@ -10,6 +10,9 @@
   checkpointing: its (N, V) float32 logits are freed after forward and recomputed in backward. Only
   positions with a target (labels != -100) go through the head at all. SmolLM2's 49,152-token
   vocabulary makes the (B, T, V) logits (and their float32 copy in the loss) a large part of peak memory.
+- ``quantize_blocksize: 32`` (NF4: a scale per 32 values, less rounding error) and ``quantize_skip:
+  [v_proj]`` (those linear layers stay full precision besides the head) go to ``deltatune.quantize``
+  through :func:`quantize_kwargs`, as do ``double_quant`` and ``compute_dtype``.
 - ``loftq_iterations: N`` (``quantize`` with ``method: lora``): :func:`quantize_base` quantizes the
   adapted layers with LoftQ (integrations/loftq.py: Q = quant(W − s·B A), N alternations) and
   :func:`apply_loftq` starts the attached LoRA from its A, B instead of B = 0. ``load_trained`` runs
@@ -41,19 +44,28 @@ def quantize_base(model: nn.Module, config: Any, loftq_init: bool = True) -> nn.
         return model
     import deltatune as dt
 
+    kwargs = quantize_kwargs(config) | {"backend": config.quantize_backend,
+                                        "rest_dtype": getattr(config, "quantize_rest_dtype", None)}
     if getattr(config, "loftq_iterations", 0):
         from deltatune.integrations.loftq import loftq_quantize
 
         report, inits = loftq_quantize(model, config.adapter_config(), config.quantize,
-                                       iterations=config.loftq_iterations, double_quant=config.double_quant,
-                                       compute_dtype=config.compute_dtype, backend=config.quantize_backend,
-                                       rest_dtype=getattr(config, "quantize_rest_dtype", None))
+                                       iterations=config.loftq_iterations, **kwargs)
         if loftq_init:
             model.__dict__[_LOFTQ] = (report, inits)  # taken by apply_loftq once the adapter is attached
         return model
-    return dt.quantize(model, config.quantize, double_quant=config.double_quant,
-                       compute_dtype=config.compute_dtype, backend=config.quantize_backend,
-                       rest_dtype=getattr(config, "quantize_rest_dtype", None))
+    return dt.quantize(model, config.quantize, **kwargs)
+
+
+def quantize_kwargs(config: Any) -> dict[str, Any]:
+    """How ``config`` quantizes a linear layer, as ``deltatune.quantize`` keywords (also what ``deltatune
+    merge --quantize`` re-quantizes with): double quantization, compute dtype, NF4 block size, and the
+    layers kept in full precision (the head, plus ``quantize_skip``)."""
+    from deltatune.integrations.quantize import DEFAULT_SKIP
+
+    return {"double_quant": config.double_quant, "compute_dtype": config.compute_dtype,
+            "blocksize": getattr(config, "quantize_blocksize", 64),
+            "skip": DEFAULT_SKIP + tuple(getattr(config, "quantize_skip", ()))}
 
 
 _LOFTQ = "_deltatune_loftq_init"

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import random
 import warnings
 from collections.abc import Sequence
@@ -92,11 +93,44 @@ def _creating(storage: str) -> Any:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def halving_pruner(optuna: Any) -> Any:
+    """ASHA (asynchronous successive halving) that knows the survey: a trial goes on past a rung (resource
+    1, 3, 9, ...) if its value there is among the best 1/REDUCTION_FACTOR of the values recorded at that
+    rung (the best one while fewer than REDUCTION_FACTOR are), Optuna's ``SuccessiveHalvingPruner`` rule.
+    The difference: a *continuation* (a surveyed setting picked to go on, :func:`enqueue_continuations`)
+    carries its survey trial's value at the first rung; it passed that rung in the survey, and its copy
+    of the value is not counted again (Optuna's pruner would count the same setting twice and stop it)."""
+
+    class Halving(optuna.pruners.BasePruner):
+        def prune(self, study: Any, trial: Any) -> bool:
+            step = trial.last_step
+            if step is None or step == _surveyed_step(trial):
+                return False
+            value = trial.intermediate_values[step]
+            if math.isnan(value):
+                return True
+            done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+            field = [value] + [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=done)
+                               if t.number != trial.number and step in t.intermediate_values
+                               and step != _surveyed_step(t)]
+            keep = max(1, len(field) // REDUCTION_FACTOR)
+            ranked = sorted(field, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
+            bar = ranked[keep - 1]
+            return value < bar if study.direction == optuna.study.StudyDirection.MAXIMIZE else value > bar
+
+    return Halving()
+
+
+def _surveyed_step(trial: Any) -> int | None:
+    """The rung a continuation passed in the survey (its value there is the survey trial's)."""
+    return trial.user_attrs.get("surveyed_step") if trial.user_attrs.get(CONTINUES) is not None else None
+
+
 def _create(optuna: Any, store: Any, name: str, direction: str, pruner: str, rungs: int, sampler: Any) -> Any:
     pruners = {
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=REDUCTION_FACTOR ** (rungs - 1),
                                                             reduction_factor=REDUCTION_FACTOR),
-        "asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=REDUCTION_FACTOR),
+        "asha": lambda: halving_pruner(optuna),
         "none": lambda: optuna.pruners.NopPruner(),
     }
     if pruner not in pruners:
@@ -124,36 +158,88 @@ def _check_settings(study: Any, key: str, shown: dict[str, Any]) -> None:
                          "or another --study-name")
 
 
-def enqueue_default(study: Any, space: dict[str, dict[str, list[str]]], method: str, epochs: Sequence[int],
-                    default_epochs: int) -> bool:
-    """Make a new study's first trial what ``deltatune train`` runs on these settings: the config's method
-    at its declared defaults and its starting learning rate (scale 1). Every later trial is then measured
-    against a sound reference (the pruner's first rung value), and the pick is never worse on validation
-    than not tuning. Skipped when the study has trials already or the defaults are not in the space
-    (over the budget). Returns whether it enqueued."""
-    if study.get_trials(deepcopy=False) or method not in space:
-        return False
+#: User attributes that mark the survey: a trial that stops at the first rung, and a continuation of one.
+SURVEY, CONTINUES = "survey", "continues"
+
+
+def default_params(space: dict[str, dict[str, list[str]]], method: str, epochs: Sequence[int],
+                   default_epochs: int) -> dict[str, Any]:
+    """``method`` at its declared usual settings (the first choice of each, or the first the budget allows)
+    and its suggested learning rate (scale 1): Optuna's params for an enqueued trial."""
     params: dict[str, Any] = {"method": method}
     for key, choices in method_space(method).items():
+        allowed = space[method].get(key) or list(choices)
         usual = next(iter(choices))
-        if usual not in space[method].get(key, ()):
-            return False
-        params[f"{method}.{key}"] = usual
+        params[f"{method}.{key}"] = usual if usual in allowed else allowed[0]
     params["lr_scale"] = 1.0
     if len(epochs) > 1:
         params["epochs"] = default_epochs if default_epochs in epochs else epochs[0]
-    study.enqueue_trial(params, skip_if_exists=True)
+    return params
+
+
+def enqueue_default(study: Any, space: dict[str, dict[str, list[str]]], method: str, epochs: Sequence[int],
+                    default_epochs: int, survey: bool = False) -> bool:
+    """Make a new study's first trial what ``deltatune train`` runs on these settings: the config's method
+    at its declared defaults and its starting learning rate (scale 1). Skipped when the study has trials
+    already or the defaults are not in the space (over the budget). With ``survey`` it is the survey's first
+    trial (it stops at the first rung like the others). Returns whether it enqueued."""
+    if study.get_trials(deepcopy=False) or method not in space:
+        return False
+    if any(next(iter(choices)) not in space[method].get(key, ()) for key, choices in method_space(method).items()):
+        return False  # the usual settings are over the budget
+    params = default_params(space, method, epochs, default_epochs)
+    study.enqueue_trial(params, user_attrs={SURVEY: True} if survey else None, skip_if_exists=True)
     return True
 
 
-def enqueue_survey(study: Any, space: dict[str, dict[str, list[str]]], skip: str, count: int, seed: int) -> list[str]:
+def survey_size(trials: int, methods: int) -> int:
+    """How many methods a search of ``trials`` trials surveys at the first rung: all of them if the survey
+    and its continuations (a third of it, at least one) fit in ``trials``, else as many as do."""
+    for n in range(min(methods, trials), 0, -1):
+        if n + max(1, n // REDUCTION_FACTOR) <= trials:
+            return n
+    return 0
+
+
+def enqueue_survey(study: Any, space: dict[str, dict[str, list[str]]], skip: str, count: int, seed: int,
+                   epochs: Sequence[int] = (1,), default_epochs: int = 1, survey: bool = False) -> list[str]:
     """Enqueue ``count`` trials of distinct methods (not ``skip``, the default trial's), drawn in an order
-    ``seed`` fixes, each at its suggested learning rate (scale 1), its settings left to the sampler.
-    At random, a short search draws some methods twice and others never, at rates up to 4x off the one
-    each method declares: a survey spends the random phase on the question it can answer, which methods
-    suit this task. Returns the methods enqueued."""
+    ``seed`` fixes, each at its declared usual settings and suggested learning rate (scale 1): the point
+    each method declares as its best guess. With ``survey``, each trial stops at the first rung
+    (:func:`enqueue_continuations` picks which go on). Returns the methods enqueued."""
     methods = sorted(m for m in space if m != skip)
     random.Random(seed).shuffle(methods)
     for method in methods[:count]:
-        study.enqueue_trial({"method": method, "lr_scale": 1.0}, skip_if_exists=True)
+        study.enqueue_trial(default_params(space, method, epochs, default_epochs),
+                            user_attrs={SURVEY: True} if survey else None, skip_if_exists=True)
     return methods[:count]
+
+
+def enqueue_continuations(study: Any, lock_storage: str = "") -> list[int]:
+    """Once every survey trial has stopped at the first rung: the best third of them (at least one), best
+    first, go on from where they stopped (successive halving, synchronous on this rung: every method is
+    measured before any is chosen, so none is promoted for having run early). A continuation carries the
+    survey trial's number, value and run directory. Done once per study (under the study's lock for
+    SQLite); returns the survey trials that continue."""
+    optuna = _optuna()
+    with _creating(lock_storage):
+        if study.user_attrs.get("continued") is not None:
+            return []
+        trials = study.get_trials(deepcopy=False)
+        survey = [t for t in trials if t.user_attrs.get(SURVEY)]
+        live = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+        if not survey or any(t.state in live for t in survey):
+            return []
+        # stopped at its first rung: one value (a run too short for an early rung ran to its end instead)
+        measured = {t.number: (t, *next(iter(t.intermediate_values.items()))) for t in survey
+                    if t.state == optuna.trial.TrialState.PRUNED and len(t.intermediate_values) == 1}
+        measured = {n: tsv for n, tsv in measured.items() if not math.isnan(tsv[2])}
+        sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+        ranked = sorted(measured, key=lambda n: (sign * measured[n][2], n))
+        chosen = [measured[n][0] for n in ranked[:max(1, len(measured) // REDUCTION_FACTOR)]] if measured else []
+        for t in chosen:
+            _, step, value = measured[t.number]
+            study.enqueue_trial(dict(t.params), user_attrs={CONTINUES: t.number, "surveyed": value, "surveyed_step": step,
+                                                            "survey_run_dir": t.user_attrs.get("run_dir")})
+        study.set_user_attr("continued", [t.number for t in chosen])
+        return [t.number for t in chosen]

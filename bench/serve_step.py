@@ -1,0 +1,249 @@
+"""``python -m bench.serve_step``: one decode step and one prefill of ``deltatune serve``'s engine,
+bare base vs 1 adapter vs M adapters, on the same batch (no HTTP, no load generator).
+
+The engine of ``bench/serve.py`` (``Pool`` + ``Engine``, not started: its methods run on this
+thread), SmolLM2-135M-Instruct float32 with ``--adapters`` LoRA r 8 adapters on q/v (random weights,
+PEFT's format, all attached). One seeded batch of ``--rows`` prompts (``--prompt-tokens`` ± 50 %
+random tokens) serves every setup:
+
+- ``base``: every row on the bare base; ``1 adapter``: every row on ``a000`` (the homogeneous
+  path); ``M adapters``: row i on adapter ``i mod M`` spread over the M (a mixed batch);
+- prefill: the engine's packed prefill of the rows (``Engine._forward`` with lengths, routing
+  included); decode: one step of every row from the cache that setup's prefill left, through
+  ``Engine._forward`` (its ``_enter``: the open router, re-routed only when the rows change, as
+  in serving).
+
+Setups take turns in blocks of ``--steps`` timed passes (one untimed pass first routes the rows),
+``--rounds`` times, the order rotated each round, so drift and other load hit every setup alike.
+Reported: the median wall and CPU time (``time.process_time``, all threads) per pass, and the
+ratios to the bare base, both of the medians and the median of each round's ratio (adjacent
+blocks). ``--profile``: after the rounds, torch's profiler and cProfile over the bare and the
+1-adapter decode step. ``--churn``: every decode step re-routes the rows (their names rotated by
+one), as in serving, where a row joins or leaves every few steps. ``--quick``: a tiny random Llama, a smoke test whose figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from bench.serve import base_dir, load, write_adapters  # noqa: E402
+from bench.serve_report import write  # noqa: E402
+
+
+class Bench:
+    """The engine with every adapter attached, and per setup the rows' names, the packed prefill
+    inputs and the cache that prefill left (decode steps start from it each time)."""
+
+    def __init__(self, base: Path, adapters: dict[str, Path], rows: int, prompt_tokens: int, seed: int = 0) -> None:
+        from deltatune.serve import kv, packing
+        from deltatune.serve.adapters import Pool
+        from deltatune.serve.engine import Engine
+        from deltatune.serve.metrics import Metrics
+
+        self.kv, self.packing = kv, packing
+        model, tokenizer = load(base)
+        metrics = Metrics()
+        self.pool = Pool(model, metrics, max_loaded=len(adapters), host_cache=len(adapters) + 1)
+        for name, path in adapters.items():
+            self.pool.register(name, path)
+        for name in adapters:
+            self.pool.ensure(name)
+        self.engine = Engine(model, tokenizer, self.pool, metrics, max_batch=rows)
+        rng = random.Random(seed)
+        vocab = model.config.vocab_size
+        lo, hi = max(1, prompt_tokens - prompt_tokens // 2), prompt_tokens + prompt_tokens // 2
+        self.prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(rows)]
+        names = list(adapters)
+        self.setups: dict[str, list[str | None]] = {
+            "base": [None] * rows, "1 adapter": [names[0]] * rows,
+            f"{len(names)} adapters": [names[i * len(names) // rows % len(names)] for i in range(rows)]}
+        self.state: dict[str, dict[str, Any]] = {}
+        self.churn = False  # decode: re-route the rows at every step (set by --churn)
+        self._x = torch.randn((rows, 1, model.config.hidden_size), generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            for setup, row_names in self.setups.items():
+                order = sorted(range(rows), key=lambda i: "" if row_names[i] is None else "." + row_names[i])
+                prompts = [self.prompts[i] for i in order]
+                packed = [row_names[i] for i in order]
+                lengths = [len(p) for p in prompts]
+                ids, mask, positions, ends = packing.inputs(prompts, self.engine.dtype, self.engine.device)
+                cache = kv.build([])
+                logits = self.engine._forward(packed, ids, mask, positions, cache, lengths, ends)
+                batch = kv.unpack(cache, lengths)
+                self.state[setup] = {
+                    "names": packed, "prefill": (ids, mask, positions, lengths, ends),
+                    "cache": kv.tensors(batch.cache), "mask": batch.mask,
+                    "next": logits.argmax(-1)[:, None], "positions": batch.mask.sum(-1)[:, None]}
+
+    def prefill(self, setup: str) -> torch.Tensor:
+        s = self.state[setup]
+        ids, mask, positions, lengths, ends = s["prefill"]
+        return self.engine._forward(s["names"], ids, mask, positions, self.kv.build([]), lengths, ends)
+
+    def decode(self, setup: str) -> torch.Tensor:
+        """One decode step of every row from the prefill's cache (the cache tensors are not changed:
+        the step concatenates its column into new ones)."""
+        s = self.state[setup]
+        names = s["names"]
+        if self.churn:  # the rows' names rotated by one at every step: re-routed every time
+            s["turn"] = turn = (s.get("turn", 0) + 1) % len(names)
+            names = names[turn:] + names[:turn]
+            if self.engine._router is not None:  # the base and 1 adapter too (their rotated names are equal)
+                self.engine._router.names = None
+        mask = torch.cat([s["mask"], s["mask"].new_ones((s["mask"].shape[0], 1))], 1)
+        return self.engine._forward(names, s["next"], mask, s["positions"], self.kv.build(s["cache"]))
+
+
+    def layers(self, setup: str, calls: int) -> None:
+        """``calls`` calls of layer 0's adapted q and v projections on one decode step's input
+        ``(rows, 1, d)``, routed as ``setup``'s rows (the per-layer cost, without the rest of the model)."""
+        s = self.state[setup]
+        self.engine._enter(s["names"])
+        q, v, x = self._probe
+        for _ in range(calls):
+            q(x)
+            v(x)
+
+    @property
+    def _probe(self) -> tuple[Any, Any, torch.Tensor]:
+        attn = self.engine.model.model.layers[0].self_attn
+        return attn.q_proj, attn.v_proj, self._x
+
+    def adapted_layers(self) -> int:
+        from deltatune.core.layer import AdaptedLayer
+
+        return sum(isinstance(m, AdaptedLayer) for m in self.engine.model.modules())
+
+
+def timed(fn: Any, *args: Any) -> tuple[float, float]:
+    w, c = time.perf_counter(), time.process_time()
+    fn(*args)
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def measure(bench: Bench, phase: str, rounds: int, steps: int) -> dict[str, Any]:
+    """Blocks of ``steps`` timed passes per setup, setups taking turns, ``rounds`` times."""
+    fn = {"decode": bench.decode, "prefill": bench.prefill, "layer": bench.layers}[phase]
+    extra = (100,) if phase == "layer" else ()
+    setups = list(bench.setups)
+    per_round: list[dict[str, dict[str, float]]] = []
+    with torch.inference_mode():
+        for r in range(rounds):
+            order = setups[r % len(setups):] + setups[: r % len(setups)]
+            if r % 2:
+                order = order[::-1]
+            this: dict[str, dict[str, float]] = {}
+            for setup in order:
+                fn(setup, *extra)  # routes the rows (as the engine does when its batch changes)
+                walls, cpus = zip(*(timed(fn, setup, *extra) for _ in range(steps)))
+                this[setup] = {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus)}
+            per_round.append(this)
+    table = {s: {f: statistics.median(r[s][f] for r in per_round) for f in ("wall_s", "cpu_s")} for s in setups}
+    ratios = {}
+    for s in setups[1:]:
+        for f in ("wall_s", "cpu_s"):
+            pairs = [r[s][f] / r["base"][f] for r in per_round]
+            ratios[f"{s} / base, {f}"] = {"of_medians": table[s][f] / table["base"][f],
+                                          "median_of_rounds": statistics.median(pairs),
+                                          "rounds": [round(x, 4) for x in pairs]}
+    return {"medians": table, "ratios": ratios, "rounds": per_round}
+
+
+def profile(bench: Bench, steps: int) -> dict[str, str]:
+    """torch's profiler (operators by self CPU time) and cProfile (Python, by own time) over
+    ``steps`` decode steps of the bare base and of the 1-adapter setup."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    with torch.inference_mode():
+        for setup in ("base", "1 adapter"):
+            bench.decode(setup)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    bench.decode(setup)
+            ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(steps):
+                bench.decode(setup)
+            pr.disable()
+            text = io.StringIO()
+            pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(25)
+            out[setup] = f"--- {setup}: torch ops ---\n{ops}\n--- {setup}: python ---\n{text.getvalue()}"
+            print(out[setup], flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random Llama: a smoke test")
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=16, help="mean prompt length (uniform, +-50%%)")
+    ap.add_argument("--adapters", type=int, default=32, help="adapters attached (the mixed setup's M)")
+    ap.add_argument("--rounds", type=int, default=15, help="decode rounds (prefill: a third as many, at least 3)")
+    ap.add_argument("--steps", type=int, default=5, help="timed passes per setup per round")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--phases", default="decode,layer,prefill", help="which of decode, layer, prefill to time")
+    ap.add_argument("--churn", action="store_true",
+                    help="decode: rotate the rows' names by one every step, so every step re-routes the layers "
+                         "(and the mixed setup re-gathers its factors) as when rows join and leave; the "
+                         "names no longer match the rows' caches, which the timing does not mind")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many decode steps per setup (0: no)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/serve_step.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = base_dir(args.quick, Path(tmp))
+        dirs = write_adapters(base, Path(tmp) / "adapters", args.adapters)
+        bench = Bench(base, {f"a{i:03d}": p for i, p in enumerate(dirs)}, args.rows, args.prompt_tokens)
+        bench.churn = args.churn
+        load_before = os.getloadavg()
+        phases = args.phases.split(",")
+        decode = measure(bench, "decode", args.rounds, args.steps)  # always: the layer phase is read against it
+        layer = measure(bench, "layer", args.rounds, args.steps) if "layer" in phases else None
+        prefill = (measure(bench, "prefill", max(3, args.rounds // 3), max(1, args.steps // 2))
+                   if "prefill" in phases else None)
+        profiles = profile(bench, args.profile) if args.profile else {}
+        bench.pool.close()
+    out = {"command": "python -m bench.serve_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+                       "loadavg_before": load_before, "loadavg_at_end": os.getloadavg()},
+           "wall_s": time.time() - began, "decode": decode, "prefill": prefill,
+           "layer": layer and {**layer, "calls": 100, "adapted_layers": bench.adapted_layers(),
+                     "note": "times of 100 calls of layer 0's q_proj and v_proj each on a decode step's input"}, "profiles": profiles}
+    for phase in ("decode", "prefill"):
+        for s, v in (out[phase] or {"medians": {}})["medians"].items():
+            print(f"{phase:8s} {s:12s} wall {1e3 * v['wall_s']:8.2f} ms  cpu {1e3 * v['cpu_s']:8.2f} ms", flush=True)
+    pair = 2 * 100  # calls of an adapted layer per block (q and v)
+    for s, v in (layer or {"medians": {}})["medians"].items():
+        extra = (v["wall_s"] - out["layer"]["medians"]["base"]["wall_s"]) / pair
+        share = extra * out["layer"]["adapted_layers"] / out["decode"]["medians"]["base"]["wall_s"]
+        print(f"layer    {s:12s} {1e6 * v['wall_s'] / pair:8.1f} us per adapted-layer call; over the base "
+              f"{1e6 * extra:+6.1f} us, x {out['layer']['adapted_layers']} layers = {100 * share:+.2f} % of a base decode step",
+              flush=True)
+    write({"ratios": {p: out[p]["ratios"] for p in ("decode", "prefill", "layer") if out[p]}, "goals": {}, **out}, args.out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
