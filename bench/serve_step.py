@@ -18,7 +18,8 @@ Setups take turns in blocks of ``--steps`` timed passes (one untimed pass first 
 Reported: the median wall and CPU time (``time.process_time``, all threads) per pass, and the
 ratios to the bare base, both of the medians and the median of each round's ratio (adjacent
 blocks). ``--profile``: after the rounds, torch's profiler and cProfile over the bare and the
-1-adapter decode step. ``--quick``: a tiny random Llama, a smoke test whose figures mean nothing.
+1-adapter decode step. ``--churn``: every decode step re-routes the rows (their names rotated by
+one), as in serving, where a row joins or leaves every few steps. ``--quick``: a tiny random Llama, a smoke test whose figures mean nothing.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Bench:
             "base": [None] * rows, "1 adapter": [names[0]] * rows,
             f"{len(names)} adapters": [names[i * len(names) // rows % len(names)] for i in range(rows)]}
         self.state: dict[str, dict[str, Any]] = {}
+        self.churn = False  # decode: re-route the rows at every step (set by --churn)
         self._x = torch.randn((rows, 1, model.config.hidden_size), generator=torch.Generator().manual_seed(seed))
         with torch.inference_mode():
             for setup, row_names in self.setups.items():
@@ -99,8 +101,14 @@ class Bench:
         """One decode step of every row from the prefill's cache (the cache tensors are not changed:
         the step concatenates its column into new ones)."""
         s = self.state[setup]
+        names = s["names"]
+        if self.churn:  # the rows' names rotated by one at every step: re-routed every time
+            s["turn"] = turn = (s.get("turn", 0) + 1) % len(names)
+            names = names[turn:] + names[:turn]
+            if self.engine._router is not None:  # the base and 1 adapter too (their rotated names are equal)
+                self.engine._router.names = None
         mask = torch.cat([s["mask"], s["mask"].new_ones((s["mask"].shape[0], 1))], 1)
-        return self.engine._forward(s["names"], s["next"], mask, s["positions"], self.kv.build(s["cache"]))
+        return self.engine._forward(names, s["next"], mask, s["positions"], self.kv.build(s["cache"]))
 
 
     def layers(self, setup: str, calls: int) -> None:
@@ -194,6 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=5, help="timed passes per setup per round")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--phases", default="decode,layer,prefill", help="which of decode, layer, prefill to time")
+    ap.add_argument("--churn", action="store_true",
+                    help="decode: rotate the rows' names by one every step, so every step re-routes the layers "
+                         "(and the mixed setup re-gathers its factors) as when rows join and leave; the "
+                         "names no longer match the rows' caches, which the timing does not mind")
     ap.add_argument("--profile", type=int, default=0, help="profile this many decode steps per setup (0: no)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_step.json"))
     args = ap.parse_args(argv)
@@ -203,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = base_dir(args.quick, Path(tmp))
         dirs = write_adapters(base, Path(tmp) / "adapters", args.adapters)
         bench = Bench(base, {f"a{i:03d}": p for i, p in enumerate(dirs)}, args.rows, args.prompt_tokens)
+        bench.churn = args.churn
         load_before = os.getloadavg()
         phases = args.phases.split(",")
         decode = measure(bench, "decode", args.rounds, args.steps)  # always: the layer phase is read against it

@@ -78,3 +78,25 @@ def test_rolling_view_averages_each_users_items_and_leave_last_out_reads_the_las
     assert math.isclose(row["goal"]["z"]["a"], statistics.fmean(rolling) / se)
     assert row["goal"]["met"] == (statistics.fmean(rolling) / se > 2.0) and row["goal"]["view"] == "test_rolling"
     assert "rolling" in row["table"] and "rolling" in summarise(record)["overview"]
+
+
+def test_merge_adds_another_variants_runs_only_on_the_same_split_and_shared_adapters() -> None:
+    import copy
+
+    import pytest
+
+    from bench.recommend_segments import merge
+
+    a = _record()
+    b = copy.deepcopy(a)
+    b["runs"][0]["variant"] = "weighted3@2e-3"
+    merged = merge(a, b, "b.json")
+    assert [r["variant"] for r in merged["runs"]] == ["own@1e-3", "weighted3@2e-3"]
+    assert merge(merged, b, "b.json")["runs"] == merged["runs"]  # a run already there is not added twice
+    assert set(summarise(merged)["variants"]) >= {"s own@1e-3", "s weighted3@2e-3"}
+    b["shared"]["0"]["test_ranks"] = [4, 3, 3, 3]
+    with pytest.raises(SystemExit, match="seed 0's shared ranks differ"):
+        merge(a, b, "b.json")
+    b = copy.deepcopy(a) | {"test_positions": 10}
+    with pytest.raises(SystemExit, match="test_positions differ"):
+        merge(a, b, "b.json")

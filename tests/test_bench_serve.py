@@ -54,3 +54,14 @@ def test_quick_serve_step_times_every_setup(tmp_path):
         assert set(data[phase]["ratios"]) == {f"{s} / base, {f}" for s in ("1 adapter", "3 adapters")
                                               for f in ("wall_s", "cpu_s")}
     assert set(data["profiles"]) == {"base", "1 adapter"}
+
+
+def test_quick_serve_pairs_alternates_and_takes_each_pairs_ratio(tmp_path):
+    from bench import serve_pairs
+
+    data = serve_pairs.main(["--quick", "--pairs", "2", "--adapters", "3", "--clients", "3", "--warmup", "0.5",
+                             "--seconds", "1", "--threads", "1", "--out", str(tmp_path / "pairs.json")])
+    assert [p["order"] for p in data["pairs"]] == [[1, 3], [3, 1]]
+    for p in data["pairs"]:
+        assert p["ratio"] == pytest.approx(p["many"] / p["one"])
+    assert json.loads((tmp_path / "pairs.json").read_text())["median_ratio"] == pytest.approx(data["median_ratio"])

@@ -110,3 +110,15 @@ def test_the_fused_kernel_is_what_gets_captured():
     out = torch.compile(model, fullgraph=True, backend=recording_backend)(ZOO["mlp"].inputs())
     out.sum().backward()
     assert targets.count("autograd_function_apply") == 3  # fc1, fc2, head
+
+
+def test_fullgraph_before_the_cpu_engine_is_known(monkeypatch):
+    """A first compiled call in a fresh process must not trace the engine's look-up (reading
+    /proc/cpuinfo): that broke the graph inside every fused LoRA node."""
+    from deltatune.core import products
+
+    monkeypatch.setattr(products, "_AUTO", None)
+    model = adapted("bert").train()
+    with dt.cpu_engine("auto"):
+        out, grads = train_step(torch.compile(model, fullgraph=True, backend=BACKEND), "bert", owner=model)
+    assert torch.isfinite(out).all() and grads

@@ -65,12 +65,14 @@ def cpu_engine(name: str) -> Iterator[None]:
 def _use_onednn(a: Tensor, b: Tensor, out_features: int, thin: bool = False) -> bool:
     """Whether ``a`` (…, k) times a (k, out_features) matrix ``b`` (either layout) runs on oneDNN."""
     global _ONEDNN_WORKS
+    if torch.compiler.is_compiling():  # first: a compiled graph takes aten, and tracing auto_engine() would break it
+        return False
     engine = auto_engine() if _ENGINE == "auto" else _ENGINE
     if engine == "aten" or (engine == "thin" and not thin):
         return False
     if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
         return False
-    if a.numel() * out_features < _ONEDNN_MIN_WORK or torch.compiler.is_compiling():
+    if a.numel() * out_features < _ONEDNN_MIN_WORK:
         return False
     if _ONEDNN_WORKS is None:
         try:

@@ -120,6 +120,7 @@ class Report(Callback):
         self.size, self.early, self.steps = validation_items, 0, {}
         self.survey, self.known, self.survey_sample = survey, known, survey_sample
         self.start = (0, 0.0, 0)  # examples, seconds, validations the history held at the start (a resume)
+        self.examples = 0  # training examples this trial has trained (exact; metrics.json's rate x seconds is rounded)
 
     def on_start(self, s: State) -> None:
         self.steps = rung_steps(s.total, self.rungs)
@@ -134,6 +135,7 @@ class Report(Callback):
 
     def _record(self, s: State) -> None:
         examples, seconds, validation = self.spent(s)
+        self.examples = examples
         self.trial.set_user_attr("train_seconds", round(s.history.seconds, 3))
         self.trial.set_user_attr("train_seconds_spent", seconds)
         self.trial.set_user_attr("examples", examples)
@@ -425,10 +427,10 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
             if not keep_runs and not keep:
                 shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         value = metrics["validation"][-1][metric]
-        s_examples, s_seconds, _ = report.start
+        _, s_seconds, _ = report.start
         for k, v in (("train_seconds", metrics["train_seconds"]),
                      ("train_seconds_spent", round(metrics["train_seconds"] - s_seconds, 3)),
-                     ("examples", round(metrics["examples_per_second"] * metrics["train_seconds"]) - s_examples),
+                     ("examples", report.examples),
                      ("trainable_parameters", metrics["trainable_parameters"]),
                      ("trainable_share", metrics["trainable_parameters"] / metrics["total_parameters"]),
                      ("adapter_bytes", metrics["adapter_bytes"]), ("peak_memory_mb", metrics["peak_memory_mb"]),
