@@ -10,7 +10,7 @@ from deltatune.core.layer import AdaptedLayer
 from deltatune.core.routing import Router, delete_adapter, routing
 from deltatune.core.stored import capture, reinstall
 from tests.core.test_router import _check
-from tests.core.test_routing import ATOL, SPECS, _alone, _with_adapters
+from tests.core.test_routing import ATOL, SPECS, _with_adapters
 from tests.models import ZOO
 
 SAME = SPECS["a"]  # one config for the adapters that swap into each other's modules

@@ -8,7 +8,6 @@ library's ``generate`` with that adapter, token for token, alone and in a mixed 
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import subprocess
 import sys

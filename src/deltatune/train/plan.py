@@ -19,7 +19,7 @@ from deltatune.core.files import write_text_atomic
 from deltatune.methods import METHODS
 from deltatune.train.budget import Budget, format_bytes, format_seconds, parse_budget
 from deltatune.train.config import apply_override
-from deltatune.train.space import FULL, Candidate, candidates, parse_methods
+from deltatune.train.space import FULL, candidates, parse_methods
 
 PLAN_FILE = "plan.json"
 
