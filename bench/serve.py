@@ -20,13 +20,15 @@ and other load hit every row alike; the figures are medians over rounds):
   waiting requests form a batch that runs to its longest request (a request counts as done at
   its own last token).
 
-The bare base and 1 adapter (the "1 unmerged adapter / bare base" goal) are measured as *pairs*
-instead (``--pairs`` per round, ``0``: as ordinary rows): the two windows back to back, on one
-plan (the same prompts and lengths, only the adapter differs), the order alternating from pair to
-pair (base first, then 1 adapter first, ...), and the ratio taken per pair; the goal's figure is
-the median of the pairs' ratios. Two rows measured minutes apart see different load (a 2-vCPU
-machine shared with other work swings by 20-30 % between windows), a pair's two windows nearly the
-same. The 1-adapter row's figures (for 32 / 1 and 256 / 1) are the medians of its pair windows.
+deltatune's rows (the bare base, 1 adapter and each M: the three ratio goals) are measured as
+*chains* instead (``--pairs`` chains per round; ``0``: as ordinary rows): their windows back to
+back, on one plan (every row of every setup sends the same prompts and lengths; only the adapters
+named differ, see ``make_plan``), the order reversed from chain to chain (base, 1, 32, 256, then
+256, 32, 1, base, ...), and each ratio (1 / base, M / 1) taken within a chain; a goal's figure is
+the median of its chains' ratios. Two rows measured minutes apart see different load (a 2-vCPU
+machine shared with other work swings by 20-40 % between windows), a chain's adjacent windows
+nearly the same. The rows' own figures are the medians of their chain windows; the ratios of the
+row medians are kept beside the chain figures.
 
 Both PEFT setups keep an LRU of ``--max-loaded`` adapters, loading from disk on a miss. Each
 server lives for the whole run on its own copy of the base model (deltatune's; PEFT's for
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--prefill-batch", type=int, default=4, help="deltatune serve --prefill-batch")
     ap.add_argument("--prefill-wait", type=int, default=4, help="deltatune serve --prefill-wait")
     ap.add_argument("--pairs", type=int, default=1,
-                    help="per round, pairs of adjacent windows of the bare base and 1 adapter (0: ordinary rows)")
+                    help="per round, chains of adjacent windows of deltatune's rows: the bare base, 1 adapter "
+                         "and each M, order reversed from chain to chain (0: ordinary rows)")
     ap.add_argument("--setups", default="deltatune,peft-switch,peft-batched")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--soak", type=float, default=0.0, help="seconds of the HTTP soak (0: skip)")
@@ -218,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dirs = {f"a{i:03d}": p for i, p in enumerate(write_adapters(base, root / "adapters", max(counts)))}
         rows: list[tuple[str, int]] = [("deltatune", 0)] * ("deltatune" in setups) + [
             (s, m) for m in counts for s in setups]
-        if args.pairs and ("deltatune", 1) in rows:  # base and 1 adapter: measured as pairs of windows
-            rows = [("pair", 1)] + [row for row in rows if row not in (("deltatune", 0), ("deltatune", 1))]
+        chain = [m for name, m in rows if name == "deltatune"]  # base, 1, each M
+        if args.pairs and 1 in chain:  # deltatune's rows: measured as chains of adjacent windows
+            rows = [("chain", 0)] + [row for row in rows if row[0] != "deltatune"]
         live: dict[str, Any] = {}
         vocab = 0
         if "deltatune" in setups:
@@ -236,9 +240,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 live[which] = PeftSetup(model, tokenizer, dirs, args.max_loaded, args.clients)
         print(f"ready after {time.time() - began:.0f} s", flush=True)
         results: dict[str, list[dict]] = {}
-        pairs: list[dict[str, Any]] = []
+        chains: list[dict[str, Any]] = []
 
-        def measure(r: int, setup_name: str, m: int, seed: int) -> dict[str, Any]:
+        def measure(r: int, setup_name: str, m: int) -> dict[str, Any]:
             names: list[str | None] = [None] if m == 0 else list(dirs)[:m]
             many = m > args.max_loaded
             setup = live["deltatune" if setup_name == "deltatune" else "peft-many" if many else "peft"]
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 setup.batched = setup_name == "peft-batched"
             if not many:  # a warm cache: the first min(M, max-loaded) adapters loaded
                 setup.prepare([n for n in names if n is not None])
-            plan = make_plan(names, 4096, args.prompt_tokens, args.max_tokens, vocab, seed=seed)
+            plan = make_plan(names, 4096, args.prompt_tokens, args.max_tokens, vocab, seed=1)
             row = drive(setup, plan, args.clients, args.warmup, args.seconds)
             key = f"{setup_name} M={'base' if m == 0 else m}"
             results.setdefault(key, []).append(row)
@@ -257,28 +261,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for r in range(args.rounds):
                 order = rows[r % len(rows):] + rows[: r % len(rows)]  # rotated, and reversed every other round
                 for setup_name, m in (order if r % 2 == 0 else order[::-1]):
-                    if setup_name != "pair":
-                        measure(r, setup_name, m, seed=1 + m)
+                    if setup_name != "chain":
+                        measure(r, setup_name, m)
                         continue
-                    # The bare base and 1 adapter in adjacent windows, first one then the other
-                    # (ABBA...), on one plan (same prompts and lengths; make_plan draws alike from a
-                    # list of one name): each pair's ratio sees the same load swings on both sides.
+                    # deltatune's rows in adjacent windows, the order reversed from chain to chain,
+                    # on one plan: each ratio within a chain sees nearly the same load on both sides.
                     for _ in range(args.pairs):
-                        first = (0, 1) if len(pairs) % 2 == 0 else (1, 0)
-                        got = {k: measure(r, "deltatune", k, seed=1)["tokens_per_s"] for k in first}
-                        pairs.append({"round": r, "order": ["base" if k == 0 else "1 adapter" for k in first],
-                                      "base_tokens_per_s": got[0], "one_tokens_per_s": got[1],
-                                      "ratio": got[1] / got[0] if got[0] else None})
+                        order = chain if len(chains) % 2 == 0 else chain[::-1]
+                        got = {k: measure(r, "deltatune", k)["tokens_per_s"] for k in order}
+                        chains.append({"round": r, "order": [label(k) for k in order],
+                                       "tokens_per_s": {label(k): got[k] for k in order}})
         finally:
             for setup in live.values():
                 setup.close()
-        out = summary(args, argv, began, results, counts, pairs)
+        out = summary(args, argv, began, results, counts, chains)
         if args.soak:
             print(f"soak: {args.soak_clients} clients for {args.soak:.0f} s over HTTP ...", flush=True)
             out["soak"] = soak(base, root / "adapters", list(dirs)[:32], args.soak, args.soak_clients, args.max_tokens)
             print(json.dumps(out["soak"]), flush=True)
     write(out, args.out)
     return out
+
+
+def label(m: int) -> str:
+    """A deltatune row's name in a chain: "base", "1 adapter", "M adapters"."""
+    return "base" if m == 0 else "1 adapter" if m == 1 else f"{m} adapters"
 
 
 def doc_first_line() -> str:

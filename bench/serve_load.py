@@ -46,13 +46,17 @@ class Record:
 
 def make_plan(names: list[str | None], count: int, prompt_tokens: int, max_tokens: int, vocab: int,
               seed: int = 1) -> list[tuple[str | None, list[int], int]]:
-    """``count`` requests: (adapter, prompt, max_tokens); lengths uniform in [x/2, 3x/2]."""
-    rng = random.Random(seed)
+    """``count`` requests: (adapter, prompt, max_tokens); lengths uniform in [x/2, 3x/2].
+
+    The adapters are drawn from a stream of their own, so plans of one seed over different adapter
+    lists hold the same prompts and lengths: rows for the bare base, 1 adapter or M adapters do
+    the same work and differ only in the adapters they name."""
+    rng, pick = random.Random(seed), random.Random(f"adapters-{seed}")
 
     def around(x: int) -> int:
         return rng.randint(max(1, x - x // 2), x + x // 2)
 
-    return [(rng.choice(names), [rng.randrange(3, vocab) for _ in range(around(prompt_tokens))], around(max_tokens))
+    return [(pick.choice(names), [rng.randrange(3, vocab) for _ in range(around(prompt_tokens))], around(max_tokens))
             for _ in range(count)]
 
 

@@ -3,7 +3,7 @@
 A diagnostic beside ``bench/serve.py`` (whose 32 / 1 and 256 / 1 rows are measured minutes apart,
 in rounds): the engine alone (no PEFT copies in the process), ``--pairs`` pairs of windows, the
 1-adapter row and the M-adapter row back to back, the order alternating from pair to pair, each on
-``bench/serve.py``'s plan for its M (seed 1 + M), 16 clients, 3 s warm-up + 22 s measured as there.
+``bench/serve.py``'s plan (seed 1: the same prompts and lengths for every M), 16 clients, 3 s warm-up + 22 s measured as there.
 Prints each window, then each pair's ratio (M / 1, tokens/s) and their median; writes JSON.
 """
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for m in ((1, m_many) if k % 2 == 0 else (m_many, 1)):
                     names = list(dirs)[:m]
                     setup.prepare(names)
-                    plan = make_plan(names, 4096, 16, 16, model.config.vocab_size, seed=1 + m)
+                    plan = make_plan(names, 4096, 16, 16, model.config.vocab_size, seed=1)
                     row = drive(setup, plan, args.clients, args.warmup, args.seconds)
                     got[m] = row["tokens_per_s"]
                     print(k, m, row["tokens_per_s"], row["failed"], time.strftime("%H:%M:%S"), flush=True)

@@ -26,19 +26,23 @@ def row_line(r: int, key: str, row: dict[str, Any], began: float) -> str:
 
 
 def summary(args: Any, argv: list[str] | None, began: float, results: dict[str, list[dict]],
-            counts: list[int], pairs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            counts: list[int], chains: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The run's JSON: medians over rounds per row (a field kept when no round lacks it), every
-    round's figures, the ratios, the goals and which rows are ahead of PEFT. ``pairs``: adjacent
-    windows of the bare base and 1 adapter; then "1 adapter / base" is the median of their ratios
-    (the ratio of the two rows' medians is kept as "1 adapter / base, ratio of row medians")."""
+    round's figures, the ratios, the goals and which rows are ahead of PEFT. ``chains``: deltatune's
+    rows in adjacent windows (``{"order": [...], "tokens_per_s": {"base": x, "1 adapter": y, ...}}``);
+    then each deltatune ratio (1 / base, M / 1) is the median of its ratio within each chain, listed
+    per chain under ``"ratios"``, and the ratio of the rows' medians is kept as "..., ratio of row
+    medians"."""
     table = {k: {f: statistics.median(x[f] for x in runs) for f in runs[0]
                  if all(x[f] is not None for x in runs)} for k, runs in results.items()}
     ratios = _ratios(table, counts)
-    paired = [p["ratio"] for p in pairs or [] if p["ratio"] is not None]
-    if paired:
-        if "1 adapter / base" in ratios:
-            ratios["1 adapter / base, ratio of row medians"] = ratios["1 adapter / base"]
-        ratios["1 adapter / base"] = statistics.median(paired)
+    for chain in chains or []:
+        chain["ratios"] = _chain_ratios(chain["tokens_per_s"], counts)
+    for key in {k for chain in chains or [] for k in chain["ratios"]}:
+        within = [c["ratios"][key] for c in chains or [] if c["ratios"].get(key) is not None]
+        if key in ratios:
+            ratios[f"{key}, ratio of row medians"] = ratios[key]
+        ratios[key] = statistics.median(within)
     return {
         "command": "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
         "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -46,7 +50,7 @@ def summary(args: Any, argv: list[str] | None, began: float, results: dict[str, 
                     "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
         "wall_s": time.time() - began, "rows": table, "rounds": results, "ratios": ratios,
-        "pairs": pairs or [],
+        "chains": chains or [],
         "goals": {k: {"target": v, "measured": ratios.get(k), "met": ratios.get(k, 0) >= v}
                   for k, v in GOALS.items()},
         "ahead_of_peft": {k: v > 1.0 for k, v in ratios.items() if "/ peft" in k}}
@@ -54,8 +58,10 @@ def summary(args: Any, argv: list[str] | None, began: float, results: dict[str, 
 
 def write(out: dict[str, Any], path: Path) -> None:
     """Print the ratios, the pairs' ratios and the goals; write the JSON atomically."""
-    if out.get("pairs"):
-        print("1 adapter / base by pair: " + " ".join(f"{p['ratio']:.3f}" for p in out["pairs"] if p["ratio"]))
+    for key in GOALS:
+        within = [c["ratios"].get(key) for c in out.get("chains", [])]
+        if any(x is not None for x in within):
+            print(f"{key} by chain: " + " ".join("-" if x is None else f"{x:.3f}" for x in within))
     print(json.dumps({"ratios": out["ratios"], "goals": out["goals"]}, indent=1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = path.with_suffix(".json.tmp")
@@ -65,6 +71,20 @@ def write(out: dict[str, Any], path: Path) -> None:
 
 def _s(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f} s"
+
+
+def _label(m: int) -> str:
+    return f"{m} adapters / 1 adapter" if m <= 32 else f"{m} adapters (32 attached) / 1 adapter"
+
+
+def _chain_ratios(tps: dict[str, float], counts: list[int]) -> dict[str, float | None]:
+    """One chain's ratios: 1 adapter / base and, for each M > 1, M adapters / 1 adapter."""
+    def ratio(a: str, b: str) -> float | None:
+        return tps[a] / tps[b] if tps.get(a) is not None and tps.get(b) else None
+
+    out = {"1 adapter / base": ratio("1 adapter", "base")}
+    out.update({_label(m): ratio(f"{m} adapters", "1 adapter") for m in counts if m > 1})
+    return out
 
 
 def _ratios(table: dict[str, dict], counts: list[int]) -> dict[str, float]:
@@ -77,8 +97,7 @@ def _ratios(table: dict[str, dict], counts: list[int]) -> dict[str, float]:
         ratios["1 adapter / base"] = one / tps("deltatune M=base")
     for m in counts:
         if m > 1 and one and tps(f"deltatune M={m}"):
-            label = f"{m} adapters / 1 adapter" if m <= 32 else f"{m} adapters (32 attached) / 1 adapter"
-            ratios[label] = tps(f"deltatune M={m}") / one
+            ratios[_label(m)] = tps(f"deltatune M={m}") / one
         for peft in ("peft-switch", "peft-batched"):
             if tps(f"deltatune M={m}") and tps(f"{peft} M={m}"):
                 ratios[f"deltatune / {peft}, M={m}"] = tps(f"deltatune M={m}") / tps(f"{peft} M={m}")

@@ -22,24 +22,30 @@ def test_quick_serve_bench_writes_rows_ratios_and_goals(tmp_path):
     assert {"1 adapter / base", "3 adapters / 1 adapter", "deltatune / peft-batched, M=3"} <= set(data["ratios"])
     assert data["goals"]["1 adapter / base"]["target"] == 0.9
 
-    # The bare base and 1 adapter: two pairs of adjacent windows, order alternating, ratio per pair.
-    pairs = data["pairs"]
-    assert [p["order"] for p in pairs] == [["base", "1 adapter"], ["1 adapter", "base"]]
-    assert len(data["rounds"]["deltatune M=base"]) == len(data["rounds"]["deltatune M=1"]) == 2
-    for p in pairs:
-        assert p["ratio"] == pytest.approx(p["one_tokens_per_s"] / p["base_tokens_per_s"])
-    median = sorted(p["ratio"] for p in pairs)
-    assert data["goals"]["1 adapter / base"]["measured"] == pytest.approx((median[0] + median[1]) / 2)
-    assert "1 adapter / base, ratio of row medians" in data["ratios"]
+    # deltatune's rows: two chains of adjacent windows, order reversed, each ratio taken within a chain.
+    chains = data["chains"]
+    assert [c["order"] for c in chains] == [["base", "1 adapter", "3 adapters"], ["3 adapters", "1 adapter", "base"]]
+    assert len(data["rounds"]["deltatune M=base"]) == len(data["rounds"]["deltatune M=3"]) == 2
+    for c in chains:
+        tps = c["tokens_per_s"]
+        assert c["ratios"]["1 adapter / base"] == pytest.approx(tps["1 adapter"] / tps["base"])
+        assert c["ratios"]["3 adapters / 1 adapter"] == pytest.approx(tps["3 adapters"] / tps["1 adapter"])
+    for key in ("1 adapter / base", "3 adapters / 1 adapter"):
+        within = sorted(c["ratios"][key] for c in chains)
+        assert data["ratios"][key] == pytest.approx((within[0] + within[1]) / 2)
+        assert f"{key}, ratio of row medians" in data["ratios"]
+    assert data["goals"]["1 adapter / base"]["measured"] == pytest.approx(data["ratios"]["1 adapter / base"])
 
 
-def test_pair_windows_share_one_plan():
-    """A pair's two windows send the same prompts and lengths; only the adapter differs."""
+def test_chain_windows_share_one_plan():
+    """Every window of a chain sends the same prompts and lengths; only the adapters named differ."""
     from bench.serve_load import make_plan
 
-    base, one = make_plan([None], 50, 16, 16, 1000, seed=1), make_plan(["a000"], 50, 16, 16, 1000, seed=1)
-    assert [(p, n) for _, p, n in base] == [(p, n) for _, p, n in one]
+    names = [f"a{i:03d}" for i in range(32)]
+    base, one, many = (make_plan(n, 50, 16, 16, 1000, seed=1) for n in ([None], ["a000"], names))
+    assert [(p, n) for _, p, n in base] == [(p, n) for _, p, n in one] == [(p, n) for _, p, n in many]
     assert {a for a, _, _ in one} == {"a000"}
+    assert len({a for a, _, _ in many}) > 16  # drawn over the 32
 
 
 def test_quick_serve_step_times_every_setup(tmp_path):
