@@ -1,7 +1,7 @@
 """``python -m bench.serve_pairs``: deltatune's engine with 1 adapter vs M adapters, in adjacent windows.
 
-A diagnostic beside ``bench/serve.py`` (whose 32 / 1 and 256 / 1 rows are measured minutes apart,
-in rounds): the engine alone (no PEFT copies in the process), ``--pairs`` pairs of windows, the
+A diagnostic beside ``bench/serve.py`` (which measures its deltatune rows in chains of adjacent
+windows too, next to PEFT's rows): the engine alone (no PEFT copies in the process), ``--pairs`` pairs of windows, the
 1-adapter row and the M-adapter row back to back, the order alternating from pair to pair, each on
 ``bench/serve.py``'s plan (seed 1: the same prompts and lengths for every M), 16 clients, 3 s warm-up + 22 s measured as there.
 Prints each window, then each pair's ratio (M / 1, tokens/s) and their median; writes JSON.
