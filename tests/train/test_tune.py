@@ -20,7 +20,8 @@ optuna = pytest.importorskip("optuna")
 
 from deltatune.cli import app  # noqa: E402
 from deltatune.train.budget import parse_budget  # noqa: E402
-from deltatune.train.tune import _creating, enqueue_default, feasible_space, predict, run_tune  # noqa: E402
+from deltatune.train.tune import _creating, enqueue_default, run_tune  # noqa: E402
+from deltatune.train.tune_cost import feasible_space, predict  # noqa: E402
 from deltatune.train.tune_report import pareto_front  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

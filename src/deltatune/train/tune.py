@@ -41,6 +41,7 @@ from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.config import TrainConfig, validate_config
 from deltatune.train.space import candidate, method_space, parse_methods
 from deltatune.train.tasks import get_task
+from deltatune.train.tune_cost import feasible_space, predict
 from deltatune.train.tune_report import FORWARD_SHARE  # noqa: F401  (re-exported: the compute tune reports)
 from deltatune.train.tune_study import (  # noqa: F401  (re-exported: tune's public names)
     CONTINUES,
@@ -51,6 +52,7 @@ from deltatune.train.tune_study import (  # noqa: F401  (re-exported: tune's pub
     _optuna,
     _check_settings,
     _settings_key,
+    drop_survey_checkpoints,
     enqueue_continuations,
     enqueue_default,
     enqueue_survey,
@@ -62,7 +64,6 @@ from deltatune.train.tune_study import (  # noqa: F401  (re-exported: tune's pub
 
 STUDY_DB = "study.db"
 LOWER_IS_BETTER = ("loss", "perplexity")
-COST_KEYS = ("peak_memory_mb", "step_seconds", "trainable_parameters", "adapter_bytes")
 #: Rungs per trial: validations at 1/REDUCTION_FACTOR**k of the run (k = rungs-1, ..., 1, 0), reported
 #: to the pruner at step REDUCTION_FACTOR**(rungs-1-k) (the training done, in first rungs), where ASHA
 #: decides. With 3: 1/9 of the run (where the survey measures every method), a third, then the end.
@@ -166,60 +167,7 @@ class Report(Callback):
             self.trial.report(s.history.validation[-1][self.metric], max(self.steps.values()))
 
 
-# --- the space and the predictions ---------------------------------------------------------------
-
-
-def predict(rows: dict[str, dict[str, Any]], method: str, choices: dict[str, str], epochs: int,
-            plan_epochs: int) -> dict[str, Any] | None:
-    """Predicted costs of ``method`` with ``choices`` from the plan's rows, which hold the method at its
-    defaults and with each setting changed on its own (exact for those). For several changes at once:
-    memory and step time add each change's difference; parameters and bytes multiply each change's
-    ratio (rank x targets compose as products). ``None`` if a row needed failed in the plan."""
-    base = rows.get(method)
-    if base is None or base["status"] != "ok":
-        return None
-    out = {k: base[k] for k in (*COST_KEYS, "total_parameters", "steps_per_epoch")}
-    first = {k: next(iter(v)) for k, v in method_space(method).items()}
-    for key, name in choices.items():
-        if name == first.get(key):
-            continue
-        row = rows.get(candidate(method, {key: name}).label)
-        if row is None or row["status"] != "ok":
-            return None
-        for k in ("peak_memory_mb", "step_seconds"):
-            out[k] = max(out[k] + row[k] - base[k], min(out[k], row[k]))
-        for k in ("trainable_parameters", "adapter_bytes"):
-            out[k] = out[k] * row[k] / base[k] if base[k] else row[k]
-    out["trainable_parameters"] = round(out["trainable_parameters"])
-    out["trainable_share"] = out["trainable_parameters"] / out["total_parameters"]
-    out["epoch_seconds"] = out["step_seconds"] * out["steps_per_epoch"]
-    out["train_seconds"] = out["epoch_seconds"] * epochs + base.get("first_step_extra_seconds", 0.0)  # plan's one-off
-    return out
-
-
-def feasible_space(rows: dict[str, dict[str, Any]], methods: Sequence[str], budget: Budget, epochs: int,
-                   plan_epochs: int) -> dict[str, dict[str, list[str]]]:
-    """``{method: {field: [choice names]}}``: the choices the plan predicts fit (at ``epochs``) on their
-    own; a method enters if its defaults or one of its single changes fit."""
-    space = {}
-    for method in methods:
-        default_fits = predict_fits(rows, method, {}, budget, epochs, plan_epochs) is True
-        dims, any_fits = {}, default_fits
-        for key, choices in method_space(method).items():
-            first, *rest = choices
-            names = [first] if default_fits else []
-            names += [n for n in rest if predict_fits(rows, method, {key: n}, budget, epochs, plan_epochs)]
-            any_fits = any_fits or len(names) > (1 if default_fits else 0)
-            dims[key] = names or [first]
-        if any_fits:
-            space[method] = dims
-    return space
-
-
-def predict_fits(rows: dict[str, dict[str, Any]], method: str, choices: dict[str, str], budget: Budget,
-                 epochs: int, plan_epochs: int) -> bool | None:
-    cost = predict(rows, method, choices, epochs, plan_epochs)
-    return None if cost is None else not budget.over(cost)
+# --- the space ----------------------------------------------------------------------------------
 
 
 def sample(trial: Any, space: dict[str, dict[str, list[str]]], epochs: Sequence[int]) -> tuple[str, dict[str, str], float, int]:
@@ -276,13 +224,6 @@ def applicable(base: dict[str, Any], names: Sequence[str], splits: Any, task: An
                 dt.detach(loaded.model)
     del loaded
     return fine, why
-
-
-def drop_survey_checkpoints(study: Any, chosen: Sequence[int]) -> None:
-    """The checkpoints of survey trials that do not go on: nothing will resume from them."""
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get(SURVEY) and t.number not in chosen and t.user_attrs.get("run_dir"):
-            shutil.rmtree(Path(t.user_attrs["run_dir"]) / "checkpoint", ignore_errors=True)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -16,8 +16,10 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from deltatune.train.budget import Budget
@@ -213,6 +215,13 @@ def enqueue_survey(study: Any, space: dict[str, dict[str, list[str]]], skip: str
         study.enqueue_trial(default_params(space, method, epochs, default_epochs),
                             user_attrs={SURVEY: True} if survey else None, skip_if_exists=True)
     return methods[:count]
+
+
+def drop_survey_checkpoints(study: Any, chosen: Sequence[int]) -> None:
+    """The checkpoints of survey trials that do not go on: nothing will resume from them."""
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(SURVEY) and t.number not in chosen and t.user_attrs.get("run_dir"):
+            shutil.rmtree(Path(t.user_attrs["run_dir"]) / "checkpoint", ignore_errors=True)
 
 
 def enqueue_continuations(study: Any, lock_storage: str = "") -> list[int]:
