@@ -24,6 +24,14 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+def _nf4_chat(tiny_llama: Path, tmp_path: Path, *settings: str):
+    """The tiny chat run on an NF4 base that these tests train, with ``settings`` added."""
+    return load_config(None, [f"model={tiny_llama}", "task=chat", "data.max_train_examples=8",
+                              "data.max_eval_examples=4", "epochs=1", "batch_size=4", "lr=1e-2", "precision=fp32",
+                              "threads=1", "tensorboard=false", "quantize=nf4", *settings,
+                              f"output={tmp_path / 'run'}"])
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_the_chunked_loss_equals_the_models_own(quantized: bool) -> None:
     """Same loss and same adapter gradients as transformers' causal-LM loss, with a LoRA on the head too."""
@@ -55,10 +63,7 @@ def test_train_on_an_nf4_base_reload_and_merge(tiny_llama: Path, tmp_path: Path,
     from deltatune.train.chat import ChatTask
 
     monkeypatch.setattr(ChatTask, "samples", 0)  # no generations needed here
-    config = load_config(None, [f"model={tiny_llama}", "task=chat", "data.max_train_examples=8",
-                                "data.max_eval_examples=4", "epochs=1", "batch_size=4", "lr=1e-2",
-                                "precision=fp32", "threads=1", "tensorboard=false", "quantize=nf4",
-                                "loss_chunk=16", "gradient_checkpointing=true", f"output={tmp_path / 'run'}"])
+    config = _nf4_chat(tiny_llama, tmp_path, "loss_chunk=16", "gradient_checkpointing=true")
     metrics = run_training(config, progress=False)
     # The saved adapter on a freshly quantized base scores the test split exactly as the trained model did.
     trained = load_trained(tmp_path / "run")
@@ -90,11 +95,7 @@ def test_train_with_a_bf16_rest_and_reload(tiny_llama: Path, tmp_path: Path, mon
     from deltatune.train.chat import ChatTask
 
     monkeypatch.setattr(ChatTask, "samples", 0)
-    config = load_config(None, [f"model={tiny_llama}", "task=chat", "data.max_train_examples=8",
-                                "data.max_eval_examples=4", "epochs=1", "batch_size=4", "lr=1e-2",
-                                "precision=fp32", "threads=1", "tensorboard=false", "quantize=nf4",
-                                "quantize_rest_dtype=bfloat16", "compute_dtype=bfloat16", "loss_chunk=16",
-                                f"output={tmp_path / 'run'}"])
+    config = _nf4_chat(tiny_llama, tmp_path, "quantize_rest_dtype=bfloat16", "compute_dtype=bfloat16", "loss_chunk=16")
     metrics = run_training(config, progress=False)
     trained = load_trained(tmp_path / "run")
     assert trained.model.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -177,11 +178,7 @@ def test_nf4_blocksize_and_full_precision_layers_train_reload_and_merge(
     from deltatune.train.chat import ChatTask
 
     monkeypatch.setattr(ChatTask, "samples", 0)
-    config = load_config(None, [f"model={tiny_llama}", "task=chat", "data.max_train_examples=8",
-                                "data.max_eval_examples=4", "epochs=1", "batch_size=4", "lr=1e-2",
-                                "precision=fp32", "threads=1", "tensorboard=false", "quantize=nf4",
-                                "quantize_blocksize=32", "quantize_skip=[v_proj]", "loss_chunk=16",
-                                f"output={tmp_path / 'run'}"])
+    config = _nf4_chat(tiny_llama, tmp_path, "quantize_blocksize=32", "quantize_skip=[v_proj]", "loss_chunk=16")
     metrics = run_training(config, progress=False)
     trained = load_trained(tmp_path / "run")
     attn = trained.model.model.layers[1].self_attn
