@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,9 @@ from bench.quant import _linear_bytes, _versions, _workload
 from bench.workloads import Workload
 from deltatune.integrations.quantize import resident_bytes
 from deltatune.train.memory import chunked_runner
+
+# bitsandbytes logs a warning on every int8 forward of float32 inputs on CUDA ("cast to float16")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 #: setup -> (storage format, backend, bfloat16 compute and rest, PEFT's LoRA instead of deltatune's)
 SETUPS: dict[str, tuple[str, str, bool, bool]] = {
@@ -192,7 +196,7 @@ def run_model(name: str, w: Workload, large: Workload | None, setups: list[str],
             continue
         fns = {s: (lambda f=f, b=b: f(b)) for s, f in steps.items()}
         one = sum(_timed(f, device) for f in fns.values())  # a warm-up round, timed: seconds per round
-        n = max(3, min(rounds, int(phase_s / max(one, 1e-9))))  # at most ~phase_s of timing, at least 3 rounds
+        n = min(rounds, max(3, int(phase_s / max(one, 1e-9))))  # ~phase_s of timing, 3 rounds at least (if asked)
         times = interleaved(fns, rounds=n, warmup=0, device=str(device))
         for setup, t in times.items():
             rows[setup][key] = median(t["wall"])
