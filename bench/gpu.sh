@@ -70,7 +70,7 @@ def smoke(name, fn):
     except Exception as e:
         print(name, 'FAILED', type(e).__name__, e)
 def nf4():
-    from torchao.dtypes.nf4tensor import to_nf4
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
     w = torch.randn(256, 256, device='cuda', dtype=torch.bfloat16)
     return (to_nf4(w).get_original_weight() - w).abs().max().item()
 def bnb4():
