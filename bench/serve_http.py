@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -108,9 +109,10 @@ class Server:
     def close(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
         self._log_file.close()
 
 
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if 1 not in counts:
         ap.error("--adapters must include 1 (the ratios are taken against it)")
     setups = args.setups.split(",")
+    # Killed by a time limit (timeout sends SIGTERM): unwind, so the server subprocess is stopped
+    # too; the JSON already holds every window measured.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     began = time.time()
     results: dict[str, list[dict]] = {}
     chains: list[dict[str, Any]] = []
@@ -324,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 setup.close()
             if server is not None:
                 server.close()
+    signal.signal(signal.SIGTERM, previous)
     out = report()
     write(out, args.out)
     print(f"\n{'row':26s} {'tok/s':>8s} {'req/s':>7s} {'TTFT p50':>9s} {'p50':>7s} {'p99':>7s} {'failed':>6s}")
