@@ -54,6 +54,16 @@ from bench.serve_peft import PeftSetup  # noqa: E402
 from bench.serve_report import row_line, summary, write  # noqa: E402
 
 
+def _httpx() -> Any:
+    """httpx2 (what the ``openai`` client uses, and what ``bench/gpu_carry.sh`` carries), else httpx:
+    the same API."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx
+
+
 class Server:
     """``python -m deltatune serve`` as a subprocess on a free port; stderr into ``log``."""
 
@@ -78,7 +88,7 @@ class Server:
 
     def ready(self, timeout: float = 300) -> str:
         """Wait for ``/health``; the base model's name in ``/v1/models``."""
-        import httpx
+        httpx = _httpx()
 
         deadline = time.time() + timeout
         while True:
@@ -97,7 +107,7 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """The server's counters and gauges (histograms as ``_sum`` / ``_count``), by name."""
-        import httpx
+        httpx = _httpx()
 
         out: dict[str, float] = {}
         for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
@@ -129,7 +139,7 @@ class HttpSetup:
         self.lock = threading.Lock()
 
     def _http(self) -> Any:
-        import httpx
+        httpx = _httpx()
 
         client = getattr(self.local, "client", None)
         if client is None:
