@@ -90,7 +90,7 @@ def base_dir(quick: bool, root: Path) -> Path:
     return smollm2_dir()
 
 
-def load(path: Path) -> tuple[Any, Any]:
+def load(path: Path, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -98,24 +98,30 @@ def load(path: Path) -> tuple[Any, Any]:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, load_tokenizer(path)
 
 
 def write_adapters(path: Path, root: Path, count: int) -> list[Path]:
-    """``count`` LoRA adapters with random weights, in PEFT's format."""
+    """``count`` LoRA adapters with random weights, in PEFT's format (seeded: always the same ones).
+    Adapters already in ``root`` from an earlier call (``a000``, ``a001``, ... with their
+    ``.done`` marker) are kept, so two benches of one run can share one folder."""
+    dirs = [root / f"a{i:03d}" for i in range(count)]
+    if all((d / ".done").is_file() for d in dirs):
+        return dirs
     model, _ = load(path)
     dt.attach(model, dt.LoraConfig(target=TARGET, rank=8, alpha=16), name="x")
     params = [p for n, p in model.named_parameters() if ".adapters." in n]
-    dirs = []
     g = torch.Generator().manual_seed(0)
-    for i in range(count):
+    for d in dirs:
         with torch.no_grad():
             for p in params:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        dirs.append(dt.save_adapter(model, root / f"a{i:03d}", name="x", format="peft"))
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)  # drawn for every adapter: the same stream
+        if not (d / ".done").is_file():
+            written = dt.save_adapter(model, d, name="x", format="peft")
+            (written / ".done").touch()
     return dirs
 
 

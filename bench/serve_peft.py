@@ -1,6 +1,7 @@
 """The PEFT baseline of ``python -m bench.serve``: PEFT on one thread serving the same adapters,
 one request at a time (``set_adapter``) or in static ``adapter_names`` batches, with an LRU of
-``max_loaded`` adapters loaded from disk on a miss."""
+``max_loaded`` adapters loaded from disk on a miss, on the base model's device (PEFT's
+``load_adapter`` puts a loaded adapter beside the layer it wraps)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class PeftSetup:
         from peft import PeftModel
 
         first = next(iter(dirs))
-        self.peft = PeftModel.from_pretrained(model, dirs[first], adapter_name=first).eval()
+        self.device = str(next(model.parameters()).device)
+        self.peft = PeftModel.from_pretrained(model, dirs[first], adapter_name=first, torch_device=self.device).eval()
         self.loaded: OrderedDict[str, None] = OrderedDict({first: None})
         self.dirs, self.max_loaded, self.max_batch, self.batched = dirs, max_loaded, max_batch, False
         self.tokenizer = tokenizer
@@ -87,7 +89,7 @@ class PeftSetup:
                     warnings.simplefilter("ignore")
                     self.peft.delete_adapter(old)
                 del self.loaded[old]
-            self.peft.load_adapter(self.dirs[name], adapter_name=name)
+            self.peft.load_adapter(self.dirs[name], adapter_name=name, torch_device=self.device)
             self.loaded[name] = None
 
     def _loop(self) -> None:
@@ -122,14 +124,15 @@ class PeftSetup:
 
         class Abort(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), setup.abort, dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), setup.abort, dtype=torch.bool, device=input_ids.device)
 
         names = list(dict.fromkeys(a for _, a, _, _ in batch if a is not None))
         self._ensure(names)
         L = max(len(p) for p, *_ in batch)
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (L - len(p)) + p for p, *_ in batch])
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p, *_ in batch])
+        device = self.device
+        ids = torch.tensor([[pad] * (L - len(p)) + p for p, *_ in batch], device=device)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p, *_ in batch], device=device)
         n = max(m for _, _, m, _ in batch)
         kwargs: dict[str, Any] = {}
         if self.batched:

@@ -25,8 +25,10 @@ one), as in serving, where a row joins or leaves every few steps. ``--quick``: a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
+import json
 import os
 import pstats
 import random
@@ -51,32 +53,36 @@ class Bench:
     """The engine with every adapter attached, and per setup the rows' names, the packed prefill
     inputs and the cache that prefill left (decode steps start from it each time)."""
 
-    def __init__(self, base: Path, adapters: dict[str, Path], rows: int, prompt_tokens: int, seed: int = 0) -> None:
+    def __init__(self, base: Path, adapters: dict[str, Path], rows: int, prompt_tokens: int,
+                 counts: list[int] | None = None, device: str = "cpu", seed: int = 0) -> None:
         from deltatune.serve import kv, packing
         from deltatune.serve.adapters import Pool
         from deltatune.serve.engine import Engine
         from deltatune.serve.metrics import Metrics
 
         self.kv, self.packing = kv, packing
-        model, tokenizer = load(base)
+        model, tokenizer = load(base, device)
         metrics = Metrics()
         self.pool = Pool(model, metrics, max_loaded=len(adapters), host_cache=len(adapters) + 1)
         for name, path in adapters.items():
             self.pool.register(name, path)
-        for name in adapters:
-            self.pool.ensure(name)
+        with _quick_attach():
+            for name in adapters:
+                self.pool.ensure(name)
+        assert not any(p.requires_grad for p in model.parameters())
         self.engine = Engine(model, tokenizer, self.pool, metrics, max_batch=rows)
         rng = random.Random(seed)
         vocab = model.config.vocab_size
         lo, hi = max(1, prompt_tokens - prompt_tokens // 2), prompt_tokens + prompt_tokens // 2
         self.prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(rows)]
         names = list(adapters)
-        self.setups: dict[str, list[str | None]] = {
-            "base": [None] * rows, "1 adapter": [names[0]] * rows,
-            f"{len(names)} adapters": [names[i * len(names) // rows % len(names)] for i in range(rows)]}
+        self.setups: dict[str, list[str | None]] = {"base": [None] * rows, "1 adapter": [names[0]] * rows}
+        for m in counts or [len(names)]:  # M adapters: row i on adapter i * M / rows of the first M
+            if m > 1:
+                self.setups[f"{m} adapters"] = [names[i * m // rows % m] for i in range(rows)]
         self.state: dict[str, dict[str, Any]] = {}
         self.churn = False  # decode: re-route the rows at every step (set by --churn)
-        self._x = torch.randn((rows, 1, model.config.hidden_size), generator=torch.Generator().manual_seed(seed))
+        self._x = torch.randn((rows, 1, model.config.hidden_size), generator=torch.Generator().manual_seed(seed)).to(device)
         with torch.inference_mode():
             for setup, row_names in self.setups.items():
                 order = sorted(range(rows), key=lambda i: "" if row_names[i] is None else "." + row_names[i])
@@ -87,8 +93,9 @@ class Bench:
                 cache = kv.build([])
                 logits = self.engine._forward(packed, ids, mask, positions, cache, lengths, ends)
                 batch = kv.unpack(cache, lengths)
+                padded = packing.padded(prompts, tokenizer.pad_token_id or 0, self.engine.device)
                 self.state[setup] = {
-                    "names": packed, "prefill": (ids, mask, positions, lengths, ends),
+                    "names": packed, "prefill": (ids, mask, positions, lengths, ends), "padded": padded,
                     "cache": kv.tensors(batch.cache), "mask": batch.mask,
                     "next": logits.argmax(-1)[:, None], "positions": batch.mask.sum(-1)[:, None]}
 
@@ -96,6 +103,13 @@ class Bench:
         s = self.state[setup]
         ids, mask, positions, lengths, ends = s["prefill"]
         return self.engine._forward(s["names"], ids, mask, positions, self.kv.build([]), lengths, ends)
+
+    def prefill_padded(self, setup: str) -> torch.Tensor:
+        """The same prompts' prefill left-padded to the longest (the engine's fallback; on a GPU the
+        padding costs little and the packed row's per-adapter runs cost kernel launches)."""
+        s = self.state[setup]
+        ids, mask, positions = s["padded"]
+        return self.engine._forward(s["names"], ids, mask, positions, self.kv.build([]))
 
     def decode(self, setup: str) -> torch.Tensor:
         """One decode step of every row from the prefill's cache (the cache tensors are not changed:
@@ -132,15 +146,44 @@ class Bench:
         return sum(isinstance(m, AdaptedLayer) for m in self.engine.model.modules())
 
 
+@contextlib.contextmanager
+def _quick_attach() -> Any:
+    """Attach without ``attach``'s two walks over every parameter of the model (its report's
+    counts, and re-freezing all but the active adapters): with k adapters attached each walk costs
+    O(k), so attaching 256 one by one cost ~35 s of CPU, more than all the timing. ``Pool.ensure``
+    freezes the new adapter's parameters itself (checked after: nothing trainable), and the
+    report is not used; a server pays these walks on every attach until its slots are full
+    (then it swaps in place)."""
+    from deltatune.core import inject
+
+    saved = inject._report, inject.mark_trainable
+    inject._report, inject.mark_trainable = (lambda *a, **k: None), (lambda *a, **k: None)
+    try:
+        yield
+    finally:
+        inject._report, inject.mark_trainable = saved
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (a no-op without CUDA), so a timed region holds it all."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Any, *args: Any) -> tuple[float, float]:
+    """Wall and host CPU seconds of ``fn(*args)``, the device's work included (synchronized
+    before and after)."""
+    sync()
     w, c = time.perf_counter(), time.process_time()
     fn(*args)
+    sync()
     return time.perf_counter() - w, time.process_time() - c
 
 
 def measure(bench: Bench, phase: str, rounds: int, steps: int) -> dict[str, Any]:
     """Blocks of ``steps`` timed passes per setup, setups taking turns, ``rounds`` times."""
-    fn = {"decode": bench.decode, "prefill": bench.prefill, "layer": bench.layers}[phase]
+    fn = {"decode": bench.decode, "prefill": bench.prefill, "prefill-padded": bench.prefill_padded,
+          "layer": bench.layers}[phase]
     extra = (100,) if phase == "layer" else ()
     setups = list(bench.setups)
     per_round: list[dict[str, dict[str, float]]] = []
@@ -167,23 +210,28 @@ def measure(bench: Bench, phase: str, rounds: int, steps: int) -> dict[str, Any]
 
 
 def profile(bench: Bench, steps: int) -> dict[str, str]:
-    """torch's profiler (operators by self CPU time) and cProfile (Python, by own time) over
-    ``steps`` decode steps of the bare base and of the 1-adapter setup."""
+    """torch's profiler (operators by self time: CPU, and CUDA on a GPU) and cProfile (Python, by
+    own time) over ``steps`` decode steps of the bare base and of the 1-adapter setup."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    cuda = bench.engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out = {}
     with torch.inference_mode():
         for setup in ("base", "1 adapter"):
             bench.decode(setup)
-            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            with torch_profile(activities=activities) as prof:
                 for _ in range(steps):
                     bench.decode(setup)
-            ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+                sync()
+            ops = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                            row_limit=25)
             pr = cProfile.Profile()
             pr.enable()
             for _ in range(steps):
                 bench.decode(setup)
+            sync()
             pr.disable()
             text = io.StringIO()
             pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(25)
@@ -192,56 +240,100 @@ def profile(bench: Bench, steps: int) -> dict[str, str]:
     return out
 
 
+def machine(device: str) -> dict[str, Any]:
+    """What ran it. On CUDA: the GPU's name and the peak of allocated memory so far (no RSS, no
+    /proc: the host's figures say nothing about the device)."""
+    out: dict[str, Any] = {"torch": torch.__version__, "device": device, "cores": os.cpu_count()}
+    if device == "cuda":
+        out.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+                   max_memory_allocated_mib=torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        out.update(threads=torch.get_num_threads(), loadavg=os.getloadavg())
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random Llama: a smoke test")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=16, help="mean prompt length (uniform, +-50%%)")
-    ap.add_argument("--adapters", type=int, default=32, help="adapters attached (the mixed setup's M)")
+    ap.add_argument("--adapters", default="32",
+                    help="M values of the mixed setups (comma-separated, e.g. 32,256); the largest M are attached")
     ap.add_argument("--rounds", type=int, default=15, help="decode rounds (prefill: a third as many, at least 3)")
     ap.add_argument("--steps", type=int, default=5, help="timed passes per setup per round")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--phases", default="decode,layer,prefill", help="which of decode, layer, prefill to time")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU only)")
+    ap.add_argument("--phases", default="decode,layer,prefill",
+                    help="which of decode, layer, prefill, prefill-padded to time (decode always)")
     ap.add_argument("--churn", action="store_true",
                     help="decode: rotate the rows' names by one every step, so every step re-routes the layers "
                          "(and the mixed setup re-gathers its factors) as when rows join and leave; the "
                          "names no longer match the rows' caches, which the timing does not mind")
     ap.add_argument("--profile", type=int, default=0, help="profile this many decode steps per setup (0: no)")
+    ap.add_argument("--adapter-cache", type=Path, default=None,
+                    help="folder to write the random adapters into, or reuse them from (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_step.json"))
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    counts = [int(m) for m in str(args.adapters).split(",")]
     began = time.time()
+    phases = args.phases.split(",")
+    out: dict[str, Any] = {"command": "python -m bench.serve_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+                           "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                           "decode": None, "prefill": None, "prefill-padded": None, "layer": None, "profiles": {}}
+
+    def save(final: bool = False) -> None:
+        """The JSON so far (a run cut short keeps the phases it finished); the summary at the end."""
+        out["machine"], out["wall_s"] = machine(args.device), time.time() - began
+        keep = {"ratios": {p: out[p]["ratios"] for p in ("decode", "prefill", "prefill-padded", "layer") if out[p]},
+                "goals": {}, **out}
+        if final:
+            write(keep, args.out)
+        else:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(keep, indent=1))
+            os.replace(tmp, args.out)
+
     with tempfile.TemporaryDirectory() as tmp:
         base = base_dir(args.quick, Path(tmp))
-        dirs = write_adapters(base, Path(tmp) / "adapters", args.adapters)
-        bench = Bench(base, {f"a{i:03d}": p for i, p in enumerate(dirs)}, args.rows, args.prompt_tokens)
+        dirs = write_adapters(base, args.adapter_cache or Path(tmp) / "adapters", max(counts))
+        out["setup_s"] = {"adapters_written": time.time() - began}
+        bench = Bench(base, {f"a{i:03d}": p for i, p in enumerate(dirs)}, args.rows, args.prompt_tokens, counts,
+                      args.device)
         bench.churn = args.churn
-        load_before = os.getloadavg()
-        phases = args.phases.split(",")
-        decode = measure(bench, "decode", args.rounds, args.steps)  # always: the layer phase is read against it
-        layer = measure(bench, "layer", args.rounds, args.steps) if "layer" in phases else None
-        prefill = (measure(bench, "prefill", max(3, args.rounds // 3), max(1, args.steps // 2))
-                   if "prefill" in phases else None)
-        profiles = profile(bench, args.profile) if args.profile else {}
-        bench.pool.close()
-    out = {"command": "python -m bench.serve_step " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
-                       "loadavg_before": load_before, "loadavg_at_end": os.getloadavg()},
-           "wall_s": time.time() - began, "decode": decode, "prefill": prefill,
-           "layer": layer and {**layer, "calls": 100, "adapted_layers": bench.adapted_layers(),
-                     "note": "times of 100 calls of layer 0's q_proj and v_proj each on a decode step's input"}, "profiles": profiles}
-    for phase in ("decode", "prefill"):
-        for s, v in (out[phase] or {"medians": {}})["medians"].items():
-            print(f"{phase:8s} {s:12s} wall {1e3 * v['wall_s']:8.2f} ms  cpu {1e3 * v['cpu_s']:8.2f} ms", flush=True)
-    pair = 2 * 100  # calls of an adapted layer per block (q and v)
-    for s, v in (layer or {"medians": {}})["medians"].items():
-        extra = (v["wall_s"] - out["layer"]["medians"]["base"]["wall_s"]) / pair
-        share = extra * out["layer"]["adapted_layers"] / out["decode"]["medians"]["base"]["wall_s"]
-        print(f"layer    {s:12s} {1e6 * v['wall_s'] / pair:8.1f} us per adapted-layer call; over the base "
-              f"{1e6 * extra:+6.1f} us, x {out['layer']['adapted_layers']} layers = {100 * share:+.2f} % of a base decode step",
+        out["setup_s"]["engine_ready"] = time.time() - began
+        print(f"ready after {time.time() - began:.0f} s: {len(dirs)} adapters attached, setups {list(bench.setups)}",
               flush=True)
-    write({"ratios": {p: out[p]["ratios"] for p in ("decode", "prefill", "layer") if out[p]}, "goals": {}, **out}, args.out)
+        out["decode"] = measure(bench, "decode", args.rounds, args.steps)  # always: the layer phase is read against it
+        save()
+        if "layer" in phases:
+            layer = measure(bench, "layer", args.rounds, args.steps)
+            out["layer"] = {**layer, "calls": 100, "adapted_layers": bench.adapted_layers(),
+                            "note": "times of 100 calls of layer 0's q_proj and v_proj each on a decode step's input"}
+            save()
+        for phase in ("prefill", "prefill-padded"):
+            if phase in phases:
+                out[phase] = measure(bench, phase, max(3, args.rounds // 3), max(1, args.steps // 2))
+                save()
+        if args.profile:
+            out["profiles"] = profile(bench, args.profile)
+        bench.pool.close()
+    for phase in ("decode", "prefill", "prefill-padded"):
+        for s, v in (out[phase] or {"medians": {}})["medians"].items():
+            print(f"{phase:14s} {s:13s} wall {1e3 * v['wall_s']:8.2f} ms  host cpu {1e3 * v['cpu_s']:8.2f} ms", flush=True)
+    pair = 2 * 100  # calls of an adapted layer per block (q and v)
+    layer = out["layer"]
+    for s, v in (layer or {"medians": {}})["medians"].items():
+        extra = (v["wall_s"] - layer["medians"]["base"]["wall_s"]) / pair
+        share = extra * layer["adapted_layers"] / out["decode"]["medians"]["base"]["wall_s"]
+        print(f"layer          {s:13s} {1e6 * v['wall_s'] / pair:8.1f} us per adapted-layer call; over the base "
+              f"{1e6 * extra:+6.1f} us, x {layer['adapted_layers']} layers = {100 * share:+.2f} % of a base decode step",
+              flush=True)
+    save(final=True)
     return out
 
 

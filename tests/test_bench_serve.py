@@ -71,3 +71,21 @@ def test_quick_serve_pairs_alternates_and_takes_each_pairs_ratio(tmp_path):
     for p in data["pairs"]:
         assert p["ratio"] == pytest.approx(p["many"] / p["one"])
     assert json.loads((tmp_path / "pairs.json").read_text())["median_ratio"] == pytest.approx(data["median_ratio"])
+
+
+def test_quick_http_bench_drives_a_real_server_and_peft(tmp_path):
+    """``bench.serve_http``: a ``deltatune serve`` subprocess under streamed HTTP clients (every
+    token counted from its own event), PEFT beside it; chains, ratios and the server's metrics."""
+    from bench import serve_http
+
+    out = tmp_path / "http.json"
+    data = serve_http.main(["--quick", "--device", "cpu", "--threads", "1", "--clients", "3", "--warmup", "0.3",
+                            "--seconds", "1", "--pairs", "1", "--adapters", "1,3", "--max-loaded", "2",
+                            "--setups", "deltatune,peft-batched", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"].keys() == {"deltatune M=base", "deltatune M=1", "deltatune M=3",
+                                                          "peft-batched M=1", "peft-batched M=3"}
+    assert all(row["failed"] == 0 and row["tokens_per_s"] > 0 for row in data["rows"].values())
+    assert [c["order"] for c in data["chains"]] == [["base", "1 adapter", "3 adapters"]]
+    assert data["warm_errors"] == [] and data["mean_rows_per_pass"] >= 1
+    assert data["server_metrics"]["deltatune_adapter_cache_evictions_total"] > 0  # 3 adapters through 2 slots
+    assert (tmp_path / "http.server.log").is_file()

@@ -128,10 +128,14 @@ def _install(model: nn.Module, name: str, built: dict[str, list[nn.Module]], sav
     """Put the built adapters (and the full copies of ``save_names``) into their layers as ``name``."""
     for module_name, adapters in built.items():
         adapter = adapters[0] if len(adapters) == 1 else Composite(adapters)
-        # Adapters live where their base lives, in its precision.
-        ref = next((p for p in modules[module_name].parameters() if p.is_floating_point()), None)
+        # Adapters live where their base lives, in its precision; a base with integer weights only
+        # (a 4/8-bit quantized layer without bias) gives its device, and the adapter keeps its dtype.
+        params = list(modules[module_name].parameters())
+        ref = next((p for p in params if p.is_floating_point()), None)
         if ref is not None:
             adapter.to(device=ref.device, dtype=ref.dtype)
+        elif params:
+            adapter.to(device=params[0].device)
         _wrap(model, module_name).adapters[name] = adapter.train(modules[module_name].training)
     for module_name in save_names:
         _wrap(model, module_name).adapters[name] = FullCopy(modules[module_name]).train(modules[module_name].training)

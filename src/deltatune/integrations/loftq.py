@@ -30,7 +30,7 @@ from deltatune.core.inject import attach, detach
 from deltatune.core.records import adapted_layers
 from deltatune.core.layer import AdaptedLayer
 from deltatune.core.layers import quantized_format
-from deltatune.integrations.quantize import DEFAULT_SKIP, quantize, quantized_linear
+from deltatune.integrations.quantize import DEFAULT_SKIP, check_device, quantize, quantized_linear
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,9 @@ def loftq_quantize(model: nn.Module, config: Any, fmt: str = "nf4", *, iteration
             quantized_format(m) is not None for m in model.modules()):
         raise ValueError("loftq needs the full-precision model with no adapter attached: it quantizes the base itself")
     skip = tuple(quantize_kwargs.get("skip", DEFAULT_SKIP))
-    qkw = {k: v for k, v in quantize_kwargs.items() if k not in ("skip", "rest_dtype")}
+    qkw = {k: v for k, v in quantize_kwargs.items() if k not in ("skip", "rest_dtype", "device")}
+    device = quantize_kwargs.get("device")
+    device = None if device is None else check_device(device)
     probe = "_loftq_probe"
     with torch.random.fork_rng(devices=[]):  # the probe's random init leaves the caller's RNG alone
         attach(model, config, probe)  # which layers the adapter takes, with its rank and scaling
@@ -83,6 +85,8 @@ def loftq_quantize(model: nn.Module, config: Any, fmt: str = "nf4", *, iteration
     inits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for n, rank, scaling in plan:
         base = model.get_submodule(n)
+        if device is not None:
+            base.to(device)  # quantized (and factorised) on the device it will train on, as quantize does
         W = base.weight.detach().float()                        # (d_out, d_in)
         plain = _dequantized(quantized_linear(base, fmt, **qkw))
         A, B, Q = _alternate(base, W, rank, scaling, fmt, iterations, qkw)

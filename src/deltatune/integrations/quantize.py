@@ -195,8 +195,13 @@ FORMATS: list[QuantizedFormat] = [
 def quantize(model: nn.Module, fmt: str = "nf4", *, double_quant: bool = True,
              compute_dtype: torch.dtype | str = torch.float32, backend: str = "bitsandbytes",
              skip: Iterable[str] = DEFAULT_SKIP, blocksize: int = 64,
-             rest_dtype: torch.dtype | str | None = None) -> nn.Module:
+             rest_dtype: torch.dtype | str | None = None, device: torch.device | str | None = None) -> nn.Module:
     """Replace ``model``'s ``nn.Linear`` layers by frozen ``fmt`` ones, in place; returns ``model``.
+
+    Quantize on the device the model will train on: pass ``device`` (each linear layer moves there
+    just before it is quantized, so at most one of them is there in full precision at a time; the
+    rest of the model follows at the end), or move the model first. bitsandbytes' int8 layer keeps
+    its scales outside the parameter, where ``model.to(...)`` does not move them.
 
     Args:
         fmt: ``"nf4"`` (4-bit NormalFloat), ``"int8"`` (row-wise absmax) or ``"none"`` (no change).
@@ -211,6 +216,7 @@ def quantize(model: nn.Module, fmt: str = "nf4", *, double_quant: bool = True,
             ``torch_dtype=torch.bfloat16`` (QLoRA practice). ``None`` (default): left as they are.
             Buffers (e.g. rotary frequencies) are not touched. Pair bfloat16 with
             ``compute_dtype=torch.bfloat16`` so the activations stay in one dtype.
+        device: where to quantize and leave the model (default: where each weight is).
     """
     if fmt not in QUANT_FORMATS:
         raise ValueError(f"quantize must be one of {', '.join(QUANT_FORMATS)}; got {fmt!r}")
@@ -228,6 +234,7 @@ def quantize(model: nn.Module, fmt: str = "nf4", *, double_quant: bool = True,
                          "then deltatune.attach(model, config)")
     dtype = parse_dtype(compute_dtype)
     rest = None if rest_dtype is None else parse_dtype(rest_dtype)
+    target = None if device is None else check_device(device)
     _import(backend)  # the one-line error naming what to install, before any layer changes
     skip = tuple(skip)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear
@@ -235,11 +242,25 @@ def quantize(model: nn.Module, fmt: str = "nf4", *, double_quant: bool = True,
     for name in names:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, leaf, quantized_linear(owner.get_submodule(leaf), fmt, double_quant=double_quant,
+        linear = owner.get_submodule(leaf)
+        if target is not None:
+            linear.to(target)  # only this layer in full precision on the device at a time
+        setattr(owner, leaf, quantized_linear(linear, fmt, double_quant=double_quant,
                                               compute_dtype=dtype, backend=backend, blocksize=blocksize))
     if rest is not None:
         cast_rest(model, rest)
+    if target is not None:
+        model.to(target)  # the rest (embeddings, norms, head); quantized weights are there already
     return model
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device``, or the one-line error when this machine has no such device."""
+    where = torch.device(device)
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"quantize on {where}: torch sees no CUDA device here (torch {torch.__version__}); "
+                           "install a CUDA build of torch or quantize on device='cpu'")
+    return where
 
 
 def cast_rest(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -297,7 +318,13 @@ def _quantized(lib: Any, backend: str, linear: nn.Linear, fmt: str, double_quant
     else:
         bnb = lib.nn
         new = bnb.Linear8bitLt(d_in, d_out, bias=bias is not None, has_fp16_weights=False, threshold=0.0, device="meta")
-        new.weight = bnb.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to(device)
+        # Quantized here, on the weight's device: ``Int8Params.to(device)`` quantizes only a weight
+        # moving off the CPU, so a CUDA weight would stay floating point. The same row-wise absmax
+        # as its own quantization (fp16 first).
+        import bitsandbytes.functional as F
+
+        CB, SCB, _ = F.int8_vectorwise_quant(weight.to(torch.float16).contiguous())  # (d_out, d_in), (d_out,)
+        new.weight = bnb.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
     if bias is not None:
         new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     new.train(linear.training)

@@ -168,7 +168,8 @@ class Server:
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._stream(job, queue, rid, body.model, chat, include_usage, endpoint),
+            return StreamingResponse(self._stream(job, queue, rid, body.model, chat, include_usage, endpoint,
+                                                  body.return_token_ids),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text, ids, finish, usage = [], [], None, None
         while finish is None:
@@ -193,7 +194,7 @@ class Server:
                                        finish, usage))
 
     async def _stream(self, job: Job, queue: asyncio.Queue, rid: str, model: str, chat: bool, include_usage: bool,
-                      endpoint: str) -> AsyncIterator[str]:
+                      endpoint: str, token_ids: bool = False) -> AsyncIterator[str]:
         sse = Chunks(rid, model, chat)
         done = False
         try:
@@ -202,8 +203,8 @@ class Server:
             while True:
                 event = await queue.get()
                 if event[0] == "delta":
-                    if event[1]:
-                        yield sse.delta(event[1], None)
+                    if event[1] or token_ids:  # with return_token_ids, one event per token (its text may be held back)
+                        yield sse.delta(event[1], None, [event[2]] if token_ids else None)
                 elif event[0] == "end":
                     yield sse.delta(None if chat else "", event[1])
                     if include_usage:

@@ -302,10 +302,14 @@ class Engine:
 
     def _take(self, jobs: list[Job], logits: Tensor) -> None:
         """Pick each row's next token (greedy rows in one argmax) and hand out the new text."""
+        # The step's one wait for the device: the greedy picks, and the sampled rows' logits in one
+        # copy (not a copy per row: on a GPU each would wait for the device again).
         greedy = logits.argmax(-1).tolist()
+        sampled = [i for i, job in enumerate(jobs) if job.temperature != 0]
+        host = dict(zip(sampled, logits[sampled].float().cpu())) if sampled else {}
         now = time.perf_counter()
         for i, job in enumerate(jobs):
-            token = greedy[i] if job.temperature == 0 else sample(logits[i], job.temperature, job.top_p, job.generator)
+            token = greedy[i] if job.temperature == 0 else sample(host[i], job.temperature, job.top_p, job.generator)
             job.out.append(token)
             self.metrics.inc("deltatune_generated_tokens_total")
             if job.first_token is None:
@@ -392,7 +396,7 @@ class Engine:
 
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """One token from ``softmax(logits / temperature)``, restricted to the top-p nucleus (OpenAI's meaning)."""
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # (V,)
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # (V,), on the host (the generator's device)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p

@@ -50,17 +50,25 @@ def by_adapter(jobs: list[Any]) -> list[Any]:
 
 def inputs(prompts: list[list[int]], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``ids (1, N)``, the additive mask ``(1, 1, N, N)``, ``positions (1, N)`` and each prompt's
-    last token ``(n,)`` for the prompts one after another."""
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    N = int(lengths.sum())
-    ids = torch.tensor([[t for p in prompts for t in p]], device=device)
-    which = torch.repeat_interleave(torch.arange(len(prompts), device=device), lengths)          # (N,) prompt of each token
-    ends = lengths.cumsum(0) - 1                                                                # (n,)
-    positions = torch.arange(N, device=device) - (ends - lengths + 1).repeat_interleave(lengths)  # (N,) 0..n_i - 1
+    last token ``(n,)`` for the prompts one after another.
+
+    The index vectors are laid out on the host and moved in one copy: computed on a GPU, their
+    sizes (``N``, ``repeat_interleave``'s output) would each wait for the device."""
+    lengths = [len(p) for p in prompts]
+    N = sum(lengths)
+    ends, start = [], 0
+    for n in lengths:
+        start += n
+        ends.append(start - 1)
+    host = torch.tensor([[t for p in prompts for t in p],                         # ids
+                         [i for i, n in enumerate(lengths) for _ in range(n)],   # prompt of each token
+                         [k for n in lengths for k in range(n)],                 # positions 0..n_i - 1
+                         ends + [0] * (N - len(ends))])                          # (4, N), ends padded
+    ids, which, positions, last = host.to(device).unbind(0)
     order = torch.arange(N, device=device)
     seen = (which[:, None] == which[None, :]) & (order[:, None] >= order[None, :])              # (N, N) own prompt, causal
     mask = torch.zeros((N, N), dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)
-    return ids, mask[None, None], positions[None], ends
+    return ids[None], mask[None, None], positions[None], last[: len(prompts)]
 
 
 def padded(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -34,8 +34,10 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100
 
 
-def quantize_base(model: nn.Module, config: Any, loftq_init: bool = True) -> nn.Module:
+def quantize_base(model: nn.Module, config: Any, loftq_init: bool = True,
+                  device: torch.device | str | None = None) -> nn.Module:
     """``config.quantize`` applied to ``model`` (in place) before any adapter attaches; a no-op for none.
+    ``device``: quantize there (the device it will run on) and leave the model there.
 
     With ``loftq_iterations`` the base is LoftQ's; ``loftq_init`` keeps LoftQ's starting factors on the
     model for :func:`apply_loftq` (training). A trained adapter about to be loaded needs only the base:
@@ -45,7 +47,7 @@ def quantize_base(model: nn.Module, config: Any, loftq_init: bool = True) -> nn.
     import deltatune as dt
 
     kwargs = quantize_kwargs(config) | {"backend": config.quantize_backend,
-                                        "rest_dtype": getattr(config, "quantize_rest_dtype", None)}
+                                        "rest_dtype": getattr(config, "quantize_rest_dtype", None), "device": device}
     if getattr(config, "loftq_iterations", 0):
         from deltatune.integrations.loftq import loftq_quantize
 

@@ -285,7 +285,7 @@ def load_trained(path: str | Path, overrides: dict[str, Any] | None = None,
         _check_head_size(where, loaded, labels, config)
         from deltatune.train.memory import quantize_base
 
-        quantize_base(model, config, loftq_init=False)  # the adapter meets the (freshly) quantized base it was trained on
+        quantize_base(model, config, loftq_init=False, device=device)  # the adapter meets the (freshly) quantized base it was trained on
         name = dt.load_adapter(model, where)
     model.eval()
     if device is not None:

@@ -44,7 +44,7 @@ def training_runner(config: TrainConfig, device: torch.device, precision: str, d
 
 def prepare_on(loaded: Any, config: TrainConfig, device: torch.device) -> Strategy:
     """``loaded`` (``models.load_model``'s result) quantized, made trainable and moved to ``device``."""
-    quantize_base(loaded.model, config)  # before the adapter attaches; a no-op for quantize: none
+    quantize_base(loaded.model, config, device=device)  # before the adapter attaches; no-op for quantize: none
     strategy = prepare(loaded, config)
     apply_loftq(loaded.model)  # loftq_iterations: LoRA starts from LoftQ's A, B (a no-op otherwise)
     loaded.model.to(device)
