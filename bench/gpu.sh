@@ -41,11 +41,20 @@ if [[ -d .gpu/whl && -z ${NO_WHEELS:-} ]]; then  # NO_WHEELS=1: use this Python'
 fi
 export PYTHONPATH=/tmp/twins/pkgs:/tmp/site:$PWD/src:$PWD
 export DELTATUNE_CACHE=/tmp/twins/cache
-run twins 120 $PY -m bench.twins --models .gpu/models --into /tmp/twins
+# The twins build (about 25 s) while the first section that needs none (env, tests) runs.
+$PY -m bench.twins --models .gpu/models --into /tmp/twins >"$RES/twins.log" 2>&1 &
+twins=$!
+twins_ready() {
+    [[ -z $twins ]] && return
+    wait "$twins" || { echo "== twins failed"; tail -20 "$RES/twins.log"; }
+    twins=
+}
 
 for s in "${sections[@]}"; do
+    [[ $s == env || $s == tests ]] || twins_ready
     case $s in
     env)
+        twins_ready
         run env 60 bash -c "nvidia-smi; $PY - <<'EOF'
 import importlib, torch
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))
@@ -90,7 +99,23 @@ for n, f in [('torchao-nf4', nf4), ('bnb-nf4', bnb4), ('smollm2-twin', llama), (
 EOF"
         ;;
     tests)
-        run tests 120 $PY -m pytest -q -p no:cacheprovider -x tests/gpu
+        run tests "${T_TESTS:-75}" $PY -m pytest -q -p no:cacheprovider -n 6 -k "not cpu" tests/gpu  # the CPU half runs in CI
+        ;;
+    bf16)  # issue 20: the training step best against best on CUDA, both batch sizes, roofline
+        run bf16 "${T_BF16:-95}" $PY -m bench.bf16 --device cuda --workloads minilm smollm2 --sizes default gpu \
+            --rounds 5 --steps-per-round 3 --budget-s "$(( ${T_BF16:-95} - 20 ))" --out "$RES/bf16-cuda.json"
+        ;;
+    quant)  # issue 13: fp32 / bf16 / int8 / NF4 (bitsandbytes, torchao) / PEFT + bitsandbytes on CUDA
+        run quant "${T_QUANT:-100}" $PY -m bench.quant_device --device cuda --budget-s "$(( ${T_QUANT:-100} - 20 ))" \
+            --out "$RES/quant-cuda.json"
+        ;;
+    serve_step)  # issue 18: the engine's decode step and prefill, base / 1 / 32 / 256 adapters
+        run serve_step "${T_STEP:-45}" $PY -m bench.serve_step --device cuda --adapters 32,256 --rounds 8 \
+            --adapter-cache /tmp/adapters --out "$RES/serve_step-cuda.json"
+        ;;
+    serve)  # issue 18: HTTP load generator against deltatune serve on CUDA, and PEFT's baseline
+        run serve "${T_SERVE:-110}" $PY -m bench.serve_http --device cuda --clients 64 --warmup 2 --seconds 6 \
+            --pairs 1 --adapters 1,32,256 --adapter-cache /tmp/adapters --out "$RES/serve-http-cuda.json"
         ;;
     *)
         echo "== $s: no such section (env tests bf16 quant serve_step serve)"

@@ -183,6 +183,18 @@ def _cpu_cells(r: dict[str, Any]) -> str:
             f" {r['cpu_share_probe']:>4.2f}/{r['cpu_share_run']:.2f}")
 
 
+def cpu_model() -> str | None:
+    """The processor (Linux: ``/proc/cpuinfo``), so figures from different machines stay apart."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    name = fields.get("model name")  # a virtual machine may name only the make: add family and model
+    return name and f"{name} (family {fields.get('cpu family')}, model {fields.get('model')})"
+
+
 def main(argv: list[str] | None = None) -> None:
     from deltatune.train.space import parse_methods
 
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="report from the plan and the compare runs already in --runs (no training)")
     args = parser.parse_args(argv)
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results["machine"] = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+    results["machine"] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                           "load_average_before": os.getloadavg()}
     for name in args.models.split(","):
         results[name] = measure(name, args.runs / name, args.steps, parse_methods(args.methods), args.collect)

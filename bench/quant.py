@@ -39,7 +39,8 @@ from torch import nn
 
 import deltatune as dt
 from bench.measure import interleaved, median, rss_growth, tensor_peak
-from bench.workloads import WORKLOADS, Workload
+from bench.quant_common import frozen_bytes, linear_bytes, versions, workload
+from bench.workloads import Workload
 from deltatune.integrations.quantize import DEFAULT_SKIP, quantized_linear, resident_bytes
 from deltatune.train.memory import chunked_runner
 
@@ -49,16 +50,6 @@ SETUPS = ["fp32", "bf16", "int8", "nf4", "nf4-torchao", "peft-nf4"]
 LEVER_SETUPS = {"nf4-bs32-skip-v": {"blocksize": 32, "skip": DEFAULT_SKIP + ("v_proj",)}}
 RSS_SETUPS = ["fp32", "int8", "nf4"]  # a fresh process each (imports + load): kept to the goal's rows
 RESULTS = Path(__file__).parent / "results"
-
-
-def _workload(name: str, quick: bool) -> Workload:
-    import dataclasses
-
-    w = WORKLOADS[("tiny-" if quick else "") + ("bert" if name == "minilm" and quick else
-                                                "llama" if quick else name)]
-    if name == "smollm2" and not quick:
-        w = dataclasses.replace(w, batch=1, length=256)  # the issue's goal: batch 1 x 256
-    return w
 
 
 def build(setup: str, w: Workload) -> tuple[nn.Module, Any]:
@@ -97,29 +88,10 @@ def build(setup: str, w: Workload) -> tuple[nn.Module, Any]:
     return model, step
 
 
-def _linear_bytes(model: nn.Module) -> int:
-    """Resident bytes of the quantizable linear layers (all but the head), quantized or not."""
-    from deltatune.core.layers import describe
-
-    total = 0
-    for name, m in model.named_modules():
-        spec = describe(m)
-        if spec is not None and spec.kind == "linear" and not any(name.endswith(s) for s in DEFAULT_SKIP) \
-                and ".adapters." not in name and not isinstance(m, dt.AdaptedLayer):
-            total += resident_bytes(m)
-    return total
-
-
-def _frozen_bytes(model: nn.Module) -> int:
-    """Resident bytes of the frozen model: everything but the adapter's (and PEFT's) own tensors."""
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return resident_bytes(model) - trainable
-
-
 def measure(models: list[str], setups: list[str], quick: bool, rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in models:
-        w = _workload(name, quick)
+        w = workload(name, quick)
         built, rows = {}, {}
         for setup in setups:
             try:
@@ -132,8 +104,8 @@ def measure(models: list[str], setups: list[str], quick: bool, rounds: int) -> d
             step()
             alone = time.perf_counter() - t0  # one step on its own (not interleaved): noisier
             peak = tensor_peak(step)["peak"]
-            frozen = _frozen_bytes(model)
-            linear = None if setup.startswith("peft") else _linear_bytes(model)  # PEFT wraps the layers its own way
+            frozen = frozen_bytes(model)
+            linear = None if setup.startswith("peft") else linear_bytes(model)  # PEFT wraps the layers its own way
             rows[setup] = {"resident_bytes": frozen, "linear_bytes": linear, "tensor_peak": peak,
                            "peak_with_weights": frozen + peak, "step_alone_s": alone}
             _partial(name, rows)
@@ -165,7 +137,7 @@ def step_times(models: list[str], setups: list[str], quick: bool, rounds: int, w
 
     out: dict[str, Any] = {}
     for name in models:
-        w = _workload(name, quick)
+        w = workload(name, quick)
         if name == "minilm" and minilm_batch:
             w = dataclasses.replace(w, batch=minilm_batch)
         built, errors = {}, {}
@@ -236,7 +208,7 @@ def sizes(models: list[str], quick: bool, setups: list[str] = SIZE_SETUPS) -> di
     ``setups`` may also name a lever (``LEVER_SETUPS``), with ``-bf16-rest`` or not."""
     out: dict[str, Any] = {}
     for name in models:
-        w = _workload(name, quick)
+        w = workload(name, quick)
         rows = {}
         for setup in ["fp32", *[s for s in setups if s != "fp32"]]:
             model = w.build()
@@ -251,7 +223,7 @@ def sizes(models: list[str], quick: bool, setups: list[str] = SIZE_SETUPS) -> di
                 except Exception as e:
                     rows[setup] = {"error": f"{type(e).__name__}: {e}"[:200]}
                     continue
-            rows[setup] = {"resident_bytes": resident_bytes(model), "linear_bytes": _linear_bytes(model)}
+            rows[setup] = {"resident_bytes": resident_bytes(model), "linear_bytes": linear_bytes(model)}
         for row in rows.values():
             if "error" not in row:
                 row["ratios_to_fp32"] = {k: row[k] / rows["fp32"][k] for k in ("resident_bytes", "linear_bytes")}
@@ -335,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_one:
-        model, step = build(args.rss_one[1], _workload(args.rss_one[0], args.quick))
+        model, step = build(args.rss_one[1], workload(args.rss_one[0], args.quick))
         step()
         print(json.dumps(rss_growth(step)))
         return
@@ -343,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.layer_only:
         res = layer_speed()
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "quant-layer.json").write_text(json.dumps({"versions": _versions(), **res}, indent=2) + "\n")
+        (RESULTS / "quant-layer.json").write_text(json.dumps({"versions": versions(), **res}, indent=2) + "\n")
         print(json.dumps(res, indent=1))
         return
     if args.time_only:
@@ -353,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             path = RESULTS / f"quant-steps-{name}{'-quick' if args.quick else ''}.json"
             if args.out:
                 path = Path(args.out.replace("{model}", name))
-            path.write_text(json.dumps({"versions": _versions(), "threads": torch.get_num_threads(),
+            path.write_text(json.dumps({"versions": versions(), "threads": torch.get_num_threads(),
                                         "load_before": list(__import__("os").getloadavg()), **block}, indent=2) + "\n")
             print(f"wrote {path}")
         return
@@ -362,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         load = list(__import__("os").getloadavg())
         runs = quality(args.quick, args.quality_only)
         path = RESULTS / f"quant-quality-{args.quality_only}{'-quick' if args.quick else ''}.json"
-        path.write_text(json.dumps({"versions": _versions(), "threads": torch.get_num_threads(), "load_before": load,
+        path.write_text(json.dumps({"versions": versions(), "threads": torch.get_num_threads(), "load_before": load,
                                     "load_after": list(__import__("os").getloadavg()), "runs": runs}, indent=2) + "\n")
         print(f"wrote {path}")
         return
@@ -370,14 +342,14 @@ def main(argv: list[str] | None = None) -> None:
         RESULTS.mkdir(exist_ok=True)
         path = Path(args.out) if args.out else RESULTS / ("quant-sizes-quick.json" if args.quick else "quant-sizes.json")
         chosen = args.sizes_setups.split(",") if args.sizes_setups else SIZE_SETUPS
-        path.write_text(json.dumps({"versions": _versions(), "sizes": sizes(models, args.quick, chosen)}, indent=2) + "\n")
+        path.write_text(json.dumps({"versions": versions(), "sizes": sizes(models, args.quick, chosen)}, indent=2) + "\n")
         print(f"wrote {path}")
         return
     result: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available(),
                     "note": "shared 2-core machine under load from other jobs; CUDA figures not recorded (no GPU)"},
-        "versions": _versions(),
+        "versions": versions(),
         "speed_memory": measure(models, setups, args.quick, args.rounds),
     }
     if not args.no_rss:
@@ -394,18 +366,6 @@ def main(argv: list[str] | None = None) -> None:
             r = row.get("ratios_to_fp32", {})
             print(f"  {setup:12s} " + (row["error"] if "error" in row else
                   " ".join(f"{k} {v:.2f}x" for k, v in r.items()) + f"  step {row.get('step_s', row['step_alone_s']):.3f}s"))
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("bitsandbytes", "torchao", "transformers", "peft"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 if __name__ == "__main__":

@@ -46,9 +46,8 @@ from torch import nn
 
 import deltatune as dt
 from bench.measure import interleaved, median, tensor_peak
-from bench.quant import _linear_bytes, _versions, _workload
+from bench.quant_common import frozen_bytes, linear_bytes, versions, workload
 from bench.workloads import Workload
-from deltatune.integrations.quantize import resident_bytes
 from deltatune.train.memory import chunked_runner
 
 # bitsandbytes logs a warning on every int8 forward of float32 inputs on CUDA ("cast to float16")
@@ -109,11 +108,6 @@ def stepper(model: nn.Module, w: Workload, device: torch.device) -> Callable[[di
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())  # also waits for the device
     return step
-
-
-def frozen_bytes(model: nn.Module) -> int:
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return resident_bytes(model) - trainable
 
 
 def peak_of_steps(step: Callable[[], Any], device: torch.device, before: int, resident: int) -> int:
@@ -185,13 +179,14 @@ def run_model(name: str, w: Workload, large: Workload | None, setups: list[str],
         resident = frozen_bytes(model)
         step = stepper(model, w, device)  # a fresh optimizer: the peak's second step holds its state
         peak = peak_of_steps(lambda: step(batch), device, before, resident)
-        rows[setup] = {"resident_bytes": resident, "linear_bytes": None if SETUPS[setup][3] else _linear_bytes(model),
+        rows[setup] = {"resident_bytes": resident, "linear_bytes": None if SETUPS[setup][3] else linear_bytes(model),
                        "peak_bytes": peak, "build_s": round(build_s, 2)}
         steps[setup] = step
         rec.save()
         print(f"{name} {setup}: resident {resident / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
               f"built in {build_s:.1f}s", flush=True)
-    for key, b in (("step_s", batch), ("step_large_s", None if large is None else large.make_batch(device=str(device)))):
+    big = None if large is None else large.make_batch(device=str(device))
+    for key, b in (("step_s", batch), ("step_large_s", big)):
         if b is None or not steps or over():
             continue
         fns = {s: (lambda f=f, b=b: f(b)) for s, f in steps.items()}
@@ -268,11 +263,11 @@ def main(argv: list[str] | None = None) -> None:
         info["gpu"] = torch.cuda.get_device_name(device)
         # the cuBLAS workspace is allocated on the first matmul and kept: paid here, not by the first setup
         (torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)).sum().item()
-    rec = Recorder(args.out, {"machine": info, "versions": _versions(), "weights": "random twins on the GPU: "
+    rec = Recorder(args.out, {"machine": info, "versions": versions(), "weights": "random twins on the GPU: "
                               "time and memory only", "setups": {k: list(v) for k, v in SETUPS.items() if k in setups}})
     torch.manual_seed(0)
     for name in args.models.split(","):
-        w = _workload(name, args.quick)
+        w = workload(name, args.quick)
         big = None
         if large:
             big = dataclasses.replace(w, batch=large * (8 if name == "minilm" else 1))

@@ -99,7 +99,8 @@ def test_quantized_on_the_device_and_the_formula_holds(device, fmt, backend, met
     # codes and scales on the device (bitsandbytes' state_dict adds small metadata tensors on the CPU:
     # its packed quant_state description and int8's weight_format flag)
     meta = ("quant_state.bitsandbytes__", "weight_format")
-    assert all(t.device.type == device.type for k, ts in _frozen(model).items() if not any(m in k for m in meta) for t in ts)
+    stored = [t for k, ts in _frozen(model).items() if not any(m in k for m in meta) for t in ts]
+    assert stored and all(t.device.type == device.type for t in stored)
     dt.attach(model, METHODS[method]())
     assert all(p.device.type == device.type for p in model.parameters() if p.requires_grad)
     _randomise(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -141,3 +142,35 @@ def test_the_first_steps_extra_is_the_warm_up_less_a_steady_step_of_its_size() -
     assert extra["wall"] == pytest.approx(3.0) and extra["cpu"] == pytest.approx(1.2)
     # A warm-up no slower than a steady step has no extra (never negative).
     assert first_step_extra({"wall": 1.0, "cpu": 0.5, "tokens": 200}, timing) == {"wall": 0.0, "cpu": 0.0}
+
+
+def test_a_one_off_cost_in_the_probe_is_not_counted_in_its_steady_step(tiny_bert: Path, tiny_csv: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A step that pays a one-off cost (a lazy allocation, a kernel built on first use, the heap handed
+    # back by a cleanup just before) must not be read as what every step of the run costs: in a timed
+    # step it is dropped, in the warm-up it is the first step's extra, paid once.
+    import deltatune.train.probe as probe
+
+    one_off = 10.0  # seconds, added to the step's measured wall time: far above a tiny step's milliseconds
+    events: list[str] = []
+    real_step, real_release = probe._step, probe.release
+
+    def step(s: Any, *args: Any) -> None:
+        real_step(s, *args)
+        if events.count("step") in (0, 1):  # the warm-up, then the first timed step
+            s.elapsed += one_off
+        events.append("step")
+
+    monkeypatch.setattr(probe, "_step", step)
+    monkeypatch.setattr(probe, "release", lambda: (events.append("release"), real_release()))
+    [row] = run_plan(shared(tiny_bert, tiny_csv), "lora", "defaults", steps=3, say=lambda _: None)["rows"]
+    assert row["status"] == "ok" and events.count("step") == 4
+    # Nothing is freed or handed back between the warm-up and the last timed step.
+    first, last = events.index("step"), len(events) - events[::-1].index("step")
+    assert events[first:last] == ["step"] * 4
+    # The timed steps' median drops the one-off (their mean would give over a third of it per step).
+    assert row["step_seconds"] < one_off / 10
+    assert max(row["probe_rates"]) > 100 * min(row["probe_rates"])  # it was in the timed steps' figures
+    # The warm-up's one-off is the run's first-step extra, counted once in the run's time.
+    assert one_off <= row["first_step_extra_seconds"] < 1.1 * one_off
+    assert row["train_seconds"] == pytest.approx(row["step_seconds"] * 6 * 2 + row["first_step_extra_seconds"])
