@@ -47,7 +47,8 @@ from deltatune.train.memory import chunked_runner
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 SETUPS = ["fp32", "bf16", "int8", "nf4", "nf4-torchao", "peft-nf4"]
 #: NF4 levers at 4 bits (the training options quantize_blocksize / quantize_skip), not in the default run
-LEVER_SETUPS = {"nf4-bs32-skip-v": {"blocksize": 32, "skip": DEFAULT_SKIP + ("v_proj",)}}
+LEVER_SETUPS = {"nf4-bs32-skip-v": {"blocksize": 32, "skip": DEFAULT_SKIP + ("v_proj",)},
+                "nf4-bs32-skip-attn": {"blocksize": 32, "skip": DEFAULT_SKIP + ("q_proj", "k_proj", "v_proj", "o_proj")}}
 RSS_SETUPS = ["fp32", "int8", "nf4"]  # a fresh process each (imports + load): kept to the goal's rows
 RESULTS = Path(__file__).parent / "results"
 
