@@ -103,7 +103,7 @@ EOF"
         ;;
     bf16)  # issue 20: the training step best against best on CUDA, both batch sizes, roofline
         run bf16 "${T_BF16:-95}" $PY -m bench.bf16 --device cuda --workloads minilm smollm2 --sizes default gpu \
-            --rounds 5 --steps-per-round 3 --budget-s "$(( ${T_BF16:-95} - 20 ))" --out "$RES/bf16-cuda.json"
+            --rounds 5 --steps-per-round 3 --budget-s "$(( ${T_BF16:-95} - 25 ))" --out "$RES/bf16-cuda.json"
         ;;
     quant)  # issue 13: fp32 / bf16 / int8 / NF4 (bitsandbytes, torchao) / PEFT + bitsandbytes on CUDA
         run quant "${T_QUANT:-100}" $PY -m bench.quant_device --device cuda --budget-s "$(( ${T_QUANT:-100} - 20 ))" \
