@@ -26,8 +26,9 @@ step's matrix-multiply FLOPs are counted once per setup (``torch.utils.flop_coun
 with the fused kernels on torch's products so every product is counted), and divided by the step
 time: achieved GFLOP/s, set against the measured peak of ``F.linear`` in the same dtype (float32,
 TF32 on CUDA, bfloat16) over the model's own layer shapes (N = batch x tokens rows; the best of
-those shapes, timed before and after the steps; on CUDA the products are queued behind a sleep
-kernel and timed with CUDA events, so launch latency is not counted). Memory: the peak a training
+those shapes, timed before and after the steps, after only within ``--budget-s``; on CUDA the
+products are queued behind a sleep kernel and timed with CUDA events, so launch latency is not
+counted). Memory: the peak a training
 step adds on top of the loaded model over the first two steps from a fresh optimizer (its state
 included): ``torch.cuda.max_memory_allocated`` on CUDA, the tensor peak of ``bench/measure.py``
 on CPU.
@@ -341,8 +342,9 @@ def run_workload(workload: Workload, libs: list[str], rounds: int, only: list[st
         save(res)
 
     time_rounds(steps, rounds, per_round, device, clock, on_round)
-    res["matmul_peak_after"] = peak_after = peaks(shapes, rows, device)
-    res["matmul_peak_gflops"] = {d: max(peak_before[d]["gflops"], peak_after[d]["gflops"]) for d in peak_before}
+    if not clock.over():  # past the budget the peak taken before the steps has to do
+        res["matmul_peak_after"] = peak_after = peaks(shapes, rows, device)
+        res["matmul_peak_gflops"] = {d: max(peak_before[d]["gflops"], peak_after[d]["gflops"]) for d in peak_before}
     summarise(res, libs)
     res["partial"] = False
     save(res)

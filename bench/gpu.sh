@@ -103,19 +103,20 @@ EOF"
         ;;
     bf16)  # issue 20: the training step best against best on CUDA, both batch sizes, roofline
         run bf16 "${T_BF16:-95}" $PY -m bench.bf16 --device cuda --workloads minilm smollm2 --sizes default gpu \
-            --rounds 5 --steps-per-round 3 --budget-s "$(( ${T_BF16:-95} - 20 ))" --out "$RES/bf16-cuda.json"
+            --rounds 5 --steps-per-round 3 --budget-s "$(( ${T_BF16:-95} - 25 ))" --out "$RES/bf16-cuda.json"
         ;;
     quant)  # issue 13: fp32 / bf16 / int8 / NF4 (bitsandbytes, torchao) / PEFT + bitsandbytes on CUDA
         run quant "${T_QUANT:-100}" $PY -m bench.quant_device --device cuda --budget-s "$(( ${T_QUANT:-100} - 20 ))" \
             --out "$RES/quant-cuda.json"
         ;;
     serve_step)  # issue 18: the engine's decode step and prefill, base / 1 / 32 / 256 adapters
-        run serve_step "${T_STEP:-45}" $PY -m bench.serve_step --device cuda --adapters 32,256 --rounds 8 \
-            --adapter-cache /tmp/adapters --out "$RES/serve_step-cuda.json"
+        run serve_step "${T_STEP:-45}" $PY -m bench.serve_step --device cuda --rows 64 --adapters 32,256 --rounds 6 \
+            --steps 5 --phases decode,layer,prefill,prefill-padded --adapter-cache /tmp/adapters \
+            --out "$RES/serve_step-cuda.json"
         ;;
     serve)  # issue 18: HTTP load generator against deltatune serve on CUDA, and PEFT's baseline
-        run serve "${T_SERVE:-110}" $PY -m bench.serve_http --device cuda --clients 64 --warmup 2 --seconds 6 \
-            --pairs 1 --adapters 1,32,256 --adapter-cache /tmp/adapters --out "$RES/serve-http-cuda.json"
+        run serve "${T_SERVE:-110}" $PY -m bench.serve_http --device cuda --clients 64 --max-tokens 32 --warmup 1 \
+            --seconds 2.5 --pairs 2 --adapters 1,32,256 --adapter-cache /tmp/adapters --out "$RES/serve-http-cuda.json"
         ;;
     *)
         echo "== $s: no such section (env tests bf16 quant serve_step serve)"

@@ -89,3 +89,17 @@ def test_quick_http_bench_drives_a_real_server_and_peft(tmp_path):
     assert data["warm_errors"] == [] and data["mean_rows_per_pass"] >= 1
     assert data["server_metrics"]["deltatune_adapter_cache_evictions_total"] > 0  # 3 adapters through 2 slots
     assert (tmp_path / "http.server.log").is_file()
+
+
+def test_quick_serve_work_times_the_loop_on_a_fixed_plan(tmp_path):
+    """``bench.serve_work``: the same requests for both setups (same steps' worth of work), each
+    pair's ratios from its own two runs."""
+    from bench import serve_work
+
+    data = serve_work.main(["--quick", "--requests", "6", "--clients", "3", "--pairs", "2", "--threads", "1",
+                            "--out", str(tmp_path / "work.json")])
+    runs = data["runs"]
+    assert [r["setup"] for r in runs] == ["base", "1 adapter", "1 adapter", "base"]
+    assert all(r["decode_steps"] > 0 and r["prefills"] > 0 and r["decode_cpu_s"] > 0 for r in runs)
+    first = data["ratios"]["1 adapter / base, wall_s"]["pairs"][0]
+    assert first == pytest.approx(runs[1]["wall_s"] / runs[0]["wall_s"], rel=1e-3)
