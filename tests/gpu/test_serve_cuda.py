@@ -10,11 +10,6 @@ thread as in ``tests/serve/test_serve.py``.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,33 +22,8 @@ openai = pytest.importorskip("openai")
 
 import deltatune as dt  # noqa: E402
 from deltatune.serve import Server, load_served  # noqa: E402
+from tests.serve.uvicorn_thread import running  # noqa: E402
 from tests.train.tiny import make_tiny_llama  # noqa: E402
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(server: Server) -> Iterator[str]:
-    """``server`` on uvicorn in a thread; yields its base URL (as tests/serve/test_serve.py does)."""
-    import uvicorn
-
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-
 
 PROMPTS = [[5, 9, 13, 7, 40, 41], [11, 4], [8, 8, 21, 3, 30, 2, 17, 90, 12]]
 NEW = 10

@@ -8,12 +8,9 @@ library's ``generate`` with that adapter, token for token, alone and in a mixed 
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,35 +25,10 @@ httpx = pytest.importorskip("httpx")
 import deltatune as dt  # noqa: E402
 from deltatune.serve import Limits, Server, load_served  # noqa: E402
 from deltatune.train.chat import encode_pair  # noqa: E402
+from tests.serve.uvicorn_thread import free_port, running  # noqa: E402
 from tests.train.tiny import make_tiny_bert, make_tiny_llama, save_tiny_classifier  # noqa: E402
 
 PROMPTS = ["hello there how are you", "hi", "how are you a b"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(server: Server) -> Iterator[str]:
-    """``server`` on uvicorn in a thread; yields its base URL."""
-    import uvicorn
-
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
 
 
 def _adapter(base: Path, out: Path, config: dt.AdapterConfig, seed: int, format: str = "deltatune") -> Path:
@@ -285,7 +257,7 @@ def test_classification_endpoint(tmp_path: Path) -> None:
 def test_the_serve_command_starts_a_server(tmp_path: Path) -> None:
     base = make_tiny_llama(tmp_path / "llama")
     lora = _adapter(base, tmp_path / "a", dt.LoraConfig(target=["q_proj"], rank=2), 9)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "deltatune", "serve", str(base), "--adapter", f"a={lora}",
                              "--port", str(port), "--max-loaded", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
