@@ -1,4 +1,4 @@
-"""Measuring tools: a training step, interleaved timing, and two kinds of peak memory.
+"""Measuring tools: a training step, interleaved timing, two kinds of peak memory, and writing results.
 
 Time: every setup lives in the same process and the setups take turns, one step each per round
 (ABC, then CBA, ...), so load changes on a shared machine hit them all alike; medians over rounds.
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import os
 import statistics
 import time
 import weakref
@@ -165,3 +167,12 @@ def cuda_peak(step: Callable[[], Any], steps: int = 2) -> dict[str, int]:
         step()
     torch.cuda.synchronize()
     return {"peak": torch.cuda.max_memory_allocated() - start, "after": torch.cuda.memory_allocated() - start}
+
+
+def write_json(out: Path, record: dict[str, Any], indent: int | None = 1) -> None:
+    """``record`` to ``out`` atomically (a temporary file beside it, then renamed over it), so a
+    bench rewriting its results as it goes never leaves a torn file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=indent) + "\n")
+    os.replace(tmp, out)

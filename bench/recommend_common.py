@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -13,14 +11,6 @@ def pm(v: dict[str, float] | tuple[float, float] | list[float], signed: bool = F
     """``0.1234 ± 0.0012`` (``+0.1234 ± ...`` when ``signed``) from ``{"mean", "se"}`` or ``(mean, se)``."""
     mean, se = (v["mean"], v["se"]) if isinstance(v, dict) else v
     return f"{mean:{'+' if signed else ''}.4f} ± {se:.4f}"
-
-
-def write_json(out: Path, record: dict[str, Any], indent: int | None = 1) -> None:
-    """``record`` to ``out`` atomically (a temporary file beside it, then renamed over it)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=indent) + "\n")
-    os.replace(tmp, out)
 
 
 def progress(label: str, run: dict[str, Any], test: str, t0: float, load: bool = False) -> None:

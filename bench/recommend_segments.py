@@ -62,7 +62,7 @@ from deltatune.train.recommend import ATTENTION, RecommendTask, held_out, period
 from deltatune.train.run import run_training
 from deltatune.train.sasrec import collate
 
-from bench.recommend_common import write_json
+from bench.measure import write_json
 from bench.recommend_segments_report import summarise
 
 FFN = ["fc1", "fc2"]

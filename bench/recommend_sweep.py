@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from bench.recommend_common import progress, write_json
+from bench.measure import write_json
+from bench.recommend_common import progress
 from deltatune.train.callbacks import Callback, State
 from deltatune.train.config import validate_config
 from deltatune.train.loop import make_runner

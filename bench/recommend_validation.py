@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from bench.recommend_common import pm, progress, write_json
+from bench.measure import write_json
+from bench.recommend_common import pm, progress
 from bench.recommend_sweep import PRESETS, mean_se
 from bench.recommend_sweep_report import settings as sweep_settings
 from deltatune.train.config import validate_config

@@ -48,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import deltatune as dt  # noqa: E402
+from bench.measure import write_json  # noqa: E402
 from bench.serve import base_dir, label, load, write_adapters  # noqa: E402
 from bench.serve_load import Record, drive, make_plan  # noqa: E402
 from bench.serve_peft import PeftSetup  # noqa: E402
@@ -219,10 +220,7 @@ class HttpSetup:
 
 
 def _save(out: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
+    write_json(path, out)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.measure import write_json
 from bench.serve import DeltatuneSetup, base_dir, load, write_adapters
 from bench.serve_load import drive, make_plan
 
@@ -60,10 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
               "adapters": m_many, "pairs": out, "median_ratio": statistics.median(o["ratio"] for o in out),
               "loadavg_at_end": os.getloadavg()}
     print(json.dumps(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1))
-    os.replace(tmp_out, args.out)
+    write_json(args.out, result)
     return result
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from bench.measure import write_json
+
 GOALS = {"32 adapters / 1 adapter": 0.8, "256 adapters (32 attached) / 1 adapter": 0.6, "1 adapter / base": 0.9}
 
 
@@ -63,10 +65,7 @@ def write(out: dict[str, Any], path: Path) -> None:
         if any(x is not None for x in within):
             print(f"{key} by chain: " + " ".join("-" if x is None else f"{x:.3f}" for x in within))
     print(json.dumps({"ratios": out["ratios"], "goals": out["goals"]}, indent=1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = path.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(out, indent=1))
-    os.replace(tmp_out, path)
+    write_json(path, out)
 
 
 def _s(x: float | None) -> str:

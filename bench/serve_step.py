@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import cProfile
 import io
-import json
 import os
 import pstats
 import random
@@ -45,6 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from bench.measure import write_json  # noqa: E402
 from bench.serve import base_dir, load, write_adapters  # noqa: E402
 from bench.serve_report import write  # noqa: E402
 
@@ -293,10 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if final:
             write(keep, args.out)
         else:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(keep, indent=1))
-            os.replace(tmp, args.out)
+            write_json(args.out, keep)
 
     with tempfile.TemporaryDirectory() as tmp:
         base = base_dir(args.quick, Path(tmp))

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from bench.measure import write_json
 from bench.serve import DeltatuneSetup, base_dir, load, write_adapters
 from bench.serve_load import make_plan
 
@@ -148,10 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
                        "loadavg_before": load_before, "loadavg_at_end": os.getloadavg()},
            "runs": runs, "ratios": ratios}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(out, indent=1))
-    os.replace(tmp_out, args.out)
+    write_json(args.out, out)
     return out
 
 

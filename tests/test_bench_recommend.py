@@ -9,7 +9,8 @@ import math
 import statistics
 from pathlib import Path
 
-from bench.recommend_common import pm, progress, write_json
+from bench.measure import write_json
+from bench.recommend_common import pm, progress
 from bench.recommend_segments_report import gated, summarise
 
 
