@@ -50,9 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import gc
-import json
 import os
 import platform
 import sys
@@ -66,10 +64,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench import measure, setups  # noqa: E402
+from bench.measure import write_json  # noqa: E402
+from bench.roofline import Clock, count_flops, linear_shapes, matmul_precision, peaks, time_rounds  # noqa: E402
 from bench.workloads import WORKLOADS, Workload  # noqa: E402
 
 LIBS = ["full", "floor", "deltatune-lora", "peft-lora"]
@@ -101,17 +100,6 @@ def variants(libs: list[str], allowed: list[str]) -> list[tuple[str, str, str]]:
             if not (lib == "full" and VARIANTS[v][1])]
 
 
-@contextlib.contextmanager
-def matmul_precision(precision: str) -> Any:
-    """Float32 products in TF32 (``"tf32"``) or IEEE float32 (anything else), restored afterwards."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def _step_fn(setup: setups.Setup, batch: dict[str, torch.Tensor], variant: str, device: str) -> Callable[[], Any]:
     from deltatune.core.fast_dropout import FastDropout
     from deltatune.core.frozen_dtype import FrozenInDtype
@@ -136,17 +124,6 @@ def _step_fn(setup: setups.Setup, batch: dict[str, torch.Tensor], variant: str, 
     return step
 
 
-def count_flops(step: Callable[[], Any]) -> int:
-    """Matrix-multiply FLOPs of one step, every product on torch's kernels (so each is counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from deltatune.core.products import cpu_engine
-
-    with cpu_engine("aten"), FlopCounterMode(display=False) as counter:
-        step()
-    return int(counter.get_total_flops())
-
-
 def first_steps(step: Callable[[], Any], device: str, flops: int | None = None) -> dict[str, int]:
     """The memory the first two steps add on top of what is resident (fresh optimizer: its state is
     created here), peak and what stays after; and the first step's FLOPs unless ``flops`` is known
@@ -167,94 +144,6 @@ def first_steps(step: Callable[[], Any], device: str, flops: int | None = None) 
     with measure.TensorPeak() as tracker:
         n = two()
     return {"flops": n, "peak_bytes": tracker.peak, "after_bytes": tracker.current}
-
-
-def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    return sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)})
-
-
-def _timed(fn: Callable[[], Any], iters: int, device: str) -> float:
-    """Seconds per call of ``fn`` over ``iters`` back-to-back calls. On CUDA the calls are queued
-    behind a sleep kernel and timed with events, so only the GPU's time for them counts."""
-    if device != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) / iters
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    if hasattr(torch.cuda, "_sleep"):
-        torch.cuda._sleep(10_000_000)  # about 5 ms of GPU cycles: the launches below queue up meanwhile
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
-
-
-def matmul_peak(shapes: list[tuple[int, int]], rows: int, dtype: str, device: str,
-                reps: int = 3) -> dict[str, Any]:
-    """GFLOP/s of ``F.linear`` (rows x d_in) x (d_out x d_in)ᵀ for each shape; best of ``reps`` each.
-    ``dtype`` is ``"float32"``, ``"tf32"`` (float32 with TF32 products) or ``"bfloat16"``."""
-    real = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    rates = {}
-    with matmul_precision("tf32" if dtype == "tf32" else "fp32"):
-        for d_in, d_out in shapes:
-            product = functools.partial(F.linear, torch.randn(rows, d_in, device=device).to(real),
-                                        torch.randn(d_out, d_in, device=device).to(real))
-            one = _timed(product, 1, device)  # also the warm-up
-            # on CUDA a burst of at least ~2 ms, so event resolution and the first launch do not matter
-            iters = 1 if device != "cuda" else max(3, min(200, int(2e-3 / max(one, 1e-7))))
-            best = min(_timed(product, iters, device) for _ in range(reps))
-            rates[f"{rows}x{d_in}x{d_out}"] = 2 * rows * d_in * d_out / best / 1e9
-    return {"gflops": max(rates.values()), "per_shape": rates}
-
-
-def peaks(shapes: list[tuple[int, int]], rows: int, device: str) -> dict[str, dict[str, Any]]:
-    dtypes = ["float32", "tf32", "bfloat16"] if device == "cuda" else ["float32", "bfloat16"]
-    return {d: matmul_peak(shapes, rows, d, device) for d in dtypes}
-
-
-class Clock:
-    """Seconds since the bench started, against an optional budget."""
-
-    def __init__(self, budget_s: float | None) -> None:
-        self.t0, self.budget_s = time.perf_counter(), budget_s
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def over(self) -> bool:
-        return self.budget_s is not None and self.elapsed() > self.budget_s
-
-
-def time_rounds(steps: dict[str, Callable[[], Any]], rounds: int, per_round: int, device: str,
-                clock: Clock, on_round: Callable[[dict[str, dict[str, list[float]]]], None]) -> dict[str, Any]:
-    """Per-step wall, CPU (and on CUDA GPU-event) seconds of each setup, taking turns (order reversed
-    every other round), ``per_round`` steps a turn; stops after two rounds once the budget is spent."""
-    names = list(steps)
-    times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": [], "gpu": []} for n in names}
-    cuda = device == "cuda"
-    for r in range(rounds):
-        if r >= 2 and clock.over():
-            break
-        for name in names if r % 2 == 0 else names[::-1]:
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(per_round):
-                steps[name]()
-            if cuda:
-                end.record()
-                torch.cuda.synchronize()
-                times[name]["gpu"].append(start.elapsed_time(end) / 1e3 / per_round)
-            times[name]["wall"].append((time.perf_counter() - t0) / per_round)
-            times[name]["cpu"].append((time.process_time() - c0) / per_round)
-        on_round(times)
-    return times
 
 
 def summarise(res: dict[str, Any], libs: list[str]) -> None:
@@ -441,13 +330,6 @@ def machine(args: argparse.Namespace, argv: list[str] | None, load0: tuple[float
     return info
 
 
-def _write(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m bench.bf16", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -496,9 +378,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mach = machine(args, argv, load0)
         if combined:
             done = runs + ([current] if current is not None and all(current is not r for r in runs) else [])
-            _write(path, {"machine": mach, "runs": done, "skipped": skipped, "elapsed_s": clock.elapsed()})
+            write_json(path, {"machine": mach, "runs": done, "skipped": skipped, "elapsed_s": clock.elapsed()})
         elif current is not None:
-            _write(path, {**current, "machine": mach})
+            write_json(path, {**current, "machine": mach})
 
     for key in args.workloads:
         if clock.over():
