@@ -3,6 +3,7 @@ real run), predictions present and consistent, budget marks, the no-fit message,
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from deltatune.cli import app
 from deltatune.train.config import load_config
 from deltatune.train.plan import no_fit_message, run_plan
 from deltatune.train.run import run_training
+from tests.train.tiny import make_texts
 
 
 def shared(model: Path, data: Path) -> list[str]:
@@ -123,9 +125,9 @@ def test_what_stays_is_measured_while_the_runs_state_is_alive(tiny_bert: Path, t
     alive = []
     memory = Prober._memory
 
-    def spy(self: Prober, start: int, run_steps: int) -> dict:
+    def spy(self: Prober, *args: Any) -> dict:
         alive.append(sum(isinstance(o, torch.optim.Optimizer) for o in gc.get_objects()))
-        return memory(self, start, run_steps)
+        return memory(self, *args)
 
     monkeypatch.setattr(Prober, "_memory", spy)
     [row] = run_plan(shared(tiny_bert, tiny_csv), "full", "defaults", steps=1, say=lambda _: None)["rows"]
@@ -174,3 +176,70 @@ def test_a_one_off_cost_in_the_probe_is_not_counted_in_its_steady_step(tiny_bert
     # The warm-up's one-off is the run's first-step extra, counted once in the run's time.
     assert one_off <= row["first_step_extra_seconds"] < 1.1 * one_off
     assert row["train_seconds"] == pytest.approx(row["step_seconds"] * 6 * 2 + row["first_step_extra_seconds"])
+
+
+def test_the_heap_growth_scales_only_the_freed_heap_not_the_evaluation_or_the_shapes() -> None:
+    # all-MiniLM-L6-v2 `prefix` on the AMD EPYC (MiB): its probe's large evaluation batch (294 above the
+    # heap) is paid once at the run's end; scaling it with the steps' heap growth over-predicted the run by 23 %.
+    from deltatune.train.probe import cpu_peak
+
+    parts = {"load_peak": 600, "after_load": 511, "kept": 46, "residue": 271, "shapes": 132, "step_extra": 0,
+             "eval_extra": 294}
+    assert cpu_peak(parts, 1.64) == pytest.approx(511 + 46 + 1.64 * 271 + 132 + 294)
+    assert cpu_peak(parts | {"eval_extra": 0, "step_extra": 500}, 1.0) == pytest.approx(511 + 46 + 271 + 132 + 500)
+    assert cpu_peak(parts | {"load_peak": 2000}, 1.0) == 2000  # never below the peak of loading
+
+
+def test_a_new_batch_shapes_cost_is_the_timed_steps_growth_per_new_shape() -> None:
+    from deltatune.train.probe import batch_shapes, shape_cost
+
+    MiB = 2**20
+    # a step meeting a shape seen before grows nothing; one meeting two new shapes grows twice as much
+    assert shape_cost([8 * MiB, 0, 16 * MiB, None], [1, 0, 2, 1]) == 8 * MiB
+    assert shape_cost([0, 0], [0, 0]) == 0 and shape_cost([None], [1]) == 0
+    lengths = [5, 9, 7, 3, 9]
+    assert batch_shapes(lengths, [0, 1, 2, 3, 4], 2) == {(2, 9), (2, 7), (1, 9)}
+
+
+def test_the_probe_measures_what_each_new_batch_shape_keeps_and_counts_the_runs_new_shapes(
+        tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A per-shape cache as torch's and oneDNN's kernels keep one: 16 MiB held for good the first time the
+    # process meets a batch shape. The probe must read it from its timed steps and charge it for every
+    # shape the whole run (both epochs) meets that the probe did not.
+    import torch
+
+    import deltatune.train.probe as probe
+    from deltatune.train.data import epoch_batches
+
+    MiB, cache, collated = 2**20, {}, {}
+    real_step, real_memory = probe._step, probe.Prober._memory
+
+    def step(s: Any, indices: list[int], collate: Any, *args: Any) -> None:
+        real_step(s, indices, collate, *args)
+        shape = tuple(collate(indices)["input_ids"].shape)
+        if shape not in cache:
+            cache[shape] = torch.ones(16 * MiB // 4)
+        collated["collate"] = collate
+
+    def memory(self: probe.Prober, *args: Any) -> dict:  # the run's batches, as the loop will cut them
+        config = self.config  # the plan's shared settings: epochs, batch size, seed
+        lengths = [self.task.item_length(it) for it in self.items["train"]]
+        collated["run"] = {tuple(collated["collate"](b)["input_ids"].shape)
+                           for e in range(config.epochs) for b in epoch_batches(lengths, config.batch_size, config.seed, e)}
+        return real_memory(self, *args)
+
+    monkeypatch.setattr(probe, "_step", step)
+    monkeypatch.setattr(probe.Prober, "_memory", memory)
+    varied = tmp_path / "varied.csv"  # texts of 4 to 14 words: batches of many padded lengths
+    with varied.open("w", newline="") as fh:
+        csv.writer(fh).writerows([("text", "label")] + [(text + " the" * (i % 11), label)
+                                                        for i, (text, label) in enumerate(make_texts(60))])
+    [row] = run_plan(shared(tiny_bert, varied), "lora", "defaults", steps=2, say=lambda _: None)["rows"]
+    parts = row["memory_parts_mb"]
+    assert row["status"] == "ok" and 16 <= parts["per_shape"] < 20
+    assert parts["new_shapes"] == len(collated["run"] - set(cache)) >= 1  # both epochs, less the probe's shapes
+    assert parts["shapes"] == pytest.approx(parts["per_shape"] * parts["new_shapes"], abs=0.2)
+    no_shapes = {k: v for k, v in parts.items() if k in ("after_load", "kept", "residue", "step_extra", "eval_extra")}
+    assert row["peak_memory_mb"] == pytest.approx(
+        no_shapes["after_load"] + no_shapes["kept"] + parts["heap_growth"] * no_shapes["residue"] + parts["shapes"]
+        + max(no_shapes["step_extra"], no_shapes["eval_extra"]), abs=0.5)

@@ -20,13 +20,17 @@ Then the model:
 - **peak memory**: what ``metrics.json`` calls ``peak_memory_mb``. On CUDA: the allocator's peak
   (``max_memory_allocated``) over the probe. On CPU: the process's peak resident set size. One
   process probes many candidates, so the peak is taken per candidate from a reset high-water mark
-  (``/proc/self/clear_refs``). The rise splits into what stays (optimizer state, the adapter,
-  gradient storage: resident after the steps once freed memory is handed back with ``malloc_trim``)
-  and what is transient (activations, a step's temporaries, an evaluation batch). predicted =
-  max(peak while loading, resident size after loading + kept + growth x transient): a whole
-  run's heap holds more than one step's transients, the more the longer it runs
-  (:func:`heap_growth`). Freed memory is also handed back between candidates so one candidate's
-  leftovers do not hide the next's.
+  (``/proc/self/clear_refs``), once over the steps and once over the evaluation batch. A CPU run's
+  resident memory is built of four parts, each read from the probe (:func:`cpu_peak`):
+  what stays (optimizer state, the adapter, gradient storage: resident after the steps once freed
+  memory is handed back with ``malloc_trim``); the heap the steps freed but glibc did not hand back
+  (resident between steps, beyond what stays), which a whole run grows by ``heap_growth(steps)``;
+  what every *new batch shape* adds for good (kernels and their caches built per shape, read from
+  glibc's in-use bytes around each timed step: :func:`shape_cost`), times the shapes the run will
+  meet that the probe did not (:func:`batch_shapes` over all the run's epochs); and on top, the larger
+  of a step's and the evaluation batch's transients above the heap (large tensors, which glibc maps
+  and unmaps). Freed memory is also handed back between candidates so one candidate's leftovers do
+  not hide the next's.
 - **step time**: the median over the timed steps of seconds per padded token, times the mean padded
   tokens of a batch over the run's epoch (batches hold texts of similar length, so they differ);
   the warm-up step is not timed. This is wall time at the machine's load while the probe ran; the
@@ -73,12 +77,70 @@ MiB = 2**20
 
 
 def heap_growth(steps: int) -> float:
-    """How many times one step's transient memory a CPU run of ``steps`` optimizer steps ends up
-    holding resident. glibc's heap: batches of varying length free tensors whose holes later,
-    differently sized tensors do not fit, so the heap grows over the first tens of steps and then
-    levels off. Fitted to all-MiniLM-L6-v2 LoRA runs (bf16, batches of 32 tweets, one step's
-    transients 450 MiB): 1.08x after 15 steps, 1.65x after 30, 2.24x after 90."""
+    """How many times the heap one probe step leaves freed but resident a CPU run of ``steps``
+    optimizer steps ends up holding. glibc's heap: batches of varying length free tensors whose holes
+    later, differently sized tensors do not fit, so the heap grows over the first tens of steps and
+    then levels off. Fitted to all-MiniLM-L6-v2 LoRA runs on an Intel Xeon (bf16, batches of 32
+    tweets): 1.08x after 15 steps, 1.65x after 30, 2.24x after 90. Those runs' growth also held the
+    per-shape caches that :func:`shape_cost` now counts on their own; on the AMD EPYC of 2026-12-04,
+    with those apart, four MiniLM runs of 30 steps (``partial``, ``prefix``, ``lora``, ``vera``) held
+    1.49-1.84x the probe's freed heap (this gives 1.64x)."""
     return 1 + 1.3 * (1 - math.exp(-max(0, steps - 13) / 25))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _libc_mallinfo2() -> Callable[[], _MallInfo2] | None:
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _libc_mallinfo2()
+
+
+def heap_in_use() -> int | None:
+    """Bytes malloc has handed out and not had back (glibc's ``mallinfo2``: heap chunks in use plus
+    mapped ones), or None where there is no glibc. Unlike the resident set it does not count freed
+    memory the heap keeps, so its rise over a step is what that step left allocated for good."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+def batch_shapes(lengths: list[int], batch: list[int], micro: int) -> set[tuple[int, int]]:
+    """The shapes one optimizer step's micro-batches of at most ``micro`` examples give the model:
+    (examples, longest example), as ``data.pad`` pads a batch to its longest."""
+    return {(len(part), max(lengths[i] for i in part)) for part in
+            (batch[j:j + micro] for j in range(0, len(batch), micro))}
+
+
+def shape_cost(growth: list[int | None], new: list[int]) -> float:
+    """Bytes a batch shape the process has not met before leaves allocated for good: the median, over
+    the timed steps that met new shapes, of the step's rise in malloc's in-use bytes per new shape.
+
+    torch and oneDNN build kernels, primitives and their scratch per shape and keep them (measured on
+    all-MiniLM-L6-v2, bf16: 5.5-11 MiB per new padded length depending on the method, 0 for a step
+    whose length was seen before; SmolLM2-135M: 14-16 MiB). A run meets a new length in most of its
+    first steps, so its resident set rises by this much each time, whatever its transients. 0 where
+    no timed step met a new shape or malloc's figures are not available (``growth`` None)."""
+    per = [g / n for g, n in zip(growth, new) if n and g is not None]
+    return max(0.0, statistics.median(per)) if per else 0.0
+
+
+def cpu_peak(parts: dict[str, float], growth: float) -> float:
+    """A CPU run's predicted peak resident set from the probe's parts (bytes; see the module's notes):
+    ``after_load + kept + growth x residue + shapes + max(step_extra, eval_extra)``, at least the peak
+    of loading."""
+    heap = parts["after_load"] + parts["kept"] + growth * parts["residue"] + parts["shapes"]
+    return max(parts["load_peak"], heap + max(parts["step_extra"], parts["eval_extra"]))
 
 
 class Meter:
@@ -143,20 +205,25 @@ def _tokens(items: list[dict[str, Any]], batch: list[int]) -> int:
 
 def time_steps(s: Any, batches: list[list[int]], collate: Callable, weigh: Callable, run: Any,
                tokens: Callable[[list[int]], int]) -> dict[str, Any]:
-    """Take one optimizer step per batch; per step the wall and the CPU seconds per padded token.
+    """Take one optimizer step per batch; per step the wall and the CPU seconds per padded token, and
+    the rise in malloc's in-use bytes (:func:`heap_in_use`, read outside the timed part; None without glibc).
 
     CPU time (``time.process_time``, all the process's threads) is the step's work whatever else
     runs on the machine; wall time is that work divided by the share of the CPU the process got.
     ``cpu_share`` (CPU / wall over the steps) says how loaded the machine was while the probe ran."""
-    rates, cpu_rates, wall, cpu = [], [], 0.0, 0.0
+    rates, cpu_rates, growth, wall, cpu = [], [], [], 0.0, 0.0
     for batch in batches:
+        before = heap_in_use()
         c0 = time.process_time()
         _step(s, batch, collate, weigh, run, [])
         used = time.process_time() - c0
+        after = heap_in_use()
+        growth.append(None if before is None or after is None else after - before)
         wall, cpu = wall + s.elapsed, cpu + used
         rates.append(s.elapsed / tokens(batch))
         cpu_rates.append(used / tokens(batch))
-    return {"rates": rates, "cpu_rates": cpu_rates, "cpu_share": round(cpu / wall, 3) if wall else None}
+    return {"rates": rates, "cpu_rates": cpu_rates, "heap_growth": growth,
+            "cpu_share": round(cpu / wall, 3) if wall else None}
 
 
 def first_step_extra(warm: dict[str, float], timing: dict[str, Any]) -> dict[str, float]:
@@ -191,6 +258,7 @@ class Prober:
         self.items: dict[str, list] = {}
         self.load_peak = 0
         self.after_load = 0
+        self.met: set[tuple[int, int]] = set()  # batch shapes this process has trained on (all candidates)
 
     def config_for(self, cand: Candidate) -> TrainConfig:
         return validate_config(cand.apply(self.base), source=cand.label)
@@ -257,8 +325,10 @@ class Prober:
             c0 = time.process_time()
             _step(s, longest, collate, task.loss_weight, run, [])  # warm-up, and the largest activations of the run
             warm = {"wall": s.elapsed, "cpu": time.process_time() - c0, "tokens": _tokens(train, longest)}
-            timing = time_steps(s, (batches * self.steps)[:self.steps], collate, task.loss_weight, run,
-                                lambda b: _tokens(train, b))
+            timed = self._timed(config, batches)
+            timing = time_steps(s, timed, collate, task.loss_weight, run, lambda b: _tokens(train, b))
+            steps_peak, before_eval = self.meter.peak(), self.meter.current()
+            self.meter.reset()  # from here: the evaluation batch's and the save's own peak
             s.model.eval()
             held = self.items["validation"] or self.items["test"]
             if held:
@@ -268,7 +338,9 @@ class Prober:
                                      config.save_format)
             adapter_bytes = dir_bytes(artifact)
         steps_per_epoch = len(batches)
-        memory = self._memory(start, steps_per_epoch * config.epochs)  # while the run's state is alive
+        shapes = self._shapes(config, [longest, *timed], timing["heap_growth"])
+        memory = self._memory(start, steps_per_epoch * config.epochs, steps_peak, before_eval,
+                              shapes)  # while the run's state is alive
         del s, strategy, loaded
         step = statistics.median(timing["rates"]) * mean_tokens
         first = first_step_extra(warm, timing)
@@ -290,19 +362,62 @@ class Prober:
             "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         }
 
-    def _memory(self, start: int, run_steps: int) -> dict[str, Any]:
-        """Predicted peak memory of a run of ``run_steps`` steps, from the probe's rise over ``start``."""
-        rise = self.meter.peak() - start
+    def _timed(self, config: TrainConfig, batches: list[list[int]]) -> list[list[int]]:
+        """The timed steps' batches: the first of the epoch's order, those with a shape no earlier
+        candidate in this process met first, cycling if too few. Kernels are built once per shape and
+        process, so only a shape new to the process shows what a new shape costs a run
+        (:func:`shape_cost`). For the first candidate these are the epoch's first batches."""
+        lengths = [self.task.item_length(it) for it in self.items["train"]]
+        fresh = [b for b in batches if not batch_shapes(lengths, b, config.batch_size) <= self.met]
+        pool = fresh + [b for b in batches if b not in fresh]
+        return (pool * self.steps)[:self.steps]
+
+    def _shapes(self, config: TrainConfig, probed: list[list[int]], growth: list[int | None]) -> dict[str, Any]:
+        """What the batch shapes of the run will add beyond what the probe built (:func:`shape_cost`):
+        ``probed`` the probe's steps (warm-up first), ``growth`` the timed steps' rise in in-use bytes.
+
+        Only a shape new to the process builds kernels: those an earlier candidate met are in neither
+        this candidate's baseline rise nor its timed steps' growth, yet a run (a fresh process) builds them."""
+        train, micro = self.items["train"], config.batch_size
+        lengths = [self.task.item_length(it) for it in train]
+        before, seen, new = set(self.met), set(), []
+        for i, batch in enumerate(probed):
+            shapes = batch_shapes(lengths, batch, micro)
+            if i:  # a timed step: how many shapes it met first in this process
+                new.append(len(shapes - seen - before))
+            seen |= shapes
+        self.met |= seen
+        built = seen - before  # shapes whose kernels this probe built: in what it measured as kept
+        step_size = config.batch_size * config.gradient_accumulation
+        run: set[tuple[int, int]] = set()
+        for epoch in range(config.epochs):  # every epoch's order differs; its shapes mostly repeat
+            for batch in epoch_batches(lengths, step_size, config.seed, epoch):
+                run |= batch_shapes(lengths, batch, micro)
+        per_shape = shape_cost(growth, new)
+        return {"per_shape": per_shape, "new": len(run - built), "bytes": per_shape * len(run - built)}
+
+    def _memory(self, start: int, run_steps: int, steps_peak: int, before_eval: int,
+                shapes: dict[str, Any]) -> dict[str, Any]:
+        """Predicted peak memory of a run of ``run_steps`` steps from the probe's readings over ``start``:
+        ``steps_peak`` (the peak over the steps), ``before_eval`` (resident after them), the meter's peak
+        since (the evaluation batch and the save), what stays once freed memory is handed back, and
+        ``shapes`` (:meth:`_shapes`)."""
+        after_peak = self.meter.peak()
         release()  # what stays after the steps (optimizer state, gradients' storage, the adapter) is live memory
         kept = max(0, self.meter.current() - start)
-        transient = max(0, rise - kept)  # activations, the step's temporaries, one evaluation batch
+        if self.meter.cuda:
+            return {"peak_memory_mb": round(max(steps_peak, after_peak) / MiB, 1),
+                    "memory_parts_mb": {"kept": round(kept / MiB, 1)}}
+        parts = {"load_peak": self.load_peak, "after_load": self.after_load, "kept": kept,
+                 "residue": max(0, before_eval - start - kept),  # freed by the steps, held by the heap
+                 "shapes": shapes["bytes"],
+                 "step_extra": max(0, steps_peak - before_eval),  # a step's transients above the heap
+                 "eval_extra": max(0, after_peak - before_eval)}  # the evaluation batch's and the save's
         growth = heap_growth(run_steps)
-        peak = self.meter.peak() if self.meter.cuda else max(
-            self.load_peak, self.after_load + kept + growth * transient)
-        return {"peak_memory_mb": round(peak / MiB, 1),
-                "memory_parts_mb": {"after_load": round(self.after_load / MiB, 1), "kept": round(kept / MiB, 1),
-                                    "transient": round(transient / MiB, 1),
-                                    "heap_growth": None if self.meter.cuda else round(growth, 3)}}
+        return {"peak_memory_mb": round(cpu_peak(parts, growth) / MiB, 1),
+                "memory_parts_mb": {**{k: round(v / MiB, 1) for k, v in parts.items() if k != "load_peak"},
+                                    "heap_growth": round(growth, 3), "new_shapes": shapes["new"],
+                                    "per_shape": round(shapes["per_shape"] / MiB, 2)}}
 
     def facts(self) -> dict[str, Any]:
         """What every row shares: device, precision, data sizes, how memory was measured."""
