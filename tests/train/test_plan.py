@@ -224,8 +224,10 @@ def test_the_probe_measures_what_each_new_batch_shape_keeps_and_counts_the_runs_
     def memory(self: probe.Prober, *args: Any) -> dict:  # the run's batches, as the loop will cut them
         config = self.config  # the plan's shared settings: epochs, batch size, seed
         lengths = [self.task.item_length(it) for it in self.items["train"]]
-        collated["run"] = {tuple(collated["collate"](b)["input_ids"].shape)
-                           for e in range(config.epochs) for b in epoch_batches(lengths, config.batch_size, config.seed, e)}
+        order = [tuple(collated["collate"](b)["input_ids"].shape)
+                 for e in range(config.epochs) for b in epoch_batches(lengths, config.batch_size, config.seed, e)]
+        collated["run"] = set(order)
+        collated["last_new"] = max(i + 1 for i, shape in enumerate(order) if shape not in order[:i])
         return real_memory(self, *args)
 
     monkeypatch.setattr(probe, "_step", step)
@@ -239,6 +241,9 @@ def test_the_probe_measures_what_each_new_batch_shape_keeps_and_counts_the_runs_
     assert row["status"] == "ok" and 16 <= parts["per_shape"] < 20
     assert parts["new_shapes"] == len(collated["run"] - set(cache)) >= 1  # both epochs, less the probe's shapes
     assert parts["shapes"] == pytest.approx(parts["per_shape"] * parts["new_shapes"], abs=0.2)
+    # the heap grows until the run meets its last new shape, not for as long as the run lasts
+    assert parts["growth_steps"] == collated["last_new"] and parts["heap_growth"] == pytest.approx(
+        probe.heap_growth(collated["last_new"]), abs=1e-3)
     no_shapes = {k: v for k, v in parts.items() if k in ("after_load", "kept", "residue", "step_extra", "eval_extra")}
     assert row["peak_memory_mb"] == pytest.approx(
         no_shapes["after_load"] + no_shapes["kept"] + parts["heap_growth"] * no_shapes["residue"] + parts["shapes"]

@@ -24,7 +24,9 @@ Then the model:
   resident memory is built of four parts, each read from the probe (:func:`cpu_peak`):
   what stays (optimizer state, the adapter, gradient storage: resident after the steps once freed
   memory is handed back with ``malloc_trim``); the heap the steps freed but glibc did not hand back
-  (resident between steps, beyond what stays), which a whole run grows by ``heap_growth(steps)``;
+  (resident between steps, beyond what stays), which a whole run grows by ``heap_growth(steps)``,
+  counting the steps until the run has met all its batch shapes (a shape met again reuses the holes
+  its first occurrence left);
   what every *new batch shape* adds for good (kernels and their caches built per shape, read from
   glibc's in-use bytes around each timed step: :func:`shape_cost`), times the shapes the run will
   meet that the probe did not (:func:`batch_shapes` over all the run's epochs); and on top, the larger
@@ -77,14 +79,15 @@ MiB = 2**20
 
 
 def heap_growth(steps: int) -> float:
-    """How many times the heap one probe step leaves freed but resident a CPU run of ``steps``
-    optimizer steps ends up holding. glibc's heap: batches of varying length free tensors whose holes
-    later, differently sized tensors do not fit, so the heap grows over the first tens of steps and
-    then levels off. Fitted to all-MiniLM-L6-v2 LoRA runs on an Intel Xeon (bf16, batches of 32
-    tweets): 1.08x after 15 steps, 1.65x after 30, 2.24x after 90. Those runs' growth also held the
-    per-shape caches that :func:`shape_cost` now counts on their own; on the AMD EPYC of 2026-12-04,
-    with those apart, four MiniLM runs of 30 steps (``partial``, ``prefix``, ``lora``, ``vera``) held
-    1.49-1.84x the probe's freed heap (this gives 1.64x)."""
+    """How many times the heap one probe step leaves freed but resident a CPU run holds once it has
+    met all its batch shapes, ``steps`` optimizer steps in. glibc's heap: a batch longer than those
+    before frees tensors whose holes later, differently sized tensors do not fit, so the heap grows
+    while new lengths come and levels off once they stop (a 90-step MiniLM LoRA run on the AMD EPYC
+    of 2026-12-04 met its last new length at step 30 and held 1,240 MiB then, 1,230 at step 80).
+    Fitted to all-MiniLM-L6-v2 LoRA runs on an Intel Xeon (bf16, batches of 32 tweets): 1.08x after 15
+    steps, 1.65x after 30, 2.24x after 90 (counted then as all the run's steps; those runs' growth
+    also held the per-shape caches :func:`shape_cost` now counts on their own). On the AMD EPYC, with
+    those apart, four MiniLM runs of 30 steps held 1.49-1.84x the probe's freed heap (this gives 1.64x)."""
     return 1 + 1.3 * (1 - math.exp(-max(0, steps - 13) / 25))
 
 
@@ -339,8 +342,7 @@ class Prober:
             adapter_bytes = dir_bytes(artifact)
         steps_per_epoch = len(batches)
         shapes = self._shapes(config, [longest, *timed], timing["heap_growth"])
-        memory = self._memory(start, steps_per_epoch * config.epochs, steps_peak, before_eval,
-                              shapes)  # while the run's state is alive
+        memory = self._memory(start, steps_peak, before_eval, shapes)  # while the run's state is alive
         del s, strategy, loaded
         step = statistics.median(timing["rates"]) * mean_tokens
         first = first_step_extra(warm, timing)
@@ -390,15 +392,18 @@ class Prober:
         built = seen - before  # shapes whose kernels this probe built: in what it measured as kept
         step_size = config.batch_size * config.gradient_accumulation
         run: set[tuple[int, int]] = set()
+        step = last = 0  # the run's step that meets its last new shape: where its heap stops growing
         for epoch in range(config.epochs):  # every epoch's order differs; its shapes mostly repeat
             for batch in epoch_batches(lengths, step_size, config.seed, epoch):
-                run |= batch_shapes(lengths, batch, micro)
+                shapes, step = batch_shapes(lengths, batch, micro), step + 1
+                last = step if not shapes <= run else last
+                run |= shapes
         per_shape = shape_cost(growth, new)
-        return {"per_shape": per_shape, "new": len(run - built), "bytes": per_shape * len(run - built)}
+        return {"per_shape": per_shape, "new": len(run - built), "bytes": per_shape * len(run - built),
+                "growth_steps": last}
 
-    def _memory(self, start: int, run_steps: int, steps_peak: int, before_eval: int,
-                shapes: dict[str, Any]) -> dict[str, Any]:
-        """Predicted peak memory of a run of ``run_steps`` steps from the probe's readings over ``start``:
+    def _memory(self, start: int, steps_peak: int, before_eval: int, shapes: dict[str, Any]) -> dict[str, Any]:
+        """Predicted peak memory of the run from the probe's readings over ``start``:
         ``steps_peak`` (the peak over the steps), ``before_eval`` (resident after them), the meter's peak
         since (the evaluation batch and the save), what stays once freed memory is handed back, and
         ``shapes`` (:meth:`_shapes`)."""
@@ -413,10 +418,11 @@ class Prober:
                  "shapes": shapes["bytes"],
                  "step_extra": max(0, steps_peak - before_eval),  # a step's transients above the heap
                  "eval_extra": max(0, after_peak - before_eval)}  # the evaluation batch's and the save's
-        growth = heap_growth(run_steps)
+        growth = heap_growth(shapes["growth_steps"])
         return {"peak_memory_mb": round(cpu_peak(parts, growth) / MiB, 1),
                 "memory_parts_mb": {**{k: round(v / MiB, 1) for k, v in parts.items() if k != "load_peak"},
-                                    "heap_growth": round(growth, 3), "new_shapes": shapes["new"],
+                                    "heap_growth": round(growth, 3), "growth_steps": shapes["growth_steps"],
+                                    "new_shapes": shapes["new"],
                                     "per_shape": round(shapes["per_shape"] / MiB, 2)}}
 
     def facts(self) -> dict[str, Any]:
