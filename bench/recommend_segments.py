@@ -34,7 +34,11 @@ paired over the segment's validation users, exceeds one standard error; else the
 interactions, each ranked from its own prefix; the report reads leave-last-out (each user's last item) as the
 headline and the rolling view (each user's mean over their items) beside it, and judges "beats" there:
 a paired difference over users above ``BEATS`` standard errors. Segmentations: ``age3``, ``age2``,
-``gender``, ``occupation3`` (student / technical / other) and ``activity2`` (light / heavy at the median).
+``gender``, ``occupation3`` (student / technical / other) and ``activity2`` (light / heavy at the median);
+by behaviour, ``taste2`` / ``taste3`` (k-means over the genre shares of the histories before the cutoff,
+``deltatune.train.segments.taste_segments``; a user is routed by their history before their held-out items)
+and ``cohort2`` / ``cohort3`` (when a user joined: before the cutoff or after it, the latter split at the
+median into early and late).
 The goal (issue #15): segment adapters beat the shared adapter on their own segments.
 """
 
@@ -111,6 +115,24 @@ def by_taste(k: int) -> Callable[[dict[str, Any]], dict[str, str]]:
     return segments
 
 
+def by_cohort(k: int) -> Callable[[dict[str, Any]], dict[str, str]]:
+    """Cohorts: when a user joined (their first interaction, part of every history they are served from).
+    ``k=2``: before the cutoff (returning) or after it (new); ``k=3`` splits the new users at their median
+    join time over the evaluated users (early / late). SASRec sees no timestamps, so when a user arrived,
+    and with it which items were new and popular around their own interactions, is not an input of the
+    shared model."""
+
+    def segments(data: dict[str, Any]) -> dict[str, str]:
+        p = periods(validate_config({"task": "recommend", "method": "lora"}))
+        users = {it["user"] for it in data["validation"] + data["test"]}
+        joined = {u: p.data.histories[u][0].time for u in users}
+        middle = statistics.median(t for t in joined.values() if t >= p.cutoff)
+        return {u: "joined_before" if t < p.cutoff else "joined_after" if k == 2 else
+                "joined_early" if t < middle else "joined_late" for u, t in joined.items()}
+
+    return segments
+
+
 #: name -> data -> {user: segment}
 SEGMENTATIONS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
     "age3": by_column("age", lambda v: "age_under_25" if int(v) < 25 else "age_25_34" if int(v) < 35 else "age_35_plus"),
@@ -121,6 +143,8 @@ SEGMENTATIONS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
     "activity2": by_activity,
     "taste2": by_taste(2),
     "taste3": by_taste(3),
+    "cohort2": by_cohort(2),
+    "cohort3": by_cohort(3),
 }
 RUN = make_runner(torch.device("cpu"), "fp32")
 
