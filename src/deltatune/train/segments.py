@@ -127,7 +127,7 @@ def taste_segments(histories: Iterable[Iterable[str]], item_genres: Mapping[str,
     try:
         from sklearn.cluster import KMeans
     except ImportError as e:
-        raise ImportError("taste segments cluster with scikit-learn's k-means: pip install scikit-learn") from e
+        raise ImportError("taste segments cluster with scikit-learn's k-means: pip install 'deltatune[segments]'") from e
     fit = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(profiles)
     centres = [tuple(float(v) for v in c) for c in fit.cluster_centers_]
     mean = [statistics.fmean(col) for col in zip(*profiles)]
