@@ -34,7 +34,11 @@ paired over the segment's validation users, exceeds one standard error; else the
 interactions, each ranked from its own prefix; the report reads leave-last-out (each user's last item) as the
 headline and the rolling view (each user's mean over their items) beside it, and judges "beats" there:
 a paired difference over users above ``BEATS`` standard errors. Segmentations: ``age3``, ``age2``,
-``gender``, ``occupation3`` (student / technical / other) and ``activity2`` (light / heavy at the median).
+``gender``, ``occupation3`` (student / technical / other) and ``activity2`` (light / heavy at the median);
+by behaviour, ``taste2`` / ``taste3`` (k-means over the genre shares of the histories before the cutoff,
+``deltatune.train.segments.taste_segments``; a user is routed by their history before their held-out items)
+and ``cohort2`` / ``cohort3`` (when a user joined: before the cutoff or after it, the latter split at the
+median into early and late).
 The goal (issue #15): segment adapters beat the shared adapter on their own segments.
 """
 
@@ -56,11 +60,12 @@ import deltatune as dt
 from deltatune.core.routing import routing
 from deltatune.train.callbacks import Callback, State
 from deltatune.train.config import validate_config
-from deltatune.train.interactions import movielens_100k, read_users
+from deltatune.train.interactions import movielens_100k, read_items, read_users
 from deltatune.train.loop import make_runner
 from deltatune.train.recommend import ATTENTION, RecommendTask, held_out, periods, scores
 from deltatune.train.run import run_training
 from deltatune.train.sasrec import collate
+from deltatune.train.segments import taste_segments
 
 from bench.measure import write_json
 from bench.recommend_segments_report import summarise
@@ -85,6 +90,49 @@ def by_activity(data: dict[str, Any]) -> dict[str, str]:
     return {u: "activity_light" if n < median else "activity_heavy" for u, n in seen.items()}
 
 
+def by_taste(k: int) -> Callable[[dict[str, Any]], dict[str, str]]:
+    """Taste segments (``deltatune.train.segments.taste_segments``): k-means over the genre shares
+    (``ml-100k.item``'s ``class``) of every user's history **before the cutoff** (the base's training data,
+    before the adaptation period); each evaluated user is routed by the genre shares of their history before
+    their first held-out item (what training sees of them, never a validation or test item), as a user is
+    at prediction time: 269 of the 401 test users arrived after the cutoff, so the past alone cannot route them."""
+
+    def segments(data: dict[str, Any]) -> dict[str, str]:
+        p = periods(validate_config({"task": "recommend", "method": "lora"}))
+        genres = {item: v.split() for item, v in read_items(movielens_100k("item"), "class").items()}
+        past = [[r.item for r in h if r.time < p.cutoff] for h in p.data.histories.values()]
+        taste = taste_segments([h for h in past if h], genres, k)
+        before: dict[str, list[int]] = {}
+        for it in data["validation"] + data["test"]:  # each user's shortest history: before their first held-out item
+            if it["user"] not in before or len(it["seen"]) < len(before[it["user"]]):
+                before[it["user"]] = it["seen"]
+        names = p.names
+        route = {u: taste.route(names[row - 1] for row in rows) for u, rows in before.items()}
+        if None in route.values():
+            raise SystemExit(f"taste{k}: a user's history has no item with a genre; route them to the shared adapter")
+        return route  # type: ignore[return-value]
+
+    return segments
+
+
+def by_cohort(k: int) -> Callable[[dict[str, Any]], dict[str, str]]:
+    """Cohorts: when a user joined (their first interaction, part of every history they are served from).
+    ``k=2``: before the cutoff (returning) or after it (new); ``k=3`` splits the new users at their median
+    join time over the evaluated users (early / late). SASRec sees no timestamps, so when a user arrived,
+    and with it which items were new and popular around their own interactions, is not an input of the
+    shared model."""
+
+    def segments(data: dict[str, Any]) -> dict[str, str]:
+        p = periods(validate_config({"task": "recommend", "method": "lora"}))
+        users = {it["user"] for it in data["validation"] + data["test"]}
+        joined = {u: p.data.histories[u][0].time for u in users}
+        middle = statistics.median(t for t in joined.values() if t >= p.cutoff)
+        return {u: "joined_before" if t < p.cutoff else "joined_after" if k == 2 else
+                "joined_early" if t < middle else "joined_late" for u, t in joined.items()}
+
+    return segments
+
+
 #: name -> data -> {user: segment}
 SEGMENTATIONS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
     "age3": by_column("age", lambda v: "age_under_25" if int(v) < 25 else "age_25_34" if int(v) < 35 else "age_35_plus"),
@@ -93,6 +141,10 @@ SEGMENTATIONS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
     "occupation3": by_column("occupation", lambda v: "occ_student" if v == "student" else
                              "occ_technical" if v in TECHNICAL else "occ_other"),
     "activity2": by_activity,
+    "taste2": by_taste(2),
+    "taste3": by_taste(3),
+    "cohort2": by_cohort(2),
+    "cohort3": by_cohort(3),
 }
 RUN = make_runner(torch.device("cpu"), "fp32")
 

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds each row runs before it is measured")
     ap.add_argument("--seconds", type=float, default=15.0, help="seconds each row is measured")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--adapters", default="1,32,256", help="M values (comma-separated)")
+    ap.add_argument("--adapters", default="1,8,32,256", help="M values (comma-separated; the issue's rows by default)")
     ap.add_argument("--max-loaded", type=int, default=32)
     ap.add_argument("--prefill-batch", type=int, default=4, help="deltatune serve --prefill-batch")
     ap.add_argument("--prefill-wait", type=int, default=4, help="deltatune serve --prefill-wait")

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seconds", type=float, default=15.0, help="seconds each row is measured")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=2, help="chains of deltatune's rows per round (order reversed each)")
-    ap.add_argument("--adapters", default="1,32,256", help="M values (comma-separated; 1 must be among them)")
+    ap.add_argument("--adapters", default="1,8,32,256", help="M values (comma-separated; 1 must be among them)")
     ap.add_argument("--max-loaded", type=int, default=32)
     ap.add_argument("--setups", default="deltatune,peft-batched,peft-switch")
     ap.add_argument("--threads", type=int, default=0, help="CPU only: torch threads here and in the server (0: default)")

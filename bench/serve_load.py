@@ -130,7 +130,7 @@ def soak(base: Path, adapter_dir: Path, names: list[str], seconds: float, client
             if time.time() > deadline:
                 raise RuntimeError("deltatune serve did not start in 300 s")
             time.sleep(0.5)
-        counts = {"ok": 0, "failed": 0, "tokens": 0}
+        counts = {"ok": 0, "failed": 0}  # tokens: the server's own counter, read from /metrics below
         errors: list[str] = []
         lock = threading.Lock()
         stop_at = time.time() + seconds

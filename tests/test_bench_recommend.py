@@ -101,3 +101,26 @@ def test_merge_adds_another_variants_runs_only_on_the_same_split_and_shared_adap
     b = copy.deepcopy(a) | {"test_positions": 10}
     with pytest.raises(SystemExit, match="test_positions differ"):
         merge(a, b, "b.json")
+
+
+def test_each_segment_takes_the_variant_its_own_validation_users_prefer() -> None:
+    """Two variants: 'a' validates better under own@1e-3, 'b' under w@1e-3 (though w's routed total is higher).
+    Each segment's own choice serves each segment's rows with its chosen variant's ranks, on validation and
+    test alike; the per-segmentation choice stays the single variant with the better total."""
+    from bench.recommend_segments_report import PER_SEGMENT
+
+    record = _record()
+    other = {**record["runs"][0], "variant": "w@1e-3", "val_ranks": [1, 1, 2, 1, 0, 0, 0, 0],
+             "test_ranks": [7, 0, 8, 2], "segments": {"a": {"best_epoch": 3, "windows": 30},
+                                                      "b": {"best_epoch": 4, "windows": 30}}}
+    record["runs"].append(other)
+    summary = summarise(record)
+    assert summary["chosen"]["s"]["variant"] == "w@1e-3"
+    mine = summary["chosen_per_segment"]["s"]
+    assert mine["choice"] == {"a": "own@1e-3", "b": "w@1e-3"}
+    row = summary["variants"][f"s {PER_SEGMENT}"]
+    n = lambda r: 1.0 / math.log2(r + 2.0) if r < 10 else 0.0  # noqa: E731
+    assert math.isclose(row["test"]["segment"]["mean"], statistics.fmean([n(0), n(0), n(1), n(2)]))  # a: 0, 1; b: 0, 2
+    assert row["best_epochs"] == {"a": [2], "b": [4]} and row["windows"] == {"a": 10, "b": 30}
+    assert math.isclose(row["segments"]["b"]["validation"]["segment"]["mean"], 1.0)  # w's b ranks: all 0
+    assert mine["goal"] == row["goal"]

@@ -348,3 +348,42 @@ def test_a_smaller_nf4_block_rounds_closer_and_costs_its_scales(backend):
         sizes[blocksize] = resident_bytes(q)
     assert 0.05 < errors[32] < 0.97 * errors[64] < 0.1  # 0.088 vs 0.092 here; SmolLM2's weights 0.089 vs 0.095
     assert sizes[64] < sizes[32] < 0.16 * W.numel() * 4  # codes 0.125x, plus the scales
+
+
+@pytest.mark.parametrize("fmt,backend", [("nf4", "bitsandbytes"), ("nf4", "torchao"), ("int8", "bitsandbytes")])
+def test_training_on_a_quantized_base_equals_training_on_its_dequantized_copy(fmt, backend):
+    """The quantized path adds no error of its own: LoRA (with dropout) trained on the quantized
+    base and on a float32 model holding its dequantized weights follow the same losses and end with
+    the same adapter, so any quality gap against the fp32 base is the rounding of the weights."""
+    import copy
+
+    quantized = _llama(fmt, backend)
+    plain = dt.dequantize(copy.deepcopy(quantized))
+    assert all(quantized_format(m) is None for m in plain.modules())
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 100, (4, 12), generator=g)] * 5  # one batch, fitted
+    losses, adapters = [], []
+    for model in (quantized, plain):
+        torch.manual_seed(0)
+        dt.attach(model, dt.LoraConfig(target=["q_proj", "v_proj", "gate_proj", "down_proj"], dropout=0.1))
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-2)
+        run = []
+        for step, ids in enumerate(batches):
+            torch.manual_seed(100 + step)  # the same dropout masks in both runs
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.append(loss.item())
+        losses.append(run)
+        adapters.append([p.detach().clone() for p in trainable])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    assert losses[0][-1] < losses[0][0] - 0.1  # it trained
+    # NF4 dequantizes then multiplies, as the copy does: the same adapter to float32 rounding. int8
+    # scales after its product (another summation order), which Adam's normalisation of near-zero
+    # gradients turns into ~1e-5 differences; a wrong formula would differ by orders more.
+    tol = {"rtol": 1e-5, "atol": 1e-6} if fmt == "nf4" else {"rtol": 1e-3, "atol": 1e-4}
+    for a, b in zip(*adapters, strict=True):
+        torch.testing.assert_close(a, b, **tol)

@@ -16,7 +16,7 @@ import torch
 
 import deltatune as dt
 from deltatune.train.config import validate_config
-from deltatune.train.interactions import lookup, read_interactions
+from deltatune.train.interactions import lookup, read_interactions, read_items, read_users
 from deltatune.train.recommend import held_out, periods, ranks, scores
 
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
@@ -69,6 +69,19 @@ def test_reader_checks_the_file_and_names_the_line(tmp_path):
         bad.write_text(text)
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             read_interactions(bad)
+
+
+def test_side_files_read_one_column_by_name_and_name_the_bad_line(tmp_path):
+    items = tmp_path / "a.item"
+    items.write_text("item_id:token\tmovie_title:token_seq\tclass:token_seq\n0042\tHeat\tAction Crime\n7\tUp\tAnimation\n")
+    assert read_items(items, "class") == {"0042": "Action Crime", "7": "Animation"}  # ids stay names
+    with pytest.raises(ValueError, match="line 1: needs item_id and 'genre' columns; it has item_id, movie_title, class"):
+        read_items(items, "genre")
+    with pytest.raises(ValueError, match="line 1: needs user_id and 'class' columns"):
+        read_users(items, "class")  # an item file is not a user file
+    items.write_text("item_id:token\tclass:token_seq\n1\tDrama\n2\n")
+    with pytest.raises(ValueError, match="line 3: 1 fields, the header has 2"):
+        read_items(items, "class")
 
 
 def test_histories_are_sorted_by_time_and_ids_stay_names(tmp_path):

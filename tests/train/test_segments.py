@@ -73,3 +73,47 @@ def test_route_serves_dropped_segments_with_the_shared_model():
         want = young[i] if s == "young" else shared[i]
         torch.testing.assert_close(mixed[i], want, rtol=0, atol=1e-12)
     assert not torch.allclose(young[0], shared[0])  # the kept adapter does change its rows
+
+
+def test_genre_shares_split_an_item_over_its_genres() -> None:
+    from deltatune.train.segments import genre_shares
+
+    genres = {"a": ["Drama"], "b": ["Action", "Drama"], "c": ["Comedy", "Action", "Drama", "War"]}
+    shares = genre_shares(["a", "b", "c", "unknown"], genres, ["Action", "Comedy", "Drama", "War"])
+    assert shares == pytest.approx([0.75 / 3, 0.25 / 3, 1.75 / 3, 0.25 / 3])  # a: 1 drama; b: 1/2 + 1/2; c: 1/4 each
+    assert genre_shares(["unknown"], genres, ["Drama"]) is None and genre_shares([], genres, ["Drama"]) is None
+
+
+def test_taste_segments_find_the_tastes_and_route_new_histories() -> None:
+    """Two tastes, built so that genre shares separate them (and nothing else does): users who watch mostly
+    action films and users who watch mostly dramas, each with a little of the other. The clusters must be
+    those two groups, named after their genre, and a new user's history routes by what it holds."""
+    from deltatune.train.segments import taste_segments
+
+    genres = {f"act{i}": ["Action"] for i in range(5)} | {f"dra{i}": ["Drama"] for i in range(5)} | \
+        {"both": ["Action", "Drama"], "docu": ["Documentary"]}
+    action = [[f"act{i % 5}", f"act{(i + 1) % 5}", f"act{(i + 2) % 5}", "dra0"] for i in range(6)]
+    drama = [[f"dra{i % 5}", f"dra{(i + 1) % 5}", "both", "docu"] for i in range(8)]
+    taste = taste_segments(action + drama + [["nothing known"]], genres, k=2)
+    assert taste.names == ("taste_action", "taste_drama") and taste.genres == ("Action", "Documentary", "Drama")
+    assert [taste.route(h) for h in action] == ["taste_action"] * 6
+    assert [taste.route(h) for h in drama] == ["taste_drama"] * 8
+    assert taste.route(["act3", "both", "dra1", "act0"]) == "taste_action"    # 2.5 of 4 action: closer to the action centre
+    assert taste.route(["dra3", "docu"]) == "taste_drama"
+    assert taste.route(["nothing known"]) is None and taste.route([]) is None  # served by the shared model
+    centre = dict(zip(taste.names, taste.centroids))["taste_action"]
+    assert centre == pytest.approx([0.75, 0.0, 0.25])  # every action user: 3 action films, 1 drama
+    assert dict(zip(taste.names, taste.centroids))["taste_drama"] == pytest.approx([0.125, 0.25, 0.625])
+    assert taste_segments(action + drama, genres, k=2, seed=1).names == taste.names
+
+
+def test_taste_segments_refuse_bad_input_naming_the_fix() -> None:
+    from deltatune.train.segments import taste_segments
+
+    genres = {"a": ["Action"], "d": ["Drama"]}
+    with pytest.raises(ValueError, match="number of segments >= 2"):
+        taste_segments([["a"], ["d"]], genres, k=1)
+    with pytest.raises(ValueError, match="2 histories with a known genre for k=3"):
+        taste_segments([["a"], ["d"], ["x"]], genres, k=3)
+    with pytest.raises(ValueError, match="names no genre"):
+        taste_segments([["a"]], {"a": []}, k=2)

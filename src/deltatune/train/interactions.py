@@ -162,12 +162,20 @@ def read_interactions(path: str | Path) -> Interactions:
 
 def read_users(path: str | Path, column: str) -> dict[str, str]:
     """``user -> value`` of one column of a RecBole ``.user`` file (e.g. ``age``, ``occupation``)."""
-    path = Path(path)
+    return _read_column(Path(path), "user_id", column)
+
+
+def read_items(path: str | Path, column: str) -> dict[str, str]:
+    """``item -> value`` of one column of a RecBole ``.item`` file (e.g. ``class``: the genres, space-separated)."""
+    return _read_column(Path(path), "item_id", column)
+
+
+def _read_column(path: Path, key: str, column: str) -> dict[str, str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     names = [c.partition(":")[0] for c in lines[0].split("\t")] if lines else []
-    if "user_id" not in names or column not in names:
-        raise ValueError(f"{path}, line 1: needs user_id and {column!r} columns; it has {', '.join(names)}")
-    u, c = names.index("user_id"), names.index(column)
+    if key not in names or column not in names:
+        raise ValueError(f"{path}, line 1: needs {key} and {column!r} columns; it has {', '.join(names)}")
+    u, c = names.index(key), names.index(column)
     out = {}
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
