@@ -33,8 +33,9 @@ again in backward, as the libraries' own autograd functions do, so no dequantize
 between them; the fresh copy is where ``W' = W + s·B A`` is formed, in place.
 
 Tried and measured slower on CPU, so not here: fusing ``g B`` into the big product as ``g [W' | B]``
-(the wider output costs MKL more than the pass it saves) and processing rows in cache-sized blocks
-(smaller products run less efficiently). The frozen weight never gets a gradient: callers use the
+(the wider output costs MKL more than the pass it saves; in bf16 on an AMD EPYC, with ``x Aᵀ`` taken
+inside the forward product as ``x [W'; A]ᵀ`` too, the step was 2 % slower: docs/bf16.md) and processing
+rows in cache-sized blocks (smaller products run less efficiently). The frozen weight never gets a gradient: callers use the
 plain formula when it requires one.
 """
 
