@@ -181,7 +181,7 @@ def test_a_one_off_cost_in_the_probe_is_not_counted_in_its_steady_step(tiny_bert
 def test_the_heap_growth_scales_only_the_freed_heap_not_the_evaluation_or_the_shapes() -> None:
     # all-MiniLM-L6-v2 `prefix` on the AMD EPYC (MiB): its probe's large evaluation batch (294 above the
     # heap) is paid once at the run's end; scaling it with the steps' heap growth over-predicted the run by 23 %.
-    from deltatune.train.probe import cpu_peak
+    from deltatune.train.peak_memory import cpu_peak
 
     parts = {"load_peak": 600, "after_load": 511, "kept": 46, "residue": 271, "shapes": 132, "step_extra": 0,
              "eval_extra": 294}
@@ -191,7 +191,7 @@ def test_the_heap_growth_scales_only_the_freed_heap_not_the_evaluation_or_the_sh
 
 
 def test_a_new_batch_shapes_cost_is_the_timed_steps_growth_per_new_shape() -> None:
-    from deltatune.train.probe import batch_shapes, shape_cost
+    from deltatune.train.peak_memory import batch_shapes, shape_cost
 
     MiB = 2**20
     # a step meeting a shape seen before grows nothing; one meeting two new shapes grows twice as much
