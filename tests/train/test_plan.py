@@ -173,8 +173,11 @@ def test_a_one_off_cost_in_the_probe_is_not_counted_in_its_steady_step(tiny_bert
     # The timed steps' median drops the one-off (their mean would give over a third of it per step).
     assert row["step_seconds"] < one_off / 10
     assert max(row["probe_rates"]) > 100 * min(row["probe_rates"])  # it was in the timed steps' figures
-    # The warm-up's one-off is the run's first-step extra, counted once in the run's time.
-    assert one_off <= row["first_step_extra_seconds"] < 1.1 * one_off
+    # The warm-up's one-off is the run's first-step extra, counted once in the run's time. Within 2 %:
+    # the extra is the warm-up less its batch at the timed steps' median rate, and that estimate of a
+    # millisecond step can exceed the warm-up's own time by a few milliseconds (the timed steps meet
+    # batch shapes new to the process, as a run's first steps do).
+    assert row["first_step_extra_seconds"] == pytest.approx(one_off, rel=0.02)
     assert row["train_seconds"] == pytest.approx(row["step_seconds"] * 6 * 2 + row["first_step_extra_seconds"])
 
 
