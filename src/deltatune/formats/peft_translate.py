@@ -150,21 +150,33 @@ def config_from_peft(peft: Mapping[str, Any], targets: list[str], saved: list[st
     return method, config, kept
 
 
+def check_writable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse an adapter config that PEFT's format cannot hold (a method without a PEFT form, or an
+    option PEFT has no field for), so a run can refuse ``save_format: peft`` before it trains.
+    Returns the validated config with every field present."""
+    from deltatune.methods import METHODS, config_from_dict
+
+    method = config.get("method", "")
+    entry = entry_for(method)
+    checked = config_from_dict(dict(config)).to_dict()  # validated, every field present
+    skip = {"method", "target", "exclude", "layers", "modules_to_save"} | entry.init_only | set(entry.fields)
+    for field in dataclasses.fields(METHODS[method]):
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
+        default = list(default) if isinstance(default, tuple) else default  # as to_dict writes it
+        if field.name not in skip and checked[field.name] != default:
+            raise ValueError(f"{method} option {field.name}={checked[field.name]!r} has no PEFT equivalent; "
+                             "save in deltatune format")
+    return checked
+
+
 def config_to_peft(meta: Mapping[str, Any], names: list[str] | None = None) -> dict[str, Any]:
     """PEFT's ``adapter_config.json`` for a deltatune meta (``names``: the model's modules, if known)."""
-    from deltatune.methods import METHODS, config_from_dict
+    from deltatune.methods import METHODS
 
     method = meta["config"].get("method", "")
     entry = entry_for(method)
-    config = config_from_dict(dict(meta["config"])).to_dict()  # validated, every field present
+    config = check_writable(meta["config"])
     cls = METHODS[method]
-    skip = {"method", "target", "exclude", "layers", "modules_to_save"} | entry.init_only | set(entry.fields)
-    for field in dataclasses.fields(cls):
-        default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
-        default = list(default) if isinstance(default, tuple) else default  # as to_dict writes it
-        if field.name not in skip and config[field.name] != default:
-            raise ValueError(f"{method} option {field.name}={config[field.name]!r} has no PEFT equivalent; "
-                             "save in deltatune format")
     peft: dict[str, Any] = {"peft_type": entry.peft_type, **dict(meta.get("peft", {})), **entry.unsupported,
                             **entry.writes, **entry.flags}
     if entry.needs_task and not peft.get("task_type"):

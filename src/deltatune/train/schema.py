@@ -219,6 +219,22 @@ class TrainConfig(_Strict):
             self.adapter_config()  # raises ValueError with the method's own message
         return self
 
+    @model_validator(mode="after")
+    def _save_format(self) -> TrainConfig:
+        # Checked here, not when the run saves at its end: a method or option PEFT's format cannot hold
+        # would otherwise fail after all the training.
+        if self.save_format == "peft":
+            if self.method == "full":
+                raise ValueError("save_format: peft writes an adapter in PEFT's format; method full saves the whole "
+                                 "model (model/), which PEFT's format does not hold: remove save_format")
+            from deltatune.formats.peft_translate import check_writable
+
+            try:
+                check_writable(self.adapter_config().to_dict())
+            except ValueError as err:
+                raise ValueError(f"save_format: peft: {err}") from None
+        return self
+
     def adapter_config(self) -> Any:
         """The method's ``AdapterConfig`` (``None`` for full fine-tuning)."""
         from deltatune import METHODS, config_from_dict
