@@ -90,6 +90,7 @@ class ChatTask(Task):
     kind: ClassVar[str] = "causal-lm"
     description: ClassVar[str] = "instruction tuning on chatterbot-corpus replies (loss on reply tokens only)"
     headline: ClassVar[str] = "loss"
+    validation_metrics: ClassVar[tuple[str, ...]] = ("loss", "perplexity")
     defaults: ClassVar[dict[str, Any]] = {
         "model": "smollm2-135m", "epochs": 1, "batch_size": 8, "eval_batch_size": 16, "max_length": 96,
         "lr": 5e-4, "checkpoint_every": 50,

@@ -30,6 +30,7 @@ class ClassificationTask(Task):
 
     kind: ClassVar[str] = "classification"
     headline: ClassVar[str] = "accuracy"
+    validation_metrics: ClassVar[tuple[str, ...]] = ("loss", "accuracy", "macro_f1")
 
     def rows(self, config: TrainConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None,
                                                    list[tuple[str, str]] | None]:

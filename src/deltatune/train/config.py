@@ -96,7 +96,12 @@ def _with_task_defaults(data: Any) -> Any:
 def _check_task(config: TrainConfig) -> None:
     if config.task not in TASKS:
         raise ValueError(f"unknown task {config.task!r}; available: {', '.join(sorted(TASKS))}")
-    TASKS[config.task].check_config(config)
+    task = TASKS[config.task]
+    metric, known = config.early_stopping_metric, task.validation_metrics
+    if metric is not None and known and metric not in known:  # before the run, not at its first validation
+        raise ValueError(f"early_stopping_metric {metric!r} is not a validation metric of task {config.task!r} "
+                         f"(it reports: {', '.join(known)}); set one of those")
+    task.check_config(config)
 
 
 def merge_settings(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:

@@ -184,6 +184,7 @@ class RecommendTask(Task):
     kind: ClassVar[str] = "recommendation"
     description: ClassVar[str] = "next-item recommendation after a time cutoff (MovieLens-100K, SASRec base)"
     headline: ClassVar[str] = "ndcg_10"
+    validation_metrics: ClassVar[tuple[str, ...]] = ("hr_10", "ndcg_10", "mrr")
     # Measured with ``python -m bench.recommend_sweep`` (3 seeds; README): 10 epochs for every method (full
     # fine-tuning's gain still grows after 5) with the loop's linear decay (LoRA's validation score is
     # higher with it than at a constant rate, and steadier), and LoRA with more rank on the item table

@@ -32,6 +32,9 @@ class Task:
     method_lr: ClassVar[dict[str, float]] = {}
     #: The metric that picks nothing but is printed each epoch and plotted (e.g. ``accuracy``).
     headline: ClassVar[str] = "loss"
+    #: The metrics ``evaluate`` reports, so a mistyped ``early_stopping_metric`` is refused before the
+    #: run starts (empty: not declared, and it is checked at the first validation instead).
+    validation_metrics: ClassVar[tuple[str, ...]] = ()
 
     def check_config(self, config: TrainConfig) -> None:
         """Reject settings this task cannot use (raise ``ValueError`` naming the fix)."""

@@ -1,0 +1,84 @@
+"""A user's mistakes, as the command line meets them: one ``error:`` line naming the fix, exit status 2,
+raised before any work (no training, no model load where the check needs none), and nothing written.
+
+Each test here failed before its fix: the mistake trained to the end and then died, printed a Python
+traceback, or wrote (or overwrote) something.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deltatune.cli import app
+
+runner = CliRunner()
+
+
+def fails(*args: object) -> str:
+    """Run the CLI; assert exit status 2 with one ``error:`` line on stderr and no traceback. Returns the line."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def works(*args: object) -> str:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def tiny(tiny_bert: Path, tiny_csv: Path) -> list[str]:
+    return ["--set", f"model={tiny_bert}", "--set", "task=classification", "--set", f"data.path={tiny_csv}",
+            "--set", "epochs=1", "--set", "batch_size=8", "--set", "precision=fp32",
+            "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_bert: Path, tiny_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bad-input") / "run"
+    works("train", *tiny(tiny_bert, tiny_csv), "--output", out)
+    return out
+
+
+# --- train: settings that used to fail only after training ------------------------------------------
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    (["method=bottleneck"], "save_format: peft: method 'bottleneck' has no PEFT equivalent"),
+    (["method=oft"], "save_format: peft: method 'oft' has no PEFT equivalent"),
+    (["method=full"], "method full saves the whole model (model/), which PEFT's format does not hold"),
+])
+def test_save_format_peft_that_cannot_be_written_fails_before_training(settings: list[str], expected: str,
+                                                                       tiny_bert: Path, tiny_csv: Path,
+                                                                       tmp_path: Path) -> None:
+    # before: bottleneck / oft trained to the end and failed while saving; full ignored save_format
+    args = [a for s in settings for a in ("--set", s)]
+    line = fails("train", *tiny(tiny_bert, tiny_csv), "--set", "save_format=peft", *args, "--output", tmp_path / "r")
+    assert expected in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_mistyped_early_stopping_metric_fails_before_training(tiny_bert: Path, tiny_csv: Path,
+                                                              tmp_path: Path) -> None:
+    # before: the run trained its first epoch, then stopped at the first validation
+    line = fails("train", *tiny(tiny_bert, tiny_csv), "--set", "early_stopping_patience=2",
+                 "--set", "early_stopping_metric=acuracy", "--output", tmp_path / "r")
+    assert "early_stopping_metric 'acuracy' is not a validation metric of task 'classification'" in line
+    assert "loss, accuracy, macro_f1" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_declared_validation_metrics_are_what_validation_reports(run: Path) -> None:
+    from deltatune.train.tasks import TASKS
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    reported = {k.removeprefix("test_") for k in metrics if k.startswith("test_")}
+    assert set(TASKS["classification"].validation_metrics) == reported
