@@ -82,3 +82,29 @@ def test_declared_validation_metrics_are_what_validation_reports(run: Path) -> N
     metrics = json.loads((run / "metrics.json").read_text())
     reported = {k.removeprefix("test_") for k in metrics if k.startswith("test_")}
     assert set(TASKS["classification"].validation_metrics) == reported
+
+
+def test_max_length_beyond_the_models_positions_fails_before_training(tiny_bert: Path, tmp_path: Path) -> None:
+    # before: a RuntimeError traceback (expanded size 200 vs 64) at the first training step
+    from tests.train.tiny import make_texts
+
+    data = tmp_path / "long.csv"
+    data.write_text("text,label\n" + "".join(f"{' '.join([t] * 30)},{label}\n" for t, label in make_texts(60)))
+    line = fails("train", *tiny(tiny_bert, data), "--set", "max_length=200", "--output", tmp_path / "r")
+    assert "max_length 200 is more than the 64 positions model" in line and "set max_length=64 or less" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_with_a_max_length_beyond_the_positions_fails_cleanly(run: Path) -> None:
+    assert "set max_length=64 or less" in fails("eval", run, "--set", "max_length=65")
+
+
+def test_a_run_stopped_by_bad_data_leaves_no_directory(tiny_bert: Path, tmp_path: Path) -> None:
+    # before: runs/<name>/ stayed behind holding only .deltatune.lock
+    line = fails("train", *tiny(tiny_bert, tmp_path / "missing.csv"), "--output", tmp_path / "r")
+    assert "missing.csv not found" in line
+    assert not (tmp_path / "r").exists()
+    own = tmp_path / "mine"  # a directory that was there before stays, empty as it was
+    own.mkdir()
+    fails("train", *tiny(tiny_bert, tmp_path / "missing.csv"), "--output", own)
+    assert own.is_dir() and not any(own.iterdir())

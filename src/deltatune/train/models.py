@@ -170,7 +170,27 @@ def load_model(name: str, task: Task, labels: list[str] | None = None, config: T
         model.config.pad_token_id = tokenizer.pad_token_id
     missing = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
     new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
+    if config is not None:
+        _check_positions(model, config.max_length, name)
     return Loaded(model=model, tokenizer=tokenizer, new_modules=new_modules)
+
+
+def _check_positions(model: nn.Module, max_length: int, name: str) -> None:
+    """Refuse a ``max_length`` beyond a learned table of absolute positions (BERT, GPT-2): a longer
+    sequence would stop the run at its first batch with a shape error. Rotary or relative positions
+    (Llama, SmolLM2) have no such table and no such limit."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if not isinstance(limit, int):
+        return
+    words = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    table = next((m for m in model.modules() if isinstance(m, nn.Embedding) and m is not words
+                  and m.num_embeddings == limit), None)
+    if table is None:
+        return
+    usable = limit - (table.padding_idx + 1 if table.padding_idx is not None else 0)  # RoBERTa counts from pad + 1
+    if max_length > usable:
+        raise ValueError(f"max_length {max_length} is more than the {usable} positions model {name!r} has; "
+                         f"set max_length={usable} or less")
 
 
 def prepare(loaded: Loaded, config: TrainConfig, name: str = "default") -> Strategy:

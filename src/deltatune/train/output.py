@@ -121,6 +121,16 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> RunLock:
     return lock
 
 
+def unclaim_output(out: Path, remove_dir: bool) -> None:
+    """Take back the lock file from ``out`` if it holds nothing else (the run stopped on bad input before
+    writing anything), and ``out`` itself if this run created it. Called while the lock is still held."""
+    if {p.name for p in out.iterdir()} == {LOCK_FILE}:
+        (out / LOCK_FILE).unlink()
+        if remove_dir:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+
 def remove_run(out: Path) -> list[str]:
     """Remove what an earlier ``deltatune train`` wrote in ``out`` (``--overwrite``), nothing else;
     return the names removed."""

@@ -35,7 +35,7 @@ from deltatune.train.config import TrainConfig, to_yaml, validate_config
 from deltatune.train.loop import fit, pick_device, resolve_precision
 from deltatune.train.metrics import peak_memory_mb, step_times
 from deltatune.train.models import load_model, training_meta
-from deltatune.train.output import claim_output, remove_run
+from deltatune.train.output import claim_output, remove_run, unclaim_output
 from deltatune.train.ranks import Ranks, finish, start
 from deltatune.train.report import plot_history, write_metrics
 from deltatune.train.runner import dir_bytes, prepare_on, training_runner
@@ -78,6 +78,8 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     ``callbacks`` run in the loop after the built-in ones (``deltatune tune`` reports and prunes there).
     """
     out = config.resolved_output()
+    new = not out.exists()
+    empty = new or (out.is_dir() and not any(out.iterdir()))
     # Rank 0 alone writes, so it alone claims the directory (before joining: a refusal ends torchrun).
     lock = claim_output(out, resume, overwrite) if os.environ.get("RANK", "0") == "0" else None
     try:
@@ -89,6 +91,10 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
                 return _run_training(config, resume, progress, ranks, callbacks)
         finally:
             finish(ranks)
+    except BaseException:
+        if lock is not None and empty:
+            unclaim_output(out, remove_dir=new)  # a run that stopped before writing anything leaves nothing behind
+        raise
     finally:
         if lock is not None:
             lock.release()
