@@ -108,3 +108,37 @@ def test_a_run_stopped_by_bad_data_leaves_no_directory(tiny_bert: Path, tmp_path
     own.mkdir()
     fails("train", *tiny(tiny_bert, tmp_path / "missing.csv"), "--output", own)
     assert own.is_dir() and not any(own.iterdir())
+
+
+# --- eval / predict outputs ---------------------------------------------------------------------------
+
+
+def test_eval_and_predict_refuse_an_output_directory_before_loading(run: Path, tmp_path: Path) -> None:
+    # before: IsADirectoryError tracebacks after the model had loaded and scored everything
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "good day"}\n')
+    (tmp_path / "outdir").mkdir()
+    line = fails("eval", run, "--output", tmp_path / "outdir")
+    assert "is a directory; give a file path, e.g." in line and "metrics.json" in line
+    line = fails("predict", run, "--input", inputs, "--output", tmp_path / "outdir")
+    assert "is a directory; give a file path, e.g." in line and "preds.jsonl" in line
+
+
+def test_predict_refuses_to_write_over_its_input(run: Path, tmp_path: Path) -> None:
+    # before: the input (ids, labels and all) was replaced by predictions holding only text, label, logits
+    inputs = tmp_path / "in.jsonl"
+    original = '{"text": "good day", "id": 7, "label": "positive"}\n'
+    inputs.write_text(original)
+    line = fails("predict", run, "--input", inputs, "--output", tmp_path / "." / "in.jsonl")
+    assert "is the input file" in line and "write the results to another file" in line
+    assert inputs.read_text() == original
+
+
+def test_eval_reads_the_data_before_the_model(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import deltatune.train
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(deltatune.train, "load_trained", no_model)
+    assert "missing.csv not found" in fails("eval", run, "--set", f"data.path={tmp_path / 'missing.csv'}")

@@ -64,6 +64,16 @@ def parse_sets(values: list[str] | None) -> dict:
     return data
 
 
+def check_output_file(output: Path, example: str, inputs: Iterable[Path] = (), flag: str = "--output") -> None:
+    """Refuse, before any work, an output file that cannot be written (a directory) or that is one of
+    the inputs (the results would replace the data they came from)."""
+    if output.is_dir():
+        raise ValueError(f"{flag} {output} is a directory; give a file path, e.g. {output / example}")
+    for given in inputs:
+        if output.exists() and Path(given).exists() and output.samefile(given):
+            raise ValueError(f"{flag} {output} is the input file {given}; write the results to another file")
+
+
 def check_apart(output: Path, inputs: Iterable[Path], flag: str = "--output") -> None:
     """Refuse an output directory that is, holds or sits inside one of the inputs: writing it would
     replace what is being read."""

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from deltatune.cli.common import fail_cleanly, parse_sets
+from deltatune.cli.common import check_output_file, fail_cleanly, parse_sets
 
 
 def eval_(
@@ -22,15 +22,20 @@ def eval_(
     with fail_cleanly():
         if split not in ("train", "validation", "test"):
             raise ValueError(f"--split must be train, validation or test, not {split!r}")
+        from deltatune.core.files import write_text_atomic
         from deltatune.train import load_trained
         from deltatune.train.loop import make_runner, pick_device
+        from deltatune.train.models import read_trained
 
+        if output is not None:
+            check_output_file(output, "metrics.json")
         overrides = parse_sets(set_)
+        recorded = read_trained(adapter_dir, overrides)  # the data first: a bad file fails before the model loads
+        examples = getattr(recorded.task.load_splits(recorded.config, recorded.labels), split)  # labels by name
         trained = load_trained(adapter_dir, overrides)
         config, task = trained.config, trained.task
         device = pick_device(config.device)
         trained.model.to(device)
-        examples = getattr(task.load_splits(config, trained.labels), split)  # labels by name
         items = task.encode(trained.tokenizer, examples, config.max_length)
         metrics = task.evaluate(trained.model, items, trained.tokenizer, config.eval_batch_size,
                                 make_runner(device, config.precision))
@@ -39,4 +44,4 @@ def eval_(
         print(text)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text + "\n")
+            write_text_atomic(output, text + "\n")

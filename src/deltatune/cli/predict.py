@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from deltatune.cli.common import fail_cleanly, parse_sets
+from deltatune.cli.common import check_output_file, fail_cleanly, parse_sets
 
 
 def predict(
@@ -24,11 +24,13 @@ def predict(
 ) -> None:
     """Predict a label (with its logits) for every input text."""
     with fail_cleanly():
+        from deltatune.core.files import write_text_atomic
         from deltatune.train import load_trained
         from deltatune.train.data import check_text_field, read_numbered_records
         from deltatune.train.loop import make_runner, pick_device
         from deltatune.train.models import read_trained
 
+        check_output_file(output, "preds.jsonl", [input])
         overrides = parse_sets(set_)
         recorded = read_trained(adapter_dir, overrides)
         own = recorded.task.read_inputs(input)  # e.g. pictures: one file or a folder
@@ -57,9 +59,7 @@ def predict(
         else:
             rows = predict_rows(list(range(len(records))))
         output.parent.mkdir(parents=True, exist_ok=True)
-        with output.open("w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_text_atomic(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         typer.echo(f"wrote {len(rows)} predictions to {output}")
 
 
