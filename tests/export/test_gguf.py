@@ -161,6 +161,18 @@ def test_cli_writes_a_checked_gguf_adapter(chat_run: Path, tmp_path: Path) -> No
     assert "--quantize applies to --format onnx" in refused
 
 
+def test_cli_never_replaces_a_gguf_file_it_did_not_write(chat_run: Path, tmp_path: Path) -> None:
+    # before: `--output model.Q4_K_M.gguf` (the base model's own file, say) was silently replaced by the adapter
+    theirs = tmp_path / "model.Q4_K_M.gguf"
+    theirs.write_bytes(b"GGUF" + bytes(60))
+    refused = invoke("export", chat_run, "--format", "gguf", "--output", theirs, code=2)
+    assert "exists and deltatune did not write it; choose another file name" in refused
+    assert theirs.read_bytes() == b"GGUF" + bytes(60)
+    ours = tmp_path / "chat.gguf"
+    invoke("export", chat_run, "--format", "gguf", "--output", ours)
+    assert "wrote" in invoke("export", chat_run, "--format", "gguf", "--output", ours)  # its own earlier export: replaced
+
+
 def test_cli_decoder_onnx_generates_like_pytorch(chat_run: Path, tmp_path: Path) -> None:
     invoke("export", chat_run, "--format", "onnx", "--output", tmp_path / "onnx")
     facts = json.loads((tmp_path / "onnx" / "export.json").read_text())

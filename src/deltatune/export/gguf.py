@@ -194,6 +194,20 @@ def write(path: Path, arch: str, pairs: list[Pair], alpha: float, meta: dict[str
         tmp.unlink(missing_ok=True)
 
 
+SOURCE_KEY = "adapter.deltatune.source"  # in every adapter this module writes
+
+
+def written_here(path: Path) -> bool:
+    """Whether ``path`` is a GGUF adapter that this exporter wrote (its metadata holds ``SOURCE_KEY``)."""
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            return False
+    try:
+        return SOURCE_KEY in need_gguf().GGUFReader(str(path)).fields
+    except (ValueError, OSError, IndexError):  # a damaged file: not one of ours to replace
+        return False
+
+
 def read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(metadata, tensors) of a GGUF file, through gguf's own reader."""
     gguf = need_gguf()
@@ -233,6 +247,9 @@ def export_gguf(run: str | Path, output: Path, overrides: dict[str, Any] | None 
         raise ValueError(f"--output {output} should be a .gguf file")
     if output.is_dir():
         raise ValueError(f"--output {output} is a directory; give a .gguf file")
+    if output.exists() and not written_here(output):  # e.g. the base model's own .gguf: never replaced
+        raise ValueError(f"--output {output} exists and deltatune did not write it; choose another file name, "
+                         "or move that file away first")
     recorded = read_trained(run, overrides)
     if recorded.kind != "adapter":
         raise ValueError(f"{run} holds a full model, not an adapter; export it with --format onnx")
@@ -245,7 +262,7 @@ def export_gguf(run: str | Path, output: Path, overrides: dict[str, Any] | None 
     arch, pairs = plan(model, trained.adapter)
     rank = pad(pairs)
     meta = {"general.name": f"deltatune {trained.config.method} adapter ({trained.config.task})",
-            "adapter.deltatune.source": str(trained.source)}
+            SOURCE_KEY: str(trained.source)}
     output.parent.mkdir(parents=True, exist_ok=True)
     check_path = output.with_name(f".{output.name}.check-{os.getpid()}")
     try:
