@@ -142,3 +142,32 @@ def test_eval_reads_the_data_before_the_model(run: Path, tmp_path: Path, monkeyp
 
     monkeypatch.setattr(deltatune.train, "load_trained", no_model)
     assert "missing.csv not found" in fails("eval", run, "--set", f"data.path={tmp_path / 'missing.csv'}")
+
+
+# --- data files as spreadsheet programs save them -----------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+def test_files_with_a_byte_order_mark_read_as_written(encoding: str, tmp_path: Path) -> None:
+    # before: Excel's "CSV UTF-8" had a first column named '\ufefftext' ("no column 'text'"), and a
+    # UTF-16 file was one garbled line of NUL bytes in the error message
+    from deltatune.train import data as D
+
+    rows = [("café ☕", "positive"), ("naïve, but fine", "neutral")]
+    for suffix, text in ((".csv", "text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows)),
+                         (".jsonl", "".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows))):
+        path = tmp_path / f"data{suffix}"
+        with path.open("w", encoding=encoding, newline="") as fh:
+            if encoding == "utf-16-be":
+                fh.write("\ufeff")  # utf-16-be writes no mark of its own
+            fh.write(text)
+        assert D.read_table(path, ["text", "label"]) == rows, (encoding, suffix)
+
+
+def test_a_file_marked_utf16_that_is_not_names_the_fix(tmp_path: Path) -> None:
+    from deltatune.train import data as D
+
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"\xff\xfe" + "text,label\n".encode("utf-16-le") + b"\x00\xd8")  # a lone surrogate half
+    with pytest.raises(ValueError, match="data.csv starts as UTF-16 but byte .* is not; save it as UTF-8"):
+        D.read_table(path, ["text", "label"])

@@ -6,6 +6,7 @@ function of (seed, epoch), which is what lets ``--resume`` skip exactly the batc
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -32,7 +33,20 @@ class Splits:
         return f"train {len(self.train):,} / validation {len(self.validation):,} / test {len(self.test):,}"
 
 
-def _decode(raw: bytes) -> str:
+def _decode(raw: bytes, path: Path | str = "the file") -> str:
+    # A byte-order mark says the encoding: Excel's "CSV UTF-8" starts with one (without this, the
+    # first column was named '\ufefftext'), and "Unicode text" files are UTF-16 or UTF-32.
+    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"), (codecs.BOM_UTF8, None)):
+        if raw.startswith(bom):
+            if encoding is None:
+                raw = raw[len(bom):]
+                break
+            try:
+                return raw.decode(encoding)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path} starts as {encoding.upper()} but byte {err.start} is not; "
+                                 "save it as UTF-8") from None
     # Scraped corpora mix UTF-8 with Windows-1252 bytes; decode line by line so one bad byte
     # does not turn the whole file into replacement characters.
     lines = []
@@ -96,7 +110,7 @@ def numbered_records(path: Path) -> list[tuple[int, dict]]:
     Only ``\n``, ``\r\n`` and ``\r`` end a line: a text holding U+2028, U+0085, ``\v``, ``\f`` or
     ``\x1c``-``\x1e`` stays one text, and a quoted CSV field keeps its line break.
     """
-    text = _decode(path.read_bytes())
+    text = _decode(path.read_bytes(), path)
     suffix = path.suffix.lower()
     if suffix in JSON_SUFFIXES:
         return _json_records(path, text)
