@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -66,6 +67,7 @@ class AdapterConfig:
             if not all(isinstance(i, int) and i >= 0 for i in layers):
                 raise ValueError(f"layers must be non-negative integers, got {self.layers!r}")
             object.__setattr__(self, "layers", layers)
+        _check_regexes(self)
         self.validate()
 
     # --- what a method provides ---------------------------------------------------------------
@@ -173,6 +175,25 @@ class ConfigTypeError(TypeError, ValueError):
 
 
 @functools.cache
+def _check_regexes(config: AdapterConfig) -> None:
+    """Every ``re:`` pattern (target, exclude, modules_to_save, per-module ``*_pattern`` keys) must
+    compile: a broken one is an error naming it here, not a ``re.error`` traceback at attach."""
+    target = config.target
+    found = [("target", t) for t in ((target,) if isinstance(target, str) else target if isinstance(target, tuple) else ())]
+    found += [("exclude", p) for p in config.exclude] + [("modules_to_save", p) for p in config.modules_to_save]
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name.endswith("_pattern") and isinstance(value, Mapping):
+            found += [(field.name, key) for key in value]
+    for where, pattern in found:
+        if isinstance(pattern, str) and pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise ValueError(f"{where} {pattern!r} is not a valid regular expression ({err}); fix it, or drop "
+                                 "'re:' to match a module name or its last parts") from None
+
+
 def _field_hints(cls: type) -> dict[str, Any]:
     """The fields' annotations, resolved; one that cannot be resolved (a name local to the function
     that defined the config) is not checked rather than breaking the config."""

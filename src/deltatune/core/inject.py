@@ -10,7 +10,7 @@ adapter name is its record (``core/records.py``); which adapters apply and train
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +59,8 @@ def attach(
     ``config.parts``; ``module_names`` is the one list of a one-part config) and ``save_names``
     bypass target selection with exact module names (used when loading a saved adapter).
     """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(_not_a_config(config))
     if not NAME_RE.match(name):
         raise ValueError(f"adapter name {name!r} must be an identifier such as 'default' or 'sentiment'")
     if name in records(model):
@@ -83,6 +85,15 @@ def attach(
     return _report(model, name, list(built), save_names, skipped)
 
 
+def _not_a_config(config: object) -> str:
+    """What ``attach`` says when it is handed something other than a method config."""
+    if isinstance(config, type) and issubclass(config, AdapterConfig):
+        return f"attach takes a config, not the class {config.__name__}: call it, e.g. {config.__name__}()"
+    if isinstance(config, Mapping):
+        return "attach takes a config, not a dict: build one with deltatune.config_from_dict({'method': 'lora', ...})"
+    return f"attach takes a method config such as LoraConfig(...), not {type(config).__name__}"
+
+
 def _choose(model: nn.Module, name: str, config: AdapterConfig, modules: dict[str, nn.Module],
             part_names: Sequence[Sequence[str]] | None,
             save_names: Iterable[str] | None) -> tuple[list[list[str]], list[str]]:
@@ -91,7 +102,8 @@ def _choose(model: nn.Module, name: str, config: AdapterConfig, modules: dict[st
     if part_names is None:
         part_names = [modules_for(model, p) for p in parts]
     if save_names is None:
-        save_names = select(model, list(config.modules_to_save)).names if config.modules_to_save else []
+        save_names = (select(model, list(config.modules_to_save), what="modules_to_save").names
+                      if config.modules_to_save else [])
     part_names, save_names = [list(n) for n in part_names], list(save_names)
     if len(part_names) != len(parts):
         raise ValueError(f"expected {len(parts)} lists of module names (one per part), got {len(part_names)}")

@@ -122,10 +122,12 @@ def select(
     target: Target,
     exclude: Iterable[str] = (),
     layers: Iterable[int] | None = None,
+    what: str = "target",
 ) -> Selection:
     """Return the names of the modules ``target`` selects, in model order.
 
-    Raises ``ValueError`` when nothing matches, showing real module names so the fix is obvious.
+    Raises ``ValueError`` when nothing matches, showing real module names so the fix is obvious
+    (``what``: the setting the patterns came from, as the message names it).
     Adapters already attached are invisible: an adapted layer is seen as its base module.
     """
     named = [(n, m) for n, m in logical_modules(model) if n]
@@ -160,7 +162,7 @@ def select(
             detail = f" in layers {sorted(layer_set)} (the model has {n_blocks} blocks)"
         examples = ", ".join(repr(e) for e in _examples(model))
         raise NoMatchError(
-            f"target {shown!r} matched 0 of {len(named)} modules{detail}; names look like {examples}"
+            f"{what} {shown!r} matched 0 of {len(named)} modules{detail}; names look like {examples}"
         )
     return Selection(names=names, considered=len(named), examples=_examples(model))
 

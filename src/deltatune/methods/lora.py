@@ -252,8 +252,11 @@ class LoraConfig(AdapterConfig):
                              "rank_pattern": {}, "alpha_pattern": {}})
 
     def validate(self) -> None:
-        if self.rank < 1 or any(r < 1 for r in self.rank_pattern.values()):
+        if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        for pattern, rank in self.rank_pattern.items():
+            if rank < 1:
+                raise ValueError(f"LoRA rank must be >= 1, got rank_pattern[{pattern!r}] = {rank}")
         if self.alpha == 0 or any(a == 0 for a in self.alpha_pattern.values()):
             raise ValueError("LoRA alpha must not be 0: the update alpha/rank * B A would always be zero "
                              "(a common choice is alpha = 2 * rank)")

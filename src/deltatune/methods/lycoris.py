@@ -93,8 +93,11 @@ class FullDeltaAdapter(Adapter):
 
 def validate_rank_and_dropouts(config: Any, label: str) -> None:
     """The checks LoHa and LoKr share: rank (and per-module ranks) >= 1, dropouts in [0, 1)."""
-    if config.rank < 1 or any(r < 1 for r in config.rank_pattern.values()):
+    if config.rank < 1:
         raise ValueError(f"{label} rank must be >= 1, got {config.rank}")
+    for pattern, rank in config.rank_pattern.items():
+        if rank < 1:
+            raise ValueError(f"{label} rank must be >= 1, got rank_pattern[{pattern!r}] = {rank}")
     if config.alpha == 0 or any(a == 0 for a in config.alpha_pattern.values()):
         raise ValueError(f"{label} alpha must not be 0: the update is scaled by alpha/rank and would always be zero")
     for name in ("rank_dropout", "module_dropout"):
