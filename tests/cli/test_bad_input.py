@@ -171,3 +171,10 @@ def test_a_file_marked_utf16_that_is_not_names_the_fix(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe" + "text,label\n".encode("utf-16-le") + b"\x00\xd8")  # a lone surrogate half
     with pytest.raises(ValueError, match="data.csv starts as UTF-16 but byte .* is not; save it as UTF-8"):
         D.read_table(path, ["text", "label"])
+
+
+def test_set_with_a_space_instead_of_equals_names_the_set(tmp_path: Path) -> None:
+    # before: "config file 1 not found" (typer took the value for the CONFIG argument)
+    line = fails("train", "--set", "epochs", "1", "--output", tmp_path / "r")
+    assert "--set expects key=value (e.g. --set epochs=1), got 'epochs'" in line
+    assert not (tmp_path / "r").exists()

@@ -135,6 +135,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     ``output`` (``--output``) is taken as it is, not read as YAML: ``runs/a #1`` stays ``runs/a #1``."""
     data: dict[str, Any] = {}
+    for assignment in overrides:  # first: `--set epochs 1` makes "1" the config file; say what is wrong
+        apply_override({}, assignment)
     if path is not None:
         path = Path(path)
         if not path.is_file():
