@@ -178,3 +178,24 @@ def test_set_with_a_space_instead_of_equals_names_the_set(tmp_path: Path) -> Non
     line = fails("train", "--set", "epochs", "1", "--output", tmp_path / "r")
     assert "--set expects key=value (e.g. --set epochs=1), got 'epochs'" in line
     assert not (tmp_path / "r").exists()
+
+
+def test_predict_checks_adapter_options_and_line_choices_before_predicting(run: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "good day"}\n{"text": "bad day", "adapter": "nosuch"}\n')
+    # before: "no adapter named 'nosuch' is attached (attached: 'default')", naming neither the line nor the fix
+    line = fails("predict", run, "--input", inputs, "--output", tmp_path / "p.jsonl")
+    assert f"{inputs}, line 2: adapter 'nosuch' is not loaded (loaded: 'default'); add --adapter nosuch=DIR" in line
+    assert not (tmp_path / "p.jsonl").exists()
+
+    import deltatune.train
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model loaded before --adapter was checked")
+
+    monkeypatch.setattr(deltatune.train, "load_trained", no_model)  # before: checked after the model loaded
+    assert "--adapter takes NAME=DIR" in fails("predict", run, "--input", inputs, "--output", tmp_path / "p.jsonl",
+                                               "--adapter", str(run))
+    assert "holds no adapter" in fails("predict", run, "--input", inputs, "--output", tmp_path / "p.jsonl",
+                                       "--adapter", f"b={tmp_path / 'nowhere'}")

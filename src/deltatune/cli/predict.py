@@ -40,6 +40,7 @@ def predict(
         records = [record for _, record in numbered]
         if own is None:
             check_text_field(input, numbered, recorded.task.input_field(records, recorded.config))
+        named = _named_dirs(adapter or [])  # checked before the model loads, like the input
         trained = load_trained(adapter_dir, overrides)
         device = pick_device(trained.config.device)
         trained.model.to(device)
@@ -53,14 +54,24 @@ def predict(
             from deltatune.core.routing import run_grouped
             from deltatune.formats import load_adapters
 
-            load_adapters(trained.model, _named_dirs(adapter or []))
             choices = [r.get("adapter", trained.adapter) for r in records]
+            _check_choices(input, numbered, choices, [trained.adapter, *named])
+            load_adapters(trained.model, named)
             rows = [row | {"adapter": c} for row, c in zip(run_grouped(trained.model, choices, predict_rows), choices)]
         else:
             rows = predict_rows(list(range(len(records))))
         output.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         typer.echo(f"wrote {len(rows)} predictions to {output}")
+
+
+def _check_choices(input: Path, numbered: list, choices: list, names: list[str | None]) -> None:
+    """Every line's ``adapter`` must be one of ``names`` (the first is the run's own) or null."""
+    for (line, _), choice in zip(numbered, choices):
+        if choice is not None and choice not in names:
+            known = ", ".join(repr(n) for n in names if n is not None)
+            raise ValueError(f"{input}, line {line}: adapter {choice!r} is not loaded (loaded: {known}); "
+                             f"add --adapter {choice}=DIR, or fix the line")
 
 
 def _named_dirs(values: list[str]) -> dict[str, Path]:

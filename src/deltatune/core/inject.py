@@ -90,8 +90,8 @@ def _not_a_config(config: object) -> str:
     if isinstance(config, type) and issubclass(config, AdapterConfig):
         return f"attach takes a config, not the class {config.__name__}: call it, e.g. {config.__name__}()"
     if isinstance(config, Mapping):
-        return "attach takes a config, not a dict: build one with deltatune.config_from_dict({'method': 'lora', ...})"
-    return f"attach takes a method config such as LoraConfig(...), not {type(config).__name__}"
+        return "attach takes a config, not a dict: build one with deltatune.config_from_dict({'method': ..., ...})"
+    return f"attach takes a method config (an AdapterConfig, e.g. from deltatune.METHODS), not {type(config).__name__}"
 
 
 def _choose(model: nn.Module, name: str, config: AdapterConfig, modules: dict[str, nn.Module],
