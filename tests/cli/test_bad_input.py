@@ -199,3 +199,11 @@ def test_predict_checks_adapter_options_and_line_choices_before_predicting(run: 
                                                "--adapter", str(run))
     assert "holds no adapter" in fails("predict", run, "--input", inputs, "--output", tmp_path / "p.jsonl",
                                        "--adapter", f"b={tmp_path / 'nowhere'}")
+
+
+def test_convert_takes_a_run_directory_like_the_other_commands(run: Path, tmp_path: Path) -> None:
+    # before: "run/adapter_config.json not found", though eval, predict, merge and combine take the run
+    assert "(peft format) from" in works("convert", run, tmp_path / "peft", "--to", "peft")
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    assert "not found; expected an adapter directory" in fails("convert", tmp_path / "nowhere", tmp_path / "x",
+                                                               "--to", "peft")

@@ -11,7 +11,7 @@ from deltatune.cli.common import check_apart, fail_cleanly
 
 
 def convert(
-    src: Annotated[Path, typer.Argument(help="An adapter directory (deltatune or Hugging Face PEFT format).")],
+    src: Annotated[Path, typer.Argument(help="An adapter directory (deltatune or Hugging Face PEFT format), or a run directory.")],
     dst: Annotated[Path, typer.Argument(help="Where to write the converted adapter (a deltatune save there is replaced).")],
     to: Annotated[str, typer.Option("--to", help="Target format: 'peft' (Hugging Face PEFT) or 'deltatune'.")],
 ) -> None:
@@ -25,6 +25,8 @@ def convert(
 
         if to not in ("peft", "deltatune"):
             raise ValueError(f"--to must be 'peft' or 'deltatune', got {to!r}")
+        if not (src / "adapter_config.json").is_file() and (src / "adapter" / "adapter_config.json").is_file():
+            src = src / "adapter"  # a run directory, as eval, predict, merge and combine take it
         check_apart(dst, [src], flag="DST")
         fmt: Literal["peft", "deltatune"] = "peft" if to == "peft" else "deltatune"
         convert_dir(src, dst, to=fmt)
