@@ -207,3 +207,16 @@ def test_convert_takes_a_run_directory_like_the_other_commands(run: Path, tmp_pa
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     assert "not found; expected an adapter directory" in fails("convert", tmp_path / "nowhere", tmp_path / "x",
                                                                "--to", "peft")
+
+
+def test_a_semicolon_separated_csv_names_its_separator(tmp_path: Path) -> None:
+    # before: "has no column 'text' (columns: text;label)", which reads as if 'text' were there
+    from deltatune.train import data as D
+
+    path = tmp_path / "data.csv"
+    path.write_text("text;label\ngood day;positive\n")
+    with pytest.raises(ValueError, match=r"reads as one column 'text;label': its fields are separated by ';'"):
+        D.read_table(path, ["text", "label"])
+    path.write_text("sentence,label\ngood day,positive\n")  # a real missing column still says so
+    with pytest.raises(ValueError, match=r"has no column 'text' \(columns: sentence, label\)"):
+        D.read_table(path, ["text", "label"])

@@ -80,8 +80,13 @@ def read_table(path: str | Path, columns: Sequence[str]) -> list[tuple[str, ...]
         raise ValueError(f"{path} holds no rows")
     missing = [c for c in columns if c not in records[0][1]]
     if missing:
+        header = list(records[0][1])
+        separator = next((s for s in ";\t|," if len(header) == 1 and s in header[0]), None)
+        if separator is not None and path.suffix.lower() in TABLE_SUFFIXES:  # one column: another separator
+            raise ValueError(f"{path} reads as one column {header[0]!r}: its fields are separated by {separator!r}; "
+                             "save it with commas (.csv) or tabs (.tsv)")
         raise ValueError(
-            f"{path} has no column {missing[0]!r} (columns: {', '.join(records[0][1])}); "
+            f"{path} has no column {missing[0]!r} (columns: {', '.join(header)}); "
             "set data.text_column / data.label_column"
         )
     return [tuple(_cell(path, line, record, c, text=i == 0) for i, c in enumerate(columns))
