@@ -175,6 +175,16 @@ def test_cli_command_parses(command: Command) -> None:
         pytest.fail(f"{command}: {type(err).__name__}: {err.format_message()}")
 
 
+def test_train_help_names_every_task() -> None:
+    """``deltatune train --help`` lists the tasks; the README shows every one of them."""
+    from deltatune.train.tasks import TASKS
+
+    helptext = " ".join((GROUP.commands["train"].help or "").split())
+    for task in TASKS:
+        assert re.search(rf"\b{task}\b", helptext), f"deltatune train --help does not name task {task!r}"
+        assert f"task={task}" in TEXT or task == "sentiment", f"README shows no --set task={task}"
+
+
 #: --set assignments the README shows as bad input (they must fail, naming the key)
 SHOWN_AS_BAD = {"adapter.rank=abc": "adapter.rank"}
 
