@@ -282,9 +282,12 @@ def test_cli_values(command: Command) -> None:
     from deltatune.train.tasks import TASKS
 
     name = command.argv[0] if command.argv else ""
+    context = [f"task={t}" for t in _option(command.argv, "--task")] + _option(command.argv, "--set")
     try:
         for spec in _option(command.argv, "--methods"):
-            parse_methods(spec)
+            names, every = parse_methods(spec)
+            for method in [] if every else names:  # each method named runs on this task and these settings
+                load_config(None, [*context, f"method={method}"])
         for text in _option(command.argv, "--budget"):
             parse_budget(text)
     except ValueError as err:
