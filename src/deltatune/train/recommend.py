@@ -311,6 +311,12 @@ class RecommendTask(Task):
     def input_field(self, records: list[dict[str, Any]], config: TrainConfig) -> str:
         return "history"
 
+    def probe_batch(self, tokenizer: Any) -> dict[str, torch.Tensor]:
+        """Two fixed histories of item rows, left-padded, for merge's before / after check (the scores
+        cover every item, the rows grown for new items included)."""
+        return {"input_ids": collate([(list(range(1, 9)), [-100] * 8), (list(range(9, 14)), [-100] * 5)],
+                                     max_len=10**9)["input_ids"]}
+
     @torch.no_grad()
     def predict(self, model: nn.Module, tokenizer: Any, records: list[dict[str, Any]], config: TrainConfig,
                 labels: list[str] | None, run: Any) -> list[dict[str, Any]]:
