@@ -331,3 +331,16 @@ def test_merge_writes_a_sasrec_that_scores_as_the_run(tmp_path):
     inf = float("-inf")
     assert _gap(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.5])) == 0.5
     assert _gap(torch.tensor([inf, 1.0]), torch.tensor([0.0, 1.0])) == float("inf")
+
+
+def test_serve_refuses_a_recommender_run_and_names_predict(tmp_path):
+    """``deltatune serve`` answers text; a recommend run (item histories) is refused before any model
+    loads, with the command that scores it, instead of failing inside the loader."""
+    pytest.importorskip("fastapi")
+    from deltatune.serve import load_served
+    from deltatune.train.run import run_training
+
+    run_training(_config(tmp_path, method="lora", epochs=1), progress=False)
+    with pytest.raises(ValueError, match=r"task recommend, which reads item histories: score them with deltatune "
+                                         r"predict .*run --input FILE"):
+        load_served(str(tmp_path / "run"), {}, torch.device("cpu"), torch.float32)

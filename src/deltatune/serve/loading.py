@@ -82,6 +82,12 @@ def load_served(model: str, adapters: dict[str, Path], device: torch.device, dty
     served_adapters: dict[str, Path] = {}
     recorded = None
     trained = _trained(model)
+    if trained is not None:
+        task = read_trained(model).task
+        if task.inputs != "text":
+            raise ValueError(f"deltatune serve answers text (completions, chat, classify); {model} was trained on "
+                             f"task {task.name}, which reads {task.inputs}: score them with deltatune predict "
+                             f"{model} --input FILE --output FILE")
     if trained is not None and trained[0] == "full":  # a merged run: its model/ folder is a plain model
         model = str(trained[1])
     if trained is not None and trained[0] == "adapter":

@@ -182,6 +182,7 @@ def scores(rank: torch.Tensor) -> dict[str, float]:
 class RecommendTask(Task):
     name: ClassVar[str] = "recommend"
     kind: ClassVar[str] = "recommendation"
+    inputs: ClassVar[str] = "item histories"
     description: ClassVar[str] = "next-item recommendation after a time cutoff (MovieLens-100K, SASRec base)"
     headline: ClassVar[str] = "ndcg_10"
     # Measured with ``python -m bench.recommend_sweep`` (3 seeds; README): 10 epochs for every method (full

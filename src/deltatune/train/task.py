@@ -32,6 +32,8 @@ class Task:
     method_lr: ClassVar[dict[str, float]] = {}
     #: The metric that picks nothing but is printed each epoch and plotted (e.g. ``accuracy``).
     headline: ClassVar[str] = "loss"
+    #: What the model reads at prediction time, in words: ``deltatune serve`` answers text only.
+    inputs: ClassVar[str] = "text"
 
     def check_config(self, config: TrainConfig) -> None:
         """Reject settings this task cannot use (raise ``ValueError`` naming the fix)."""
