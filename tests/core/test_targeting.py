@@ -54,6 +54,8 @@ def test_callable_target():
 def test_zero_matches_shows_real_names():
     with pytest.raises(dt.NoMatchError, match=r"target 'q_proj' matched 0 of \d+ modules; names look like 'bert\."):
         dt.select(bert(), "q_proj")
+    with pytest.raises(dt.NoMatchError, match=r"target \['q_proj', 'v_proj'\] matched 0 of"):
+        dt.select(bert(), ("q_proj", "v_proj"))  # the patterns as a list, not a tuple's "('q_proj',)"
     with pytest.raises(dt.NoMatchError, match=r"in layers \[7\] \(the model has 2 blocks\)"):
         dt.select(bert(), "query", layers=[7])
 

@@ -83,3 +83,31 @@ def test_export_refuses_bad_input_before_work(classifier_run: Path, tmp_path: Pa
     (foreign / "notes.txt").write_text("mine")
     assert "error:" in invoke("export", classifier_run, "--format", "onnx", "--output", foreign, code=2)
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_on_a_quantized_base_exports_as_the_trained_model(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """ONNX has no operator for a 4-bit kernel: the NF4 base is dequantized before merging (as
+    ``deltatune merge`` does), and the file reproduces the model trained on that base."""
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    from deltatune.train import load_trained
+
+    pytest.importorskip("bitsandbytes")
+    run, out = tmp_path / "nf4", tmp_path / "onnx"
+    invoke("train", "--set", f"model={tiny_bert}", "--set", "task=classification", "--set", f"data.path={tiny_csv}",
+           "--set", "epochs=1", "--set", "batch_size=8", "--set", "adapter.rank=2", "--set", "precision=fp32",
+           "--set", "quantize=nf4", "--output", run, "--no-progress")
+    invoke("export", run, "--format", "onnx", "--output", out)
+    facts = json.loads((out / "export.json").read_text())
+    assert facts["adapter"] == "merged into the weights" and facts["max_abs_diff"] < 1e-4
+    assert facts["test"]["onnx_fp32"]["accuracy"] == pytest.approx(json.loads((run / "metrics.json").read_text())["test_accuracy"])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    enc = tokenizer(["good great day", "awful sad food today"], padding=True, return_tensors="np")
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(["logits"], {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")})[0]
+    trained = load_trained(run)  # the NF4 base, quantized afresh, with the adapter: what was trained
+    assert any("4bit" in type(m).__name__ or "NF4" in type(m).__name__ for m in trained.model.modules())
+    with torch.no_grad():
+        ref = trained.model(**{k: torch.from_numpy(enc[k]) for k in ("input_ids", "attention_mask")}).logits
+    np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4)

@@ -157,3 +157,32 @@ def test_tied_head_follows_per_example_routing():
         with dt.using(model, () if choice is None else choice):
             alone = zoo.run(model, inputs)[row]
         torch.testing.assert_close(mixed[row], alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [("lora", "tokens"), ("tokens", "lora")])
+@pytest.mark.parametrize("kind", ["embedding", "bag"])
+def test_a_hybrid_with_lora_on_the_same_table_merges_to_what_it_computes(order, kind):
+    """LoRA and new rows on one table (the recommend task's hybrid): merged, every row (the new ones
+    included) equals the unmerged output, in either order of the parts; unmerging gives it back.
+    With LoRA inside, the merge used to overwrite the new rows with R and drop LoRA's share of them."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    table = nn.Embedding(12, 6) if kind == "embedding" else nn.EmbeddingBag(12, 6, mode="sum")
+    model = nn.ModuleDict({"table": table})
+    parts = {"lora": {"method": "lora", "target": ["table"], "rank": 2},
+             "tokens": {"method": "tokens", "target": "table", "original_vocab_size": 9}}
+    dt.attach(model, dt.config_from_dict({"method": "hybrid", "parts": [parts[p] for p in order]}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    ids = torch.arange(12) if kind == "embedding" else torch.arange(12).view(6, 2)
+    with torch.no_grad():
+        unmerged = model["table"](ids)
+        dt.merge(model)
+        merged = model["table"](ids)
+        dt.unmerge(model)
+        again = model["table"](ids)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=1e-5)  # LoRA unmerges by subtracting

@@ -280,3 +280,37 @@ def test_the_serve_command_starts_a_server(tmp_path: Path) -> None:
 
     bad = CliRunner().invoke(app, ["serve", str(base), "--adapter", "a"])  # in-process: no second start-up
     assert bad.exit_code == 2 and "NAME=DIR" in bad.output
+
+
+def test_a_run_trained_on_a_quantized_base_is_served_on_that_base(tmp_path: Path) -> None:
+    """Serving a run trained with ``quantize: nf4`` quantizes the served base as training did, so the
+    server answers as the trained model; an adapter trained on a full-precision base, served beside
+    it, is named in a warning instead of answering differently in silence."""
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+    from deltatune.serve.loading import base_mismatch
+    from deltatune.train import load_trained
+    from tests.train.tiny import make_csv
+
+    pytest.importorskip("bitsandbytes")
+    bert, data = make_tiny_bert(tmp_path / "bert"), make_csv(tmp_path / "texts.csv", n=60)
+    common = ["--set", f"model={bert}", "--set", "task=classification", "--set", f"data.path={data}",
+              "--set", "epochs=1", "--set", "batch_size=8", "--set", "precision=fp32", "--no-progress"]
+    for run, extra in (("nf4", ["--set", "quantize=nf4"]), ("fp", [])):
+        result = CliRunner().invoke(app, ["train", *common, *extra, "--output", str(tmp_path / run)])
+        assert result.exit_code == 0, result.output
+    served = load_served(str(tmp_path / "nf4"), {}, torch.device("cpu"), torch.float32)
+    assert served.quantize == "nf4" and served.adapters == {"nf4": tmp_path / "nf4" / "adapter"}
+    assert any(type(m).__name__ == "Linear4bit" for m in served.model.modules())
+    assert base_mismatch(tmp_path / "nf4" / "adapter", served) is None
+    warning = base_mismatch(tmp_path / "fp" / "adapter", served)
+    assert warning is not None and "full-precision base" in warning and "nf4 base" in warning
+    texts = ["good great day", "awful sad food today"]
+    trained = load_trained(tmp_path / "nf4")
+    with torch.no_grad():
+        expected = torch.softmax(trained.model(**trained.tokenizer(texts, padding=True, return_tensors="pt")).logits, -1)
+    with running(Server(served, {})) as url:
+        r = httpx.post(f"{url}/v1/classify", json={"model": "nf4", "input": texts}).json()
+    got = torch.tensor([[d["probabilities"][label] for label in trained.labels] for d in r["data"]])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -306,3 +306,41 @@ def test_rolling_test_positions_hold_out_the_last_k_each_from_its_prefix(tmp_pat
     # more positions than there are after the cutoff: held out only while after it, validation then empty
     many = held_out(p, config.max_length, 1, 5)
     assert len(many["test"]) == 72 and many["validation"] == [] and many["train"] == []
+
+
+def test_merge_writes_a_sasrec_that_scores_as_the_run(tmp_path):
+    """``deltatune merge`` of a recommender run (LoRA + rows for the new items): a SASRec folder with
+    no tokenizer, a finite probe difference (the padding row scores -inf in both), and the same test
+    scores from ``deltatune eval`` as the adapter run."""
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+    from deltatune.cli.merge import _gap
+    from deltatune.train.run import run_training
+
+    metrics = run_training(_config(tmp_path, method="hybrid"), progress=False)
+    merged = tmp_path / "merged"
+    out = CliRunner().invoke(app, ["merge", str(tmp_path / "run"), "--output", str(merged)])
+    assert out.exit_code == 0, out.output
+    gap = float("".join(out.output.split()).split("probe:")[1].split(")")[0])  # the line may wrap
+    assert 0 <= gap < 1e-4
+    assert (merged / "sasrec.json").is_file() and not (merged / "tokenizer.json").exists()
+    out = CliRunner().invoke(app, ["eval", str(merged), "--set", "threads=1"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output[out.output.index("{"):])["ndcg_10"] == pytest.approx(metrics["test_ndcg_10"], abs=1e-4)
+    inf = float("-inf")
+    assert _gap(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.5])) == 0.5
+    assert _gap(torch.tensor([inf, 1.0]), torch.tensor([0.0, 1.0])) == float("inf")
+
+
+def test_serve_refuses_a_recommender_run_and_names_predict(tmp_path):
+    """``deltatune serve`` answers text; a recommend run (item histories) is refused before any model
+    loads, with the command that scores it, instead of failing inside the loader."""
+    pytest.importorskip("fastapi")
+    from deltatune.serve import load_served
+    from deltatune.train.run import run_training
+
+    run_training(_config(tmp_path, method="lora", epochs=1), progress=False)
+    with pytest.raises(ValueError, match=r"task recommend, which reads item histories: score them with deltatune "
+                                         r"predict .*run --input FILE"):
+        load_served(str(tmp_path / "run"), {}, torch.device("cpu"), torch.float32)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from deltatune.cli.common import check_apart, fail_cleanly, parse_sets
+
+if TYPE_CHECKING:
+    import torch
 
 _PROBE = ["deltatune merges the adapter into the base weights.", "What a lovely day!"]
 
@@ -56,18 +59,30 @@ def merge(
                 rounding = requantize(model, quantize, **kw)
                 mark_for_transformers(model, quantize, **{k: v for k, v in kw.items() if k != "blocksize"})
                 requantized = model(**probe).logits
-                rounding["probe_output_gap"] = (requantized - after).abs().max().item()
-        gap = (before - after).abs().max().item()
+                rounding["probe_output_gap"] = _gap(requantized, after)
+        gap = _gap(before, after)
         meta = training_meta(trained.config, trained.labels) | {"merged_from": str(trained.source)}
         meta["config"]["quantize"] = quantize  # what the saved weights are; config.json says it to transformers
         if rounding is not None:
             meta["requantization_error"] = rounding
         with atomic_directory(output) as tmp:  # all or nothing; never over files deltatune did not write
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            if tokenizer is not None:  # a task with its own models may have none (a recommender)
+                tokenizer.save_pretrained(tmp)
             (tmp / TRAINING_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         typer.echo(f"merged {trained.source} into {output} (largest output change on a probe: {gap:.2e})")
         if rounding is not None:
             typer.echo(f"re-quantized to {quantize}: weight rounding error against the full-precision merge "
                        f"max {rounding['max_abs_error']:.3e}, mean {rounding['mean_abs_error']:.3e} over "
                        f"{rounding['layers']} layers; largest probe output change {rounding['probe_output_gap']:.2e}")
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference between two outputs of the probe, over their finite entries (a recommender
+    scores its padding row -inf); entries finite in one and not in the other count as infinite."""
+    import torch
+
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), torch.isfinite(b)) or not torch.equal(a[~finite], b[~finite]):
+        return float("inf")
+    return (a[finite] - b[finite]).abs().max().item() if finite.any() else 0.0

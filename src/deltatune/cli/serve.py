@@ -41,6 +41,7 @@ def serve(
 
         from deltatune.cli.predict import _named_dirs
         from deltatune.serve import Limits, Server, load_served
+        from deltatune.serve.loading import base_mismatch
 
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if dtype not in dtypes:
@@ -55,5 +56,12 @@ def serve(
         served = load_served(model, named, where, dtypes[dtype])
         server = Server(served, named, adapter_dir, max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue,
                         limits=Limits(max_body=max_body_bytes), prefill_batch=prefill_batch, prefill_wait=prefill_wait)
-        typer.echo(f"serving {served.name} ({served.kind}) and {len(server.pool.names())} adapters on http://{host}:{port}")
+        for path in {**served.adapters, **named, **{n: adapter_dir / n for n in server.pool.names()
+                                                    if adapter_dir is not None and n not in named}}.values():
+            warning = base_mismatch(path, served)
+            if warning:
+                typer.echo(f"warning: {warning}", err=True)
+        base = "" if served.quantize == "none" else f", {served.quantize} base"
+        typer.echo(f"serving {served.name} ({served.kind}{base}) and {len(server.pool.names())} adapters on "
+                   f"http://{host}:{port}")
     uvicorn.run(server.app(), host=host, port=port, log_level="warning")

@@ -24,9 +24,10 @@ def train(
     """Fine-tune a model; write the adapter, metrics, config and a plot.
 
     No arguments: LoRA on all-MiniLM-L6-v2 for tweet sentiment (5-9 min on 2 cores).
-    Keys: model, task (sentiment | classification | chat), method (full or a
-    deltatune method), adapter.*, optimizer, epochs, batch_size, max_length,
-    lr, seed, ... Commented examples: the recipes/ folder of the package.
+    Keys: model, task (sentiment | classification | chat | instruct | text | image |
+    recommend), method (full or a deltatune method), adapter.*, optimizer, epochs,
+    batch_size, max_length, lr, seed, ... Commented examples: the recipes/ folder of
+    the package.
     """
     with fail_cleanly():
         from deltatune.train import load_config, run_training

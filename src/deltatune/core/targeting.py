@@ -155,14 +155,19 @@ def select(
             continue
         names.append(name)
     if not names:
-        shown = target if isinstance(target, str) or not callable(target) else getattr(target, "__name__", "callable")
+        if isinstance(target, str):
+            shown = repr(target)
+        elif callable(target):
+            shown = getattr(target, "__name__", "callable")
+        else:  # a list or tuple of patterns: shown as the list the user wrote, not a tuple's repr
+            shown = repr(list(target))
         detail = ""
         if layer_set is not None:
             n_blocks = len(set(blocks.values()))
             detail = f" in layers {sorted(layer_set)} (the model has {n_blocks} blocks)"
         examples = ", ".join(repr(e) for e in _examples(model))
         raise NoMatchError(
-            f"{what} {shown!r} matched 0 of {len(named)} modules{detail}; names look like {examples}"
+            f"{what} {shown} matched 0 of {len(named)} modules{detail}; names look like {examples}"
         )
     return Selection(names=names, considered=len(named), examples=_examples(model))
 

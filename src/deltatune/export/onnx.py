@@ -1,7 +1,8 @@
 """``deltatune export RUN --format onnx``: the merged model as ONNX, checked against PyTorch.
 
 1. The run's adapter is folded into the base weights (``merge_and_unload``; an adapter that cannot
-   be merged, e.g. a bottleneck, stays in the graph as the layers it adds).
+   be merged, e.g. a bottleneck, stays in the graph as the layers it adds). A quantized base (NF4 or
+   int8) is dequantized to float32 first, the weights the adapter trained against.
 2. ``torch.onnx.export`` (the ``torch.export`` path) traces the task kind's spec
    (``export/tasks.py``) with dynamic batch and sequence axes.
 3. ONNX Runtime runs the file on the spec's check inputs (other batch sizes, lengths, padding, a
@@ -102,7 +103,11 @@ def export_onnx(run: str | Path, output: Path, quantize: str | None = None,
 
 
 def _merge(model: torch.nn.Module, dt: Any) -> str:
-    """Fold the adapter into the weights if every part of it can be; say what was done."""
+    """Fold the adapter into the weights if every part of it can be; say what was done. A quantized
+    base (a run trained with ``quantize: nf4 | int8``) is dequantized first, as ``deltatune merge``
+    does: ONNX has no operator for bitsandbytes' or torchao's kernels, and the dequantized weights are
+    the ones the adapter was trained against, so the file reproduces the trained model."""
+    dt.dequantize(model)  # a no-op for a full-precision base
     if not dt.configs(model):
         return "none (a full model)"
     try:

@@ -11,9 +11,10 @@ The adapter stores the trained rows ``R`` (k × d) themselves, not a delta: rows
 tokens start from a random initialisation when the embedding is resized, so a delta saved on one
 resized model would land on different random rows in the next process, whereas the rows reproduce
 the same embeddings on any base with the same vocabulary (PEFT stores values for the same reason).
-In forward the replacement is written as a correction, ``base(ids) + (R − E)[ids]`` on the selected
-ids, so adapters stacked inside this one (e.g. LoRA on the embedding) keep their effect exactly as
-they do once ``R`` is merged into ``E``. The base stays bit-identical; merging writes ``R`` into
+In forward the replacement is written as a correction, ``base(ids) + (R − E₀)[ids]`` on the selected
+ids, ``E₀`` the rows as they were when the adapter attached (kept: k × d more), so adapters stacked
+inside this one (e.g. LoRA on the embedding) keep their effect exactly as they do once ``R`` is merged
+into ``E`` (merging adds ``R − E₀`` to what is there, which is ``R`` itself when nothing else merged). The base stays bit-identical; merging writes ``R`` into
 ``E[T]`` and keeps the overwritten rows, so unmerging restores them exactly.
 
 Tied output head: when the embedding matrix is shared with an ``nn.Linear`` output layer (GPT-2,
@@ -62,6 +63,10 @@ class TokenRows(Adapter):
         slot[self.token_ids] = torch.arange(k, device=weight.device)
         self.register_buffer("slot", slot, persistent=False)                           # (V,): id -> row of R, k = none
         self.rows = nn.Parameter(weight.detach()[self.token_ids].clone())             # (k, d)
+        # E[T] as it was when the adapter attached: the correction R − E[T] is taken against these rows,
+        # not against the live weight, so another adapter merged into the same weight (a hybrid's inner
+        # LoRA, merged first) keeps its effect on the selected rows, as it has before merging.
+        self.register_buffer("origin", weight.detach()[self.token_ids].clone(), persistent=False)  # (k, d)
         self._overwritten: Tensor | None = None
 
     def extra_repr(self) -> str:
@@ -71,8 +76,9 @@ class TokenRows(Adapter):
         h = base(x)                                                  # (..., d)
         slot = self.slot[x]                                          # (...,)
         hit = (slot < self.rows.shape[0]).unsqueeze(-1)              # (..., 1)
-        mine = F.embedding(slot.clamp(max=self.rows.shape[0] - 1), self.rows)  # (..., d): R at the selected ids
-        frozen = F.embedding(x, base.weight)                         # (..., d): E at every id
+        at = slot.clamp(max=self.rows.shape[0] - 1)
+        mine = F.embedding(at, self.rows)                            # (..., d): R at the selected ids
+        frozen = F.embedding(at, self.origin)                        # (..., d): E[T] at the selected ids
         return h + torch.where(hit, mine - frozen, 0.0).to(h.dtype)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -86,8 +92,12 @@ class TokenRows(Adapter):
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> None:
-        self._overwritten = base.weight[self.token_ids].clone()
-        base.weight.index_copy_(0, self.token_ids, self.rows.to(base.weight.dtype))
+        """``E[T] += R − E₀[T]``: R itself where the rows are still the ones the adapter attached to
+        (bit for bit, as a plain merge should give), plus what another adapter merged into them first."""
+        current = base.weight[self.token_ids]
+        self._overwritten = current.clone()
+        rows, origin = self.rows.to(current.dtype), self.origin.to(current.dtype)
+        base.weight.index_copy_(0, self.token_ids, torch.where(current == origin, rows, current + (rows - origin)))
 
     @torch.no_grad()
     def unmerge_from(self, base: nn.Module) -> None:
@@ -109,7 +119,7 @@ class TokenRowsBag(TokenRows):
         if base.padding_idx is not None:                             # the base skips padding ids: so do we
             pad = k + 1
             slot = torch.where(x == base.padding_idx, pad, slot)
-        delta = self.rows - base.weight[self.token_ids]              # (k, d)
+        delta = self.rows - self.origin                              # (k, d)
         table = torch.cat([delta, delta.new_zeros(2, delta.shape[1])])  # (k + 2, d)
         return h + bag_like(base, table.to(h.dtype), slot, padding_idx=pad)
 
@@ -169,7 +179,7 @@ class TiedTokenLogits(Adapter):
         rows = self.source
         if rows is None:
             raise RuntimeError("this tied head is not linked to its embedding rows; attach through deltatune")
-        delta = rows.rows - base.weight[rows.token_ids]             # (k, d)
+        delta = rows.rows - rows.origin                              # (k, d)
         return h.index_add(-1, rows.token_ids, (x @ delta.to(x.dtype).t()).to(h.dtype))  # (..., k) into (..., V)
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 ``MODEL`` is a built-in name (``smollm2-135m``), a transformers model directory, or a training run
 (or its ``adapter/`` folder): then the base is the run's base model and the run's adapter is
-served under the run's folder name. A causal LM generates (``/v1/completions``,
+served under the run's folder name; a run trained on a quantized base (``quantize: nf4 | int8``) is served
+on that base, quantized again as in training, so its answers are the trained model's. A causal LM generates (``/v1/completions``,
 ``/v1/chat/completions``); any other head classifies (``/v1/classify``), with the number of labels
 read from the first classifier adapter's recorded training config.
 """
@@ -30,10 +31,12 @@ class Served:
     name: str  # the base model's id in /v1/models
     adapters: dict[str, Path] = field(default_factory=dict)  # from a training run, served at start
     max_len: int = 2048
+    quantize: str = "none"  # the base's storage: a run trained with ``quantize: nf4 | int8`` is served on that
 
 
-def recorded_labels(path: Path) -> list[str] | None:
-    """The class names a classifier adapter was trained with (None if it records none)."""
+def _recorded(path: Path) -> dict[str, Any]:
+    """The training record an adapter folder carries (deltatune's own file, or the ``training`` entry a
+    PEFT-format adapter_config.json holds); empty when it has none."""
     for meta_file, key in ((path / TRAINING_FILE, None), (path / "adapter_config.json", "training")):
         if meta_file.is_file():
             try:
@@ -41,9 +44,29 @@ def recorded_labels(path: Path) -> list[str] | None:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
             meta = (meta.get(key) or {}) if key and isinstance(meta, dict) else meta
-            if isinstance(meta, dict) and meta.get("labels"):
-                return list(meta["labels"])
-    return None
+            if isinstance(meta, dict) and meta:
+                return meta
+    return {}
+
+
+def recorded_labels(path: Path) -> list[str] | None:
+    """The class names a classifier adapter was trained with (None if it records none)."""
+    labels = _recorded(path).get("labels")
+    return list(labels) if labels else None
+
+
+def base_mismatch(path: Path, served: Served) -> str | None:
+    """A line saying why ``path``'s adapter will not answer as it did in training on ``served``'s base
+    (trained on a quantized base and served on a full-precision one, or the other way round), else None."""
+    config = _recorded(path).get("config")
+    trained_on = config.get("quantize", "none") if isinstance(config, dict) else "none"
+    if trained_on == served.quantize:
+        return None
+    def storage(q: str) -> str:
+        return "a full-precision base" if q == "none" else f"an {q} base"
+    return (f"adapter {path} was trained on {storage(trained_on)} and is served on {storage(served.quantize)}: "
+            f"its answers differ from the trained model's (a server of its own run gives them: deltatune serve "
+            f"{path.parent if path.name == 'adapter' else path})")
 
 
 def _trained(model: str) -> tuple[str, Path] | None:
@@ -57,7 +80,14 @@ def _trained(model: str) -> tuple[str, Path] | None:
 def load_served(model: str, adapters: dict[str, Path], device: torch.device, dtype: torch.dtype) -> Served:
     """Load ``model`` (see the module's doc) onto ``device`` in ``dtype``, in eval mode."""
     served_adapters: dict[str, Path] = {}
+    recorded = None
     trained = _trained(model)
+    if trained is not None:
+        task = read_trained(model).task
+        if task.inputs != "text":
+            raise ValueError(f"deltatune serve answers text (completions, chat, classify); {model} was trained on "
+                             f"task {task.name}, which reads {task.inputs}: score them with deltatune predict "
+                             f"{model} --input FILE --output FILE")
     if trained is not None and trained[0] == "full":  # a merged run: its model/ folder is a plain model
         model = str(trained[1])
     if trained is not None and trained[0] == "adapter":
@@ -84,9 +114,15 @@ def load_served(model: str, adapters: dict[str, Path], device: torch.device, dty
             loaded = load_model(model, get_task("classification"), labels)
     kind = "generate" if hasattr(loaded.model, "generate") and "CausalLM" in type(loaded.model).__name__ else "classify"
     served_name = Path(base_name).name if Path(base_name).is_dir() else base_name
-    net = loaded.model.to(device=device, dtype=dtype).eval()
+    net = loaded.model
+    quantized = recorded is not None and recorded.config.quantize != "none"
+    if quantized:  # the base the run's adapter was trained on, quantized from its float32 weights as in training
+        from deltatune.train.memory import quantize_base
+
+        quantize_base(net, recorded.config, loftq_init=False, device=device)
+    net = net.to(device=device, dtype=dtype).eval()  # casts floating tensors only: packed 4/8-bit weights stay
     for p in net.parameters():
         p.requires_grad_(False)
     limit = getattr(net.config, "max_position_embeddings", None) or 2048
     return Served(model=net, tokenizer=loaded.tokenizer, kind=kind, name=served_name, adapters=served_adapters,
-                  max_len=int(limit))
+                  max_len=int(limit), quantize=recorded.config.quantize if quantized else "none")

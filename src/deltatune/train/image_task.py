@@ -86,6 +86,7 @@ class ImageTask(ClassificationTask):
     """Pictures in, one of ``labels`` out (a fresh head on a pretrained image model)."""
 
     name: ClassVar[str] = "image"
+    inputs: ClassVar[str] = "pictures"
     description: ClassVar[str] = "image classification: Fashion-MNIST on MobileNetV2, or your own folders / CSV"
     # Tuned so that `deltatune train --set task=image` is a real run of a few minutes on two CPU cores:
     # 2,000 of the 57,000 training images at 64×64, one epoch, fp32.

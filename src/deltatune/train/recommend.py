@@ -182,6 +182,7 @@ def scores(rank: torch.Tensor) -> dict[str, float]:
 class RecommendTask(Task):
     name: ClassVar[str] = "recommend"
     kind: ClassVar[str] = "recommendation"
+    inputs: ClassVar[str] = "item histories"
     description: ClassVar[str] = "next-item recommendation after a time cutoff (MovieLens-100K, SASRec base)"
     headline: ClassVar[str] = "ndcg_10"
     validation_metrics: ClassVar[tuple[str, ...]] = ("hr_10", "ndcg_10", "mrr")
@@ -311,6 +312,12 @@ class RecommendTask(Task):
 
     def input_field(self, records: list[dict[str, Any]], config: TrainConfig) -> str:
         return "history"
+
+    def probe_batch(self, tokenizer: Any) -> dict[str, torch.Tensor]:
+        """Two fixed histories of item rows, left-padded, for merge's before / after check (the scores
+        cover every item, the rows grown for new items included)."""
+        return {"input_ids": collate([(list(range(1, 9)), [-100] * 8), (list(range(9, 14)), [-100] * 5)],
+                                     max_len=10**9)["input_ids"]}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, tokenizer: Any, records: list[dict[str, Any]], config: TrainConfig,

@@ -35,6 +35,8 @@ class Task:
     #: The metrics ``evaluate`` reports, so a mistyped ``early_stopping_metric`` is refused before the
     #: run starts (empty: not declared, and it is checked at the first validation instead).
     validation_metrics: ClassVar[tuple[str, ...]] = ()
+    #: What the model reads at prediction time, in words: ``deltatune serve`` answers text only.
+    inputs: ClassVar[str] = "text"
 
     def check_config(self, config: TrainConfig) -> None:
         """Reject settings this task cannot use (raise ``ValueError`` naming the fix)."""
