@@ -75,3 +75,26 @@ def test_combine_then_predict(runs: dict[str, Path], tmp_path: Path) -> None:
         result = runner.invoke(app, ["combine", str(runs["first"]), str(runs["second"]), *bad,
                                      "--output", str(tmp_path / "bad")])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_combine_refuses_adapters_of_different_bases(runs: dict[str, Path], tiny_bert: Path, tiny_csv: Path,
+                                                     tmp_path: Path) -> None:
+    """Adapters trained on two base models are refused before any weights load (the same architecture
+    would otherwise combine without a word); two storages of one base (nf4 and full precision) combine
+    with a warning naming which one the result is for."""
+    import shutil
+
+    other = tmp_path / "other-bert"
+    shutil.copytree(tiny_bert, other)
+    for name, model, extra in (("moved", other, []), ("nf4", tiny_bert, ["--set", "quantize=nf4"])):
+        if extra:
+            pytest.importorskip("bitsandbytes")
+        invoke("train", "--set", f"model={model}", "--set", "task=classification", "--set", f"data.path={tiny_csv}",
+               "--set", "epochs=1", "--set", "batch_size=8", "--set", "adapter.rank=2", "--set", "precision=fp32",
+               *extra, "--output", tmp_path / name, "--no-progress")
+    bad = runner.invoke(app, ["combine", str(runs["first"]), str(tmp_path / "moved"), "--how", "linear",
+                              "--heads-from", "1", "--output", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "different base models" in bad.output and not (tmp_path / "x").exists()
+    mixed = runner.invoke(app, ["combine", str(tmp_path / "nf4"), str(runs["first"]), "--how", "linear",
+                                "--heads-from", "1", "--output", str(tmp_path / "y")])
+    assert mixed.exit_code == 0 and "differently stored bases" in mixed.output and "nf4" in mixed.output

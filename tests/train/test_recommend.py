@@ -344,3 +344,35 @@ def test_serve_refuses_a_recommender_run_and_names_predict(tmp_path):
     with pytest.raises(ValueError, match=r"task recommend, which reads item histories: score them with deltatune "
                                          r"predict .*run --input FILE"):
         load_served(str(tmp_path / "run"), {}, torch.device("cpu"), torch.float32)
+
+
+def test_export_onnx_scores_every_item_as_the_run(tmp_path):
+    """``deltatune export --format onnx`` of a recommender (the hybrid: LoRA + new items' rows, merged):
+    ONNX Runtime's scores equal the trained model's for histories of several lengths, the run's own
+    test metrics come back through the file, and export.json names the items."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import numpy as np
+    import onnxruntime as ort
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+    from deltatune.train import load_trained
+    from deltatune.train.run import run_training
+    from deltatune.train.sasrec import collate
+
+    metrics = run_training(_config(tmp_path, method="hybrid"), progress=False)
+    out = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--format", "onnx", "--output", str(tmp_path / "onnx")])
+    assert out.exit_code == 0, out.output
+    facts = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert facts["kind"] == "recommendation" and facts["adapter"] == "merged into the weights"
+    assert facts["test"]["onnx_fp32"]["ndcg_10"] == pytest.approx(metrics["test_ndcg_10"], abs=1e-6)
+    trained = load_trained(tmp_path / "run")
+    assert facts["labels"] == list(trained.labels) and len(facts["labels"]) == 32
+    ids = collate([([1, 2, 3, 4, 30], [-100] * 5), ([31, 7], [-100] * 2)], max_len=50)["input_ids"]
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["scores"], {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        ref = trained.model(ids).logits.numpy()
+    assert np.isneginf(got[:, 0]).all()
+    np.testing.assert_allclose(got[:, 1:], ref[:, 1:], atol=1e-5)

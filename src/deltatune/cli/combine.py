@@ -51,7 +51,7 @@ def combine(
         from deltatune.core.combine import combine as combine_adapters
         from deltatune.core.files import check_replaceable
         from deltatune.train import load_trained
-        from deltatune.train.models import find_trained, training_meta
+        from deltatune.train.models import find_trained, read_trained, training_meta
 
         if len(adapters) < 2:
             raise ValueError("combine needs two or more adapters, e.g. deltatune combine runs/a runs/b --how cat ...")
@@ -64,6 +64,16 @@ def combine(
         for path, (kind, _) in zip(adapters, sources):
             if kind != "adapter":
                 raise ValueError(f"{path} holds a full model, not an adapter; combine adapters only")
+        recorded = [read_trained(a, parse_sets(set_) if i == 0 else None) for i, a in enumerate(adapters)]
+        bases = {str(a): r.config.model for a, r in zip(adapters, recorded)}
+        if len(set(bases.values())) > 1:
+            raise ValueError("the adapters were trained on different base models (" + ", ".join(
+                f"{a}: {m}" for a, m in bases.items()) + "); combine adapters of one base")
+        storage = {str(a): r.config.quantize for a, r in zip(adapters, recorded)}
+        if len(set(storage.values())) > 1:
+            typer.echo("warning: the adapters were trained on differently stored bases (" + ", ".join(
+                f"{a}: {q}" for a, q in storage.items()) + f"); the combination is built and saved for "
+                f"{adapters[0]}'s ({storage[str(adapters[0])]})", err=True)
         trained = load_trained(adapters[0], parse_sets(set_))
         model = trained.model
         names = [trained.adapter] + [dt.load_adapter(model, where, f"source{i}", activate=False)

@@ -13,6 +13,8 @@ task kind to the exporter is one function and one line here.
   ``past_key_values.{i}.key|value`` (batch, kv heads, past, head dim) -> ``logits`` (batch,
   sequence, vocab), ``present.{i}.key|value`` (batch, kv heads, past + sequence, head dim). The
   first step takes a past of length 0; :func:`deltatune.export.runtime.generate` loops it.
+- ``recommendation`` (SASRec): ``input_ids`` (batch, history) item rows, left-padded with 0 -> ``scores``
+  (batch, 1 + items), the padding row at -inf; the item names are ``labels`` in export.json.
 """
 
 from __future__ import annotations
@@ -222,11 +224,59 @@ def decoder_spec(task: Any, model: nn.Module, tokenizer: Any, labels: list[str] 
     )
 
 
+# --- recommenders: a history of items -> a score for every item ---------------------------------------
+
+class _Scores(nn.Module):
+    """``input_ids -> scores``: the recommender's scores after the last item of each history."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids).logits  # (B, T) item rows -> (B, items)
+
+
+def recommender_spec(task: Any, model: nn.Module, tokenizer: Any, labels: list[str] | None, config: Any,
+                     examples: list[tuple]) -> OnnxSpec:
+    """A sequential recommender (SASRec): item rows (batch, history), left-padded with 0, -> a score for
+    every item row (batch, items), row 0 (padding) at -inf; ``examples``: test (user, history, target)."""
+    from deltatune.train.sasrec import collate
+
+    histories = [it["input_ids"] for it in task.encode(tokenizer, examples[:8], config.max_length) if it["input_ids"]]
+    histories = histories or [[1, 2, 3], [4, 5]]
+    longest = getattr(getattr(model, "spec", None), "max_len", config.max_length)
+
+    def feed(rows: list[list[int]]) -> dict[str, Tensor]:
+        return {"input_ids": collate([(r, [-100] * len(r)) for r in rows], max_len=longest)["input_ids"]}
+
+    def finite(inputs: dict[str, Tensor], outputs: list[Tensor]) -> list[Tensor]:
+        return [outputs[0][:, 1:]]  # the padding row is -inf in both
+
+    batch, history = torch.export.Dim("batch"), torch.export.Dim("history", max=longest)
+    short = [h[-3:] for h in histories]
+    return OnnxSpec(
+        kind="recommendation", module=_Scores(model).eval(),
+        inputs=["input_ids"], outputs=["scores"],
+        dynamic={"input_ids": {0: "batch", 1: "history"}, "scores": {0: "batch"}},
+        dynamic_shapes=({0: batch, 1: history},),
+        sample=feed([short[0], short[-1][:2] or [1, 2]]),
+        checks=[feed(histories[:1]), feed(histories), feed([h[-1:] for h in histories[:3]])],
+        compare=finite,
+        meta={"labels": labels, "max_length": longest,
+              "inputs": "input_ids int64 (batch, history): each history's item rows, oldest first, left-padded "
+                        "with 0, at most max_length; the item labels[j - 1] is row j",
+              "outputs": "scores (batch, 1 + items): row 0 (padding) is -inf; recommend the top rows not in "
+                         "the history"},
+    )
+
+
 Builder = Callable[..., OnnxSpec]
 #: task kind -> spec builder (see the module docstring); the kinds ``deltatune export`` accepts.
 SPECS: dict[str, Builder] = {
     "classification": classifier_spec,
     "causal-lm": decoder_spec,
+    "recommendation": recommender_spec,
 }
 #: task kinds whose adapters llama.cpp can run (decoders it has an architecture for).
 GGUF_KINDS = ("causal-lm",)

@@ -283,6 +283,8 @@ class RecommendTask(Task):
                  batch_size: int, run: Any) -> dict[str, float]:
         if not items:
             return {}
+        if not isinstance(model, nn.Module):  # e.g. an exported ONNX model scored through ONNX Runtime
+            return scores(self.ranks(model, items, batch_size, run))
         was = model.training
         model.eval()
         try:
