@@ -50,8 +50,14 @@ def predict(
         if adapter or any("adapter" in r for r in records):  # several adapters: each line picks one
             from deltatune.core.routing import run_grouped
             from deltatune.formats import load_adapters
+            from deltatune.train.models import storage_mismatch
 
-            load_adapters(trained.model, _named_dirs(adapter or []))
+            named = _named_dirs(adapter or [])
+            for path in named.values():
+                warning = storage_mismatch(path, trained.config.quantize)
+                if warning:
+                    typer.echo(f"warning: {warning}", err=True)
+            load_adapters(trained.model, named)
             choices = [r.get("adapter", trained.adapter) for r in records]
             rows = [row | {"adapter": c} for row, c in zip(run_grouped(trained.model, choices, predict_rows), choices)]
         else:
