@@ -84,7 +84,8 @@ def load_served(model: str, adapters: dict[str, Path], device: torch.device, dty
         if causal:
             loaded = load_model(model, get_task("chat"))
         else:
-            labels = next((recorded_labels(p) for p in adapters.values() if recorded_labels(p)), None)
+            labels = recorded_labels(path)  # a model deltatune merged records its class names beside it
+            labels = labels or next((recorded_labels(p) for p in adapters.values() if recorded_labels(p)), None)
             if labels is None:
                 raise ValueError(f"{model} is not a causal LM, so it serves classification, but no --adapter "
                                  "records its label names; pass a classifier adapter saved by deltatune train")
@@ -97,7 +98,10 @@ def load_served(model: str, adapters: dict[str, Path], device: torch.device, dty
         from deltatune.train.memory import quantize_base
 
         quantize_base(net, recorded.config, loftq_init=False, device=device)
-    net = net.to(device=device, dtype=dtype).eval()  # casts floating tensors only: packed 4/8-bit weights stay
+    if getattr(net, "is_quantized", False):  # transformers loaded it in 4/8 bits (a re-quantized merge): it
+        net = net.eval()                         # placed the weights and refuses .to(); they stay as loaded
+    else:
+        net = net.to(device=device, dtype=dtype).eval()  # casts floating tensors only: packed weights stay
     for p in net.parameters():
         p.requires_grad_(False)
     limit = getattr(net.config, "max_position_embeddings", None) or 2048
