@@ -98,3 +98,8 @@ def test_combine_refuses_adapters_of_different_bases(runs: dict[str, Path], tiny
     mixed = runner.invoke(app, ["combine", str(tmp_path / "nf4"), str(runs["first"]), "--how", "linear",
                                 "--heads-from", "1", "--output", str(tmp_path / "y")])
     assert mixed.exit_code == 0 and "differently stored bases" in mixed.output and "nf4" in mixed.output
+    # predict with an extra adapter trained on the full-precision base, on the nf4 run's base: said
+    (tmp_path / "in.jsonl").write_text('{"text": "good"}\n')
+    out = runner.invoke(app, ["predict", str(tmp_path / "nf4"), "--adapter", f"b={runs['first']}", "--input",
+                              str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl")])
+    assert out.exit_code == 0 and "trained on a full-precision base and is loaded on an nf4 base" in out.output

@@ -314,3 +314,21 @@ def test_a_run_trained_on_a_quantized_base_is_served_on_that_base(tmp_path: Path
         r = httpx.post(f"{url}/v1/classify", json={"model": "nf4", "input": texts}).json()
     got = torch.tensor([[d["probabilities"][label] for label in trained.labels] for d in r["data"]])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+    # merged models serve on their own (their class names recorded beside them): the full-precision
+    # merge answers as the trained model; a re-quantized one is served as transformers loads it (int8
+    # here: bitsandbytes' 4-bit CPU inference needs layers at least one block (64) wide, wider than this BERT)
+    for how in ("none", "int8"):
+        result = CliRunner().invoke(app, ["merge", str(tmp_path / "nf4"), "--output", str(tmp_path / f"m-{how}"),
+                                          "--quantize", how])
+        assert result.exit_code == 0, result.output
+        merged = load_served(str(tmp_path / f"m-{how}"), {}, torch.device("cpu"), torch.float32)
+        assert merged.kind == "classify"
+        with running(Server(merged, {})) as url:
+            r = httpx.post(f"{url}/v1/classify", json={"model": f"m-{how}", "input": texts}).json()
+        got = torch.tensor([[d["probabilities"][label] for label in trained.labels] for d in r["data"]])
+        if how == "none":
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        else:
+            assert any(type(m).__name__ == "Linear8bitLt" for m in merged.model.modules())
+            torch.testing.assert_close(got.sum(-1), torch.ones(2))

@@ -53,7 +53,12 @@ def predict(
         if adapter or any("adapter" in r for r in records):  # several adapters: each line picks one
             from deltatune.core.routing import run_grouped
             from deltatune.formats import load_adapters
+            from deltatune.train.models import storage_mismatch
 
+            for path in named.values():
+                warning = storage_mismatch(path, trained.config.quantize)
+                if warning:
+                    typer.echo(f"warning: {warning}", err=True)
             choices = [r.get("adapter", trained.adapter) for r in records]
             _check_choices(input, numbered, choices, [trained.adapter, *named])
             load_adapters(trained.model, named)

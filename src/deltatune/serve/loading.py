@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.train.models import find_trained, load_model, read_trained, resolve_model
-from deltatune.train.strategy import TRAINING_FILE
+from deltatune.train.models import (find_trained, load_model, read_trained, resolve_model, storage_mismatch,
+                                     training_record)
 from deltatune.train.tasks import get_task
 
 
@@ -34,39 +34,16 @@ class Served:
     quantize: str = "none"  # the base's storage: a run trained with ``quantize: nf4 | int8`` is served on that
 
 
-def _recorded(path: Path) -> dict[str, Any]:
-    """The training record an adapter folder carries (deltatune's own file, or the ``training`` entry a
-    PEFT-format adapter_config.json holds); empty when it has none."""
-    for meta_file, key in ((path / TRAINING_FILE, None), (path / "adapter_config.json", "training")):
-        if meta_file.is_file():
-            try:
-                meta = json.loads(meta_file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            meta = (meta.get(key) or {}) if key and isinstance(meta, dict) else meta
-            if isinstance(meta, dict) and meta:
-                return meta
-    return {}
-
-
 def recorded_labels(path: Path) -> list[str] | None:
     """The class names a classifier adapter was trained with (None if it records none)."""
-    labels = _recorded(path).get("labels")
+    labels = training_record(path).get("labels")
     return list(labels) if labels else None
 
 
 def base_mismatch(path: Path, served: Served) -> str | None:
     """A line saying why ``path``'s adapter will not answer as it did in training on ``served``'s base
     (trained on a quantized base and served on a full-precision one, or the other way round), else None."""
-    config = _recorded(path).get("config")
-    trained_on = config.get("quantize", "none") if isinstance(config, dict) else "none"
-    if trained_on == served.quantize:
-        return None
-    def storage(q: str) -> str:
-        return "a full-precision base" if q == "none" else f"an {q} base"
-    return (f"adapter {path} was trained on {storage(trained_on)} and is served on {storage(served.quantize)}: "
-            f"its answers differ from the trained model's (a server of its own run gives them: deltatune serve "
-            f"{path.parent if path.name == 'adapter' else path})")
+    return storage_mismatch(path, served.quantize, "served")
 
 
 def _trained(model: str) -> tuple[str, Path] | None:
@@ -107,7 +84,8 @@ def load_served(model: str, adapters: dict[str, Path], device: torch.device, dty
         if causal:
             loaded = load_model(model, get_task("chat"))
         else:
-            labels = next((recorded_labels(p) for p in adapters.values() if recorded_labels(p)), None)
+            labels = recorded_labels(path)  # a model deltatune merged records its class names beside it
+            labels = labels or next((recorded_labels(p) for p in adapters.values() if recorded_labels(p)), None)
             if labels is None:
                 raise ValueError(f"{model} is not a causal LM, so it serves classification, but no --adapter "
                                  "records its label names; pass a classifier adapter saved by deltatune train")
@@ -120,7 +98,10 @@ def load_served(model: str, adapters: dict[str, Path], device: torch.device, dty
         from deltatune.train.memory import quantize_base
 
         quantize_base(net, recorded.config, loftq_init=False, device=device)
-    net = net.to(device=device, dtype=dtype).eval()  # casts floating tensors only: packed 4/8-bit weights stay
+    if getattr(net, "is_quantized", False):  # transformers loaded it in 4/8 bits (a re-quantized merge): it
+        net = net.eval()                         # placed the weights and refuses .to(); they stay as loaded
+    else:
+        net = net.to(device=device, dtype=dtype).eval()  # casts floating tensors only: packed weights stay
     for p in net.parameters():
         p.requires_grad_(False)
     limit = getattr(net.config, "max_position_embeddings", None) or 2048

@@ -244,6 +244,41 @@ class Recorded:
     labels: list[str] | None  # class names in head order: recorded, the task's, or the data's (sorted)
 
 
+def training_record(path: str | Path) -> dict[str, Any]:
+    """The training record an adapter folder carries (deltatune's own file, or the ``training`` entry
+    of its adapter_config.json, as a PEFT-format save holds it); empty when it has none (e.g. an
+    adapter another tool trained)."""
+    path = Path(path)
+    for meta_file, key in ((path / TRAINING_FILE, None), (path / "adapter_config.json", "training")):
+        if meta_file.is_file():
+            try:
+                meta = json.loads(meta_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            meta = (meta.get(key) or {}) if key and isinstance(meta, dict) else meta
+            if isinstance(meta, dict) and meta:
+                return meta
+    return {}
+
+
+def storage_mismatch(path: str | Path, base_storage: str, how: str = "loaded") -> str | None:
+    """A line saying that the adapter at ``path`` was trained on a base stored otherwise than the one it
+    is ``how`` on (``quantize``: none / nf4 / int8), so it will not answer as the trained model did;
+    None when they agree or the adapter records nothing (another tool's: its base is not known)."""
+    config = training_record(path).get("config")
+    if not isinstance(config, dict):
+        return None
+    trained_on = config.get("quantize", "none")
+    if trained_on == base_storage:
+        return None
+
+    def words(q: str) -> str:
+        return "a full-precision base" if q == "none" else f"an {q} base"
+    run = Path(path).parent if Path(path).name == "adapter" else Path(path)
+    return (f"adapter {path} was trained on {words(trained_on)} and is {how} on {words(base_storage)}: its "
+            f"answers differ from the trained model's; give {run} as the run, not as an extra adapter, to get them")
+
+
 def read_trained(path: str | Path, overrides: dict[str, Any] | None = None) -> Recorded:
     """The config, task and label names of what ``deltatune train`` (or ``merge``) wrote, without loading it.
 
