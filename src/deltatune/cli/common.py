@@ -64,6 +64,11 @@ def parse_sets(values: list[str] | None) -> dict:
     return data
 
 
+def task_named(overrides: list[str]) -> str:
+    """The task the overrides pick (``task=...`` from --task or --set, the last one winning), else the default."""
+    return str(parse_sets(overrides).get("task") or "sentiment")
+
+
 def check_apart(output: Path, inputs: Iterable[Path], flag: str = "--output") -> None:
     """Refuse an output directory that is, holds or sits inside one of the inputs: writing it would
     replace what is being read."""
