@@ -84,3 +84,13 @@ def test_bad_input_is_one_clear_line(tiny_bert: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "holds no adapter" in result.output
     result = runner.invoke(app, ["inspect", str(tiny_bert), "--target", "nosuch"])
     assert result.exit_code == 2 and "matched 0 of" in result.output
+
+
+def test_plan_and_tune_name_their_default_output_after_the_task_set() -> None:
+    """``deltatune plan --set task=recommend`` wrote to runs/plan-sentiment: the default directory
+    followed --task only, not a task given with --set."""
+    from deltatune.cli.common import task_named
+
+    assert task_named([]) == "sentiment"
+    assert task_named(["task=chat", "batch_size=4"]) == "chat"
+    assert task_named(["task=chat", "task=recommend"]) == "recommend"  # --set comes after --task and wins

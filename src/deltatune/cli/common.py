@@ -74,6 +74,11 @@ def check_output_file(output: Path, example: str, inputs: Iterable[Path] = (), f
             raise ValueError(f"{flag} {output} is the input file {given}; write the results to another file")
 
 
+def task_named(overrides: list[str]) -> str:
+    """The task the overrides pick (``task=...`` from --task or --set, the last one winning), else the default."""
+    return str(parse_sets(overrides).get("task") or "sentiment")
+
+
 def check_apart(output: Path, inputs: Iterable[Path], flag: str = "--output") -> None:
     """Refuse an output directory that is, holds or sits inside one of the inputs: writing it would
     replace what is being read."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deltatune.cli.common import fail_cleanly
+from deltatune.cli.common import fail_cleanly, task_named
 
 
 def plan(
@@ -35,7 +35,7 @@ def plan(
 
         limits = parse_budget(budget)  # a bad budget fails before any model loads
         overrides = [*([f"task={task}"] if task else []), *([f"model={model}"] if model else []), *(set_ or [])]
-        output = output or Path("runs") / f"plan-{task or 'sentiment'}"
+        output = output or Path("runs") / f"plan-{task_named(overrides)}"
         result = run_plan(overrides, methods, variants, limits, steps, output)
         typer.echo("")
         typer.echo(markdown_table(result))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deltatune.cli.common import fail_cleanly
+from deltatune.cli.common import fail_cleanly, task_named
 
 
 def tune(
@@ -48,7 +48,7 @@ def tune(
         except ValueError:
             raise ValueError(f"--epochs {epochs!r}: give whole numbers, e.g. --epochs 1,2") from None
         overrides = [*([f"task={task}"] if task else []), *([f"model={model}"] if model else []), *(set_ or [])]
-        output = output or Path("runs") / f"tune-{task or 'sentiment'}"
+        output = output or Path("runs") / f"tune-{task_named(overrides)}"
         result = run_tune(overrides, methods, limits, trials, output, storage, study_name, pruner, rungs,
                           epoch_list, seed, probe_steps, heartbeat)
         from deltatune.train.tune_report import table
