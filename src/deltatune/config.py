@@ -174,7 +174,6 @@ class ConfigTypeError(TypeError, ValueError):
         self.field = field
 
 
-@functools.cache
 def _check_regexes(config: AdapterConfig) -> None:
     """Every ``re:`` pattern (target, exclude, modules_to_save, per-module ``*_pattern`` keys) must
     compile: a broken one is an error naming it here, not a ``re.error`` traceback at attach."""
@@ -194,6 +193,7 @@ def _check_regexes(config: AdapterConfig) -> None:
                                  "'re:' to match a module name or its last parts") from None
 
 
+@functools.cache
 def _field_hints(cls: type) -> dict[str, Any]:
     """The fields' annotations, resolved; one that cannot be resolved (a name local to the function
     that defined the config) is not checked rather than breaking the config."""
