@@ -134,16 +134,6 @@ def test_predict_refuses_to_write_over_its_input(run: Path, tmp_path: Path) -> N
     assert inputs.read_text() == original
 
 
-def test_eval_reads_the_data_before_the_model(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import deltatune.train
-
-    def no_model(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model loaded before the data was checked")
-
-    monkeypatch.setattr(deltatune.train, "load_trained", no_model)
-    assert "missing.csv not found" in fails("eval", run, "--set", f"data.path={tmp_path / 'missing.csv'}")
-
-
 # --- data files as spreadsheet programs save them -----------------------------------------------------
 
 

@@ -25,17 +25,17 @@ def eval_(
         from deltatune.core.files import write_text_atomic
         from deltatune.train import load_trained
         from deltatune.train.loop import make_runner, pick_device
-        from deltatune.train.models import read_trained
 
         if output is not None:
             check_output_file(output, "metrics.json")
         overrides = parse_sets(set_)
-        recorded = read_trained(adapter_dir, overrides)  # the data first: a bad file fails before the model loads
-        examples = getattr(recorded.task.load_splits(recorded.config, recorded.labels), split)  # labels by name
+        # The model first: its checks (a head with another number of labels than the data's) say more
+        # than the data's (too few examples to split) when both are wrong.
         trained = load_trained(adapter_dir, overrides)
         config, task = trained.config, trained.task
         device = pick_device(config.device)
         trained.model.to(device)
+        examples = getattr(task.load_splits(config, trained.labels), split)  # labels by name
         items = task.encode(trained.tokenizer, examples, config.max_length)
         metrics = task.evaluate(trained.model, items, trained.tokenizer, config.eval_batch_size,
                                 make_runner(device, config.precision))
