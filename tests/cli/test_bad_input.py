@@ -210,3 +210,13 @@ def test_a_semicolon_separated_csv_names_its_separator(tmp_path: Path) -> None:
     path.write_text("sentence,label\ngood day,positive\n")  # a real missing column still says so
     with pytest.raises(ValueError, match=r"has no column 'text' \(columns: sentence, label\)"):
         D.read_table(path, ["text", "label"])
+
+
+def test_an_image_folder_without_class_folders_shows_the_real_path(tmp_path: Path) -> None:
+    # before: the example read "(e.g. {root}/cat/1.png)", the placeholder printed as it was
+    from deltatune.train.image_files import folder_rows
+
+    (tmp_path / "pics").mkdir()
+    with pytest.raises(ValueError, match="has no class folders") as err:
+        folder_rows(tmp_path / "pics")
+    assert f"(e.g. {tmp_path / 'pics' / 'cat' / '1.png'})" in str(err.value) and "{root}" not in str(err.value)

@@ -81,7 +81,7 @@ def folder_rows(root: Path) -> list[tuple[str, str]]:
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class folders; put each class's pictures in a sub-folder named after it "
-                         "(e.g. {root}/cat/1.png), or give a CSV/JSONL of path,label")
+                         f"(e.g. {root / 'cat' / '1.png'}), or give a CSV/JSONL of path,label")
     rows = []
     for cls in classes:
         files = sorted(f for f in cls.rglob("*") if f.is_file() and not f.name.startswith("."))
