@@ -220,3 +220,15 @@ def test_an_image_folder_without_class_folders_shows_the_real_path(tmp_path: Pat
     with pytest.raises(ValueError, match="has no class folders") as err:
         folder_rows(tmp_path / "pics")
     assert f"(e.g. {tmp_path / 'pics' / 'cat' / '1.png'})" in str(err.value) and "{root}" not in str(err.value)
+
+
+def test_a_csv_header_with_a_column_twice_is_refused(tmp_path: Path) -> None:
+    # before: the second 'text' column silently won, the first was never read
+    from deltatune.train import data as D
+
+    path = tmp_path / "data.csv"
+    path.write_text("text,label,text\ngood day,positive,(empty)\n")
+    with pytest.raises(ValueError, match=r"data.csv, line 1: the header names column 'text' twice; rename one"):
+        D.read_table(path, ["text", "label"])
+    path.write_text("text,label,,\ngood day,positive,,\n")  # unnamed trailing columns are left alone
+    assert D.read_table(path, ["text", "label"]) == [("good day", "positive")]

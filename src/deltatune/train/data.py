@@ -162,6 +162,9 @@ def _csv_records(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]
             continue  # a blank line
         if header is None:
             header = row
+            twice = next((n for i, n in enumerate(row) if n.strip() and n in row[:i]), None)
+            if twice is not None:  # a dict keeps the last one: the other column would be silently ignored
+                raise ValueError(f"{path}, line {start}: the header names column {twice!r} twice; rename one")
         elif len(row) != len(header):
             raise ValueError(f"{path}, line {start}: {len(row)} fields but the header has {len(header)} "
                              f"({', '.join(header)}); quote fields that hold a {delimiter!r}")
