@@ -188,3 +188,15 @@ def test_list_says_which_formats_apply(chat_run: Path) -> None:
     assert "onnx" in table and "gguf" in table and "causal-lm" in table
     out = invoke("export", "--list", chat_run)
     assert "onnx  yes" in out and "gguf  yes" in out and "LoRA pairs of rank 8" in out
+
+
+def test_an_adapter_trained_on_a_quantized_base_says_so(tiny_llama: Path, tmp_path: Path) -> None:
+    """The exported factors are exact, but llama.cpp adds them to whatever base it is given: a run trained
+    on an NF4 base says that its answers depend on that base."""
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "chat-nf4"
+    invoke("train", "--set", "task=chat", "--set", f"model={tiny_llama}", "--set", "data.max_train_examples=8",
+           "--set", "data.max_eval_examples=4", "--set", "batch_size=8", "--set", "epochs=1", "--set", "precision=fp32",
+           "--set", "quantize=nf4", "--output", run, "--no-progress")
+    out = invoke("export", run, "--format", "gguf", "--output", tmp_path / "chat.gguf")
+    assert "trained on an nf4 base" in " ".join(out.split()) and "wrote" in out

@@ -303,6 +303,9 @@ def test_cli_words_leave_other_words_alone() -> None:
     assert in_cli_words("rank must be >= 1; low-rank rank must; heads_from=x", words) == \
         "--rank must be >= 1; low-rank --rank must; --heads-from=x"
     assert in_cli_words("my_heads_from stays", words) == "my_heads_from stays"
+    # a library call in the message is not the flag (it read "deltatune.--quantize(model, ...)")
+    assert in_cli_words("call deltatune.quantize(model, ...) or set quantize", {"quantize": "--quantize"}) == \
+        "call deltatune.quantize(model, ...) or set --quantize"
 
 
 def test_the_cli_shows_the_rank_warning_as_one_line(tiny_bert: Path) -> None:

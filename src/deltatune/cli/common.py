@@ -48,9 +48,9 @@ _PYTHON_FORMAT = warnings.formatwarning
 
 def in_cli_words(message: str, words: Mapping[str, str]) -> str:
     """``message`` with each whole-word key of ``words`` replaced (longest first; not inside
-    ``low-rank`` or ``--rank``)."""
+    ``low-rank`` or ``--rank``, and not a library name: ``deltatune.quantize(model)`` stays)."""
     for key in sorted(words, key=len, reverse=True):
-        message = re.sub(rf"(?<![\w-]){re.escape(key)}(?![\w-])", lambda _: words[key], message)
+        message = re.sub(rf"(?<![\w.-]){re.escape(key)}(?![\w(-])", lambda _: words[key], message)
     return message
 
 

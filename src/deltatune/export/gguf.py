@@ -256,8 +256,13 @@ def export_gguf(run: str | Path, output: Path, overrides: dict[str, Any] | None 
     if recorded.task.kind not in GGUF_KINDS:
         raise ValueError(f"llama.cpp runs decoders; this run's task {recorded.config.task!r} is a "
                          f"{recorded.task.kind}: export it with --format onnx")
+    if recorded.config.quantize != "none":  # the factors are exact; the base llama.cpp adds them to is the user's
+        loftq = " and LoftQ's starting factors, which fit only that base's rounding" if getattr(
+            recorded.config, "loftq_iterations", 0) else ""
+        say(f"note: this adapter trained on an {recorded.config.quantize} base{loftq}; llama.cpp adds it to the "
+            "base model you give it, so its answers match the trained model's only as far as that base matches")
     trained = load_trained(run, overrides)
-    model = trained.model
+    model = dt.dequantize(trained.model)  # the check merges: into the weights the adapter trained against
     method = dt.configs(model)[trained.adapter].method
     arch, pairs = plan(model, trained.adapter)
     rank = pad(pairs)

@@ -77,6 +77,7 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     ``resume``, the run's own config if the caller has read it (:func:`read_run_config`) already.
     ``callbacks`` run in the loop after the built-in ones (``deltatune tune`` reports and prunes there).
     """
+    pick_device(config.device)  # a device this machine lacks is bad input: refused before the directory is claimed
     out = config.resolved_output()
     new = not out.exists()
     empty = new or (out.is_dir() and not any(out.iterdir()))

@@ -171,8 +171,14 @@ class Report(Callback):
 
 
 def sample(trial: Any, space: dict[str, dict[str, list[str]]], epochs: Sequence[int]) -> tuple[str, dict[str, str], float, int]:
+    """The trial's method, the settings it changes, its learning-rate scale and epochs. A setting at the
+    method's usual choice (the first of its space) is left out, so the task's own value stands, as in
+    ``deltatune train`` and in plan's defaults row: on the recommend task "rank 8" would otherwise replace
+    the task's measured LoRA (rank 2 on attention, 4 on the item table) with rank 8 on every linear layer."""
     method = trial.suggest_categorical("method", sorted(space))
-    choices = {key: trial.suggest_categorical(f"{method}.{key}", names) for key, names in space[method].items()}
+    usual = {key: next(iter(choices)) for key, choices in method_space(method).items()}
+    picked = {key: trial.suggest_categorical(f"{method}.{key}", names) for key, names in space[method].items()}
+    choices = {key: name for key, name in picked.items() if name != usual.get(key)}
     scale = trial.suggest_float("lr_scale", 0.25, 4.0, log=True)
     n = trial.suggest_categorical("epochs", list(epochs)) if len(epochs) > 1 else epochs[0]
     return method, choices, scale, n
@@ -299,7 +305,7 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
     stopping = pruner == "asha" and rungs > 1
     count = survey_size(trials, len(space)) if stopping else startup_trials(trials)
     if count and enqueue_default(study, space, first.method, epochs, first.epochs, survey=stopping):
-        say(f"tune: trial 0 is what `deltatune train` runs here ({first.method} at its defaults, lr {first.lr:g})")
+        say(f"tune: trial 0 is what `deltatune train` runs here ({first.method} at this task's defaults, lr {first.lr:g})")
     if fresh and count and (survey := enqueue_survey(study, space, first.method, count - 1, seed, epochs,
                                                      first.epochs, survey=stopping)):
         say(f"tune: then a survey at the methods' usual settings and suggested learning rates"
