@@ -192,7 +192,8 @@ def test_train_help_names_every_task() -> None:
 
 
 #: --set assignments the README shows as bad input (they must fail, naming the key)
-SHOWN_AS_BAD = {"adapter.rank=abc": "adapter.rank"}
+SHOWN_AS_BAD = {"adapter.rank=abc": "adapter.rank",
+                "epochs": "--set expects key=value"}  # `--set epochs 1`: a space for '=', named as such
 
 
 def _set_groups() -> list[tuple[str, int, list[str]]]:

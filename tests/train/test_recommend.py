@@ -376,3 +376,17 @@ def test_export_onnx_scores_every_item_as_the_run(tmp_path):
         ref = trained.model(ids).logits.numpy()
     assert np.isneginf(got[:, 0]).all()
     np.testing.assert_allclose(got[:, 1:], ref[:, 1:], atol=1e-5)
+
+
+def test_inspect_takes_a_run_and_shows_what_its_config_adapts(tmp_path):
+    """``deltatune inspect RUN``: the run's recorded config on its base (a recommender's base is built
+    from the run's data, so it needs that config); it used to say the run was not a model."""
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+    from deltatune.train.run import run_training
+
+    run_training(_config(tmp_path, method="lora", epochs=1), progress=False)
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--depth", "1"])
+    assert out.exit_code == 0, out.output
+    assert "+ item_embeddings" in out.output and "blocks.0.q_proj" in out.output
