@@ -262,6 +262,9 @@ def run_comparison(methods: str | Sequence[str], output: str | Path, overrides: 
     from deltatune.train.tasks import get_task
 
     output = Path(output)
+    from deltatune.train.output import check_output_for
+
+    check_output_for(output, "compare", ("compare.json", "compare.md", "compare.png"), runs_inside=True)
     planned = plan_comparison(methods, output, overrides, method_overrides, grid)
     first = next(p.config for p in planned if p.config is not None)
     task = get_task(first.task)

@@ -131,6 +131,25 @@ def unclaim_output(out: Path, remove_dir: bool) -> None:
                 out.rmdir()
 
 
+def check_output_for(out: Path, command: str, own: tuple[str, ...], runs_inside: bool = False) -> None:
+    """Refuse ``out`` for ``command`` (plan, tune, compare) if it holds an entry that command does not
+    write, before any work: it writes its files there and would replace a same-named file of the
+    user's. ``own``: the names it writes; ``runs_inside``: deltatune runs in it are its own too. Our
+    own atomic writes' leftovers (``.NAME.tmp-...``) do not count."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; give a directory")
+    if not out.is_dir():
+        return
+    for entry in sorted(out.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if name in own or (runs_inside and entry.is_dir() and _is_run(entry)):
+            continue
+        if name.startswith(".") and any(name.startswith(f".{o}.") for o in own):
+            continue
+        raise ValueError(f"{out} holds {name!r}, which deltatune {command} did not write; choose a new or empty "
+                         "--output directory (it writes " + ", ".join(own) + " there)")
+
+
 def remove_run(out: Path) -> list[str]:
     """Remove what an earlier ``deltatune train`` wrote in ``out`` (``--overwrite``), nothing else;
     return the names removed."""

@@ -114,6 +114,10 @@ def run_plan(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
 
     budget = budget if isinstance(budget, Budget) else parse_budget(budget)
     cands = candidates(parse_methods(methods), variants)
+    if output is not None:
+        from deltatune.train.output import check_output_for
+
+        check_output_for(Path(output), "plan", (PLAN_FILE, "plan.md"))
     prober = Prober(base_data(overrides), steps=steps, say=say)
     say(f"plan: {len(cands)} options on {prober.config.model} · {prober.config.task}; "
         f"probing each for 1 + {steps} steps")

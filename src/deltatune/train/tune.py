@@ -262,6 +262,11 @@ def run_tune(overrides: Sequence[str] = (), methods: str | Sequence[str] = "all"
     metric = task.headline
     direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
     out = Path(output)
+    from deltatune.train.output import check_output_for
+
+    check_output_for(out, "tune", (STUDY_DB, f"{STUDY_DB}.lock", f"{STUDY_DB}-journal", f"{STUDY_DB}-wal",
+                                   f"{STUDY_DB}-shm", PLAN_FILE, "trials", "tune.json", "tune.md", "best.yaml",
+                                   "pareto.png"))
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / STUDY_DB).resolve()}"
     key = _settings_key(base, names, budget, epochs)
