@@ -38,7 +38,7 @@ from deltatune.core.targeting import NoMatchError
 from deltatune.train.budget import Budget, parse_budget
 from deltatune.train.callbacks import Callback, Checkpoint, State
 from deltatune.train.checkpoint import latest_checkpoint
-from deltatune.train.config import TrainConfig, validate_config
+from deltatune.train.config import validate_config
 from deltatune.train.space import candidate, method_space, parse_methods
 from deltatune.train.tasks import get_task
 from deltatune.train.tune_cost import feasible_space, predict
@@ -58,8 +58,10 @@ from deltatune.train.tune_study import (  # noqa: F401  (re-exported: tune's pub
     enqueue_survey,
     make_sampler,
     open_study,
+    sample,
     startup_trials,
     survey_size,
+    trial_config,
 )
 
 STUDY_DB = "study.db"
@@ -168,34 +170,6 @@ class Report(Callback):
 
 
 # --- the space ----------------------------------------------------------------------------------
-
-
-def sample(trial: Any, space: dict[str, dict[str, list[str]]], epochs: Sequence[int]) -> tuple[str, dict[str, str], float, int]:
-    """The trial's method, the settings it changes, its learning-rate scale and epochs. A setting at the
-    method's usual choice (the first of its space) is left out, so the task's own value stands, as in
-    ``deltatune train`` and in plan's defaults row: on the recommend task "rank 8" would otherwise replace
-    the task's measured LoRA (rank 2 on attention, 4 on the item table) with rank 8 on every linear layer."""
-    method = trial.suggest_categorical("method", sorted(space))
-    usual = {key: next(iter(choices)) for key, choices in method_space(method).items()}
-    picked = {key: trial.suggest_categorical(f"{method}.{key}", names) for key, names in space[method].items()}
-    choices = {key: name for key, name in picked.items() if name != usual.get(key)}
-    scale = trial.suggest_float("lr_scale", 0.25, 4.0, log=True)
-    n = trial.suggest_categorical("epochs", list(epochs)) if len(epochs) > 1 else epochs[0]
-    return method, choices, scale, n
-
-
-def trial_config(base: dict[str, Any], method: str, choices: dict[str, str], scale: float, epochs: int,
-                 output: str | None = None, eval_every: int | None = None) -> TrainConfig:
-    """The run a trial trains (or the best trial's recipe, without ``output``). A trial validates where
-    tune's rungs are (:class:`Report`) and at its epochs' ends: the config's ``eval_every`` is dropped
-    unless ``eval_every`` is given."""
-    cand = candidate(method, choices)
-    start = validate_config(cand.apply(base), source=cand.label)  # the method's starting lr, as `train` picks it
-    data = {**cand.apply(base), "lr": float(f"{start.lr * scale:.3g}"), "epochs": epochs}
-    if output is not None:
-        data["output"] = output
-        data["eval_every"] = eval_every
-    return validate_config(data, source=f"trial {cand.label}")
 
 
 def applicable(base: dict[str, Any], names: Sequence[str], splits: Any, task: Any) -> tuple[list[str], dict[str, str]]:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.train.budget import Budget
-from deltatune.train.space import method_space
+from deltatune.train.config import TrainConfig, validate_config
+from deltatune.train.space import candidate, method_space
 
 #: ASHA (one successive-halving ladder) rather than Hyperband by default: Hyperband splits a study into
 #: brackets, each with its own ladder whose first trials always run to the end, and Optuna's sampler then
@@ -252,3 +253,31 @@ def enqueue_continuations(study: Any, lock_storage: str = "") -> list[int]:
                                                             "survey_run_dir": t.user_attrs.get("run_dir")})
         study.set_user_attr("continued", [t.number for t in chosen])
         return [t.number for t in chosen]
+
+
+def sample(trial: Any, space: dict[str, dict[str, list[str]]], epochs: Sequence[int]) -> tuple[str, dict[str, str], float, int]:
+    """The trial's method, the settings it changes, its learning-rate scale and epochs. A setting at the
+    method's usual choice (the first of its space) is left out, so the task's own value stands, as in
+    ``deltatune train`` and in plan's defaults row: on the recommend task "rank 8" would otherwise replace
+    the task's measured LoRA (rank 2 on attention, 4 on the item table) with rank 8 on every linear layer."""
+    method = trial.suggest_categorical("method", sorted(space))
+    usual = {key: next(iter(choices)) for key, choices in method_space(method).items()}
+    picked = {key: trial.suggest_categorical(f"{method}.{key}", names) for key, names in space[method].items()}
+    choices = {key: name for key, name in picked.items() if name != usual.get(key)}
+    scale = trial.suggest_float("lr_scale", 0.25, 4.0, log=True)
+    n = trial.suggest_categorical("epochs", list(epochs)) if len(epochs) > 1 else epochs[0]
+    return method, choices, scale, n
+
+
+def trial_config(base: dict[str, Any], method: str, choices: dict[str, str], scale: float, epochs: int,
+                 output: str | None = None, eval_every: int | None = None) -> TrainConfig:
+    """The run a trial trains (or the best trial's recipe, without ``output``). A trial validates where
+    tune's rungs are (:class:`Report`) and at its epochs' ends: the config's ``eval_every`` is dropped
+    unless ``eval_every`` is given."""
+    cand = candidate(method, choices)
+    start = validate_config(cand.apply(base), source=cand.label)  # the method's starting lr, as `train` picks it
+    data = {**cand.apply(base), "lr": float(f"{start.lr * scale:.3g}"), "epochs": epochs}
+    if output is not None:
+        data["output"] = output
+        data["eval_every"] = eval_every
+    return validate_config(data, source=f"trial {cand.label}")
