@@ -108,6 +108,9 @@ def test_a_run_stopped_by_bad_data_leaves_no_directory(tiny_bert: Path, tmp_path
     own.mkdir()
     fails("train", *tiny(tiny_bert, tmp_path / "missing.csv"), "--output", own)
     assert own.is_dir() and not any(own.iterdir())
+    # the parents it made for the run (runs/ for the default output) go too; one that was there stays
+    fails("train", *tiny(tiny_bert, tmp_path / "missing.csv"), "--output", own / "a" / "b" / "r")
+    assert own.is_dir() and not any(own.iterdir())
 
 
 # --- eval / predict outputs ---------------------------------------------------------------------------

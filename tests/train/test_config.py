@@ -120,7 +120,7 @@ def test_every_method_takes_its_settings_under_adapter() -> None:
         assert config.adapter_config().method == method
 
 
-def test_cpu_engine_applies_for_the_run_only(monkeypatch) -> None:
+def test_cpu_engine_applies_for_the_run_only(monkeypatch, tmp_path) -> None:
     """``cpu_engine`` picks the fused kernels' CPU products while training, then the old one is back."""
     from deltatune.core import products
     from deltatune.train import run
@@ -128,5 +128,5 @@ def test_cpu_engine_applies_for_the_run_only(monkeypatch) -> None:
     seen = []
     monkeypatch.setattr(run, "_run_training", lambda *a: seen.append(products.current_engine()) or {})
     before = products.current_engine()
-    run.run_training(load_config(None, ["cpu_engine=thin"]))
+    run.run_training(load_config(None, ["cpu_engine=thin", f"output={tmp_path / 'run'}"]))  # not runs/ in the cwd
     assert seen == ["thin"] and products.current_engine() == before

@@ -121,14 +121,17 @@ def claim_output(out: Path, resume: bool, overwrite: bool) -> RunLock:
     return lock
 
 
-def unclaim_output(out: Path, remove_dir: bool) -> None:
+def unclaim_output(out: Path, created: list[Path]) -> None:
     """Take back the lock file from ``out`` if it holds nothing else (the run stopped on bad input before
-    writing anything), and ``out`` itself if this run created it. Called while the lock is still held."""
+    writing anything), and the directories this run created for it (``out`` and missing parents such as
+    ``runs/``, innermost first) while they are empty. Called while the lock is still held."""
     if {p.name for p in out.iterdir()} == {LOCK_FILE}:
         (out / LOCK_FILE).unlink()
-        if remove_dir:
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        for directory in created:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (another run's, or files appeared): it stays, and so do its parents
+                break
 
 
 def check_output_for(out: Path, command: str, own: tuple[str, ...], runs_inside: bool = False) -> None:

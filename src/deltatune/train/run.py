@@ -80,6 +80,7 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     pick_device(config.device)  # a device this machine lacks is bad input: refused before the directory is claimed
     out = config.resolved_output()
     new = not out.exists()
+    created = [d for d in (out, *out.parents) if not d.exists()]  # what claiming makes, innermost first
     empty = new or (out.is_dir() and not any(out.iterdir()))
     # Rank 0 alone writes, so it alone claims the directory (before joining: a refusal ends torchrun).
     lock = claim_output(out, resume, overwrite) if os.environ.get("RANK", "0") == "0" else None
@@ -94,7 +95,7 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
             finish(ranks)
     except BaseException:
         if lock is not None and empty:
-            unclaim_output(out, remove_dir=new)  # a run that stopped before writing anything leaves nothing behind
+            unclaim_output(out, created)  # a run that stopped before writing anything leaves nothing behind
         raise
     finally:
         if lock is not None:
