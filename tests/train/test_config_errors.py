@@ -16,19 +16,9 @@ from deltatune.cli import app
 from deltatune.config import AdapterConfig, ConfigTypeError
 from deltatune.methods import METHODS
 from deltatune.train import load_config
+from tests.cli_fails import fails
 
 runner = CliRunner()
-
-
-def fails(*args: object) -> str:
-    """Run the CLI; assert it failed with exit status 2 and one line, no traceback. Returns the line."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: "), result.output  # one line on stderr
-    assert "Traceback" not in result.output
-    return errors[0]
 
 
 # --- wrong-typed adapter values -------------------------------------------------------------------
