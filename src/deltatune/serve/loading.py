@@ -57,18 +57,16 @@ def _trained(model: str) -> tuple[str, Path] | None:
 def load_served(model: str, adapters: dict[str, Path], device: torch.device, dtype: torch.dtype) -> Served:
     """Load ``model`` (see the module's doc) onto ``device`` in ``dtype``, in eval mode."""
     served_adapters: dict[str, Path] = {}
-    recorded = None
     trained = _trained(model)
-    if trained is not None:
-        task = read_trained(model).task
-        if task.inputs != "text":
-            raise ValueError(f"deltatune serve answers text (completions, chat, classify); {model} was trained on "
-                             f"task {task.name}, which reads {task.inputs}: score them with deltatune predict "
-                             f"{model} --input FILE --output FILE")
-    if trained is not None and trained[0] == "full":  # a merged run: its model/ folder is a plain model
-        model = str(trained[1])
-    if trained is not None and trained[0] == "adapter":
-        recorded = read_trained(model)
+    run = read_trained(model) if trained is not None else None  # what the run says, read once
+    if run is not None and run.task.inputs != "text":
+        raise ValueError(f"deltatune serve answers text (completions, chat, classify); {model} was trained on "
+                         f"task {run.task.name}, which reads {run.task.inputs}: score them with deltatune predict "
+                         f"{model} --input FILE --output FILE")
+    recorded = run if run is not None and run.kind == "adapter" else None
+    if run is not None and run.kind == "full":  # a merged run: its model/ folder is a plain model
+        model = str(run.where)
+    if recorded is not None:
         task, base_name = recorded.task, recorded.config.model
         labels = recorded.labels if task.kind != "causal-lm" else None
         where = recorded.where
@@ -84,8 +82,8 @@ def load_served(model: str, adapters: dict[str, Path], device: torch.device, dty
         if causal:
             loaded = load_model(model, get_task("chat"))
         else:
-            labels = recorded_labels(path)  # a model deltatune merged records its class names beside it
-            labels = labels or next((recorded_labels(p) for p in adapters.values() if recorded_labels(p)), None)
+            # a model deltatune merged records its class names beside it; else the first adapter that does
+            labels = next((found for p in (path, *adapters.values()) if (found := recorded_labels(p))), None)
             if labels is None:
                 raise ValueError(f"{model} is not a causal LM, so it serves classification, but no --adapter "
                                  "records its label names; pass a classifier adapter saved by deltatune train")
